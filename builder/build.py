@@ -1,0 +1,80 @@
+"""One build, end to end: source → config → architecture → graph → output folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from builder.config import DecoderConfig
+from builder.errors import OptionError, UnsupportedArchitectureError
+from builder.graph import GraphBuilder
+from builder.metrics import StageMeter
+from builder.options import BuildOptions, ExecutionProvider, Precision
+from builder.output import StagedOutput
+from builder.package import write_genai_files, write_manifest
+from builder.plugins import Plugins, default_plugins
+from builder.source import resolve
+from builder.targets import TargetCaps
+from builder.weights import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+
+def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
+    target = plugins.targets.get(str(options.execution_provider))
+    if target is None:
+        known = ", ".join(plugins.targets.names())
+        raise OptionError(f"execution provider {str(options.execution_provider)!r} is not "
+                          f"supported yet; available: {known}")
+    if options.precision not in target.precisions:
+        valid = ", ".join(str(p) for p in target.precisions)
+        raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "
+                          f"-e {target.name}; valid: {valid}")
+    return target
+
+
+def _architecture(config: DecoderConfig, plugins: Plugins):
+    cls = plugins.architectures.get(config.architecture)
+    if cls is None:
+        known = ", ".join(plugins.architectures.names()) or "none (is the package installed?)"
+        raise UnsupportedArchitectureError(
+            f"architecture {config.architecture!r} is not supported"
+            f"{plugins.architectures.suggest(config.architecture)}; known: {known}. A plugin "
+            "can add it (see plugins/ in the builder repository)")
+    return cls
+
+
+def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
+    """Build the model folder ``options.output``; returns its path."""
+    plugins = plugins or default_plugins()
+    meter = StageMeter()
+    target = _target(options, plugins)  # flag errors first: nothing fetched, nothing written
+    with meter("source"):
+        source = resolve(options.model_name, options.input, options.cache_dir,
+                         options.extra.hf_token)
+    config = DecoderConfig.from_file(source.path / "config.json")
+    cls = _architecture(config, plugins)
+    if cls.config_class is not DecoderConfig:
+        config = cls.config_class.from_file(source.path / "config.json")
+    logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
+                plugins.architectures.owner(config.architecture), options.precision, target.name)
+
+    with StagedOutput(options.output) as tmp, logging_redirect_tqdm():
+        with meter("graph"), CheckpointReader(source.path) as weights:
+            gb = GraphBuilder("main_graph", tmp / "model.onnx.data")
+            try:
+                cls(config, options, target, weights, gb).build()
+                gb.save(tmp / "model.onnx")
+            finally:
+                gb.close()
+            weight_files = weights.files()
+        with meter("package"):
+            write_genai_files(tmp, config, target, source.path)
+        write_manifest(tmp, options, source, weight_files, meter.stages)
+    logger.info("model folder ready: %s", options.output)
+    return Path(options.output)
+
+
+__all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -1,0 +1,66 @@
+"""``python -m builder``: flags follow onnxruntime-genai's model builder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from builder.errors import BuilderError
+from builder.options import (
+    BuildOptions, ExecutionProvider, ExtraOptions, Precision, options_help,
+)
+
+logger = logging.getLogger("builder")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m builder",
+        description="Build an ONNX Runtime model folder from a Hugging Face decoder checkpoint "
+                    "(safetensors + config.json).",
+        epilog=options_help().replace("%", "%%"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model_name", help="hub id (org/name) or local folder")
+    p.add_argument("-i", "--input", type=Path, help="local checkpoint folder (overrides -m)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("-p", "--precision", default="fp32", choices=[str(x) for x in Precision],
+                   help="weight precision (default fp32)")
+    p.add_argument("-e", "--execution_provider", default="cpu",
+                   choices=[str(x) for x in ExecutionProvider],
+                   help="target execution provider (default cpu)")
+    p.add_argument("-c", "--cache_dir", type=Path, help="Hugging Face cache folder for downloads")
+    p.add_argument("--extra_options", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra options, listed below")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-v: debug)")
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up the staging folder on kill, too
+    try:
+        options = BuildOptions(
+            model_name=args.model_name, input=args.input, output=args.output,
+            precision=Precision(args.precision),
+            execution_provider=ExecutionProvider(args.execution_provider),
+            cache_dir=args.cache_dir, extra=ExtraOptions.parse(args.extra_options))
+        from builder.build import build
+        build(options)
+    except BuilderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,157 @@
+"""GraphBuilder: the only module that calls onnx.helper.
+
+It hands out deterministic hierarchical names (``/model/layers.0/attn/q_proj/MatMul``), streams
+initializers into one external data file as they are added (so a weight can be released right
+after it is written), and records which operator domains the graph uses so that the model imports
+only those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+OPSETS = {"": 23, MS_DOMAIN: 1}
+IR_VERSION = 10
+
+INLINE_LIMIT = 1024            # bytes; smaller tensors are stored inside model.onnx
+ALIGN_THRESHOLD = 1 << 20      # tensors from 1 MiB up start on an allocation-granularity boundary
+ALLOCATION_GRANULARITY = 1 << 16
+
+DTYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
+}
+
+
+class GraphBuilder:
+    """Collects nodes, I/O and initializers of one graph; writes weights as they come."""
+
+    def __init__(self, name: str, data_path: Path) -> None:
+        self.name = name
+        self.data_path = data_path
+        self._data = open(data_path, "wb")
+        self._scope: list[str] = []
+        self._nodes: list[onnx.NodeProto] = []
+        self._node_names: set[str] = set()
+        self._inputs: list[onnx.ValueInfoProto] = []
+        self._outputs: list[onnx.ValueInfoProto] = []
+        self._initializers: list[TensorProto] = []
+        self._initializer_names: set[str] = set()
+        self._constants: dict[tuple, str] = {}
+        self._domains: set[str] = set()
+
+    # -- names ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Nest node names: ``with gb.scope("/model/layers.0"): ...`` ('' adds no level)."""
+        self._scope.append(name if not name or name.startswith("/") else "/" + name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _node_name(self, name: str) -> str:
+        full = "".join(self._scope) + (name if name.startswith("/") else "/" + name)
+        base, i = full, 1
+        while full in self._node_names:
+            full = f"{base}_{i}"
+            i += 1
+        self._node_names.add(full)
+        return full
+
+    # -- nodes ---------------------------------------------------------------------------
+    def node(self, op_type: str, inputs: Sequence[str], name: str | None = None, *,
+             outputs: int | Sequence[str | None] = 1, domain: str = "",
+             **attrs) -> str | list[str]:
+        """Add a node; returns its output name (or list of names when outputs != 1).
+
+        ``outputs`` may list names: None for an automatic name, '' for an unused optional output.
+        """
+        full = self._node_name(name or op_type)
+        if isinstance(outputs, int):
+            outputs = [None] * outputs
+        out_names = [f"{full}/output_{i}" if o is None else o for i, o in enumerate(outputs)]
+        self._nodes.append(helper.make_node(op_type, list(inputs), out_names, name=full,
+                                            domain=domain or None, **attrs))
+        self._domains.add(domain)
+        return out_names[0] if len(out_names) == 1 else out_names
+
+    # -- graph I/O -----------------------------------------------------------------------
+    def input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
+        self._inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: Sequence[int | str]) -> None:
+        """Expose ``value`` as graph output ``name`` (through an Identity when they differ)."""
+        if value != name:
+            self.node("Identity", [value], name.replace(".", "/") + "/Identity", outputs=[name])
+        self._outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    # -- initializers --------------------------------------------------------------------
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        """Add a tensor; large ones go straight to the external data file."""
+        if name in self._initializer_names:
+            raise ValueError(f"initializer {name!r} added twice")
+        array = np.ascontiguousarray(array)
+        if array.dtype not in DTYPES:
+            raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
+        self._initializer_names.add(name)
+        if array.nbytes < INLINE_LIMIT:
+            self._initializers.append(numpy_helper.from_array(array, name))
+            return name
+        tensor = TensorProto(name=name, data_type=DTYPES[array.dtype], dims=array.shape)
+        offset = self._data.tell()
+        align = ALLOCATION_GRANULARITY if array.nbytes >= ALIGN_THRESHOLD else 64
+        if offset % align:
+            self._data.write(b"\0" * (align - offset % align))
+            offset = self._data.tell()
+        self._data.write(array.tobytes())
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)),
+                           ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        self._initializers.append(tensor)
+        return name
+
+    def constant(self, values, dtype=np.int64) -> str:
+        """A small constant tensor, shared by value and named after it."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            shown = "_".join(str(v) for v in array.ravel()[:8]) or "empty"
+            name = f"/constants/{np.dtype(dtype).name}/{list(array.shape)}/{shown}"
+            self._constants[key] = self.initializer(name, array)
+        return self._constants[key]
+
+    # -- output --------------------------------------------------------------------------
+    def save(self, path: Path) -> onnx.ModelProto:
+        """Write model.onnx beside the data file and close the data file."""
+        self._data.close()
+        graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
+                                  self._initializers)
+        opsets = [helper.make_opsetid(d, OPSETS[d]) for d in sorted(self._domains)]
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
+                                  producer_name="builder")
+        onnx.save_model(model, str(path))
+        logger.info("wrote %s: %d nodes, %d initializers, %.1f MB of weights", path.name,
+                    len(self._nodes), len(self._initializers),
+                    self.data_path.stat().st_size / 1e6)
+        return model
+
+    def close(self) -> None:
+        if not self._data.closed:
+            self._data.close()

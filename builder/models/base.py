@@ -1,0 +1,236 @@
+"""DecoderBuilder: the pre-norm decoder template every architecture builds on.
+
+A build is ``inputs → embedding → layers (tqdm) → final norm → lm_head → outputs``. An
+architecture states its differences, smallest first: a class flag (``qk_norm``), a weight-name
+table or a weight override (``attention_weights``, ``mlp_weights``), and only then a method
+override of the dataflow (``attention``, ``mlp``, ``decoder_layer``). ONNX wiring of primitives
+lives in ``builder.ops``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+from onnx import TensorProto
+from tqdm.auto import tqdm
+
+from builder.config import DecoderConfig
+from builder.errors import ConfigError
+from builder.graph import GraphBuilder
+from builder.options import BuildOptions
+from builder.ops import (
+    AttentionInputs, attention_inputs, embedding, group_query_attention, linear,
+    linear_transposed, rms_norm, rope_cache, skip_rms_norm, swiglu,
+)
+from builder.roles import TensorRole as R
+from builder.targets import TargetCaps
+from builder.weights import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
+    R.EMBED: "model.embed_tokens.weight",
+    R.ATTN_NORM: "model.layers.{i}.input_layernorm.weight",
+    R.Q: "model.layers.{i}.self_attn.q_proj.weight",
+    R.K: "model.layers.{i}.self_attn.k_proj.weight",
+    R.V: "model.layers.{i}.self_attn.v_proj.weight",
+    R.O: "model.layers.{i}.self_attn.o_proj.weight",
+    R.Q_BIAS: "model.layers.{i}.self_attn.q_proj.bias",
+    R.K_BIAS: "model.layers.{i}.self_attn.k_proj.bias",
+    R.V_BIAS: "model.layers.{i}.self_attn.v_proj.bias",
+    R.O_BIAS: "model.layers.{i}.self_attn.o_proj.bias",
+    R.Q_NORM: "model.layers.{i}.self_attn.q_norm.weight",
+    R.K_NORM: "model.layers.{i}.self_attn.k_norm.weight",
+    R.MLP_NORM: "model.layers.{i}.post_attention_layernorm.weight",
+    R.GATE: "model.layers.{i}.mlp.gate_proj.weight",
+    R.UP: "model.layers.{i}.mlp.up_proj.weight",
+    R.DOWN: "model.layers.{i}.mlp.down_proj.weight",
+    R.FINAL_NORM: "model.norm.weight",
+    R.LM_HEAD: "lm_head.weight",
+}
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+
+class DecoderBuilder:
+    """Builds one decoder-only model into a GraphBuilder."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+    weight_names: ClassVar[Mapping[R, str]] = LLAMA_WEIGHT_NAMES
+    ignored_weights: ClassVar[tuple[str, ...]] = ("*.rotary_emb.inv_freq",)
+    qk_norm: ClassVar[bool] = False      # per-head RMSNorm on q and k before rotary
+
+    def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
+                 weights: CheckpointReader, gb: GraphBuilder) -> None:
+        self.config = config
+        self.options = options
+        self.target = target
+        self.weights = weights
+        self.gb = gb
+        self.shared_embeddings = self._shared_embeddings()
+        self.check_supported()
+
+    # -- decisions -----------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """Refuse configs this builder cannot express, before anything is written."""
+        c = self.config
+        if c.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {c.hidden_act!r} is not supported yet (silu only)")
+        if c.mlp_bias:
+            raise ConfigError("mlp_bias=true is not supported yet")
+        if self.target.attention == "gqa" and c.head_dim % 16:
+            raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
+                              "of 16")
+
+    def _shared_embeddings(self) -> bool:
+        asked = self.options.extra.shared_embeddings
+        tied = self.config.tie_word_embeddings
+        if asked and not tied:
+            raise ConfigError("shared_embeddings=true needs a checkpoint that ties its "
+                              "embeddings, but config.json has tie_word_embeddings=false")
+        shared = tied if asked is None else asked
+        logger.info("embeddings: %s (tie_word_embeddings=%s%s)",
+                    "one table shared by the lookup and lm_head" if shared else
+                    "separate lookup and lm_head tables", tied,
+                    "" if asked is None else f", shared_embeddings={asked}")
+        return shared
+
+    # -- weights -------------------------------------------------------------------------
+    def expected_shape(self, role: R) -> tuple[int, ...]:
+        c = self.config
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        h, i = c.hidden_size, c.intermediate_size
+        return {
+            R.EMBED: (c.vocab_size, h), R.LM_HEAD: (c.vocab_size, h),
+            R.ATTN_NORM: (h,), R.MLP_NORM: (h,), R.FINAL_NORM: (h,),
+            R.Q: (q, h), R.K: (kv, h), R.V: (kv, h), R.O: (h, q), R.QKV: (q + 2 * kv, h),
+            R.Q_BIAS: (q,), R.K_BIAS: (kv,), R.V_BIAS: (kv,), R.O_BIAS: (h,),
+            R.Q_NORM: (c.head_dim,), R.K_NORM: (c.head_dim,),
+            R.GATE: (i, h), R.UP: (i, h), R.DOWN: (h, i), R.GATE_UP: (2 * i, h),
+        }[role]
+
+    def weight_name(self, role: R, layer: int | None = None) -> str:
+        return self.weight_names[role].format(i=layer)
+
+    def weight(self, role: R, layer: int | None = None) -> np.ndarray:
+        """Read one tensor (float32) by role, checking its shape against the config."""
+        return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
+
+    def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.weight(R.Q, layer), self.weight(R.K, layer), self.weight(R.V, layer)
+
+    def attention_biases(self, layer: int) -> tuple[np.ndarray | None, ...]:
+        """(q, k, v, o) biases; None where the architecture has none."""
+        if not self.config.attention_bias:
+            return (None, None, None, None)
+        return tuple(self.weight(r, layer) for r in (R.Q_BIAS, R.K_BIAS, R.V_BIAS, R.O_BIAS))
+
+    def mlp_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.weight(R.GATE, layer), self.weight(R.UP, layer), self.weight(R.DOWN, layer)
+
+    def ignored(self) -> tuple[str, ...]:
+        # A tied checkpoint may still store lm_head.weight; Hugging Face ignores it, so do we.
+        tied = (self.weight_names[R.LM_HEAD],) if self.config.tie_word_embeddings else ()
+        return self.ignored_weights + tied
+
+    # -- graph ---------------------------------------------------------------------------
+    def build(self) -> None:
+        c, gb = self.config, self.gb
+        input_ids = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
+        mask = gb.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+        kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
+        self.past = [(gb.input(f"past_key_values.{i}.key", FLOAT, kv_shape),
+                      gb.input(f"past_key_values.{i}.value", FLOAT, kv_shape))
+                     for i in range(c.num_hidden_layers)]
+        self.attn_inputs: AttentionInputs = attention_inputs(gb, input_ids, mask)
+        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
+        self.rope = (gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin))
+
+        x = self.embedding(input_ids)
+        residual = None
+        for layer in tqdm(range(c.num_hidden_layers), desc="layers", unit="layer", disable=None):
+            x, residual = self.decoder_layer(layer, x, residual)
+        with gb.scope(f"/model/layers.{c.num_hidden_layers}"):
+            x, _ = skip_rms_norm(gb, "final_norm_layernorm", x, residual,
+                                 self.weight(R.FINAL_NORM), self.weight_name(R.FINAL_NORM),
+                                 c.rms_norm_eps)
+        logits = self.lm_head(x)
+
+        gb.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+        present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
+        for i in range(c.num_hidden_layers):
+            for kind in ("key", "value"):
+                gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", FLOAT, present_shape)
+        self.weights.check_all_consumed(self.ignored())
+
+    def embedding(self, input_ids: str) -> str:
+        self.embed_table = self.gb.initializer(self.weight_name(R.EMBED), self.weight(R.EMBED))
+        return embedding(self.gb, "/model/embed_tokens", input_ids, self.embed_table)
+
+    def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str]:
+        """Pre-norm block; returns (mlp output, residual stream) for the next layer's norm."""
+        gb, eps = self.gb, self.config.rms_norm_eps
+        with gb.scope(f"/model/layers.{layer}"):
+            w, name = self.weight(R.ATTN_NORM, layer), self.weight_name(R.ATTN_NORM, layer)
+            if residual is None:
+                h, residual = rms_norm(gb, "input_layernorm", x, w, name, eps), x
+            else:
+                h, residual = skip_rms_norm(gb, "input_layernorm", x, residual, w, name, eps)
+            a = self.attention(layer, h)
+            h, residual = skip_rms_norm(gb, "post_attention_layernorm", a, residual,
+                                        self.weight(R.MLP_NORM, layer),
+                                        self.weight_name(R.MLP_NORM, layer), eps)
+            return self.mlp(layer, h), residual
+
+    def attention(self, layer: int, x: str) -> str:
+        """q/k/v projections → [per-head q/k norm] → GroupQueryAttention (rotary inside) → o."""
+        c, gb = self.config, self.gb
+        qw, kw, vw = self.attention_weights(layer)
+        qb, kb, vb, ob = self.attention_biases(layer)
+        prefix = self.weight_name(R.Q, layer).rsplit(".q_proj.", 1)[0]
+        with gb.scope("attn"):
+            if self.qk_norm:
+                q = linear(gb, "q_proj", x, qw, self.weight_name(R.Q, layer), qb)
+                k = linear(gb, "k_proj", x, kw, self.weight_name(R.K, layer), kb)
+                v = linear(gb, "v_proj", x, vw, self.weight_name(R.V, layer), vb)
+                q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
+                k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
+            else:
+                # One packed QKV MatMul: one GEMM instead of three, and GQA splits it for free.
+                bias = None if qb is None else np.concatenate([qb, kb, vb])
+                q = linear(gb, "qkv_proj", x, np.concatenate([qw, kw, vw]),
+                           f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
+                k = v = ""
+            del qw, kw, vw
+            out = group_query_attention(
+                gb, "GroupQueryAttention", q, k, v, self.past[layer],
+                (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
+                *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                head_dim=c.head_dim)
+            return linear(gb, "o_proj", out, self.weight(R.O, layer),
+                          self.weight_name(R.O, layer), ob)
+
+    def head_norm(self, name: str, x: str, role: R, layer: int, heads: int) -> str:
+        """RMSNorm over head_dim of each head: [B, S, heads*hd] → [B, S, heads, hd] and back."""
+        gb, hd = self.gb, self.config.head_dim
+        with gb.scope(name):
+            split = gb.node("Reshape", [x, gb.constant([0, 0, heads, hd])], "Reshape")
+            normed = rms_norm(gb, "", split, self.weight(role, layer),
+                              self.weight_name(role, layer), self.config.rms_norm_eps)
+            return gb.node("Reshape", [normed, gb.constant([0, 0, heads * hd])], "Reshape_1")
+
+    def mlp(self, layer: int, x: str) -> str:
+        gate, up, down = self.mlp_weights(layer)
+        names = tuple(self.weight_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
+        return swiglu(self.gb, "mlp", x, gate, up, down, names)
+
+    def lm_head(self, x: str) -> str:
+        if self.shared_embeddings:
+            return linear_transposed(self.gb, "/lm_head", x, self.embed_table)
+        role = R.EMBED if self.config.tie_word_embeddings else R.LM_HEAD
+        return linear(self.gb, "/lm_head", x, self.weight(role), self.weight_name(R.LM_HEAD))

@@ -1,0 +1,16 @@
+"""Pure op emitters: ``f(gb, name, inputs..., params) -> output value name``.
+
+Architecture modules import emitters from here, not from the submodules.
+"""
+
+from builder.ops.attention import AttentionInputs, attention_inputs, group_query_attention
+from builder.ops.embedding import embedding
+from builder.ops.linear import linear, linear_transposed
+from builder.ops.mlp import swiglu
+from builder.ops.norms import rms_norm, skip_rms_norm
+from builder.ops.rotary import RopeCache, rope_cache
+
+__all__ = [
+    "AttentionInputs", "attention_inputs", "group_query_attention", "embedding", "linear",
+    "linear_transposed", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache",
+]

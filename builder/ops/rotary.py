@@ -1,0 +1,66 @@
+"""Rotary position embedding caches.
+
+The cos/sin tables are computed here in numpy, exactly as Hugging Face computes its inverse
+frequencies (float32 arithmetic), and handed to the attention op as initializers of shape
+[max_positions, rotary_dim / 2]. Scaling schemes are selected by ``rope_type``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from builder.config import RopeConfig
+from builder.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeCache:
+    cos: np.ndarray          # [max_positions, rotary_dim // 2], float32
+    sin: np.ndarray
+    rotary_dim: int
+
+
+def _default_inv_freq(theta: float, dim: int) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / np.power(np.float32(theta), exponents, dtype=np.float32)).astype(np.float32)
+
+
+def _llama3(inv_freq: np.ndarray, p: dict) -> np.ndarray:
+    """Llama 3.x: long wavelengths slowed by `factor`, a smooth blend in between."""
+    try:
+        factor = float(p["factor"])
+        low, high = float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old_len = float(p["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"rope_scaling type llama3 needs {e.args[0]!r}") from None
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _linear(inv_freq: np.ndarray, p: dict) -> np.ndarray:
+    return (inv_freq / np.float32(p.get("factor", 1.0))).astype(np.float32)
+
+
+_INV_FREQ_SCALERS = {"default": None, "llama3": _llama3, "linear": _linear}
+
+
+def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int) -> RopeCache:
+    """cos/sin tables for positions [0, max_positions)."""
+    if rope.type not in _INV_FREQ_SCALERS:
+        raise ConfigError(f"rope type {rope.type!r} is not supported yet; supported: "
+                          f"{', '.join(_INV_FREQ_SCALERS)}")
+    rotary_dim = int(head_dim * rope.partial_rotary_factor)
+    inv_freq = _default_inv_freq(rope.theta, rotary_dim)
+    scaler = _INV_FREQ_SCALERS[rope.type]
+    if scaler is not None:
+        inv_freq = scaler(inv_freq, rope.params)
+    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return RopeCache(np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32),
+                     rotary_dim)

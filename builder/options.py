@@ -1,0 +1,197 @@
+"""Build options: precision, execution provider and the --extra_options catalogue.
+
+Every extra option is declared exactly once, as a field of ``ExtraOptions`` with its type, default,
+allowed values and one line of help. ``ExtraOptions.parse`` is the only place that reads the user's
+``KEY=VALUE`` strings; the rest of the builder reads typed attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.errors import OptionError, did_you_mean
+
+
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT4 = "int4"
+    W8A16 = "w8a16"
+    W4A16 = "w4a16"
+    W8A8 = "w8a8"
+
+
+class ExecutionProvider(enum.StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    DML = "dml"
+    WEBGPU = "webgpu"
+    QNN = "qnn"
+
+
+def _opt(default: Any, help: str, *, choices: tuple = (), implemented: bool = True,
+         aliases: tuple[str, ...] = (), inverse_aliases: tuple[str, ...] = ()) -> Any:
+    """Declare one extra option: its default, one line of help and how it may be spelled."""
+    return field(default=default, metadata={
+        "help": help, "choices": choices, "implemented": implemented,
+        "aliases": aliases, "inverse_aliases": inverse_aliases})
+
+
+@dataclass(frozen=True)
+class ExtraOptions:
+    """The --extra_options catalogue. Field order is the order of --help and the README table."""
+
+    shared_embeddings: bool | None = _opt(
+        None, "One table serves the embedding lookup and lm_head. Default: the checkpoint's "
+        "tie_word_embeddings (true for tied models, false otherwise); true on an untied model "
+        "is an error.")
+    hf_token: str | None = _opt(
+        None, "Hugging Face token for gated or private repositories (default: the cached login).")
+    int4_algo_config: str = _opt(
+        "default", "int4 algorithm and lm_head policy.", aliases=("algo_config",),
+        choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed"),
+        implemented=False)
+    int4_block_size: int = _opt(
+        32, "Block size of int4/int8 weight quantization.", choices=(16, 32, 64, 128, 256),
+        implemented=False)
+    int4_is_symmetric: bool = _opt(
+        True, "Symmetric int4/int8 weights (no zero points).", implemented=False)
+    int4_accuracy_level: int = _opt(
+        4, "MatMulNBits accuracy_level (activation type the kernel computes with).",
+        choices=(0, 1, 2, 3, 4), implemented=False)
+    int4_nodes_to_exclude: tuple[str, ...] = _opt(
+        (), "Comma-separated node names to keep in float.", implemented=False)
+    int4_op_types_to_quantize: tuple[str, ...] = _opt(
+        ("MatMul",), "Comma-separated op types to quantize (MatMul, Gather).", implemented=False)
+    unpack_matmul: bool | None = _opt(
+        None, "Three q/k/v MatMuls instead of one packed QKV MatMul (default: per target).",
+        inverse_aliases=("fuse_qkv",), implemented=False)
+    exclude_embeds: bool = _opt(
+        False, "Drop the embedding: the model takes inputs_embeds.", implemented=False)
+    exclude_lm_head: bool = _opt(
+        False, "Drop lm_head: the model outputs hidden_states.", implemented=False)
+    include_hidden_states: bool = _opt(
+        False, "Also output the final hidden_states.", implemented=False)
+    prune_lm_head: bool = _opt(
+        False, "Compute logits for the last position only.", implemented=False)
+    num_hidden_layers: int | None = _opt(
+        None, "Build only the first N layers.", implemented=False)
+    filename: str = _opt("model.onnx", "Name of the ONNX file.", implemented=False)
+    config_only: bool = _opt(
+        False, "Write genai_config.json and tokenizer files only.", implemented=False)
+    qnn_prefill_length: int = _opt(64, "QNN prefill graph length.", implemented=False)
+    qnn_context_length: int = _opt(512, "QNN context length.", implemented=False)
+
+    @classmethod
+    def catalogue(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def parse(cls, items: list[str] | None) -> ExtraOptions:
+        """Parse ``["key=value", ...]``; raise OptionError for unknown keys and bad values."""
+        by_name: dict[str, tuple[dataclasses.Field, bool]] = {}
+        for f in dataclasses.fields(cls):
+            by_name[f.name] = (f, False)
+            by_name.update({a: (f, False) for a in f.metadata["aliases"]})
+            by_name.update({a: (f, True) for a in f.metadata["inverse_aliases"]})
+        values: dict[str, Any] = {}
+        for item in items or []:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise OptionError(f"extra option {item!r} is not KEY=VALUE")
+            if key not in by_name:
+                raise OptionError(f"unknown extra option {key!r}{did_you_mean(key, by_name)}; "
+                                  "see --help for the list")
+            f, inverse = by_name[key]
+            value = _coerce(f, key, raw.strip())
+            if inverse:
+                value = not value
+            if f.name in values and values[f.name] != value:
+                raise OptionError(f"extra option {f.name!r} given twice with different values")
+            values[f.name] = value
+        for name in values:
+            f = by_name[name][0]
+            if not f.metadata["implemented"]:
+                raise OptionError(f"extra option {name!r} is not supported yet")
+        return cls(**values)
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            value: Any = raw.lower() in _TRUE
+        elif kind.startswith("int"):
+            value = int(raw)
+        elif kind.startswith("tuple"):
+            value = tuple(part.strip() for part in raw.split(",") if part.strip())
+        else:
+            value = raw
+    except ValueError as e:
+        raise OptionError(f"extra option {key}={raw!r}: {e}") from None
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        shown = ", ".join(str(c) for c in choices)
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise OptionError(f"extra option {key}={raw!r} is not one of: {shown}{hint}")
+    if kind.startswith("int") and value < 1 and not choices:
+        raise OptionError(f"extra option {key}={raw!r} must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything one build depends on, validated once at the boundary."""
+
+    model_name: str | None
+    output: Path
+    input: Path | None = None
+    precision: Precision = Precision.FP32
+    execution_provider: ExecutionProvider = ExecutionProvider.CPU
+    cache_dir: Path | None = None
+    extra: ExtraOptions = field(default_factory=ExtraOptions)
+
+    def __post_init__(self) -> None:
+        if not self.model_name and not self.input:
+            raise OptionError("give a model with -m/--model_name (hub id or folder) or -i/--input")
+
+    def to_json(self) -> dict[str, Any]:
+        extra = {f.name: getattr(self.extra, f.name) for f in dataclasses.fields(self.extra)}
+        if extra.get("hf_token"):
+            extra["hf_token"] = "***"
+        return {
+            "model_name": self.model_name,
+            "input": str(self.input) if self.input else None,
+            "precision": str(self.precision),
+            "execution_provider": str(self.execution_provider),
+            "extra_options": {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()},
+        }
+
+
+def options_help() -> str:
+    """The extra options catalogue as text, for --help."""
+    lines = ["extra options (--extra_options KEY=VALUE ...):"]
+    for f in ExtraOptions.catalogue():
+        names = ", ".join((f.name, *f.metadata["aliases"]))
+        if f.metadata["inverse_aliases"]:
+            names += f" (inverse: {', '.join(f.metadata['inverse_aliases'])})"
+        default = f.default if not isinstance(f.default, tuple) else ",".join(f.default) or "none"
+        choices = f.metadata["choices"]
+        extra = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
+        todo = "" if f.metadata["implemented"] else " (not supported yet)"
+        lines.append(f"  {names} = {default}{extra}{todo}")
+        lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

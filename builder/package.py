@@ -1,0 +1,131 @@
+"""The files around the graph: genai_config.json, tokenizer and generation files, the manifest."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from builder.config import DecoderConfig
+from builder.options import BuildOptions
+from builder.output import MANIFEST
+from builder.source import Source
+from builder.targets import TargetCaps
+
+logger = logging.getLogger(__name__)
+
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+VERSIONED_PACKAGES = ("builder", "onnx", "onnxruntime", "numpy", "safetensors",
+                      "huggingface-hub", "pluggy", "tqdm", "ml_dtypes")
+
+
+def _generation(source: Path) -> dict[str, Any]:
+    path = source / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("%s is not valid JSON; ignoring it", path)
+        return {}
+
+
+def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
+                 filename: str = "model.onnx") -> dict[str, Any]:
+    """onnxruntime-genai's decoder description of the model we wrote."""
+    gen = _generation(source)
+    eos = gen.get("eos_token_id", config.eos_token_id)
+    eos = eos if eos is not None else 0
+    first_eos = eos[0] if isinstance(eos, list) else eos
+    bos = gen.get("bos_token_id", config.bos_token_id)
+    pad = gen.get("pad_token_id", config.pad_token_id)
+    provider_options = [{target.genai_provider: {}}] if target.genai_provider else []
+    context = config.max_position_embeddings
+    return {
+        "model": {
+            "bos_token_id": bos if bos is not None else first_eos,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai",
+                                    "provider_options": provider_options},
+                "filename": filename,
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else first_eos,
+            "type": config.model_type,
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
+            "length_penalty": 1.0, "max_length": context, "min_length": 0,
+            "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "past_present_share_buffer": True, "repetition_penalty": 1.0,
+            "temperature": gen.get("temperature", 1.0), "top_k": gen.get("top_k", 50),
+            "top_p": gen.get("top_p", 1.0),
+        },
+    }
+
+
+def write_genai_files(out: Path, config: DecoderConfig, target: TargetCaps,
+                      source: Path) -> None:
+    (out / "genai_config.json").write_text(
+        json.dumps(genai_config(config, target, source), indent=4) + "\n", encoding="utf-8")
+    copied = [name for name in COPIED_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, out / name)
+    logger.info("genai_config.json written; copied %s", ", ".join(copied) or "no tokenizer files")
+    if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
+        logger.warning("no tokenizer file in %s: onnxruntime-genai will not be able to "
+                       "tokenize text for this model", source)
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_manifest(out: Path, options: BuildOptions, source: Source, weight_files: list[Path],
+                   stages: list[dict]) -> None:
+    manifest = {
+        "options": options.to_json(),
+        "versions": _versions(),
+        "checkpoint": {
+            "path": str(source.path),
+            "repo_id": source.repo_id,
+            "revision": source.revision,
+            "files": [{"name": p.name, "bytes": p.stat().st_size} for p in weight_files],
+        },
+        "stages": stages,
+        "outputs": [{"name": p.name, "bytes": p.stat().st_size}
+                    for p in sorted(out.iterdir()) if p.is_file()],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

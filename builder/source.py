@@ -1,0 +1,99 @@
+"""Where the checkpoint comes from: a local folder, or a hub repository fetched with
+huggingface_hub (config, generation config, tokenizer files and safetensors only).
+
+Pickled weights (``*.bin``, ``*.pt``, ``*.pth``) are never downloaded or loaded, and no code from a
+model repository is ever run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import SourceError
+
+logger = logging.getLogger(__name__)
+
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path                  # local folder holding config.json and the weights
+    repo_id: str | None = None  # set when downloaded from the hub
+    revision: str | None = None
+
+
+def resolve(model_name: str | None, input_dir: Path | None, cache_dir: Path | None,
+            token: str | None) -> Source:
+    """A local folder (``-i``, or ``-m`` naming an existing folder), else a hub download."""
+    if input_dir is not None:
+        return _local(Path(input_dir))
+    assert model_name
+    if Path(model_name).expanduser().exists():
+        return _local(Path(model_name).expanduser())
+    if model_name.count("/") > 1 or model_name.startswith((".", "/", "~")):
+        raise SourceError(f"{model_name}: no such folder")
+    return _hub(model_name, cache_dir, token)
+
+
+def _local(folder: Path) -> Source:
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: not a folder")
+    _check_weights(folder, str(folder))
+    return Source(path=folder.resolve())
+
+
+def _hub(repo_id: str, cache_dir: Path | None, token: str | None) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    logger.info("fetching %s from the Hugging Face hub (config, tokenizer, safetensors)", repo_id)
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, token=token,
+                                      allow_patterns=ALLOW_PATTERNS))
+    except HFValidationError as e:
+        raise SourceError(f"{repo_id}: not a folder nor a valid hub repository id ({e})") from None
+    except LocalEntryNotFoundError:
+        raise SourceError(f"{repo_id}: not in the local cache "
+                          f"{cache_dir or '(default)'} and the hub cannot be reached "
+                          "(offline mode or no network)") from None
+    except Exception as e:  # network, authentication, missing repository
+        raise SourceError(f"{repo_id}: download failed: {type(e).__name__}: {e}") from None
+    remote: list[str] = []
+    if not any(path.glob("*.safetensors")):
+        remote = _remote_files(repo_id, token)
+    _check_weights(path, repo_id, remote)
+    return Source(path=path, repo_id=repo_id, revision=path.name)
+
+
+def _remote_files(repo_id: str, token: str | None) -> list[str]:
+    """The repository's file list, to explain a missing safetensors file; [] when offline."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return []
+    try:
+        return list(HfApi().list_repo_files(repo_id, token=token))
+    except Exception:
+        return []
+
+
+def _check_weights(folder: Path, label: str, remote: list[str] = ()) -> None:
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{label}: no config.json in {folder}")
+    if any(folder.glob("*.safetensors")):
+        return
+    names = [p.name for p in folder.iterdir()] + list(remote)
+    pickles = sorted({n for n in names if n.endswith(PICKLE_SUFFIXES)})
+    if pickles:
+        raise SourceError(f"{label}: only pickled weights ({', '.join(pickles)}); they are never "
+                          "loaded because unpickling runs code. Convert them to safetensors "
+                          "first (e.g. save_pretrained(..., safe_serialization=True))")
+    raise SourceError(f"{label}: no *.safetensors weights found")

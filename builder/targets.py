@@ -1,0 +1,35 @@
+"""Execution targets described as data. Emitters read capabilities, never a target's name.
+
+This module is also the built-in plugin that registers the targets (entry point ``targets``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder.hookspecs import hookimpl
+from builder.options import Precision
+
+
+@dataclass(frozen=True)
+class TargetCaps:
+    """What one execution provider's graphs may contain."""
+
+    name: str
+    precisions: tuple[Precision, ...]       # -p values this target builds
+    attention: str = "gqa"                  # "gqa": com.microsoft GroupQueryAttention
+    skip_norm: bool = True                  # SkipSimplifiedLayerNormalization fuses residual adds
+    genai_provider: str | None = None       # provider_options entry in genai_config.json (None: CPU)
+    description: str = ""
+
+
+CPU = TargetCaps(
+    name="cpu",
+    precisions=(Precision.FP32,),
+    description="onnxruntime CPU EP: fp32 GroupQueryAttention decoder",
+)
+
+
+@hookimpl
+def register_targets(register):
+    register(CPU)

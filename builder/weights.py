@@ -1,0 +1,163 @@
+"""A lazy, strict reader over single-file and sharded safetensors checkpoints.
+
+Headers are read up front (names, shapes, dtypes, which shard holds what); tensor data is read one
+tensor at a time, on request. Every read is recorded, so that after a build any tensor no code used
+is reported: a silently mis-mapped weight is an error, not a wrong model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from builder.errors import WeightError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+
+
+class CheckpointReader:
+    """Reads tensors by name from a folder of ``*.safetensors`` files, tracking what was used."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        self._consumed: set[str] = set()
+        try:
+            for shard in self._shards():
+                handle = self._open(shard)
+                for name in handle.keys():
+                    if name in self._where:
+                        raise WeightError(f"tensor {name!r} is stored twice: in "
+                                          f"{self._where[name].name} and {shard.name}")
+                    self._where[name] = shard
+            self._check_index()
+        except BaseException:
+            self.close()
+            raise
+        logger.info("checkpoint: %d tensors in %d file(s)", len(self._where), len(self._handles))
+
+    # -- opening -------------------------------------------------------------------------
+    def _shards(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = self._read_index(index)
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.folder / n).is_file()]
+            if missing:
+                raise WeightError(f"{index}: shard(s) {', '.join(missing)} listed but not found")
+            return [self.folder / n for n in names]
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise WeightError(f"{self.folder}: no *.safetensors files")
+        return files
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise WeightError(f"{index}: malformed index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise WeightError(f"{index}: 'weight_map' must map tensor names to shard files")
+        self._index = weight_map
+        return weight_map
+
+    def _open(self, shard: Path):
+        try:
+            handle = self._stack.enter_context(safe_open(str(shard), framework="numpy"))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise WeightError(f"{shard}: not a readable safetensors file ({e})") from None
+        self._check_size(shard, handle)
+        self._handles[shard] = handle
+        return handle
+
+    @staticmethod
+    def _check_size(shard: Path, handle) -> None:
+        """Catch truncated files at open time: the data section must cover every tensor."""
+        with open(shard, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        if shard.stat().st_size < 8 + header_len + end:
+            raise WeightError(f"{shard}: truncated: header promises {8 + header_len + end} bytes, "
+                              f"file has {shard.stat().st_size}")
+
+    def _check_index(self) -> None:
+        index = getattr(self, "_index", None)
+        if index is None:
+            return
+        for name, shard in index.items():
+            if name not in self._where or self._where[name].name != shard:
+                raise WeightError(f"{INDEX_NAME} says {name!r} is in {shard}, but it is not there")
+
+    # -- reading -------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self._locate(name)].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handles[self._locate(name)].get_slice(name).get_dtype()
+
+    def _locate(self, name: str) -> Path:
+        if name not in self._where:
+            raise WeightError(f"tensor {name!r} not found in {self.folder}"
+                              f"{did_you_mean(name, self._where)}")
+        return self._where[name]
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Read one float tensor as float32, checking its shape; marks it consumed."""
+        shard = self._locate(name)
+        dtype = self.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise WeightError(f"tensor {name!r} in {shard.name} has dtype {dtype}; expected one "
+                              f"of {', '.join(sorted(FLOAT_DTYPES))}")
+        actual = self.shape(name)
+        if shape is not None and actual != tuple(shape):
+            raise WeightError(f"tensor {name!r} in {shard.name} has shape {list(actual)}; the "
+                              f"config implies {list(shape)}")
+        try:
+            array = self._handles[shard].get_tensor(name)
+        except Exception as e:
+            raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
+        self._consumed.add(name)
+        logger.debug("read %s %s %s from %s", name, dtype, list(actual), shard.name)
+        return array.astype(np.float32, copy=False)
+
+    def unused(self, ignored: tuple[str, ...] = ()) -> list[str]:
+        return [n for n in self.names() if n not in self._consumed
+                and not any(fnmatch.fnmatchcase(n, pat) for pat in ignored)]
+
+    def check_all_consumed(self, ignored: tuple[str, ...] = ()) -> None:
+        unused = self.unused(ignored)
+        if unused:
+            shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            raise WeightError(f"{len(unused)} checkpoint tensor(s) not used by the build: {shown}; "
+                              "the architecture mapping does not cover them")
+
+    def files(self) -> list[Path]:
+        return sorted(self._handles)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
