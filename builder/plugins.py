@@ -78,7 +78,7 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), *,
     for hook, registry in ((pm.hook.register_architectures, result.architectures),
                            (pm.hook.register_quantizers, result.quantizers),
                            (pm.hook.register_targets, result.targets)):
-        for impl in reversed(hook.get_hookimpls()):  # registration order = load order
+        for impl in hook.get_hookimpls():  # in registration order: built-ins, then others
             impl.function(register=functools.partial(_register, registry, impl.plugin_name))
     logger.debug("plugins loaded: %s", ", ".join(result.loaded) or "none")
     return result

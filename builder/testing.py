@@ -76,7 +76,8 @@ def genai_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[in
 
     model = og.Model(str(model_dir))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    length = len(prompt) + new_tokens
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray([prompt], dtype=np.int32))
     while not generator.is_done():

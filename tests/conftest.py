@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random checkpoints (made once per session) and their builds."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoints import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def qwen3_checkpoint(tmp_path_factory) -> Path:
+    """Qwen3: tied embeddings, head_dim 32 != hidden/heads, q/k norm, GQA 4:2, sharded."""
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "qwen3", "qwen3", shard=True)
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory) -> Path:
+    """Llama: untied lm_head, llama3 rope scaling, GQA 8:2, one file."""
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(qwen3_checkpoint, llama_checkpoint) -> dict[str, Path]:
+    return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint}
+
+
+@pytest.fixture(scope="session")
+def built(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """fp32 CPU builds of every checkpoint, made once through the public API."""
+    from builder import BuildOptions, build
+
+    out = {}
+    for name, ck in checkpoints.items():
+        out[name] = build(BuildOptions(model_name=str(ck),
+                                       output=tmp_path_factory.mktemp("built") / name))
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m builder`` in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture
+def copy_checkpoint(tmp_path):
+    """Copy a checkpoint folder so a test can damage it."""
+    def _copy(src: Path, name: str = "ck") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+    return _copy

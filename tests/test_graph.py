@@ -1,0 +1,102 @@
+"""The written model: valid ONNX, deterministic, the onnxruntime-genai I/O contract, names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from builder import BuildOptions, build
+from builder.graph import MS_DOMAIN
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_checker_full_check(arch, built):
+    onnx.checker.check_model(str(built[arch] / "model.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_build_is_byte_identical(arch, built, checkpoints, tmp_path):
+    again = build(BuildOptions(model_name=str(checkpoints[arch]), output=tmp_path / "again"))
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert (again / name).read_bytes() == (built[arch] / name).read_bytes(), name
+
+
+def _model(folder):
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_io_contract(arch, built, checkpoints):
+    cfg = json.loads((checkpoints[arch] / "config.json").read_text())
+    layers, kv, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    g = _model(built[arch]).graph
+
+    def shape(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    ins = {v.name: (v.type.tensor_type.elem_type, shape(v)) for v in g.input}
+    outs = {v.name: (v.type.tensor_type.elem_type, shape(v)) for v in g.output}
+    F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    assert ins.pop("input_ids") == (I64, ["batch_size", "sequence_length"])
+    assert ins.pop("attention_mask") == (I64, ["batch_size", "total_sequence_length"])
+    assert outs.pop("logits") == (F, ["batch_size", "sequence_length", cfg["vocab_size"]])
+    for i in range(layers):
+        for kind in ("key", "value"):
+            assert ins.pop(f"past_key_values.{i}.{kind}") == (
+                F, ["batch_size", kv, "past_sequence_length", hd])
+            assert outs.pop(f"present.{i}.{kind}") == (
+                F, ["batch_size", kv, "total_sequence_length", hd])
+    assert not ins and not outs
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_ops_names_and_opsets(arch, built, checkpoints):
+    m = _model(built[arch])
+    layers = json.loads((checkpoints[arch] / "config.json").read_text())["num_hidden_layers"]
+    ops = [n.op_type for n in m.graph.node]
+    names = [n.name for n in m.graph.node]
+    assert len(set(names)) == len(names)
+    assert ops.count("GroupQueryAttention") == layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert "/model/layers.0/attn/o_proj/MatMul" in names
+    assert "/model/layers.1/mlp/down_proj/MatMul" in names
+    assert "/lm_head/MatMul" in names
+    assert {o.domain: o.version for o in m.opset_import} == {"": 23, MS_DOMAIN: 1}
+    locations = {e.value for t in m.graph.initializer for e in t.external_data
+                 if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+
+def test_qwen3_specifics(built):
+    """Tied: one embedding table; q/k norm over head_dim before GQA; separate q/k/v inputs."""
+    m = _model(built["qwen3"])
+    inits = {t.name for t in m.graph.initializer}
+    assert "model.embed_tokens.weight" in inits and "lm_head.weight" not in inits
+    assert "model.layers.0.self_attn.q_norm.weight" in inits
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    assert gqa.input[1] and gqa.input[2]  # unpacked k and v after the norms
+
+
+def test_llama_packs_qkv(built):
+    m = _model(built["llama"])
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    assert gqa.input[0].startswith("/model/layers.0/attn/qkv_proj/MatMul")
+    assert gqa.input[1] == "" and gqa.input[2] == ""
+    assert "lm_head.weight" in {t.name for t in m.graph.initializer}
+
+
+def test_build_never_imports_torch(tmp_path, llama_checkpoint):
+    code = (
+        "import sys, builder\n"
+        "from builder import BuildOptions, build\n"
+        f"build(BuildOptions(model_name={str(llama_checkpoint)!r}, output={str(tmp_path / 'o')!r}))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "model.onnx").is_file()

@@ -1,0 +1,73 @@
+"""The extra options catalogue and the CLI's flags."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from builder.errors import OptionError
+from builder.options import ExtraOptions, options_help
+from conftest import run_cli
+
+
+def test_defaults_and_types():
+    opts = ExtraOptions.parse(["shared_embeddings=false", "hf_token=abc"])
+    assert opts.shared_embeddings is False and opts.hf_token == "abc"
+    assert ExtraOptions.parse([]).shared_embeddings is None  # follows tie_word_embeddings
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("1", True), ("No", False)])
+def test_booleans(value, expected):
+    assert ExtraOptions.parse([f"shared_embeddings={value}"]).shared_embeddings is expected
+
+
+@pytest.mark.parametrize("item, message", [
+    ("shared_embedings=true", "did you mean 'shared_embeddings'"),
+    ("shared_embeddings", "is not KEY=VALUE"),
+    ("shared_embeddings=2", "expected true or false"),
+    ("int4_block_size=48", "is not one of: 16, 32, 64, 128, 256"),
+    ("int4_algo_config=k_qant", "did you mean 'k_quant'"),
+    ("int4_block_size=abc", "invalid literal"),
+    ("num_hidden_layers=0", "positive integer"),
+])
+def test_bad_items(item, message):
+    with pytest.raises(OptionError, match=message):
+        ExtraOptions.parse([item])
+
+
+def test_declared_but_unimplemented_options_are_refused():
+    unimplemented = [f for f in ExtraOptions.catalogue() if not f.metadata["implemented"]]
+    assert unimplemented  # the catalogue lists what is coming, and refuses it for now
+    for f in unimplemented:
+        value = "1" if "int" in str(f.type) else "true" if "bool" in str(f.type) else "x"
+        if f.metadata["choices"]:
+            value = str(f.metadata["choices"][0])
+        with pytest.raises(OptionError, match="not supported yet"):
+            ExtraOptions.parse([f"{f.name}={value}"])
+
+
+def test_aliases():
+    with pytest.raises(OptionError, match="'int4_algo_config' is not supported yet"):
+        ExtraOptions.parse(["algo_config=rtn"])
+    with pytest.raises(OptionError, match="'unpack_matmul' is not supported yet"):
+        ExtraOptions.parse(["fuse_qkv=false"])
+
+
+def test_every_option_has_help():
+    for f in dataclasses.fields(ExtraOptions):
+        assert f.metadata["help"].strip(), f.name
+        assert f.name in options_help()
+
+
+def test_cli_help_prints_the_catalogue():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for f in ExtraOptions.catalogue():
+        assert f.name in r.stdout
+    assert "--extra_options" in r.stdout and "-e {cpu" in r.stdout
+
+
+def test_cli_needs_a_model(tmp_path):
+    r = run_cli("-o", str(tmp_path / "o"))
+    assert r.returncode == 2 and "give a model" in r.stderr

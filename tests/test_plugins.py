@@ -1,0 +1,94 @@
+"""Plugins: entry points, the three hooks, clashes and failures. One test per hookspec."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import types
+
+import pytest
+
+from builder import hookimpl, hookspecs
+from builder.errors import PluginError
+from builder.models import LlamaBuilder
+from builder.plugins import load_plugins
+from builder.targets import TargetCaps
+
+
+def _plugin(**hooks):
+    return types.SimpleNamespace(**{k: hookimpl(v) for k, v in hooks.items()})
+
+
+def test_builtins_register_through_our_entry_points():
+    eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="builder")}
+    assert eps["models"] == "builder.models" and eps["targets"] == "builder.targets"
+    plugins = load_plugins()
+    assert {"LlamaForCausalLM", "Qwen3ForCausalLM"} <= set(plugins.architectures.names())
+    assert plugins.architectures.owner("Qwen3ForCausalLM") == "models"
+    assert plugins.targets.owner("cpu") == "targets"
+
+
+def test_env_narrows_loaded_plugins(monkeypatch):
+    monkeypatch.setenv("BUILDER_LOAD_PLUGINS", "targets")
+    plugins = load_plugins()
+    assert plugins.architectures.names() == [] and plugins.targets.names() == ["cpu"]
+
+
+def test_hook_register_architectures():
+    class GemmaLike(LlamaBuilder):
+        architectures = ("GemmaLikeForCausalLM",)
+
+    plugins = load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                             register(GemmaLike)))])
+    assert plugins.architectures.get("GemmaLikeForCausalLM") is GemmaLike
+    assert plugins.architectures.owner("GemmaLikeForCausalLM") == "mine"
+
+
+def test_hook_register_quantizers():
+    class Fake:
+        name = "fake"
+
+    plugins = load_plugins([("q", _plugin(register_quantizers=lambda register: register(Fake)))],
+                           entry_points=False)
+    assert plugins.quantizers.get("fake") is Fake
+
+
+def test_hook_register_targets():
+    npu = TargetCaps(name="my_npu", precisions=())
+    plugins = load_plugins([("t", _plugin(register_targets=lambda register: register(npu)))])
+    assert plugins.targets.get("my_npu") is npu and "cpu" in plugins.targets
+
+
+def test_every_hookspec_has_a_test():
+    specs = {n for n in dir(hookspecs) if n.startswith("register_")}
+    tested = {n.removeprefix("test_hook_") for n in globals() if n.startswith("test_hook_")}
+    assert specs == tested
+
+
+def test_clash_names_both_plugins():
+    class Other(LlamaBuilder):
+        architectures = ("LlamaForCausalLM",)
+
+    with pytest.raises(PluginError, match="'LlamaForCausalLM' registered by both models and x"):
+        load_plugins([("x", _plugin(register_architectures=lambda register: register(Other)))])
+
+
+def test_replace_overrides_on_purpose():
+    class Other(LlamaBuilder):
+        architectures = ("LlamaForCausalLM",)
+
+    plugins = load_plugins([("x", _plugin(
+        register_architectures=lambda register: register(Other, replace=True)))])
+    assert plugins.architectures.get("LlamaForCausalLM") is Other
+
+
+def test_broken_plugin_is_named(monkeypatch):
+    ep = importlib.metadata.EntryPoint("broken", "no_such_module_xyz", "builder")
+    monkeypatch.setattr("builder.plugins._entry_points", lambda: [ep])
+    with pytest.raises(PluginError, match="plugin 'broken' .*no_such_module_xyz.* failed to load"):
+        load_plugins()
+
+
+def test_unknown_hook_is_refused():
+    bad = types.SimpleNamespace(register_widgets=hookimpl(lambda register: None))
+    with pytest.raises(PluginError, match="register_widgets"):
+        load_plugins([("bad", bad)], entry_points=False)

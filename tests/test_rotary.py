@@ -1,0 +1,43 @@
+"""Rotary caches against transformers' own inverse-frequency functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from builder.config import DecoderConfig
+from builder.ops import rope_cache
+from checkpoints import TINY
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 4.0},
+])
+def test_scaled_inverse_frequencies_match_transformers(rope):
+    import transformers
+
+    spec = {k: v for k, v in TINY["llama"].items() if k not in ("arch", "config")}
+    spec["rope_scaling"] = rope
+    hf = transformers.LlamaConfig(**spec, architectures=["LlamaForCausalLM"])
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    assert scale == 1.0
+    ours = rope_cache(DecoderConfig.from_hf(hf.to_dict()).rope, hf.head_dim, 64)
+    positions = torch.arange(64, dtype=torch.float32)[:, None] * inv_freq[None, :].float()
+    np.testing.assert_allclose(ours.cos, positions.cos().numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.sin, positions.sin().numpy(), atol=1e-6)
+    default = rope_cache(DecoderConfig.from_hf({**hf.to_dict(), "rope_parameters": None,
+                                                 "rope_scaling": None}).rope, hf.head_dim, 64)
+    assert np.abs(default.cos - ours.cos).max() > 0.1  # the scaling really changes the table
+
+
+def test_old_style_rope_keys():
+    cfg = DecoderConfig.from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 32,
+        "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "rope_theta": 1234.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert (cfg.rope.theta, cfg.rope.type, cfg.rope.params) == (1234.0, "linear", {"factor": 2.0})
+    assert cfg.head_dim == 16 and cfg.num_key_value_heads == 2
