@@ -95,3 +95,12 @@ def hf_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
 
 def config_of(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+if __name__ == "__main__":  # regenerate the shipped example: python tests/checkpoints.py
+    import shutil
+    import sys
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-qwen3")
+    shutil.rmtree(target, ignore_errors=True)
+    make_checkpoint(target, "qwen3", shard=True)

@@ -71,3 +71,11 @@ def test_cli_help_prints_the_catalogue():
 def test_cli_needs_a_model(tmp_path):
     r = run_cli("-o", str(tmp_path / "o"))
     assert r.returncode == 2 and "give a model" in r.stderr
+
+
+def test_readme_documents_every_option():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    for f in ExtraOptions.catalogue():
+        assert f"`{f.name}`" in readme, f.name

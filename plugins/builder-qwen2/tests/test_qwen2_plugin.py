@@ -1,0 +1,62 @@
+"""The plugin, tested as its users would: installed, found through its entry point, and
+checked against Hugging Face transformers on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from builder import BuildOptions, build
+from builder.plugins import load_plugins
+from builder.testing import genai_greedy, max_abs_diff, run_decoder
+
+
+@pytest.fixture(scope="module")
+def qwen2_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen2")
+    config = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)  # biases too: a plugin that dropped them would fail parity
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_found_through_its_entry_point():
+    plugins = load_plugins()
+    assert plugins.architectures.owner("Qwen2ForCausalLM") == "qwen2"
+
+
+def test_parity_with_transformers(qwen2_checkpoint, tmp_path):
+    out = build(BuildOptions(model_name=str(qwen2_checkpoint), output=tmp_path / "out"))
+    ids = np.random.default_rng(0).integers(3, 256, (1, 10))
+    run = run_decoder(out, ids, steps=8)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        qwen2_checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(run.tokens)).logits.numpy()
+    assert max_abs_diff(run.prefill_logits, ref[:, :10]) <= 1e-4
+    for j, step in enumerate(run.step_logits):
+        assert max_abs_diff(step, ref[:, 10 + j]) <= 1e-4
+    prompt = [int(t) for t in ids[0]]
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                             min_new_tokens=8)[0].tolist()
+    assert genai_greedy(out, prompt, 8) == greedy
+
+
+def test_cli_builds_with_the_plugin(qwen2_checkpoint, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(qwen2_checkpoint),
+                        "-o", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Qwen2Builder (qwen2)" in r.stderr
