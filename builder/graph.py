@@ -119,7 +119,7 @@ class GraphBuilder:
         if offset % align:
             self._data.write(b"\0" * (align - offset % align))
             offset = self._data.tell()
-        self._data.write(array.tobytes())
+        self._data.write(array.data)  # the buffer itself: no copy of a large weight
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
                            ("length", str(array.nbytes))):
