@@ -16,8 +16,14 @@ from builder.options import (
 logger = logging.getLogger("builder")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m builder",
         description="Build an ONNX Runtime model folder from a Hugging Face decoder checkpoint "
                     "(safetensors + config.json).",
@@ -58,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         from builder.build import build
         build(options)
     except BuilderError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
+        sys.stderr.write("error: interrupted; nothing was written\n")
         return 130
     return 0

@@ -29,6 +29,11 @@ TINY = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
         rope_theta=500000.0),
+    "mistral": dict(
+        arch="MistralForCausalLM", config="MistralConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, tie_word_embeddings=False, max_position_embeddings=256,
+        sliding_window=None),
 }
 
 

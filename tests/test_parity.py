@@ -8,7 +8,7 @@ import pytest
 from builder.testing import genai_greedy, max_abs_diff, run_decoder
 from checkpoints import hf_greedy, hf_logits
 
-ARCHS = ["qwen3", "llama"]
+ARCHS = ["qwen3", "llama", "mistral"]
 PROMPT_LEN, STEPS, TOL = 12, 10, 1e-4
 
 

@@ -74,6 +74,9 @@ class DecoderBuilder:
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
         self.check_supported()
+        logger.info("attention: %s on %s, %s", target.attention, target.name,
+                    "separate q/k/v projections (q/k norm sits between them and attention)"
+                    if self.qk_norm else "one packed QKV projection")
 
     # -- decisions -----------------------------------------------------------------------
     def check_supported(self) -> None:
@@ -83,6 +86,10 @@ class DecoderBuilder:
             raise ConfigError(f"hidden_act {c.hidden_act!r} is not supported yet (silu only)")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
+        window = c.extra.get("sliding_window")
+        if window and c.extra.get("use_sliding_window", True) and \
+                window < c.max_position_embeddings:
+            raise ConfigError(f"sliding_window={window} attention is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
             raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
                               "of 16")

@@ -1,0 +1,164 @@
+"""Build speed and memory: our builder against onnxruntime-genai's, same checkpoint, same run.
+
+    python benchmarks/build_benchmark.py [--model qwen3-0.6b|llama-3.2-1b] [--runs 1] [--work DIR]
+
+Writes a random bf16 checkpoint with the exact config of the named model (numpy only, seeded),
+then builds it with ``python -m builder`` and, when it is importable, with
+``python -m onnxruntime_genai.models.builder``; each build runs in its own process and reports
+wall time, peak RSS (from wait4) and output size. Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+CONFIGS = {
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+        "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 151643,
+        "eos_token_id": 151645, "attention_bias": False, "torch_dtype": "bfloat16"},
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 128000,
+        "eos_token_id": 128001, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": "bfloat16"},
+}
+
+
+def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i)})
+        if c["model_type"] == "qwen3":
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (c["vocab_size"], h)
+    return shapes
+
+
+def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) -> None:
+    """Random bf16 weights (std 0.02, norms 1.0), sharded with an index, as transformers saves."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, shape in tensor_shapes(config).items():
+        if len(shape) == 1:
+            t = np.ones(shape, np.float32)
+        else:
+            t = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        t = t.astype(ml_dtypes.bfloat16)
+        if size + t.nbytes > shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall seconds, peak RSS (MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen3-0.6b")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/builder-bench"))
+    ap.add_argument("--cases", default="fp32", help="comma-separated precisions to build")
+    args = ap.parse_args()
+
+    ck = args.work / args.model
+    t0 = time.perf_counter()
+    make_checkpoint(ck, CONFIGS[args.model])
+    print(f"checkpoint {ck}: {folder_bytes(ck) / 1e9:.3f} GB "
+          f"(ready in {time.perf_counter() - t0:.1f} s)")
+    anchor = importlib.util.find_spec("onnxruntime_genai") is not None
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; anchor builder {'found' if anchor else 'not installed'}")
+
+    rows = []
+    for precision in args.cases.split(","):
+        for run in range(args.runs):
+            out = args.work / f"ours-{precision}"
+            shutil.rmtree(out, ignore_errors=True)
+            ours = measure([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out),
+                            "-p", precision, "-e", "cpu"])
+            ours["bytes"] = folder_bytes(out)
+            theirs = None
+            if anchor:
+                out_a = args.work / f"anchor-{precision}"
+                shutil.rmtree(out_a, ignore_errors=True)
+                theirs = measure([sys.executable, "-m", "onnxruntime_genai.models.builder",
+                                  "-m", args.model, "-i", str(ck), "-o", str(out_a),
+                                  "-p", precision, "-e", "cpu", "-c", str(args.work / "cache")])
+                theirs["bytes"] = folder_bytes(out_a)
+            rows.append((precision, run, ours, theirs))
+
+    print(f"\n| case | run | ours s | anchor s | speed-up | ours peak MB | anchor peak MB | "
+          f"memory ratio | ours bytes | anchor bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for precision, run, o, a in rows:
+        if a:
+            print(f"| {precision} | {run} | {o['wall_s']:.1f} | {a['wall_s']:.1f} | "
+                  f"{a['wall_s'] / o['wall_s']:.2f}x | {o['peak_rss_mb']:.0f} | "
+                  f"{a['peak_rss_mb']:.0f} | {o['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
+                  f"{o['bytes']:,} | {a['bytes']:,} |")
+        else:
+            print(f"| {precision} | {run} | {o['wall_s']:.1f} | - | - | {o['peak_rss_mb']:.0f} "
+                  f"| - | - | {o['bytes']:,} | - |")
+
+
+if __name__ == "__main__":
+    main()
