@@ -85,12 +85,14 @@ def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) 
             size = 0
         shards[-1][name] = t
         size += t.nbytes
-    weight_map = {}
+    weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        total += sum(t.nbytes for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -27,6 +28,8 @@ INLINE_LIMIT = 1024            # bytes; smaller tensors are stored inside model.
 ALIGN_THRESHOLD = 1 << 20      # tensors from 1 MiB up start on an allocation-granularity boundary
 ALLOCATION_GRANULARITY = 1 << 16
 
+CHUNK_BYTES = 16 << 20         # a large float weight is converted and written in slices of this
+
 DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float16): TensorProto.FLOAT16,
@@ -37,11 +40,16 @@ DTYPES = {
 }
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
+
+
 class GraphBuilder:
     """Collects nodes, I/O and initializers of one graph; writes weights as they come."""
 
-    def __init__(self, name: str, data_path: Path) -> None:
+    def __init__(self, name: str, data_path: Path, float_dtype=np.float32) -> None:
         self.name = name
+        self.float_dtype = np.dtype(float_dtype)  # every float weight is stored as this
         self.data_path = data_path
         self._data = open(data_path, "wb")
         self._scope: list[str] = []
@@ -103,37 +111,49 @@ class GraphBuilder:
 
     # -- initializers --------------------------------------------------------------------
     def initializer(self, name: str, array: np.ndarray) -> str:
-        """Add a tensor; large ones go straight to the external data file."""
+        """Add a tensor; large ones go straight to the external data file.
+
+        Float arrays (bf16, fp16, fp32) are stored as ``float_dtype``, converted a slice at a
+        time while written, so a large bf16 table never exists whole in fp32.
+        """
         if name in self._initializer_names:
             raise ValueError(f"initializer {name!r} added twice")
-        array = np.ascontiguousarray(array)
-        if array.dtype not in DTYPES:
+        dtype = self.float_dtype if _is_float(array.dtype) else array.dtype
+        if dtype not in DTYPES:
             raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
         self._initializer_names.add(name)
-        if array.nbytes < INLINE_LIMIT:
+        nbytes = array.size * dtype.itemsize
+        if nbytes < INLINE_LIMIT:
+            array = np.ascontiguousarray(array, dtype=dtype)
             self._initializers.append(numpy_helper.from_array(array, name))
             return name
-        tensor = TensorProto(name=name, data_type=DTYPES[array.dtype], dims=array.shape)
+        tensor = TensorProto(name=name, data_type=DTYPES[dtype], dims=array.shape)
         offset = self._data.tell()
-        align = ALLOCATION_GRANULARITY if array.nbytes >= ALIGN_THRESHOLD else 64
+        align = ALLOCATION_GRANULARITY if nbytes >= ALIGN_THRESHOLD else 64
         if offset % align:
             self._data.write(b"\0" * (align - offset % align))
             offset = self._data.tell()
-        self._data.write(array.data)  # the buffer itself: no copy of a large weight
+        rows = max(1, CHUNK_BYTES // max(1, nbytes // max(1, array.shape[0])))
+        for start in range(0, max(1, array.shape[0]), rows):
+            chunk = np.ascontiguousarray(array[start:start + rows], dtype=dtype)
+            self._data.write(chunk.data)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
-                           ("length", str(array.nbytes))):
+                           ("length", str(nbytes))):
             tensor.external_data.add(key=key, value=value)
         self._initializers.append(tensor)
         return name
 
     def constant(self, values, dtype=np.int64) -> str:
-        """A small constant tensor, shared by value and named after it."""
+        """A small constant tensor, shared by value and named after it (float ones are stored as
+        ``float_dtype``)."""
         array = np.asarray(values, dtype=dtype)
+        if _is_float(array.dtype):
+            array = array.astype(self.float_dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
             shown = "_".join(str(v) for v in array.ravel()[:8]) or "empty"
-            name = f"/constants/{np.dtype(dtype).name}/{list(array.shape)}/{shown}"
+            name = f"/constants/{array.dtype.name}/{list(array.shape)}/{shown}"
             self._constants[key] = self.initializer(name, array)
         return self._constants[key]
 

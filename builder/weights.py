@@ -1,7 +1,9 @@
 """A lazy, strict reader over single-file and sharded safetensors checkpoints.
 
 Headers are read up front (names, shapes, dtypes, which shard holds what); tensor data is read one
-tensor at a time, on request. Every read is recorded, so that after a build any tensor no code used
+tensor at a time, on request, each through a short-lived handle: safetensors maps the file, and
+pages of a mapping that stays open count as resident memory until it closes, which would let the
+process grow to the size of the checkpoint. Every read is recorded, so that after a build any tensor no code used
 is reported: a silently mis-mapped weight is an error, not a wrong model.
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,23 @@ class CheckpointReader:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._shard_files: list[Path] = []
         self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
         self._consumed: set[str] = set()
-        try:
-            for shard in self._shards():
-                handle = self._open(shard)
+        for shard in self._shards():
+            with self._open(shard) as handle:
                 for name in handle.keys():
                     if name in self._where:
                         raise WeightError(f"tensor {name!r} is stored twice: in "
                                           f"{self._where[name].name} and {shard.name}")
                     self._where[name] = shard
-            self._check_index()
-        except BaseException:
-            self.close()
-            raise
-        logger.info("checkpoint: %d tensors in %d file(s)", len(self._where), len(self._handles))
+                    sl = handle.get_slice(name)
+                    self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+            self._shard_files.append(shard)
+        self._check_index()
+        logger.info("checkpoint: %d tensors in %d file(s)", len(self._where),
+                    len(self._shard_files))
 
     # -- opening -------------------------------------------------------------------------
     def _shards(self) -> list[Path]:
@@ -74,15 +75,14 @@ class CheckpointReader:
 
     def _open(self, shard: Path):
         try:
-            handle = self._stack.enter_context(safe_open(str(shard), framework="numpy"))
+            handle = safe_open(str(shard), framework="numpy")
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise WeightError(f"{shard}: not a readable safetensors file ({e})") from None
-        self._check_size(shard, handle)
-        self._handles[shard] = handle
+        self._check_size(shard)
         return handle
 
     @staticmethod
-    def _check_size(shard: Path, handle) -> None:
+    def _check_size(shard: Path) -> None:
         """Catch truncated files at open time: the data section must cover every tensor."""
         with open(shard, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -109,10 +109,12 @@ class CheckpointReader:
         return sorted(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._locate(name)].get_slice(name).get_shape())
+        self._locate(name)
+        return self._meta[name][1]
 
     def dtype(self, name: str) -> str:
-        return self._handles[self._locate(name)].get_slice(name).get_dtype()
+        self._locate(name)
+        return self._meta[name][0]
 
     def _locate(self, name: str) -> Path:
         if name not in self._where:
@@ -121,7 +123,8 @@ class CheckpointReader:
         return self._where[name]
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Read one float tensor as float32, checking its shape; marks it consumed."""
+        """Read one float tensor in its stored dtype (bf16, fp16 or fp32), checking its shape;
+        marks it consumed."""
         shard = self._locate(name)
         dtype = self.dtype(name)
         if dtype not in FLOAT_DTYPES:
@@ -132,12 +135,13 @@ class CheckpointReader:
             raise WeightError(f"tensor {name!r} in {shard.name} has shape {list(actual)}; the "
                               f"config implies {list(shape)}")
         try:
-            array = self._handles[shard].get_tensor(name)
+            with safe_open(str(shard), framework="numpy") as handle:
+                array = handle.get_tensor(name)
         except Exception as e:
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
         self._consumed.add(name)
         logger.debug("read %s %s %s from %s", name, dtype, list(actual), shard.name)
-        return array.astype(np.float32, copy=False)
+        return array
 
     def unused(self, ignored: tuple[str, ...] = ()) -> list[str]:
         return [n for n in self.names() if n not in self._consumed
@@ -151,13 +155,10 @@ class CheckpointReader:
                               "the architecture mapping does not cover them")
 
     def files(self) -> list[Path]:
-        return sorted(self._handles)
-
-    def close(self) -> None:
-        self._stack.close()
+        return sorted(self._shard_files)
 
     def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        pass

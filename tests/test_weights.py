@@ -19,14 +19,15 @@ def _write(folder, tensors, name="model.safetensors"):
     return folder
 
 
-def test_dtypes_are_read_as_float32(tmp_path):
+def test_dtypes_are_read_as_stored(tmp_path):
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     ck = _write(tmp_path / "ck", {"bf16": a.astype(ml_dtypes.bfloat16),
                                   "f16": a.astype(np.float16), "f32": a})
     with CheckpointReader(ck) as r:
         for name in ("bf16", "f16", "f32"):
             out = r.read(name, (2, 3))
-            assert out.dtype == np.float32 and (out == a).all()
+            expected = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}[name]
+            assert out.dtype == expected and (out.astype(np.float32) == a).all()
         assert r.unused() == []
 
 
@@ -43,23 +44,32 @@ def test_sharded_index_and_unused_tracking(qwen3_checkpoint):
             r.check_all_consumed()
 
 
-def test_reads_lazily(qwen3_checkpoint):
+def test_reads_lazily(qwen3_checkpoint, monkeypatch):
     """Opening reads headers only; each read materialises exactly the tensor asked for."""
+    from builder import weights
+
     calls = []
+    real_open = weights.safe_open
 
     class Spy:
-        def __init__(self, handle):
-            self.handle = handle
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
 
         def get_tensor(self, name):
             calls.append(name)
             return self.handle.get_tensor(name)
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
         def __getattr__(self, attr):
             return getattr(self.handle, attr)
 
+    monkeypatch.setattr(weights, "safe_open", Spy)
     with CheckpointReader(qwen3_checkpoint) as r:
-        r._handles = {k: Spy(v) for k, v in r._handles.items()}
         assert r.shape("model.embed_tokens.weight") == (256, 64) and calls == []
         r.read("model.layers.0.mlp.up_proj.weight")
         assert calls == ["model.layers.0.mlp.up_proj.weight"]

@@ -125,7 +125,7 @@ class DecoderBuilder:
         return self.weight_names[role].format(i=layer)
 
     def weight(self, role: R, layer: int | None = None) -> np.ndarray:
-        """Read one tensor (float32) by role, checking its shape against the config."""
+        """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
         return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
 
     def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
