@@ -32,7 +32,11 @@ class RopeConfig:
         params.update(d.get("rope_scaling") or {})
         theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+        params.pop("type", None)
         partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if d.get("original_max_position_embeddings"):  # Phi-3 keeps it at the top level
+            params.setdefault("original_max_position_embeddings",
+                              d["original_max_position_embeddings"])
         return cls(theta=float(theta), type=str(rope_type),
                    partial_rotary_factor=float(partial), params=params)
 
@@ -60,6 +64,7 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    sliding_window: int | None = None   # None: full attention
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -102,9 +107,12 @@ class DecoderConfig:
         if max_pos is None:
             max_pos = 4096
             logger.info("max_position_embeddings not in config: falling back to %d", max_pos)
+        window = d.get("sliding_window")
+        if not d.get("use_sliding_window", True) or not window or window >= max_pos:
+            window = None  # the window never binds: plain causal attention
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
-            "partial_rotary_factor"}
+            "partial_rotary_factor", "use_sliding_window"}
         return cls(
             architecture=archs[0],
             model_type=str(d.get("model_type", "")),
@@ -125,5 +133,6 @@ class DecoderConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            sliding_window=window,
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -33,6 +33,7 @@ CHUNK_BYTES = 16 << 20         # a large float weight is converted and written i
 DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.uint8): TensorProto.UINT8,
@@ -97,6 +98,26 @@ class GraphBuilder:
                                             domain=domain or None, **attrs))
         self._domains.add(domain)
         return out_names[0] if len(out_names) == 1 else out_names
+
+    def if_(self, name: str, cond: str, then_values: Sequence[str], else_values: Sequence[str],
+            elem_type: int) -> list[str]:
+        """An If node whose branches just forward outer-scope values (e.g. pick one of two
+        constant tables at run time)."""
+        full = "".join(self._scope) + "/" + name
+        branches = {}
+        for tag, values in (("then", then_values), ("else", else_values)):
+            outs = [f"{full}/{tag}/output_{i}" for i in range(len(values))]
+            nodes = [helper.make_node("Identity", [v], [o], name=f"{full}/{tag}/Identity_{i}")
+                     for i, (v, o) in enumerate(zip(values, outs))]
+            branches[f"{tag}_branch"] = helper.make_graph(
+                nodes, f"{name}_{tag}", [],
+                [helper.make_tensor_value_info(o, elem_type, None) for o in outs])
+        return self.node("If", [cond], name, outputs=len(then_values), **branches)
+
+    @property
+    def float_type(self) -> int:
+        """The ONNX element type of float weights and float graph I/O."""
+        return DTYPES[self.float_dtype]
 
     # -- graph I/O -----------------------------------------------------------------------
     def input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:

@@ -70,8 +70,9 @@ class ExtraOptions:
     int4_op_types_to_quantize: tuple[str, ...] = _opt(
         ("MatMul",), "Comma-separated op types to quantize (MatMul, Gather).", implemented=False)
     unpack_matmul: bool | None = _opt(
-        None, "Three q/k/v MatMuls instead of one packed QKV MatMul (default: per target).",
-        inverse_aliases=("fuse_qkv",), implemented=False)
+        None, "Separate q/k/v (and gate/up) MatMuls instead of packed ones, keeping the "
+        "checkpoint's Llama-style layout (default: packed on cpu and cuda).",
+        inverse_aliases=("fuse_qkv",))
     exclude_embeds: bool = _opt(
         False, "Drop the embedding: the model takes inputs_embeds.", implemented=False)
     exclude_lm_head: bool = _opt(

@@ -19,6 +19,7 @@ class TargetCaps:
     precisions: tuple[Precision, ...]       # -p values this target builds
     attention: str = "gqa"                  # "gqa": com.microsoft GroupQueryAttention
     skip_norm: bool = True                  # SkipSimplifiedLayerNormalization fuses residual adds
+    pack_matmuls: bool = True               # default for unpack_matmul: one GEMM for q/k/v
     genai_provider: str | None = None       # provider_options entry in genai_config.json (None: CPU)
     description: str = ""
 

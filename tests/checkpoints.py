@@ -33,7 +33,7 @@ TINY = {
         arch="MistralForCausalLM", config="MistralConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=32, tie_word_embeddings=False, max_position_embeddings=256,
-        sliding_window=None),
+        sliding_window=8),  # shorter than the test sequences: the window really binds
 }
 
 

@@ -28,7 +28,7 @@ def llama_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(qwen3_checkpoint, llama_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """Every tiny variant: the two above, and Mistral (the Llama block, MQA 2:1)."""
+    """Every tiny variant: the two above, and Mistral (MQA 2:1, an 8-token sliding window)."""
     mistral = make_checkpoint(tmp_path_factory.mktemp("ck") / "mistral", "mistral")
     return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint, "mistral": mistral}
 

@@ -147,14 +147,6 @@ def test_output_is_a_foreign_non_empty_folder(tmp_path, llama_checkpoint):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_sliding_window_is_refused(tmp_path, copy_checkpoint, llama_checkpoint):
-    ck = copy_checkpoint(llama_checkpoint)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg.update(architectures=["MistralForCausalLM"], sliding_window=64)
-    (ck / "config.json").write_text(json.dumps(cfg))
-    _assert_refused(tmp_path, ["-m", str(ck)], "sliding_window=64", "not supported yet")
-
-
 def test_bad_flag_value_is_one_line(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "-p", "int3"], "-p/--precision",
                     "invalid choice")

@@ -50,8 +50,10 @@ def test_declared_but_unimplemented_options_are_refused():
 def test_aliases():
     with pytest.raises(OptionError, match="'int4_algo_config' is not supported yet"):
         ExtraOptions.parse(["algo_config=rtn"])
-    with pytest.raises(OptionError, match="'unpack_matmul' is not supported yet"):
-        ExtraOptions.parse(["fuse_qkv=false"])
+    assert ExtraOptions.parse(["fuse_qkv=false"]).unpack_matmul is True
+    assert ExtraOptions.parse(["fuse_qkv=true"]).unpack_matmul is False
+    with pytest.raises(OptionError, match="given twice"):
+        ExtraOptions.parse(["fuse_qkv=true", "unpack_matmul=true"])
 
 
 def test_every_option_has_help():

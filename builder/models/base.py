@@ -69,14 +69,15 @@ class DecoderBuilder:
                  weights: CheckpointReader, gb: GraphBuilder) -> None:
         self.config = config
         self.options = options
+        self.extra = options.extra
         self.target = target
         self.weights = weights
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
+        self.packed = self._packed()
         self.check_supported()
-        logger.info("attention: %s on %s, %s", target.attention, target.name,
-                    "separate q/k/v projections (q/k norm sits between them and attention)"
-                    if self.qk_norm else "one packed QKV projection")
+        logger.info("attention: %s on %s%s", target.attention, target.name,
+                    f", sliding window {config.sliding_window}" if config.sliding_window else "")
 
     # -- decisions -----------------------------------------------------------------------
     def check_supported(self) -> None:
@@ -86,16 +87,12 @@ class DecoderBuilder:
             raise ConfigError(f"hidden_act {c.hidden_act!r} is not supported yet (silu only)")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
-        window = c.extra.get("sliding_window")
-        if window and c.extra.get("use_sliding_window", True) and \
-                window < c.max_position_embeddings:
-            raise ConfigError(f"sliding_window={window} attention is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
             raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
                               "of 16")
 
     def _shared_embeddings(self) -> bool:
-        asked = self.options.extra.shared_embeddings
+        asked = self.extra.shared_embeddings
         tied = self.config.tie_word_embeddings
         if asked and not tied:
             raise ConfigError("shared_embeddings=true needs a checkpoint that ties its "
@@ -106,6 +103,16 @@ class DecoderBuilder:
                     "separate lookup and lm_head tables", tied,
                     "" if asked is None else f", shared_embeddings={asked}")
         return shared
+
+    def _packed(self) -> bool:
+        asked = self.extra.unpack_matmul
+        packed = self.target.pack_matmuls if asked is None else not asked
+        why = (f"unpack_matmul={asked}" if asked is not None else
+               f"the {self.target.name} default: one GEMM instead of three (QKV) and two "
+               "(gate/up)" if packed else f"the {self.target.name} default")
+        logger.info("projections: %s (%s)", "packed QKV and gate/up" if packed else
+                    "separate q/k/v and gate/up, as in the checkpoint's Llama layout", why)
+        return packed
 
     # -- weights -------------------------------------------------------------------------
     def expected_shape(self, role: R) -> tuple[int, ...]:
@@ -129,7 +136,12 @@ class DecoderBuilder:
         return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
 
     def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(q, k, v) projection weights, each [out, in]."""
         return self.weight(R.Q, layer), self.weight(R.K, layer), self.weight(R.V, layer)
+
+    def packed_attention_weight(self, layer: int) -> np.ndarray:
+        """q, k and v stacked on the output axis: [q + 2 kv, in]."""
+        return np.concatenate(self.attention_weights(layer))
 
     def attention_biases(self, layer: int) -> tuple[np.ndarray | None, ...]:
         """(q, k, v, o) biases; None where the architecture has none."""
@@ -138,46 +150,96 @@ class DecoderBuilder:
         return tuple(self.weight(r, layer) for r in (R.Q_BIAS, R.K_BIAS, R.V_BIAS, R.O_BIAS))
 
     def mlp_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gate, up, down) weights, each [out, in]."""
         return self.weight(R.GATE, layer), self.weight(R.UP, layer), self.weight(R.DOWN, layer)
 
+    def packed_mlp_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gate and up stacked on the output axis, down)."""
+        gate, up, down = self.mlp_weights(layer)
+        return np.concatenate([gate, up]), down
+
     def ignored(self) -> tuple[str, ...]:
-        # A tied checkpoint may still store lm_head.weight; Hugging Face ignores it, so do we.
-        tied = (self.weight_names[R.LM_HEAD],) if self.config.tie_word_embeddings else ()
-        return self.ignored_weights + tied
+        """Checkpoint tensors the build may leave unused (glob patterns)."""
+        c, x = self.config, self.extra
+        names = list(self.ignored_weights)
+        if c.tie_word_embeddings:  # Hugging Face ignores a stored lm_head.weight then; so do we
+            names.append(self.weight_names[R.LM_HEAD])
+        if x.exclude_embeds:
+            names.append(self.weight_names[R.EMBED])
+        if x.exclude_lm_head:
+            names.append(self.weight_names[R.LM_HEAD])
+        first_unbuilt = c.num_hidden_layers
+        for layer in range(first_unbuilt, c.extra.get("checkpoint_num_hidden_layers",
+                                                      first_unbuilt)):
+            names += [f.format(i=layer) for f in self.weight_names.values() if "{i}" in f]
+        return tuple(names)
 
     # -- graph ---------------------------------------------------------------------------
     def build(self) -> None:
-        c, gb = self.config, self.gb
-        input_ids = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
+        c, gb, x = self.config, self.gb, self.extra
+        io = gb.float_type
+        if x.exclude_embeds:
+            tokens = gb.input("inputs_embeds", io, ["batch_size", "sequence_length",
+                                                    c.hidden_size])
+        else:
+            tokens = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
         mask = gb.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
         kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
-        self.past = [(gb.input(f"past_key_values.{i}.key", FLOAT, kv_shape),
-                      gb.input(f"past_key_values.{i}.value", FLOAT, kv_shape))
+        self.past = [(gb.input(f"past_key_values.{i}.key", io, kv_shape),
+                      gb.input(f"past_key_values.{i}.value", io, kv_shape))
                      for i in range(c.num_hidden_layers)]
-        self.attn_inputs: AttentionInputs = attention_inputs(gb, input_ids, mask)
-        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
-        self.rope = (gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin))
+        self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask)
+        self.rope = self.rotary_tables()
 
-        x = self.embedding(input_ids)
+        h = tokens if x.exclude_embeds else self.embedding(tokens)
         residual = None
         for layer in tqdm(range(c.num_hidden_layers), desc="layers", unit="layer", disable=None):
-            x, residual = self.decoder_layer(layer, x, residual)
+            h, residual = self.decoder_layer(layer, h, residual)
         with gb.scope(f"/model/layers.{c.num_hidden_layers}"):
-            x, _ = skip_rms_norm(gb, "final_norm_layernorm", x, residual,
+            h, _ = skip_rms_norm(gb, "final_norm_layernorm", h, residual,
                                  self.weight(R.FINAL_NORM), self.weight_name(R.FINAL_NORM),
                                  c.rms_norm_eps)
-        logits = self.lm_head(x)
-
-        gb.output(logits, "logits", FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+        if x.include_hidden_states or x.exclude_lm_head:
+            gb.output(h, "hidden_states", io, ["batch_size", "sequence_length", c.hidden_size])
+        if not x.exclude_lm_head:
+            positions = "sequence_length"
+            if x.prune_lm_head:  # prefill needs only the last position's logits
+                with gb.scope("/model/prune_lm_head"):
+                    h = gb.node("Slice", [h, gb.constant([-1]), gb.constant([2**62]),
+                                          gb.constant([1])])
+                positions = 1
+            gb.output(self.lm_head(h), "logits", io, ["batch_size", positions, c.vocab_size])
         present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
         for i in range(c.num_hidden_layers):
             for kind in ("key", "value"):
-                gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", FLOAT, present_shape)
+                gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", io, present_shape)
         self.weights.check_all_consumed(self.ignored())
 
+    def rotary_tables(self) -> tuple[str, str]:
+        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length."""
+        c, gb = self.config, self.gb
+        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
+        cos, sin = gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin)
+        if cache.long is None:
+            return cos, sin
+        logger.info("rotary: LongRoPE, long factors beyond %d tokens", cache.switch_length)
+        cos_l = gb.initializer("cos_cache_long", cache.long[0])
+        sin_l = gb.initializer("sin_cache_long", cache.long[1])
+        with gb.scope("/model/rotary"):
+            longer = gb.node("Greater", [self.attn_inputs.total_length,
+                                         gb.constant(cache.switch_length, np.int32)])
+            cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type)
+        return cos, sin
+
+    def embedding_table(self) -> str:
+        """The embedding initializer, added on first use (lookup or shared lm_head)."""
+        if getattr(self, "_embed_table", None) is None:
+            self._embed_table = self.gb.initializer(self.weight_name(R.EMBED),
+                                                    self.weight(R.EMBED))
+        return self._embed_table
+
     def embedding(self, input_ids: str) -> str:
-        self.embed_table = self.gb.initializer(self.weight_name(R.EMBED), self.weight(R.EMBED))
-        return embedding(self.gb, "/model/embed_tokens", input_ids, self.embed_table)
+        return embedding(self.gb, "/model/embed_tokens", input_ids, self.embedding_table())
 
     def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str]:
         """Pre-norm block; returns (mlp output, residual stream) for the next layer's norm."""
@@ -197,30 +259,37 @@ class DecoderBuilder:
     def attention(self, layer: int, x: str) -> str:
         """q/k/v projections → [per-head q/k norm] → GroupQueryAttention (rotary inside) → o."""
         c, gb = self.config, self.gb
-        qw, kw, vw = self.attention_weights(layer)
-        qb, kb, vb, ob = self.attention_biases(layer)
-        prefix = self.weight_name(R.Q, layer).rsplit(".q_proj.", 1)[0]
         with gb.scope("attn"):
+            q, k, v = self.qkv_projections(layer, x)
             if self.qk_norm:
-                q = linear(gb, "q_proj", x, qw, self.weight_name(R.Q, layer), qb)
-                k = linear(gb, "k_proj", x, kw, self.weight_name(R.K, layer), kb)
-                v = linear(gb, "v_proj", x, vw, self.weight_name(R.V, layer), vb)
                 q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
                 k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
-            else:
-                # One packed QKV MatMul: one GEMM instead of three, and GQA splits it for free.
-                bias = None if qb is None else np.concatenate([qb, kb, vb])
-                q = linear(gb, "qkv_proj", x, np.concatenate([qw, kw, vw]),
-                           f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
-                k = v = ""
-            del qw, kw, vw
             out = group_query_attention(
                 gb, "GroupQueryAttention", q, k, v, self.past[layer],
                 (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
                 *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                head_dim=c.head_dim)
+                head_dim=c.head_dim, window=c.sliding_window)
             return linear(gb, "o_proj", out, self.weight(R.O, layer),
-                          self.weight_name(R.O, layer), ob)
+                          self.weight_name(R.O, layer), self.attention_biases(layer)[3])
+
+    def qkv_projections(self, layer: int, x: str) -> tuple[str, str, str]:
+        """(q, k, v) values; with packed projections and nothing between them and attention,
+        (qkv, '', '') so that GroupQueryAttention splits the packed tensor itself."""
+        c, gb = self.config, self.gb
+        qb, kb, vb, _ = self.attention_biases(layer)
+        names = [self.weight_name(r, layer) for r in (R.Q, R.K, R.V)]
+        if not self.packed:
+            return tuple(linear(gb, f"{r.value}_proj", x, w, n, b) for r, w, n, b in
+                         zip((R.Q, R.K, R.V), self.attention_weights(layer), names, (qb, kb, vb)))
+        prefix = names[0].rsplit(".q_proj.", 1)[0]
+        bias = None if qb is None else np.concatenate([qb, kb, vb])
+        qkv = linear(gb, "qkv_proj", x, self.packed_attention_weight(layer),
+                     f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
+        if not self.qk_norm:
+            return qkv, "", ""
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        with gb.scope("qkv_proj"):
+            return tuple(gb.node("Split", [qkv, gb.constant([q, kv, kv])], outputs=3, axis=-1))
 
     def head_norm(self, name: str, x: str, role: R, layer: int, heads: int) -> str:
         """RMSNorm over head_dim of each head: [B, S, heads*hd] → [B, S, heads, hd] and back."""
@@ -232,12 +301,16 @@ class DecoderBuilder:
             return gb.node("Reshape", [normed, gb.constant([0, 0, heads * hd])], "Reshape_1")
 
     def mlp(self, layer: int, x: str) -> str:
-        gate, up, down = self.mlp_weights(layer)
         names = tuple(self.weight_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
+        if self.packed:
+            gate_up, down = self.packed_mlp_weights(layer)
+            fused = names[0].replace("gate_proj", "gate_up_proj")
+            return swiglu(self.gb, "mlp", x, None, None, down, names, gate_up=(gate_up, fused))
+        gate, up, down = self.mlp_weights(layer)
         return swiglu(self.gb, "mlp", x, gate, up, down, names)
 
     def lm_head(self, x: str) -> str:
         if self.shared_embeddings:
-            return linear_transposed(self.gb, "/lm_head", x, self.embed_table)
+            return linear_transposed(self.gb, "/lm_head", x, self.embedding_table())
         role = R.EMBED if self.config.tie_word_embeddings else R.LM_HEAD
         return linear(self.gb, "/lm_head", x, self.weight(role), self.weight_name(R.LM_HEAD))

@@ -30,7 +30,8 @@ class AttentionInputs:
     bias: str             # [B, 1, S, T] float additive mask for padding
 
 
-def attention_inputs(gb: GraphBuilder, input_ids: str, attention_mask: str) -> AttentionInputs:
+def attention_inputs(gb: GraphBuilder, tokens: str, attention_mask: str) -> AttentionInputs:
+    """``tokens`` is input_ids [B, S] or inputs_embeds [B, S, H]: only its dim 1 is used."""
     with gb.scope("/model/attn_mask"):
         mask_shape = gb.node("Shape", [attention_mask], "mask/Shape")
         batch = gb.node("Slice", [mask_shape, gb.constant([0]), gb.constant([1])], "batch/Slice")
@@ -39,13 +40,14 @@ def attention_inputs(gb: GraphBuilder, input_ids: str, attention_mask: str) -> A
         last = gb.node("Sub", [total_len, gb.constant(1, np.int32)], "seqlens_k/Sub")
         seqlens_k = gb.node("Expand", [last, batch], "seqlens_k/Expand")
 
-        seq_len = gb.node("Slice", [gb.node("Shape", [input_ids], "seq/Shape"),
+        seq_len = gb.node("Slice", [gb.node("Shape", [tokens], "seq/Shape"),
                                     gb.constant([1]), gb.constant([2])], "seq/Slice")
 
-        mask_f = gb.node("Cast", [attention_mask], "bias/Cast", to=1)  # FLOAT
+        mask_f = gb.node("Cast", [attention_mask], "bias/Cast", to=gb.float_type)
         pad = gb.node("Sub", [gb.constant(1.0, np.float32), mask_f], "bias/Sub")
-        bias_2d = gb.node("Mul", [pad, gb.constant(np.finfo(np.float32).min, np.float32)],
-                          "bias/Mul")
+        lowest = float(np.finfo(np.float16).min if gb.float_dtype == np.float16
+                       else np.finfo(np.float32).min)  # bf16 shares fp32's range
+        bias_2d = gb.node("Mul", [pad, gb.constant(lowest, np.float32)], "bias/Mul")
         bias_4d = gb.node("Unsqueeze", [bias_2d, gb.constant([1, 2])], "bias/Unsqueeze")
         rows = gb.node("Concat", [gb.constant([1, 1]), seq_len, gb.constant([1])],
                        "bias/Concat", axis=0)
@@ -56,10 +58,14 @@ def attention_inputs(gb: GraphBuilder, input_ids: str, attention_mask: str) -> A
 def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
                           past: tuple[str, str], present: tuple[str, str],
                           inputs: AttentionInputs, cos_cache: str, sin_cache: str, *,
-                          num_heads: int, kv_heads: int, head_dim: int) -> str:
+                          num_heads: int, kv_heads: int, head_dim: int,
+                          window: int | None = None) -> str:
     """com.microsoft GroupQueryAttention with fused rotary; k and v are '' when q is packed QKV.
 
-    Writes the present key/value to the graph outputs named in ``present``.
+    Writes the present key/value to the graph outputs named in ``present``. ``window`` is a
+    sliding window as Hugging Face counts it: each query sees itself and window - 1 earlier
+    keys, which is also what onnxruntime's local_window_size means (checked against
+    transformers in the tests; older onnxruntime sources counted one more key).
     """
     with gb.scope(name):
         out = gb.node(
@@ -68,5 +74,6 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
              sin_cache, "", inputs.bias],
             outputs=[None, present[0], present[1]], domain=MS_DOMAIN,
             num_heads=num_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5),
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1, softcap=0.0)
+            do_rotary=1, rotary_interleaved=0,
+            local_window_size=-1 if window is None else window, softcap=0.0)
     return out[0]

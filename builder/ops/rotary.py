@@ -18,9 +18,12 @@ from builder.errors import ConfigError
 
 @dataclass(frozen=True)
 class RopeCache:
-    cos: np.ndarray          # [max_positions, rotary_dim // 2], float32
+    cos: np.ndarray          # [positions, rotary_dim // 2], float32
     sin: np.ndarray
     rotary_dim: int
+    # LongRoPE: a second table for sequences longer than ``switch_length`` (None otherwise)
+    long: tuple[np.ndarray, np.ndarray] | None = None
+    switch_length: int | None = None
 
 
 def _default_inv_freq(theta: float, dim: int) -> np.ndarray:
@@ -49,18 +52,48 @@ def _linear(inv_freq: np.ndarray, p: dict) -> np.ndarray:
 
 
 _INV_FREQ_SCALERS = {"default": None, "llama3": _llama3, "linear": _linear}
+LONGROPE = ("longrope", "su")
+
+
+def _tables(inv_freq: np.ndarray, positions: int, scale: float = 1.0):
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return ((np.cos(freqs) * np.float32(scale)).astype(np.float32),
+            (np.sin(freqs) * np.float32(scale)).astype(np.float32))
+
+
+def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int) -> RopeCache:
+    """Phi-3 LongRoPE: per-frequency factors, short below the original context length and long
+    above it, both tables scaled by the attention factor."""
+    p = rope.params
+    try:
+        short, long = (np.asarray(p[k], np.float32) for k in ("short_factor", "long_factor"))
+        original = int(p["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"rope type longrope needs {e.args[0]!r}") from None
+    if short.shape != (rotary_dim // 2,) or long.shape != (rotary_dim // 2,):
+        raise ConfigError(f"longrope short/long factors must have {rotary_dim // 2} entries")
+    factor = p.get("factor") or max_positions / original
+    scale = p.get("attention_factor")
+    if scale is None:
+        scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim
+    base = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    cos, sin = _tables((1.0 / (short * base)).astype(np.float32), min(original, max_positions),
+                       scale)
+    long_tables = _tables((1.0 / (long * base)).astype(np.float32), max_positions, scale)
+    return RopeCache(cos, sin, rotary_dim, long=long_tables, switch_length=original)
 
 
 def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int) -> RopeCache:
     """cos/sin tables for positions [0, max_positions)."""
+    rotary_dim = int(head_dim * rope.partial_rotary_factor)
+    if rope.type in LONGROPE:
+        return _longrope(rope, rotary_dim, max_positions)
     if rope.type not in _INV_FREQ_SCALERS:
         raise ConfigError(f"rope type {rope.type!r} is not supported yet; supported: "
-                          f"{', '.join(_INV_FREQ_SCALERS)}")
-    rotary_dim = int(head_dim * rope.partial_rotary_factor)
+                          f"{', '.join((*_INV_FREQ_SCALERS, *LONGROPE))}")
     inv_freq = _default_inv_freq(rope.theta, rotary_dim)
     scaler = _INV_FREQ_SCALERS[rope.type]
     if scaler is not None:
         inv_freq = scaler(inv_freq, rope.params)
-    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return RopeCache(np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32),
-                     rotary_dim)
+    return RopeCache(*_tables(inv_freq, max_positions), rotary_dim)
