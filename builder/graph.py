@@ -100,7 +100,7 @@ class GraphBuilder:
         return out_names[0] if len(out_names) == 1 else out_names
 
     def if_(self, name: str, cond: str, then_values: Sequence[str], else_values: Sequence[str],
-            elem_type: int) -> list[str]:
+            elem_type: int, shapes: Sequence[Sequence[int | str]]) -> list[str]:
         """An If node whose branches just forward outer-scope values (e.g. pick one of two
         constant tables at run time)."""
         full = "".join(self._scope) + "/" + name
@@ -111,7 +111,8 @@ class GraphBuilder:
                      for i, (v, o) in enumerate(zip(values, outs))]
             branches[f"{tag}_branch"] = helper.make_graph(
                 nodes, f"{name}_{tag}", [],
-                [helper.make_tensor_value_info(o, elem_type, None) for o in outs])
+                [helper.make_tensor_value_info(o, elem_type, list(shape))
+                 for o, shape in zip(outs, shapes)])
         return self.node("If", [cond], name, outputs=len(then_values), **branches)
 
     @property

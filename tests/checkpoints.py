@@ -34,6 +34,26 @@ TINY = {
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=32, tie_word_embeddings=False, max_position_embeddings=256,
         sliding_window=8),  # shorter than the test sequences: the window really binds
+    "phi3": dict(
+        arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
+        intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, max_position_embeddings=256, sliding_window=None),
+    # LongRoPE with a tiny original context: prompts of 12 + 10 decode steps cross it.
+    "phi3_longrope": dict(
+        arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
+        intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, max_position_embeddings=64,
+        original_max_position_embeddings=16, sliding_window=None,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(16)],
+                      "long_factor": [1.5 + 0.4 * i for i in range(16)]}),
+    # Phi-4-mini's shape: partial rotary (48 of 64 dims), tied embeddings, LongRoPE.
+    "phi4mini": dict(
+        arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
+        intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        tie_word_embeddings=True, max_position_embeddings=64, partial_rotary_factor=0.75,
+        original_max_position_embeddings=16, sliding_window=None,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(24)],
+                      "long_factor": [1.5 + 0.2 * i for i in range(24)]}),
 }
 
 
@@ -73,29 +93,56 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
     return folder
 
 
-def hf_model(folder: Path):
+def hf_model(folder: Path, **config_overrides):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager")
+        folder, dtype=torch.float32, attn_implementation="eager", **config_overrides)
     return model.eval()
 
 
-def hf_logits(folder: Path, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Full-sequence logits [B, T, V] with positions from the mask, as generate() computes them."""
-    model = hf_model(folder)
+def hf_logits(folder: Path, tokens: np.ndarray, mask: np.ndarray, prompt_len: int,
+              num_hidden_layers: int | None = None) -> np.ndarray:
+    """Logits [B, T, V]: a prefill of ``prompt_len`` tokens, then one cached step per token, with
+    positions from the mask, as generate() computes them. Stepping matters for LongRoPE, whose
+    tables depend on the length reached by each forward call."""
+    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    model = hf_model(folder, **kwargs)
     ids = torch.from_numpy(np.asarray(tokens, np.int64))
     m = torch.from_numpy(np.asarray(mask, np.int64))
     pos = (m.cumsum(-1) - 1).clamp(min=0)
+    out, cache = [], None
+    bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=m, position_ids=pos).logits.numpy()
+        for a, b in bounds:
+            r = model(input_ids=ids[:, a:b], attention_mask=m[:, :b], position_ids=pos[:, a:b],
+                      past_key_values=cache, use_cache=True)
+            cache = r.past_key_values
+            out.append(r.logits)
+    return torch.cat(out, dim=1).numpy()
 
 
 def hf_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' generate(), greedy.
+
+    Under LongRoPE, Phi-3's generate() throws the KV cache away once the sequence crosses the
+    original context and re-runs the whole prefix with the long tables; an exported decoder (ours
+    and onnxruntime-genai's) keeps its cache. For those checkpoints the reference is therefore a
+    greedy loop over the model's own cached forward, which is what the exported graph computes.
+    """
     model = hf_model(folder)
     ids = torch.tensor([prompt])
+    if "longrope" not in (folder / "config.json").read_text():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return out[0].tolist()
+    tokens, cache, feed = list(prompt), None, ids
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    return out[0].tolist()
+        for _ in range(new_tokens):
+            r = model(input_ids=feed, past_key_values=cache, use_cache=True)
+            cache = r.past_key_values
+            tokens.append(int(r.logits[0, -1].argmax()))
+            feed = torch.tensor([[tokens[-1]]])
+    return tokens
 
 
 def config_of(folder: Path) -> dict:

@@ -28,9 +28,11 @@ def llama_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(qwen3_checkpoint, llama_checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """Every tiny variant: the two above, and Mistral (MQA 2:1, an 8-token sliding window)."""
-    mistral = make_checkpoint(tmp_path_factory.mktemp("ck") / "mistral", "mistral")
-    return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint, "mistral": mistral}
+    """Every tiny variant: the two above, Mistral (MQA 2:1, an 8-token sliding window) and the
+    Phi-3 family (fused qkv/gate_up; LongRoPE crossing its original context; partial rotary)."""
+    made = {name: make_checkpoint(tmp_path_factory.mktemp("ck") / name, name)
+            for name in ("mistral", "phi3", "phi3_longrope", "phi4mini")}
+    return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint, **made}
 
 
 @pytest.fixture(scope="session")

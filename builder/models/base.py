@@ -23,7 +23,7 @@ from builder.graph import GraphBuilder
 from builder.options import BuildOptions
 from builder.ops import (
     AttentionInputs, attention_inputs, embedding, group_query_attention, linear,
-    linear_transposed, rms_norm, rope_cache, skip_rms_norm, swiglu,
+    linear_transposed, position_ids, rms_norm, rope_cache, rotary, skip_rms_norm, swiglu,
 )
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
@@ -190,6 +190,7 @@ class DecoderBuilder:
                      for i in range(c.num_hidden_layers)]
         self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask)
         self.rope = self.rotary_tables()
+        self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 
         h = tokens if x.exclude_embeds else self.embedding(tokens)
         residual = None
@@ -216,19 +217,30 @@ class DecoderBuilder:
         self.weights.check_all_consumed(self.ignored())
 
     def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length."""
+        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length.
+
+        LongRoPE also sets ``explicit_rotary``: a switch of tables is not shift-invariant (cached
+        keys keep the short rotation), so a left-padded row must be rotated at its true
+        positions, which GroupQueryAttention's fused rotary does not take in the prompt.
+        """
         c, gb = self.config, self.gb
         cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
+        self.rotary_dim = cache.rotary_dim
+        self.explicit_rotary = cache.long is not None
         cos, sin = gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin)
         if cache.long is None:
+            logger.info("rotary: fused into GroupQueryAttention (%d of %d dims)",
+                        cache.rotary_dim, c.head_dim)
             return cos, sin
-        logger.info("rotary: LongRoPE, long factors beyond %d tokens", cache.switch_length)
+        logger.info("rotary: LongRoPE, long factors beyond %d tokens; RotaryEmbedding ops with "
+                    "positions from the attention mask", cache.switch_length)
         cos_l = gb.initializer("cos_cache_long", cache.long[0])
         sin_l = gb.initializer("sin_cache_long", cache.long[1])
         with gb.scope("/model/rotary"):
             longer = gb.node("Greater", [self.attn_inputs.total_length,
                                          gb.constant(cache.switch_length, np.int32)])
-            cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type)
+            shapes = [["positions", cache.rotary_dim // 2]] * 2
+            cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type, shapes)
         return cos, sin
 
     def embedding_table(self) -> str:
@@ -264,11 +276,16 @@ class DecoderBuilder:
             if self.qk_norm:
                 q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
                 k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
+            if self.explicit_rotary:
+                q, k = (rotary(gb, f"{n}_rotary", t, *self.rope, self.positions, num_heads=h,
+                               rotary_dim=self.rotary_dim)
+                        for n, t, h in (("q", q, c.num_attention_heads),
+                                        ("k", k, c.num_key_value_heads)))
             out = group_query_attention(
                 gb, "GroupQueryAttention", q, k, v, self.past[layer],
                 (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
                 *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                head_dim=c.head_dim, window=c.sliding_window)
+                head_dim=c.head_dim, window=c.sliding_window, do_rotary=not self.explicit_rotary)
             return linear(gb, "o_proj", out, self.weight(R.O, layer),
                           self.weight_name(R.O, layer), self.attention_biases(layer)[3])
 
@@ -285,7 +302,7 @@ class DecoderBuilder:
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = linear(gb, "qkv_proj", x, self.packed_attention_weight(layer),
                      f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
-        if not self.qk_norm:
+        if not (self.qk_norm or self.explicit_rotary):
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         with gb.scope("qkv_proj"):

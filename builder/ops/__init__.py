@@ -8,9 +8,9 @@ from builder.ops.embedding import embedding
 from builder.ops.linear import linear, linear_transposed
 from builder.ops.mlp import swiglu
 from builder.ops.norms import rms_norm, skip_rms_norm
-from builder.ops.rotary import RopeCache, rope_cache
+from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary
 
 __all__ = [
     "AttentionInputs", "attention_inputs", "group_query_attention", "embedding", "linear",
-    "linear_transposed", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache",
+    "linear_transposed", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache", "position_ids", "rotary",
 ]

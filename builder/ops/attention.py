@@ -59,14 +59,17 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
                           past: tuple[str, str], present: tuple[str, str],
                           inputs: AttentionInputs, cos_cache: str, sin_cache: str, *,
                           num_heads: int, kv_heads: int, head_dim: int,
-                          window: int | None = None) -> str:
+                          window: int | None = None, do_rotary: bool = True) -> str:
     """com.microsoft GroupQueryAttention with fused rotary; k and v are '' when q is packed QKV.
 
     Writes the present key/value to the graph outputs named in ``present``. ``window`` is a
     sliding window as Hugging Face counts it: each query sees itself and window - 1 earlier
     keys, which is also what onnxruntime's local_window_size means (checked against
-    transformers in the tests; older onnxruntime sources counted one more key).
+    transformers in the tests; older onnxruntime sources counted one more key). With
+    ``do_rotary`` false, q and k arrive rotated and the caches are not passed.
     """
+    if not do_rotary:
+        cos_cache = sin_cache = ""
     with gb.scope(name):
         out = gb.node(
             "GroupQueryAttention",
@@ -74,6 +77,6 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
              sin_cache, "", inputs.bias],
             outputs=[None, present[0], present[1]], domain=MS_DOMAIN,
             num_heads=num_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5),
-            do_rotary=1, rotary_interleaved=0,
+            do_rotary=int(do_rotary), rotary_interleaved=0,
             local_window_size=-1 if window is None else window, softcap=0.0)
     return out[0]

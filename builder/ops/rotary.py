@@ -14,6 +14,7 @@ import numpy as np
 
 from builder.config import RopeConfig
 from builder.errors import ConfigError
+from builder.graph import GraphBuilder
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,24 @@ def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int) -> RopeCache
     if scaler is not None:
         inv_freq = scaler(inv_freq, rope.params)
     return RopeCache(*_tables(inv_freq, max_positions), rotary_dim)
+
+
+def position_ids(gb: GraphBuilder, tokens: str, attention_mask: str) -> str:
+    """[B, S] positions of the current tokens, counted over the unmasked ones as transformers'
+    generate() does: cumsum(mask) - 1, clipped at 0, last S columns."""
+    with gb.scope("/model/position_ids"):
+        seq_len = gb.node("Slice", [gb.node("Shape", [tokens]), gb.constant([1]),
+                                    gb.constant([2])])
+        cumsum = gb.node("CumSum", [attention_mask, gb.constant(1)])
+        pos = gb.node("Max", [gb.node("Sub", [cumsum, gb.constant(1)]), gb.constant(0)])
+        return gb.node("Slice", [pos, gb.node("Neg", [seq_len]), gb.constant([2**62]),
+                                 gb.constant([1])])
+
+
+def rotary(gb: GraphBuilder, name: str, x: str, cos: str, sin: str, positions: str, *,
+           num_heads: int, rotary_dim: int) -> str:
+    """ONNX RotaryEmbedding-23 on [B, S, heads * head_dim] (rotate-half layout, the first
+    ``rotary_dim`` dims of each head rotated)."""
+    with gb.scope(name):
+        return gb.node("RotaryEmbedding", [x, cos, sin, positions], num_heads=num_heads,
+                       rotary_embedding_dim=rotary_dim, interleaved=0)
