@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from builder.config import DecoderConfig
@@ -20,6 +23,9 @@ from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
 
 logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16,
+                Precision.BF16: ml_dtypes.bfloat16}
 
 
 def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
@@ -46,6 +52,18 @@ def _architecture(config: DecoderConfig, plugins: Plugins):
     return cls
 
 
+def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
+    """num_hidden_layers=N: keep the first N layers; the others' weights may go unused."""
+    if layers is None:
+        return config
+    if layers > config.num_hidden_layers:
+        raise OptionError(f"extra option num_hidden_layers={layers} exceeds the checkpoint's "
+                          f"{config.num_hidden_layers} layers")
+    logger.info("building the first %d of %d layers", layers, config.num_hidden_layers)
+    return dataclasses.replace(config, num_hidden_layers=layers, extra={
+        **config.extra, "checkpoint_num_hidden_layers": config.num_hidden_layers})
+
+
 def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     """Build the model folder ``options.output``; returns its path."""
     plugins = plugins or default_plugins()
@@ -60,18 +78,25 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
         config = cls.config_class.from_file(source.path / "config.json")
     logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                 plugins.architectures.owner(config.architecture), options.precision, target.name)
+    config = _fewer_layers(config, options.extra.num_hidden_layers)
+    filename = options.extra.filename
 
     with StagedOutput(options.output) as tmp, logging_redirect_tqdm():
-        with meter("graph"), CheckpointReader(source.path) as weights:
-            gb = GraphBuilder("main_graph", tmp / "model.onnx.data")
-            try:
-                cls(config, options, target, weights, gb).build()
-                gb.save(tmp / "model.onnx")
-            finally:
-                gb.close()
-            weight_files = weights.files()
+        weight_files: list[Path] = []
+        if options.extra.config_only:
+            logger.info("config_only: writing genai_config.json and tokenizer files, no model")
+        else:
+            with meter("graph"), CheckpointReader(source.path) as weights:
+                gb = GraphBuilder("main_graph", tmp / f"{filename}.data",
+                                  FLOAT_DTYPES[options.precision])
+                try:
+                    cls(config, options, target, weights, gb).build()
+                    gb.save(tmp / filename)
+                finally:
+                    gb.close()
+                weight_files = weights.files()
         with meter("package"):
-            write_genai_files(tmp, config, target, source.path)
+            write_genai_files(tmp, config, target, source.path, filename)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

@@ -158,7 +158,7 @@ class GraphBuilder:
         rows = max(1, CHUNK_BYTES // max(1, nbytes // max(1, array.shape[0])))
         for start in range(0, max(1, array.shape[0]), rows):
             chunk = np.ascontiguousarray(array[start:start + rows], dtype=dtype)
-            self._data.write(chunk.data)
+            self._data.write(chunk.reshape(-1).view(np.uint8).data)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
                            ("length", str(nbytes))):

@@ -74,18 +74,21 @@ class ExtraOptions:
         "checkpoint's Llama-style layout (default: packed on cpu and cuda).",
         inverse_aliases=("fuse_qkv",))
     exclude_embeds: bool = _opt(
-        False, "Drop the embedding: the model takes inputs_embeds.", implemented=False)
+        False, "Drop the embedding lookup: the model takes inputs_embeds [batch, sequence, "
+        "hidden] instead of input_ids.")
     exclude_lm_head: bool = _opt(
-        False, "Drop lm_head: the model outputs hidden_states.", implemented=False)
+        False, "Drop lm_head: the model outputs hidden_states (after the final norm) instead "
+        "of logits.")
     include_hidden_states: bool = _opt(
-        False, "Also output the final hidden_states.", implemented=False)
+        False, "Also output hidden_states (after the final norm) beside logits.")
     prune_lm_head: bool = _opt(
-        False, "Compute logits for the last position only.", implemented=False)
+        False, "Compute logits for the last position only: logits is [batch, 1, vocab].")
     num_hidden_layers: int | None = _opt(
-        None, "Build only the first N layers.", implemented=False)
-    filename: str = _opt("model.onnx", "Name of the ONNX file.", implemented=False)
+        None, "Build only the first N layers (the others' weights are left unused).")
+    filename: str = _opt(
+        "model.onnx", "Name of the ONNX file; its weights go to <filename>.data.")
     config_only: bool = _opt(
-        False, "Write genai_config.json and tokenizer files only.", implemented=False)
+        False, "Write genai_config.json and the tokenizer files only, no model.")
     qnn_prefill_length: int = _opt(64, "QNN prefill graph length.", implemented=False)
     qnn_context_length: int = _opt(512, "QNN context length.", implemented=False)
 
@@ -150,6 +153,9 @@ def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
         raise OptionError(f"extra option {key}={raw!r} is not one of: {shown}{hint}")
     if kind.startswith("int") and value < 1 and not choices:
         raise OptionError(f"extra option {key}={raw!r} must be a positive integer")
+    if f.name == "filename" and (not value.endswith(".onnx") or "/" in value or "\\" in value):
+        raise OptionError(f"extra option filename={raw!r} must be a plain file name ending in "
+                          ".onnx")
     return value
 
 

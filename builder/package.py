@@ -90,10 +90,11 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
     }
 
 
-def write_genai_files(out: Path, config: DecoderConfig, target: TargetCaps,
-                      source: Path) -> None:
+def write_genai_files(out: Path, config: DecoderConfig, target: TargetCaps, source: Path,
+                      filename: str = "model.onnx") -> None:
     (out / "genai_config.json").write_text(
-        json.dumps(genai_config(config, target, source), indent=4) + "\n", encoding="utf-8")
+        json.dumps(genai_config(config, target, source, filename), indent=4) + "\n",
+        encoding="utf-8")
     copied = [name for name in COPIED_FILES if (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, out / name)

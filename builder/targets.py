@@ -18,6 +18,10 @@ class TargetCaps:
     name: str
     precisions: tuple[Precision, ...]       # -p values this target builds
     attention: str = "gqa"                  # "gqa": com.microsoft GroupQueryAttention
+    # How padding reaches attention: "bias" (seqlens_k = padded length, an additive mask; exact
+    # for left and right padding) or "seqlens" (seqlens_k = each row's token count: GQA's own
+    # right-padding convention, for kernels without an attention_bias input)
+    attention_mask: str = "bias"
     skip_norm: bool = True                  # SkipSimplifiedLayerNormalization fuses residual adds
     pack_matmuls: bool = True               # default for unpack_matmul: one GEMM for q/k/v
     genai_provider: str | None = None       # provider_options entry in genai_config.json (None: CPU)
@@ -26,11 +30,20 @@ class TargetCaps:
 
 CPU = TargetCaps(
     name="cpu",
-    precisions=(Precision.FP32,),
-    description="onnxruntime CPU EP: fp32 GroupQueryAttention decoder",
+    precisions=(Precision.FP32, Precision.FP16),
+    description="onnxruntime CPU EP: GroupQueryAttention decoder",
+)
+
+CUDA = TargetCaps(
+    name="cuda",
+    precisions=(Precision.FP16, Precision.BF16),  # CUDA GroupQueryAttention has no fp32 kernel
+    attention_mask="seqlens",                     # no attention_bias on the CUDA kernel path
+    genai_provider="cuda",
+    description="onnxruntime CUDA EP: fp16/bf16 GroupQueryAttention decoder",
 )
 
 
 @hookimpl
 def register_targets(register):
     register(CPU)
+    register(CUDA)

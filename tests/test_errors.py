@@ -76,12 +76,14 @@ def test_bad_option_value(tmp_path, llama_checkpoint):
 
 def test_option_not_supported_yet(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
-                               "exclude_embeds=true"], "exclude_embeds", "not supported yet")
+                               "int4_block_size=64"], "int4_block_size", "not supported yet")
 
 
 @pytest.mark.parametrize("flags, needle", [
     (["-p", "int4"], "precision 'int4' is not supported yet"),
     (["-e", "qnn"], "execution provider 'qnn' is not supported yet"),
+    (["-e", "cuda", "-p", "fp32"], "precision 'fp32' is not supported yet for -e cuda; valid: "
+                                   "fp16, bf16"),
 ])
 def test_precision_or_target_not_supported_yet(tmp_path, llama_checkpoint, flags, needle):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), *flags], needle)

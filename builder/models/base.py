@@ -188,7 +188,8 @@ class DecoderBuilder:
         self.past = [(gb.input(f"past_key_values.{i}.key", io, kv_shape),
                       gb.input(f"past_key_values.{i}.value", io, kv_shape))
                      for i in range(c.num_hidden_layers)]
-        self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask)
+        self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
+                                                             self.target.attention_mask)
         self.rope = self.rotary_tables()
         self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 

@@ -27,16 +27,26 @@ from builder.graph import MS_DOMAIN, GraphBuilder
 class AttentionInputs:
     seqlens_k: str        # [B] int32: total length - 1
     total_length: str     # scalar int32
-    bias: str             # [B, 1, S, T] float additive mask for padding
+    bias: str             # [B, 1, S, T] float additive mask for padding ('' when none)
 
 
-def attention_inputs(gb: GraphBuilder, tokens: str, attention_mask: str) -> AttentionInputs:
-    """``tokens`` is input_ids [B, S] or inputs_embeds [B, S, H]: only its dim 1 is used."""
+def attention_inputs(gb: GraphBuilder, tokens: str, attention_mask: str,
+                     mode: str = "bias") -> AttentionInputs:
+    """``tokens`` is input_ids [B, S] or inputs_embeds [B, S, H]: only its dim 1 is used.
+
+    ``mode`` "seqlens" instead gives seqlens_k = (tokens in each row) - 1 and no bias: GQA's own
+    convention, which assumes right padding (the attention_mask of a batch of one is all ones).
+    """
     with gb.scope("/model/attn_mask"):
         mask_shape = gb.node("Shape", [attention_mask], "mask/Shape")
-        batch = gb.node("Slice", [mask_shape, gb.constant([0]), gb.constant([1])], "batch/Slice")
         total = gb.node("Gather", [mask_shape, gb.constant(1)], "total/Gather", axis=0)
         total_len = gb.node("Cast", [total], "total/Cast", to=6)  # INT32
+        if mode == "seqlens":
+            count = gb.node("ReduceSum", [attention_mask, gb.constant([1])], "seqlens_k/ReduceSum",
+                            keepdims=0)
+            last = gb.node("Sub", [count, gb.constant(1)], "seqlens_k/Sub")
+            return AttentionInputs(gb.node("Cast", [last], "seqlens_k/Cast", to=6), total_len, "")
+        batch = gb.node("Slice", [mask_shape, gb.constant([0]), gb.constant([1])], "batch/Slice")
         last = gb.node("Sub", [total_len, gb.constant(1, np.int32)], "seqlens_k/Sub")
         seqlens_k = gb.node("Expand", [last, batch], "seqlens_k/Expand")
 
