@@ -47,7 +47,9 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
     batch = ids.shape[0]
-    past = {f"past_key_values.{i}.{k}": np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+    kv_type = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[
+        next(i.type for i in sess.get_inputs() if i.name.startswith("past_key_values"))]
+    past = {f"past_key_values.{i}.{k}": np.zeros((batch, kv_heads, 0, head_dim), kv_type)
             for i in range(layers) for k in ("key", "value")}
     out_names = [o.name for o in sess.get_outputs()]
     feed_ids, tokens, steps_out, prefill = ids, [ids], [], None
