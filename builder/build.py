@@ -18,6 +18,7 @@ from builder.options import BuildOptions, ExecutionProvider, Precision
 from builder.output import StagedOutput
 from builder.package import write_genai_files, write_manifest
 from builder.plugins import Plugins, default_plugins
+from builder.quant import QuantPolicy
 from builder.source import resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -80,6 +81,8 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
                 plugins.architectures.owner(config.architecture), options.precision, target.name)
     config = _fewer_layers(config, options.extra.num_hidden_layers)
     filename = options.extra.filename
+    policy = QuantPolicy.from_options(options.precision, options.extra, config.num_hidden_layers,
+                                      plugins.quantizers, target.nbits_accuracy_level)
 
     with StagedOutput(options.output) as tmp, logging_redirect_tqdm():
         weight_files: list[Path] = []
@@ -87,10 +90,11 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
             logger.info("config_only: writing genai_config.json and tokenizer files, no model")
         else:
             with meter("graph"), CheckpointReader(source.path) as weights:
-                gb = GraphBuilder("main_graph", tmp / f"{filename}.data",
-                                  FLOAT_DTYPES[options.precision])
+                float_type = FLOAT_DTYPES.get(options.precision,
+                                              FLOAT_DTYPES[target.quantized_float])
+                gb = GraphBuilder("main_graph", tmp / f"{filename}.data", float_type)
                 try:
-                    cls(config, options, target, weights, gb).build()
+                    cls(config, options, target, weights, gb, policy).build()
                     gb.save(tmp / filename)
                 finally:
                     gb.close()

@@ -73,6 +73,10 @@ class GraphBuilder:
         finally:
             self._scope.pop()
 
+    def path(self, name: str) -> str:
+        """The name a node called ``name`` would get here (before de-duplication)."""
+        return "".join(self._scope) + (name if name.startswith("/") else "/" + name)
+
     def _node_name(self, name: str) -> str:
         full = "".join(self._scope) + (name if name.startswith("/") else "/" + name)
         base, i = full, 1

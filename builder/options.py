@@ -54,21 +54,25 @@ class ExtraOptions:
     hf_token: str | None = _opt(
         None, "Hugging Face token for gated or private repositories (default: the cached login).")
     int4_algo_config: str = _opt(
-        "default", "int4 algorithm and lm_head policy.", aliases=("algo_config",),
-        choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed"),
-        implemented=False)
+        "default", "Weight quantization algorithm and lm_head policy for -p int4/int8: "
+        "default = rtn (round to nearest, as onnxruntime's quantizer); k_quant (llama.cpp's "
+        "scale and minimum search; always with zero points); *_last: lm_head at 8 bits; "
+        "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers.",
+        aliases=("algo_config",),
+        choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed"))
     int4_block_size: int = _opt(
-        32, "Block size of int4/int8 weight quantization.", choices=(16, 32, 64, 128, 256),
-        implemented=False)
+        32, "Block size (along the input dimension) of int4/int8 weight quantization.",
+        choices=(16, 32, 64, 128, 256))
     int4_is_symmetric: bool = _opt(
-        True, "Symmetric int4/int8 weights (no zero points).", implemented=False)
-    int4_accuracy_level: int = _opt(
-        4, "MatMulNBits accuracy_level (activation type the kernel computes with).",
-        choices=(0, 1, 2, 3, 4), implemented=False)
+        True, "Symmetric rtn weights (no zero points); k_quant is always asymmetric.")
+    int4_accuracy_level: int | None = _opt(
+        None, "MatMulNBits accuracy_level, the type activations are computed in (0 unset, 1 "
+        "fp32, 2 fp16, 3 bf16, 4 int8). Default: 4 on cpu, 0 on cuda.", choices=(0, 1, 2, 3, 4))
     int4_nodes_to_exclude: tuple[str, ...] = _opt(
-        (), "Comma-separated node names to keep in float.", implemented=False)
+        (), "Comma-separated MatMul node names to keep in float, e.g. /lm_head/MatMul.")
     int4_op_types_to_quantize: tuple[str, ...] = _opt(
-        ("MatMul",), "Comma-separated op types to quantize (MatMul, Gather).", implemented=False)
+        ("MatMul",), "Comma-separated op types to quantize: MatMul, and Gather for the "
+        "embedding (GatherBlockQuantized).")
     unpack_matmul: bool | None = _opt(
         None, "Separate q/k/v (and gate/up) MatMuls instead of packed ones, keeping the "
         "checkpoint's Llama-style layout (default: packed on cpu and cuda).",

@@ -17,6 +17,8 @@ class TargetCaps:
 
     name: str
     precisions: tuple[Precision, ...]       # -p values this target builds
+    # float type of activations, KV cache and unquantized weights when -p is int4/int8
+    quantized_float: Precision = Precision.FP32
     attention: str = "gqa"                  # "gqa": com.microsoft GroupQueryAttention
     # How padding reaches attention: "bias" (seqlens_k = padded length, an additive mask; exact
     # for left and right padding) or "seqlens" (seqlens_k = each row's token count: GQA's own
@@ -25,20 +27,24 @@ class TargetCaps:
     skip_norm: bool = True                  # SkipSimplifiedLayerNormalization fuses residual adds
     pack_matmuls: bool = True               # default for unpack_matmul: one GEMM for q/k/v
     genai_provider: str | None = None       # provider_options entry in genai_config.json (None: CPU)
+    nbits_accuracy_level: int = 4           # MatMulNBits default: int8 activations on CPU
     description: str = ""
 
 
 CPU = TargetCaps(
     name="cpu",
-    precisions=(Precision.FP32, Precision.FP16),
+    precisions=(Precision.FP32, Precision.FP16, Precision.INT4, Precision.INT8),
     description="onnxruntime CPU EP: GroupQueryAttention decoder",
 )
 
 CUDA = TargetCaps(
     name="cuda",
-    precisions=(Precision.FP16, Precision.BF16),  # CUDA GroupQueryAttention has no fp32 kernel
+    # CUDA GroupQueryAttention has no fp32 kernel; int4/int8 keep fp16 activations
+    precisions=(Precision.FP16, Precision.BF16, Precision.INT4, Precision.INT8),
     attention_mask="seqlens",                     # no attention_bias on the CUDA kernel path
     genai_provider="cuda",
+    nbits_accuracy_level=0,
+    quantized_float=Precision.FP16,
     description="onnxruntime CUDA EP: fp16/bf16 GroupQueryAttention decoder",
 )
 

@@ -22,9 +22,11 @@ from builder.errors import ConfigError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
 from builder.ops import (
-    AttentionInputs, attention_inputs, embedding, group_query_attention, linear,
-    linear_transposed, position_ids, rms_norm, rope_cache, rotary, skip_rms_norm, swiglu,
+    AttentionInputs, attention_inputs, embedding, embedding_quantized, group_query_attention,
+    linear, linear_transposed, matmul_nbits, position_ids, quantized_initializers, rms_norm,
+    rope_cache, rotary, skip_rms_norm, swiglu,
 )
+from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -66,8 +68,10 @@ class DecoderBuilder:
     qk_norm: ClassVar[bool] = False      # per-head RMSNorm on q and k before rotary
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
-                 weights: CheckpointReader, gb: GraphBuilder) -> None:
+                 weights: CheckpointReader, gb: GraphBuilder,
+                 policy: QuantPolicy | None = None) -> None:
         self.config = config
+        self.policy = policy or QuantPolicy()
         self.options = options
         self.extra = options.extra
         self.target = target
@@ -134,6 +138,25 @@ class DecoderBuilder:
     def weight(self, role: R, layer: int | None = None) -> np.ndarray:
         """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
         return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
+
+    def quantize(self, role: R, layer: int | None, weight: np.ndarray,
+                 node: str) -> np.ndarray | QuantizedWeight:
+        """The weight as the quantization policy wants it for the node that will read it."""
+        bits = self.policy.bits_for(role, layer, node)
+        if bits is None:
+            return weight
+        quantized = self.policy.quantizer(bits).quantize(weight)
+        logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
+                     self.policy.algorithm, bits)
+        return quantized
+
+    def project(self, name: str, x: str, role: R, layer: int | None, weight: np.ndarray,
+                weight_name: str, bias: np.ndarray | None = None,
+                bias_name: str | None = None) -> str:
+        """A linear layer, quantized or not as the policy decides."""
+        w = self.quantize(role, layer, weight, self.gb.path(name) + "/MatMul")
+        return linear(self.gb, name, x, w, weight_name, bias, bias_name,
+                      self.policy.accuracy_level)
 
     def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(q, k, v) projection weights, each [out, in]."""
@@ -244,15 +267,25 @@ class DecoderBuilder:
             cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type, shapes)
         return cos, sin
 
-    def embedding_table(self) -> str:
-        """The embedding initializer, added on first use (lookup or shared lm_head)."""
+    def embedding_table(self) -> str | tuple[QuantizedWeight, list[str]]:
+        """The embedding table, stored on first use (by the lookup or a shared lm_head): a float
+        initializer name, or (quantized weight, its initializer names). Shared with lm_head, it
+        is quantized as lm_head's policy says."""
         if getattr(self, "_embed_table", None) is None:
-            self._embed_table = self.gb.initializer(self.weight_name(R.EMBED),
-                                                    self.weight(R.EMBED))
+            role, node = ((R.LM_HEAD, "/lm_head/MatMul") if self.shared_embeddings
+                          else (R.EMBED, "/model/embed_tokens/Gather"))
+            name = self.weight_name(R.EMBED)
+            table = self.quantize(role, None, self.weight(R.EMBED), node)
+            self._embed_table = (
+                (table, quantized_initializers(self.gb, table, name))
+                if isinstance(table, QuantizedWeight) else self.gb.initializer(name, table))
         return self._embed_table
 
     def embedding(self, input_ids: str) -> str:
-        return embedding(self.gb, "/model/embed_tokens", input_ids, self.embedding_table())
+        table = self.embedding_table()
+        if isinstance(table, tuple):
+            return embedding_quantized(self.gb, "/model/embed_tokens", input_ids, *table)
+        return embedding(self.gb, "/model/embed_tokens", input_ids, table)
 
     def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str]:
         """Pre-norm block; returns (mlp output, residual stream) for the next layer's norm."""
@@ -287,8 +320,8 @@ class DecoderBuilder:
                 (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
                 *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
                 head_dim=c.head_dim, window=c.sliding_window, do_rotary=not self.explicit_rotary)
-            return linear(gb, "o_proj", out, self.weight(R.O, layer),
-                          self.weight_name(R.O, layer), self.attention_biases(layer)[3])
+            return self.project("o_proj", out, R.O, layer, self.weight(R.O, layer),
+                                self.weight_name(R.O, layer), self.attention_biases(layer)[3])
 
     def qkv_projections(self, layer: int, x: str) -> tuple[str, str, str]:
         """(q, k, v) values; with packed projections and nothing between them and attention,
@@ -297,12 +330,12 @@ class DecoderBuilder:
         qb, kb, vb, _ = self.attention_biases(layer)
         names = [self.weight_name(r, layer) for r in (R.Q, R.K, R.V)]
         if not self.packed:
-            return tuple(linear(gb, f"{r.value}_proj", x, w, n, b) for r, w, n, b in
+            return tuple(self.project(f"{r.value}_proj", x, r, layer, w, n, b) for r, w, n, b in
                          zip((R.Q, R.K, R.V), self.attention_weights(layer), names, (qb, kb, vb)))
         prefix = names[0].rsplit(".q_proj.", 1)[0]
         bias = None if qb is None else np.concatenate([qb, kb, vb])
-        qkv = linear(gb, "qkv_proj", x, self.packed_attention_weight(layer),
-                     f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
+        qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
+                           f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
         if not (self.qk_norm or self.explicit_rotary):
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -320,15 +353,28 @@ class DecoderBuilder:
 
     def mlp(self, layer: int, x: str) -> str:
         names = tuple(self.weight_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
+        level = self.policy.accuracy_level
+
+        def q(role, weight, proj):
+            return self.quantize(role, layer, weight, self.gb.path(f"mlp/{proj}/MatMul"))
+
         if self.packed:
             gate_up, down = self.packed_mlp_weights(layer)
             fused = names[0].replace("gate_proj", "gate_up_proj")
-            return swiglu(self.gb, "mlp", x, None, None, down, names, gate_up=(gate_up, fused))
+            return swiglu(self.gb, "mlp", x, None, None, q(R.DOWN, down, "down_proj"), names,
+                          gate_up=(q(R.GATE_UP, gate_up, "gate_up_proj"), fused),
+                          accuracy_level=level)
         gate, up, down = self.mlp_weights(layer)
-        return swiglu(self.gb, "mlp", x, gate, up, down, names)
+        return swiglu(self.gb, "mlp", x, q(R.GATE, gate, "gate_proj"), q(R.UP, up, "up_proj"),
+                      q(R.DOWN, down, "down_proj"), names, accuracy_level=level)
 
     def lm_head(self, x: str) -> str:
         if self.shared_embeddings:
-            return linear_transposed(self.gb, "/lm_head", x, self.embedding_table())
+            table = self.embedding_table()
+            if isinstance(table, tuple):  # quantized: MatMulNBits on the lookup's own codes
+                with self.gb.scope("/lm_head"):
+                    return matmul_nbits(self.gb, x, *table, self.policy.accuracy_level)
+            return linear_transposed(self.gb, "/lm_head", x, table)
         role = R.EMBED if self.config.tie_word_embeddings else R.LM_HEAD
-        return linear(self.gb, "/lm_head", x, self.weight(role), self.weight_name(R.LM_HEAD))
+        return self.project("/lm_head", x, R.LM_HEAD, None, self.weight(role),
+                            self.weight_name(R.LM_HEAD))

@@ -1,18 +1,40 @@
-"""Linear projections: y = x @ W^T (+ b), with W stored as [in, out] for MatMul."""
+"""Linear projections, y = x @ W^T (+ b): float MatMul, or MatMulNBits for a QuantizedWeight."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from builder.graph import MS_DOMAIN, GraphBuilder
+from builder.quant.base import QuantizedWeight
 
 
-def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray, weight_name: str,
-           bias: np.ndarray | None = None, bias_name: str | None = None) -> str:
-    """A Hugging Face Linear: ``weight`` is [out, in] as in the checkpoint."""
-    w = gb.initializer(weight_name, np.ascontiguousarray(weight.T))
+def quantized_initializers(gb: GraphBuilder, weight: QuantizedWeight, name: str) -> list[str]:
+    """Store a quantized weight: [codes, scales(, zero points)] initializer names."""
+    names = [gb.initializer(f"{name}_Q{weight.bits}", weight.data),
+             gb.initializer(f"{name}_scales", weight.scales)]
+    if weight.zero_points is not None:
+        names.append(gb.initializer(f"{name}_zp", weight.zero_points))
+    return names
+
+
+def matmul_nbits(gb: GraphBuilder, x: str, weight: QuantizedWeight, stored: list[str],
+                 accuracy_level: int) -> str:
+    """com.microsoft MatMulNBits over already stored quantized initializers."""
+    return gb.node("MatMulNBits", [x, *stored], f"MatMul_Q{weight.bits}", domain=MS_DOMAIN,
+                   K=weight.k, N=weight.n, bits=weight.bits, block_size=weight.block_size,
+                   accuracy_level=accuracy_level)
+
+
+def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWeight,
+           weight_name: str, bias: np.ndarray | None = None, bias_name: str | None = None,
+           accuracy_level: int = 4) -> str:
+    """A Hugging Face Linear: ``weight`` is [out, in] as in the checkpoint, or its quantized form."""
     with gb.scope(name):
-        y = gb.node("MatMul", [x, w])
+        if isinstance(weight, QuantizedWeight):
+            y = matmul_nbits(gb, x, weight, quantized_initializers(gb, weight, weight_name),
+                             accuracy_level)
+        else:
+            y = gb.node("MatMul", [x, gb.initializer(weight_name, np.ascontiguousarray(weight.T))])
         if bias is not None:
             b = gb.initializer(bias_name or weight_name.replace("weight", "bias"), bias)
             y = gb.node("Add", [y, b])

@@ -1,0 +1,105 @@
+"""Which quantizer, at how many bits, for each weight: decided here and nowhere else.
+
+``int4`` quantizes every linear layer to 4 bits with the chosen algorithm; ``int8`` to 8 bits.
+The lm_head policies follow llama.cpp and onnxruntime-genai: ``*_last`` keeps lm_head at 8 bits,
+``k_quant_mixed`` also puts the most quantization-sensitive layers' qkv (or v) and down
+projections at 8 bits: the first and last eighth of the layers and every third layer between.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from builder.errors import OptionError
+from builder.options import ExtraOptions, Precision
+from builder.quant.base import Quantizer
+from builder.registry import Registry
+from builder.roles import TensorRole as R
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed layers at 8 bits)
+    "default": ("rtn", False, False),
+    "rtn": ("rtn", False, False),
+    "rtn_last": ("rtn", True, False),
+    "k_quant": ("k_quant", False, False),
+    "k_quant_last": ("k_quant", True, False),
+    "k_quant_mixed": ("k_quant", True, True),
+}
+LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD}
+MIXED_ROLES = {R.QKV, R.V, R.DOWN}
+
+
+def mixed_layers(num_layers: int) -> frozenset[int]:
+    """llama.cpp's use_more_bits(): the layers whose attention v and MLP down matter most."""
+    eighth = num_layers / 8
+    return frozenset(i for i in range(num_layers)
+                     if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Bits and quantizer per tensor; ``bits=None`` keeps every weight in float."""
+
+    bits: int | None = None
+    algorithm: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4
+    lm_head_bits: int | None = None
+    mixed: frozenset[int] = frozenset()
+    exclude: frozenset[str] = frozenset()
+    quantize_embedding: bool = False
+    quantizers: Registry | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_options(cls, precision: Precision, extra: ExtraOptions, num_layers: int,
+                     quantizers: Registry, default_accuracy_level: int) -> QuantPolicy:
+        if precision not in (Precision.INT4, Precision.INT8):
+            return cls()
+        bits = 4 if precision == Precision.INT4 else 8
+        algorithm, last8, mixed8 = ALGORITHMS[extra.int4_algo_config]
+        if algorithm not in quantizers:
+            raise OptionError(f"quantizer {algorithm!r} is not registered; known: "
+                              f"{', '.join(quantizers.names())}")
+        unknown = set(extra.int4_op_types_to_quantize) - {"MatMul", "Gather"}
+        if unknown:
+            raise OptionError(f"int4_op_types_to_quantize: {', '.join(sorted(unknown))} cannot be "
+                              "quantized; choose from MatMul, Gather")
+        level = extra.int4_accuracy_level
+        policy = cls(
+            bits=bits, algorithm=algorithm, block_size=extra.int4_block_size,
+            symmetric=extra.int4_is_symmetric and algorithm != "k_quant",
+            accuracy_level=default_accuracy_level if level is None else level,
+            lm_head_bits=8 if last8 else bits,
+            mixed=mixed_layers(num_layers) if mixed8 and bits == 4 else frozenset(),
+            exclude=frozenset(extra.int4_nodes_to_exclude),
+            quantize_embedding="Gather" in extra.int4_op_types_to_quantize,
+            quantizers=quantizers)
+        logger.info("quantization: %s int%d, block %d, %s, accuracy_level %d; lm_head %d bits%s%s",
+                    algorithm, bits, policy.block_size,
+                    "symmetric" if policy.symmetric else "asymmetric (zero points)",
+                    policy.accuracy_level, policy.lm_head_bits,
+                    f"; 8-bit qkv/v and down in layers {sorted(policy.mixed)}" if policy.mixed
+                    else "", f"; excluded: {', '.join(sorted(policy.exclude))}"
+                    if policy.exclude else "")
+        return policy
+
+    def bits_for(self, role: R, layer: int | None, node_name: str) -> int | None:
+        """Bits for this weight, or None to keep it in float."""
+        if self.bits is None or node_name in self.exclude:
+            return None
+        if role == R.EMBED:
+            return self.bits if self.quantize_embedding else None
+        if role not in LINEAR_ROLES:
+            return None
+        if role == R.LM_HEAD:
+            return self.lm_head_bits
+        if layer in self.mixed and role in MIXED_ROLES:
+            return 8
+        return self.bits
+
+    def quantizer(self, bits: int) -> Quantizer:
+        cls = self.quantizers.get(self.algorithm)
+        return cls(bits, self.block_size, self.symmetric)

@@ -1,0 +1,218 @@
+"""Weight-only int4/int8: quantizers against onnxruntime's, policies, and built models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+from safetensors import safe_open
+
+from builder import BuildOptions, ExtraOptions, build
+from builder.options import Precision
+from builder.quant import KQuantQuantizer, RtnQuantizer
+from builder.quant.base import QuantizedWeight, unpack
+from builder.quant.policy import mixed_layers
+from builder.testing import max_abs_diff, run_decoder
+from checkpoints import hf_logits, hf_model
+
+RNG = np.random.default_rng(0)
+
+
+def _ort_rtn(w: np.ndarray, bits: int, block: int, symmetric: bool):
+    n, k = w.shape
+    blocks = -(-k // block)
+    data = np.zeros((n, blocks, block * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zp = np.zeros((n, -(-blocks * bits // 8)), np.uint8)
+    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    fn(data, np.ascontiguousarray(w.T), scales, zp, block, n, k, symmetric)
+    return data, scales, zp
+
+
+def _weights_with_outliers(shape):
+    w = RNG.standard_normal(shape).astype(np.float32) * 0.02
+    w[RNG.random(shape) < 0.002] *= 30
+    return w
+
+
+# -- quantizers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("n, k, block", [(64, 128, 32), (48, 192, 128), (32, 256, 16),
+                                         (8, 512, 256), (40, 96, 64)])
+def test_rtn_is_bit_identical_to_onnxruntime(bits, symmetric, n, k, block):
+    w = _weights_with_outliers((n, k))
+    w[0, :7] = 0.0
+    w[1] = 0.3  # a constant row: min == max
+    data, scales, zp = _ort_rtn(w, bits, block, symmetric)
+    q = RtnQuantizer(bits, block, symmetric).quantize(w)
+    np.testing.assert_array_equal(q.data, data)
+    np.testing.assert_array_equal(q.scales, scales)
+    if symmetric:
+        assert q.zero_points is None
+    else:
+        np.testing.assert_array_equal(q.zero_points, zp)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape, block", [((1024, 1024), 32), ((3072, 1024), 32),
+                                          ((1024, 3072), 64), ((512, 2048), 128)])
+def test_k_quant_error_no_worse_than_onnxruntime(bits, shape, block):
+    w = _weights_with_outliers(shape)
+    q, s, zp = quant_tensor_k_quant_cpu(w.copy(), bits, block)
+    theirs = float(((((q - zp) * s).reshape(shape) - w) ** 2).mean())
+    ours = float(((KQuantQuantizer(bits, block, False).quantize(w).dequantize() - w) ** 2).mean())
+    print(f"k_quant int{bits} {shape} block {block}: mse ours {ours:.3e}, onnxruntime "
+          f"{theirs:.3e} ({ours / theirs:.3f}x)")
+    assert ours <= theirs
+
+
+def test_dequantize_roundtrip_is_close():
+    w = _weights_with_outliers((64, 256))
+    for cls in (RtnQuantizer, KQuantQuantizer):
+        q = cls(8, 32, cls is RtnQuantizer).quantize(w)
+        assert max_abs_diff(q.dequantize(), w) < np.abs(w).max() / 100
+
+
+# -- policies ---------------------------------------------------------------------------------
+def test_mixed_layers_follow_llama_cpp():
+    assert sorted(mixed_layers(3)) == [0, 2]
+    # 28 layers: i < 3.5, i >= 24.5, and (i - 4) % 3 == 2
+    assert sorted(mixed_layers(28)) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 25, 26, 27]
+
+
+def _build(ck, out, precision, *extra):
+    return build(BuildOptions(model_name=str(ck), output=out, precision=Precision(precision),
+                              extra=ExtraOptions.parse(list(extra))))
+
+
+def _nbits(folder):
+    m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+
+
+@pytest.mark.parametrize("algo, eight_bit", [
+    ("default", set()),
+    ("rtn", set()),
+    ("k_quant", set()),
+    ("rtn_last", {"/lm_head/MatMul_Q8"}),
+    ("k_quant_last", {"/lm_head/MatMul_Q8"}),
+    ("k_quant_mixed", {"/lm_head/MatMul_Q8", "/model/layers.0/attn/qkv_proj/MatMul_Q8",
+                       "/model/layers.0/mlp/down_proj/MatMul_Q8"}),
+])
+def test_policy_puts_exactly_the_documented_tensors_at_8_bits(algo, eight_bit, checkpoints,
+                                                              tmp_path):
+    out = _build(checkpoints["llama"], tmp_path / "o", "int4", f"int4_algo_config={algo}")
+    bits = _nbits(out)
+    layers = 2  # llama-tiny: mixed layers of 2 are {0} (0 < 2/8; 1 < 7*2/8 and (1-0) % 3 != 2)
+    assert len(bits) == 4 * layers + 1  # qkv, o, gate_up, down per layer + lm_head
+    assert {name for name, b in bits.items() if b == 8} == eight_bit
+    assert all(b == 4 for name, b in bits.items() if name not in eight_bit)
+
+
+def test_mixed_unpacked_promotes_v_only(checkpoints, tmp_path):
+    out = _build(checkpoints["qwen3"], tmp_path / "o", "int4", "int4_algo_config=k_quant_mixed",
+                 "unpack_matmul=true")
+    eight = {n for n, b in _nbits(out).items() if b == 8}
+    # qwen3-tiny has 3 layers → layers 0 and 2; the tied, shared table is lm_head's (8 bits)
+    assert eight == {"/lm_head/MatMul_Q8", "/model/embed_tokens/GatherBlockQuantized"} | {
+        f"/model/layers.{i}/{p}/MatMul_Q8" for i in (0, 2)
+        for p in ("attn/v_proj", "mlp/down_proj")}
+
+
+def test_int8_and_exclusions(checkpoints, tmp_path):
+    out = _build(checkpoints["llama"], tmp_path / "o", "int8",
+                 "int4_nodes_to_exclude=/lm_head/MatMul,/model/layers.1/mlp/down_proj/MatMul")
+    bits = _nbits(out)
+    assert set(bits.values()) == {8} and len(bits) == 4 * 2 - 1
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    plain = {n.name for n in m.graph.node if n.op_type == "MatMul"}
+    assert plain == {"/lm_head/MatMul", "/model/layers.1/mlp/down_proj/MatMul"}
+
+
+# -- built models -----------------------------------------------------------------------------
+def test_every_rtn_tensor_matches_onnxruntime(checkpoints, tmp_path):
+    """Quantize each checkpoint weight with onnxruntime's quantizer: same bytes as ours."""
+    ck = checkpoints["llama"]
+    out = _build(ck, tmp_path / "o", "int4", "unpack_matmul=true")
+    m = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    checked = 0
+    with safe_open(str(ck / "model.safetensors"), "numpy") as f:
+        for name in f.keys():
+            if f"{name}_Q4" not in inits:
+                continue
+            data, scales, _ = _ort_rtn(f.get_tensor(name).astype(np.float32), 4, 32, True)
+            np.testing.assert_array_equal(inits[f"{name}_Q4"], data, err_msg=name)
+            np.testing.assert_array_equal(inits[f"{name}_scales"], scales, err_msg=name)
+            checked += 1
+    assert checked == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer, lm_head
+
+
+def _dequantized_reference(ck, onnx_folder):
+    """transformers with each Linear's weight replaced by our dequantized one."""
+    model = hf_model(ck)
+    m = onnx.load(str(onnx_folder / "model.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    nodes = {n.input[1]: n for n in m.graph.node if n.op_type == "MatMulNBits"}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for codes, node in nodes.items():
+            name = codes.rsplit("_Q", 1)[0]
+            attrs = {a.name: a.i for a in node.attribute}
+            zp = inits.get(node.input[3]) if len(node.input) > 3 else None
+            q = QuantizedWeight(inits[codes], inits[node.input[2]], zp, attrs["bits"],
+                                attrs["block_size"], attrs["K"])
+            # A shared table is the tied parameter: lookup and lm_head read the same codes.
+            params[name].copy_(torch.from_numpy(q.dequantize()))
+    return model
+
+
+@pytest.mark.parametrize("arch, precision, algo", [
+    ("qwen3", "int4", "rtn_last"), ("llama", "int4", "k_quant"), ("qwen3", "int8", "default"),
+    ("mistral", "int4", "rtn")])
+def test_quantized_graph_matches_dequantized_reference(arch, precision, algo, checkpoints,
+                                                       tmp_path):
+    """accuracy_level=1 (fp32 activations): the graph must compute exactly transformers with our
+    dequantized weights; this isolates graph bugs from quantization error."""
+    ck = checkpoints[arch]
+    out = _build(ck, tmp_path / "o", precision, f"int4_algo_config={algo}",
+                 "int4_accuracy_level=1", "unpack_matmul=true")
+    ids = np.random.default_rng(5).integers(3, 256, (1, 10))
+    run = run_decoder(out, ids, steps=6)
+    model = _dequantized_reference(ck, out)
+    tokens = torch.from_numpy(run.tokens)
+    with torch.no_grad():
+        ref = model(tokens).logits.numpy()[0]
+    ours = np.concatenate([run.prefill_logits[0]] + run.step_logits)
+    assert max_abs_diff(ours, ref) <= 1e-4
+
+
+def test_shared_embeddings_true_false(checkpoints, tmp_path):
+    ck = checkpoints["qwen3"]
+    cfg = json.loads((ck / "config.json").read_text())
+    table_bytes = cfg["vocab_size"] * cfg["hidden_size"]
+    ids = np.random.default_rng(6).integers(3, 256, (1, 10))
+    sizes = {}
+    for precision in ("fp32", "int4"):
+        runs = {}
+        for shared in ("true", "false"):
+            out = _build(ck, tmp_path / f"{precision}-{shared}", precision,
+                         f"shared_embeddings={shared}")
+            sizes[precision, shared] = (out / "model.onnx.data").stat().st_size
+            runs[shared] = run_decoder(out, ids, steps=4)
+        a, b = runs["true"], runs["false"]
+        saved = sizes[precision, "false"] - sizes[precision, "true"]
+        print(f"{precision}: shared saves {saved} bytes; a float table is {table_bytes * 4}")
+        # Unshared, the lookup gets its own float table (the default op types quantize MatMul).
+        assert table_bytes * 4 * 0.95 <= saved <= table_bytes * 4 * 1.05
+        if precision == "fp32":  # the same table, read two ways: identical logits
+            assert max_abs_diff(a.prefill_logits, b.prefill_logits) <= 1e-5
+        else:  # shared int4: the lookup reads the 4-bit codes, unshared the float table
+            assert (a.prefill_logits.argmax(-1) == b.prefill_logits.argmax(-1)).mean() >= 0.8
