@@ -76,11 +76,12 @@ def test_bad_option_value(tmp_path, llama_checkpoint):
 
 def test_option_not_supported_yet(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
-                               "int4_block_size=64"], "int4_block_size", "not supported yet")
+                               "qnn_prefill_length=32"], "qnn_prefill_length", "not supported yet")
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["-p", "int4"], "precision 'int4' is not supported yet"),
+    (["-p", "w8a16"], "precision 'w8a16' is not supported yet for -e cpu; valid: fp32, fp16, "
+                      "int4, int8"),
     (["-e", "qnn"], "execution provider 'qnn' is not supported yet"),
     (["-e", "cuda", "-p", "fp32"], "precision 'fp32' is not supported yet for -e cuda; valid: "
                                    "fp16, bf16"),

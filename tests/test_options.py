@@ -48,8 +48,7 @@ def test_declared_but_unimplemented_options_are_refused():
 
 
 def test_aliases():
-    with pytest.raises(OptionError, match="'int4_algo_config' is not supported yet"):
-        ExtraOptions.parse(["algo_config=rtn"])
+    assert ExtraOptions.parse(["algo_config=k_quant"]).int4_algo_config == "k_quant"
     assert ExtraOptions.parse(["fuse_qkv=false"]).unpack_matmul is True
     assert ExtraOptions.parse(["fuse_qkv=true"]).unpack_matmul is False
     with pytest.raises(OptionError, match="given twice"):
