@@ -113,12 +113,52 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+CASES = {  # name → (our -p and extra options, the anchor's -p and extra options)
+    "fp32": (["-p", "fp32"], ["-p", "fp32"]),
+    "int4-rtn": (["-p", "int4", "--extra_options", "int4_algo_config=rtn"],
+                 ["-p", "int4", "--extra_options", "algo_config=rtn"]),
+    "int4-default": (["-p", "int4"], ["-p", "int4"]),
+    "int4-k_quant": (["-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
+                     ["-p", "int4", "--extra_options", "algo_config=k_quant"]),
+}
+
+
+def inference_speed(folder: Path, prompt_len: int = 128, new_tokens: int = 64,
+                    runs: int = 3) -> dict:
+    """onnxruntime-genai on CPU: prefill tokens/s and decode tokens/s (median of runs after a
+    warm-up)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    prompt = np.random.default_rng(0).integers(100, 1000, prompt_len).astype(np.int32)
+    prefill, decode = [], []
+    for _ in range(runs + 1):
+        params = og.GeneratorParams(model)
+        total = prompt_len + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt[None])
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            gen.generate_next_token()
+        t2 = time.perf_counter()
+        prefill.append(prompt_len / (t1 - t0))
+        decode.append(new_tokens / (t2 - t1))
+        del gen
+    return {"prefill_tok_s": float(np.median(prefill[1:])),
+            "decode_tok_s": float(np.median(decode[1:]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen3-0.6b")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/builder-bench"))
-    ap.add_argument("--cases", default="fp32", help="comma-separated precisions to build")
+    ap.add_argument("--cases", default="fp32,int4-rtn,int4-k_quant",
+                    help=f"comma-separated, from {', '.join(CASES)}")
+    ap.add_argument("--no-anchor", action="store_true", help="build with ours only")
+    ap.add_argument("--speed", action="store_true", help="also measure inference speed")
     args = ap.parse_args()
 
     ck = args.work / args.model
@@ -126,40 +166,53 @@ def main() -> None:
     make_checkpoint(ck, CONFIGS[args.model])
     print(f"checkpoint {ck}: {folder_bytes(ck) / 1e9:.3f} GB "
           f"(ready in {time.perf_counter() - t0:.1f} s)")
-    anchor = importlib.util.find_spec("onnxruntime_genai") is not None
+    anchor = importlib.util.find_spec("onnxruntime_genai") is not None and not args.no_anchor
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; anchor builder {'found' if anchor else 'not installed'}")
+          f"{platform.python_version()}; anchor builder {'used' if anchor else 'not used'}")
 
     rows = []
-    for precision in args.cases.split(","):
+    for case in args.cases.split(","):
+        ours_args, anchor_args = CASES[case]
         for run in range(args.runs):
-            out = args.work / f"ours-{precision}"
+            out = args.work / f"ours-{case}"
             shutil.rmtree(out, ignore_errors=True)
             ours = measure([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out),
-                            "-p", precision, "-e", "cpu"])
+                            "-e", "cpu", *ours_args])
             ours["bytes"] = folder_bytes(out)
             theirs = None
             if anchor:
-                out_a = args.work / f"anchor-{precision}"
+                out_a = args.work / f"anchor-{case}"
                 shutil.rmtree(out_a, ignore_errors=True)
                 theirs = measure([sys.executable, "-m", "onnxruntime_genai.models.builder",
-                                  "-m", args.model, "-i", str(ck), "-o", str(out_a),
-                                  "-p", precision, "-e", "cpu", "-c", str(args.work / "cache")])
+                                  "-m", args.model, "-i", str(ck), "-o", str(out_a), "-e", "cpu",
+                                  "-c", str(args.work / "cache"), *anchor_args])
                 theirs["bytes"] = folder_bytes(out_a)
-            rows.append((precision, run, ours, theirs))
+            if args.speed and run == 0:
+                ours.update(inference_speed(out))
+                if theirs:
+                    theirs.update(inference_speed(out_a))
+            rows.append((case, run, ours, theirs))
+            print(case, run, ours, theirs, flush=True)
 
-    print(f"\n| case | run | ours s | anchor s | speed-up | ours peak MB | anchor peak MB | "
-          f"memory ratio | ours bytes | anchor bytes |")
+    print("\n| case | run | ours s | anchor s | speed-up | ours peak MB | anchor peak MB | "
+          "memory ratio | ours MB | anchor MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for precision, run, o, a in rows:
-        if a:
-            print(f"| {precision} | {run} | {o['wall_s']:.1f} | {a['wall_s']:.1f} | "
-                  f"{a['wall_s'] / o['wall_s']:.2f}x | {o['peak_rss_mb']:.0f} | "
-                  f"{a['peak_rss_mb']:.0f} | {o['peak_rss_mb'] / a['peak_rss_mb']:.2f} | "
-                  f"{o['bytes']:,} | {a['bytes']:,} |")
-        else:
-            print(f"| {precision} | {run} | {o['wall_s']:.1f} | - | - | {o['peak_rss_mb']:.0f} "
-                  f"| - | - | {o['bytes']:,} | - |")
+    for case, run, o, a in rows:
+        a = a or {}
+        ratio = (lambda k: f"{a[k] / o[k]:.2f}x" if k in a else "-")
+        print(f"| {case} | {run} | {o['wall_s']:.1f} | {a.get('wall_s', float('nan')):.1f} | "
+              f"{ratio('wall_s')} | {o['peak_rss_mb']:.0f} | {a.get('peak_rss_mb', 0):.0f} | "
+              f"{o['peak_rss_mb'] / a['peak_rss_mb'] if a else float('nan'):.2f} | "
+              f"{o['bytes'] / 1e6:.1f} | {a.get('bytes', 0) / 1e6:.1f} |")
+    if args.speed:
+        print("\n| case | ours prefill tok/s | anchor prefill tok/s | ours decode tok/s | "
+              "anchor decode tok/s |")
+        print("|---|---|---|---|---|")
+        for case, run, o, a in rows:
+            if "prefill_tok_s" in o:
+                a = a or {}
+                print(f"| {case} | {o['prefill_tok_s']:.1f} | {a.get('prefill_tok_s', 0):.1f} | "
+                      f"{o['decode_tok_s']:.1f} | {a.get('decode_tok_s', 0):.1f} |")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import numpy as np
 
-THREADS = 2          # numpy releases the GIL in its kernels: rows are quantized on both cores
-ROWS_PER_TASK = 256
+THREADS = 2              # numpy releases the GIL in its kernels: tasks run on both cores
+TASK_VALUES = 1 << 18    # weights per task (1 MB of float32): big enough for both cores to gain
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,24 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+_JUST_BELOW_HALF = np.nextafter(np.float32(0.5), np.float32(0))
+
+
 def round_half_away(x: np.ndarray) -> np.ndarray:
-    """C's roundf (ties away from zero), exact for float32 inputs."""
-    x64 = x.astype(np.float64)
-    return (np.sign(x64) * np.floor(np.abs(x64) + 0.5)).astype(np.float32)
+    """C's roundf (ties away from zero) for float32: trunc(x ± largest float below 0.5). Adding
+    0.5 itself would round x = 0.49999997 up to 1 in float32."""
+    out = np.copysign(_JUST_BELOW_HALF, x)
+    np.add(out, x, out=out)
+    return np.trunc(out, out=out)
 
 
 class Quantizer(abc.ABC):
-    """A weight-only quantizer: numpy in, QuantizedWeight out, no graph knowledge."""
+    """A weight-only quantizer: numpy in, QuantizedWeight out, no graph knowledge.
+
+    Subclasses see blocks transposed, as [block_size, blocks]: every per-block statistic is then
+    an elementwise operation over long contiguous rows (a reduction over a short last axis is
+    several times slower in numpy), and a task of TASK_VALUES values stays in cache.
+    """
 
     name: ClassVar[str]
 
@@ -78,33 +88,42 @@ class Quantizer(abc.ABC):
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
 
     def quantize(self, weight: np.ndarray) -> QuantizedWeight:
-        """Quantize a [N, K] weight (any float dtype), rows in parallel."""
+        """Quantize a [N, K] weight (any float dtype), a few rows per task, on THREADS cores."""
         n, k = weight.shape
-        blocks = -(-k // self.block_size)
-        tasks = [(a, min(a + ROWS_PER_TASK, n)) for a in range(0, n, ROWS_PER_TASK)]
-        codes = np.empty((n, blocks, self.block_size), np.uint8)
+        size, bits = self.block_size, self.bits
+        blocks = -(-k // size)
+        data = np.empty((n, blocks, size * bits // 8), np.uint8)
         scales = np.empty((n, blocks), np.float32)
         zps = np.empty((n, blocks), np.uint8)
+        step = max(1, TASK_VALUES // (blocks * size))
 
-        def run(span):
-            a, b = span
-            rows = np.zeros((b - a, blocks * self.block_size), np.float32)
+        def run(a: int) -> None:
+            b = min(a + step, n)
+            rows = np.zeros((b - a, blocks * size), np.float32)
             rows[:, :k] = weight[a:b]
-            q, s, z = self.quantize_blocks(rows.reshape(b - a, blocks, self.block_size), k)
-            codes[a:b], scales[a:b], zps[a:b] = q, s, z
+            q, s, z = self.quantize_blocks(np.ascontiguousarray(rows.reshape(-1, size).T))
+            if k % size:  # codes past K are padding, which the kernels' layout keeps at 0
+                tail = q.reshape(size, b - a, blocks)[:, :, -1]
+                tail[k % size:] = 0
+                if k % 2 and bits == 4:  # except the other half of the last real byte
+                    tail[k % size] = z.reshape(b - a, blocks)[:, -1]
+            data[a:b] = pack_columns(q, bits).reshape(b - a, blocks, -1)
+            scales[a:b] = s.reshape(b - a, blocks)
+            zps[a:b] = z.reshape(b - a, blocks)
 
         with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(run, tasks))
-        if k % self.block_size:  # codes past K are padding: the kernels' layout keeps them 0
-            flat = codes.reshape(n, -1)
-            flat[:, k:] = 0
-            if k % 2 and self.bits == 4:
-                flat[:, k] = zps[:, -1]  # the other half of the last real byte
-        data = pack(codes.reshape(n, -1), self.bits).reshape(n, blocks, -1)
-        zero_points = None if self.symmetric else pack(zps, self.bits)
-        return QuantizedWeight(data, scales, zero_points, self.bits, self.block_size, k)
+            list(pool.map(run, range(0, n, step)))
+        zero_points = None if self.symmetric else pack(zps, bits)
+        return QuantizedWeight(data, scales, zero_points, bits, size, k)
 
     @abc.abstractmethod
-    def quantize_blocks(self, blocks: np.ndarray, k: int):
-        """float32 [rows, blocks, block_size] (zero padded past K) →
-        (uint8 codes, float32 scales [rows, blocks], uint8 zero points [rows, blocks])."""
+    def quantize_blocks(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 [block_size, blocks] (zero padded past K) → (uint8 codes [block_size,
+        blocks], float32 scales [blocks], uint8 zero points [blocks])."""
+
+
+def pack_columns(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [block_size, blocks] → packed bytes [blocks, block_size * bits / 8]."""
+    if bits == 8:
+        return codes.T
+    return (codes[0::2] | (codes[1::2] << 4)).T

@@ -22,36 +22,30 @@ STEPS, DELTA, START = 20, 0.1, -1.0
 class KQuantQuantizer(Quantizer):
     name = "k_quant"
 
-    def quantize_blocks(self, x: np.ndarray, k: int):
+    def quantize_blocks(self, x: np.ndarray):
         f32 = np.float32
         top = f32((1 << self.bits) - 1)
-        size = x.shape[-1]
-        w = np.sqrt(np.einsum("...i,...i->...", x, x) / f32(size))[..., None] + np.abs(x)
-        sum_w = w.sum(-1)
-        sum_x = np.einsum("...i,...i->...", w, x)
-        sum_x2 = np.einsum("...i,...i,...i->...", w, x, x)
-        lo, hi = x.min(-1), x.max(-1)
+        w = np.sqrt((x * x).mean(0)) + np.abs(x)          # llama.cpp's importance weights
+        sum_w, sum_x, sum_x2 = w.sum(0), (w * x).sum(0), (w * x * x).sum(0)
+        lo, hi = x.min(0), x.max(0)
         span = hi - lo
         flat = span == 0
         span = np.where(flat, f32(1), span)
-        shifted = x - lo[..., None]
+        shifted = x - lo
 
         def fit(factor):
-            q = shifted * (factor / span)[..., None]
+            q = shifted * (factor / span)
             np.rint(q, out=q)
             np.clip(q, 0, top, out=q)
             wq = w * q
-            s_l, s_l2, s_xl = wq.sum(-1), np.einsum("...i,...i->...", wq, q), \
-                np.einsum("...i,...i->...", wq, x)
-            return s_l, s_l2, s_xl
+            return wq.sum(0), (wq * q).sum(0), (wq * x).sum(0)
 
-        def mad(scale, mn, s_l, s_l2, s_xl):
-            # sum w (scale q + mn - x)^2, expanded
+        def mad(scale, mn, s_l, s_l2, s_xl):  # sum w (scale q + mn - x)^2, expanded
             return (scale * scale * s_l2 + 2 * scale * mn * s_l + mn * mn * sum_w
                     - 2 * scale * s_xl - 2 * mn * sum_x + sum_x2)
 
         best_scale = (span / top).astype(f32)
-        best_min = lo.copy()
+        best_min = lo
         best = mad(best_scale, best_min, *fit(top))
         with np.errstate(divide="ignore", invalid="ignore"):
             for step in range(STEPS):
@@ -66,12 +60,10 @@ class KQuantQuantizer(Quantizer):
                 best_min = np.where(better, mn, best_min)
             best_scale = np.where(flat | (best_scale <= 0), f32(1), best_scale).astype(f32)
             zp = np.clip(np.rint(-best_min / best_scale), 0, top)
-            codes = np.clip(np.rint(x / best_scale[..., None] + zp[..., None]), 0, top)
-            # Refit the scale to the final codes (least squares with the zero point fixed).
-            centred = codes - zp[..., None]
-            num = np.einsum("...i,...i->...", centred, x)
-            den = np.einsum("...i,...i->...", centred, centred)
+            codes = np.clip(np.rint(x / best_scale + zp), 0, top)
+            # Same codes, least-squares scale with the zero point fixed: the error can only drop.
+            centred = codes - zp
+            num, den = (centred * x).sum(0), (centred * centred).sum(0)
             refit = np.where(den > 0, num / den, best_scale).astype(f32)
             refit = np.where(refit > 0, refit, best_scale)
-        # Same codes, least-squares scale: the error can only go down.
-        return codes.astype(np.uint8), refit.astype(f32), zp.astype(np.uint8)
+        return codes.astype(np.uint8), refit, zp.astype(np.uint8)

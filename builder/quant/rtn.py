@@ -16,11 +16,11 @@ from builder.quant.base import Quantizer, round_half_away
 class RtnQuantizer(Quantizer):
     name = "rtn"
 
-    def quantize_blocks(self, blocks: np.ndarray, k: int):
+    def quantize_blocks(self, x: np.ndarray):
         f32 = np.float32
         top = f32((1 << self.bits) - 1)
         mid = f32(1 << (self.bits - 1))
-        lo, hi = blocks.min(-1), blocks.max(-1)
+        lo, hi = x.min(0), x.max(0)
         if self.symmetric:
             extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
             scales = (extreme / -mid).astype(f32)
@@ -33,6 +33,7 @@ class RtnQuantizer(Quantizer):
             zp = np.clip(round_half_away(zp_f), 0, top)
         with np.errstate(divide="ignore"):
             recip = np.where(scales != 0, f32(1) / scales, f32(0)).astype(f32)
-        scaled = (blocks * recip[..., None]).astype(f32) + zp[..., None]
-        codes = np.clip(round_half_away(scaled), 0, top).astype(np.uint8)
+        scaled = x * recip
+        scaled += zp
+        codes = np.clip(round_half_away(scaled), 0, top, out=scaled).astype(np.uint8)
         return codes, scales, zp.astype(np.uint8)

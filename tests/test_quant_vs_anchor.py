@@ -1,0 +1,61 @@
+"""int4/int8 builds against transformers, side by side with onnxruntime-genai's builder.
+
+Both models see the same tokens (a prefill, then decode steps fed transformers' greedy choices);
+per step we take the cosine of the logits and the KL divergence of transformers' distribution
+from the model's. Ours must be no worse than the anchor's. On tiny random checkpoints int4 noise
+dominates, so the comparison is on the mean over all steps with a small allowance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from builder import BuildOptions, build
+from builder.options import Precision
+from builder.testing import run_decoder
+from checkpoints import hf_logits
+
+pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+PROMPT, STEPS = 12, 10
+
+
+def _metrics(run, ref):
+    ours = np.concatenate([run.prefill_logits[0]] + [s for s in run.step_logits]).astype(np.float64)
+    theirs = ref[0].astype(np.float64)
+    cos = (ours * theirs).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(theirs, axis=-1)
+    logp = theirs - np.logaddexp.reduce(theirs, -1, keepdims=True)
+    logq = ours - np.logaddexp.reduce(ours, -1, keepdims=True)
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    return float(cos.mean()), float(kl.mean()), float(top1)
+
+
+def _anchor(ck, out, precision, cache):
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(ck),
+                        "-i", str(ck), "-o", str(out), "-p", precision, "-e", "cpu",
+                        "-c", str(cache)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "phi3"])
+def test_quantized_no_worse_than_anchor(arch, precision, checkpoints, tmp_path):
+    ck = checkpoints[arch]
+    ours_dir = build(BuildOptions(model_name=str(ck), output=tmp_path / "ours",
+                                  precision=Precision(precision)))
+    anchor_dir = _anchor(ck, tmp_path / "anchor", precision, tmp_path / "cache")
+    ids = np.random.default_rng(11).integers(3, 256, (1, PROMPT))
+    greedy = run_decoder(ours_dir, ids, steps=STEPS)  # any fixed continuation will do
+    ref = hf_logits(ck, greedy.tokens, greedy.attention_mask, PROMPT)
+    forced = greedy.tokens[:, PROMPT:]
+    ours = _metrics(run_decoder(ours_dir, ids, steps=STEPS, forced=forced), ref)
+    theirs = _metrics(run_decoder(anchor_dir, ids, steps=STEPS, forced=forced), ref)
+    print(f"{arch} {precision}: ours cos {ours[0]:.5f} KL {ours[1]:.4f} top-1 {ours[2]:.0%} | "
+          f"anchor cos {theirs[0]:.5f} KL {theirs[1]:.4f} top-1 {theirs[2]:.0%}")
+    assert ours[1] <= theirs[1] * 1.1 + 1e-4
+    assert ours[0] >= theirs[0] - 1e-3
