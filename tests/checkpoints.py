@@ -34,10 +34,12 @@ TINY = {
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=32, tie_word_embeddings=False, max_position_embeddings=256,
         sliding_window=8),  # shorter than the test sequences: the window really binds
+    # Phi-3-mini 4k's layout (max_position_embeddings == original_max_position_embeddings).
     "phi3": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
         intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=False, max_position_embeddings=256, sliding_window=None),
+        tie_word_embeddings=False, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=None),
     # LongRoPE with a tiny original context: prompts of 12 + 10 decode steps cross it.
     "phi3_longrope": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
