@@ -156,34 +156,36 @@ def test_every_rtn_tensor_matches_onnxruntime(checkpoints, tmp_path):
 
 
 def _dequantized_reference(ck, onnx_folder):
-    """transformers with each Linear's weight replaced by our dequantized one."""
+    """transformers with each quantized weight replaced by our dequantized one."""
     model = hf_model(ck)
     m = onnx.load(str(onnx_folder / "model.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    nodes = {n.input[1]: n for n in m.graph.node if n.op_type == "MatMulNBits"}
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for codes, node in nodes.items():
-            name = codes.rsplit("_Q", 1)[0]
-            attrs = {a.name: a.i for a in node.attribute}
-            zp = inits.get(node.input[3]) if len(node.input) > 3 else None
-            q = QuantizedWeight(inits[codes], inits[node.input[2]], zp, attrs["bits"],
-                                attrs["block_size"], attrs["K"])
+        for codes in [n for n in inits if n.rsplit("_", 1)[-1] in ("Q4", "Q8")]:
+            name, bits = codes[:-3], int(codes[-1])
+            data = inits[codes]
+            q = QuantizedWeight(data, inits[f"{name}_scales"], inits.get(f"{name}_zp"), bits,
+                                data.shape[2] * 8 // bits, params[name].shape[1])
             # A shared table is the tied parameter: lookup and lm_head read the same codes.
             params[name].copy_(torch.from_numpy(q.dequantize()))
     return model
 
 
-@pytest.mark.parametrize("arch, precision, algo", [
-    ("qwen3", "int4", "rtn_last"), ("llama", "int4", "k_quant"), ("qwen3", "int8", "default"),
-    ("mistral", "int4", "rtn")])
-def test_quantized_graph_matches_dequantized_reference(arch, precision, algo, checkpoints,
+@pytest.mark.parametrize("arch, precision, algo, ops", [
+    ("qwen3", "int4", "rtn_last", "MatMul"), ("llama", "int4", "k_quant", "MatMul"),
+    ("qwen3", "int8", "default", "MatMul"), ("mistral", "int4", "rtn", "MatMul,Gather"),
+    ("llama", "int8", "k_quant_mixed", "MatMul,Gather")])
+def test_quantized_graph_matches_dequantized_reference(arch, precision, algo, ops, checkpoints,
                                                        tmp_path):
     """accuracy_level=1 (fp32 activations): the graph must compute exactly transformers with our
     dequantized weights; this isolates graph bugs from quantization error."""
     ck = checkpoints[arch]
     out = _build(ck, tmp_path / "o", precision, f"int4_algo_config={algo}",
-                 "int4_accuracy_level=1", "unpack_matmul=true")
+                 "int4_accuracy_level=1", "unpack_matmul=true", f"int4_op_types_to_quantize={ops}")
+    if "Gather" in ops:  # an unshared embedding, quantized on its own
+        assert "GatherBlockQuantized" in [n.op_type for n in onnx.load(
+            str(out / "model.onnx"), load_external_data=False).graph.node]
     ids = np.random.default_rng(5).integers(3, 256, (1, 10))
     run = run_decoder(out, ids, steps=6)
     model = _dequantized_reference(ck, out)
