@@ -16,7 +16,8 @@ from builder.graph import GraphBuilder
 from builder.metrics import StageMeter
 from builder.options import BuildOptions, ExecutionProvider, Precision
 from builder.output import StagedOutput
-from builder.package import write_genai_files, write_manifest
+from builder.package import genai_config, write_genai_files, write_manifest
+from builder.pipeline import check_lengths, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.source import resolve
@@ -81,6 +82,8 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
                 plugins.architectures.owner(config.architecture), options.precision, target.name)
     config = _fewer_layers(config, options.extra.num_hidden_layers)
     filename = options.extra.filename
+    if target.static_shapes:
+        check_lengths(options, config)
     policy = QuantPolicy.from_options(options.precision, options.extra, config.num_hidden_layers,
                                       plugins.quantizers, target.nbits_accuracy_level)
 
@@ -92,15 +95,22 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
             with meter("graph"), CheckpointReader(source.path) as weights:
                 float_type = FLOAT_DTYPES.get(options.precision,
                                               FLOAT_DTYPES[target.quantized_float])
-                gb = GraphBuilder("main_graph", tmp / f"{filename}.data", float_type)
-                try:
-                    cls(config, options, target, weights, gb, policy).build()
-                    gb.save(tmp / filename)
-                finally:
-                    gb.close()
+                if target.static_shapes:
+                    write_pipeline(tmp, cls, config, options, target, weights, policy,
+                                   float_type)
+                else:
+                    gb = GraphBuilder("main_graph", tmp / f"{filename}.data", float_type)
+                    try:
+                        cls(config, options, target, weights, gb, policy).build()
+                        gb.save(tmp / filename)
+                    finally:
+                        gb.close()
                 weight_files = weights.files()
         with meter("package"):
-            write_genai_files(tmp, config, target, source.path, filename)
+            genai = (genai_pipeline_config(config, options, target, source.path)
+                     if target.static_shapes else
+                     genai_config(config, target, source.path, filename))
+            write_genai_files(tmp, genai, source.path)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

@@ -45,14 +45,31 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
 
 
+class WeightStore:
+    """One external data file shared by several graphs: a tensor written for one graph is
+    referenced, not written again, by the next graph that adds the same name."""
+
+    def __init__(self, data_path: Path) -> None:
+        self.data_path = data_path
+        self.file = open(data_path, "wb")
+        self.written: dict[str, TensorProto] = {}
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
 class GraphBuilder:
     """Collects nodes, I/O and initializers of one graph; writes weights as they come."""
 
-    def __init__(self, name: str, data_path: Path, float_dtype=np.float32) -> None:
+    def __init__(self, name: str, data_path: Path | None = None, float_dtype=np.float32,
+                 store: WeightStore | None = None) -> None:
         self.name = name
         self.float_dtype = np.dtype(float_dtype)  # every float weight is stored as this
-        self.data_path = data_path
-        self._data = open(data_path, "wb")
+        self._own_store = store is None
+        self.store = store or WeightStore(data_path)
+        self.data_path = self.store.data_path
+        self._data = self.store.file
         self._scope: list[str] = []
         self._nodes: list[onnx.NodeProto] = []
         self._node_names: set[str] = set()
@@ -144,6 +161,10 @@ class GraphBuilder:
         """
         if name in self._initializer_names:
             raise ValueError(f"initializer {name!r} added twice")
+        if name in self.store.written:  # already in the shared data file, from another graph
+            self._initializer_names.add(name)
+            self._initializers.append(self.store.written[name])
+            return name
         dtype = self.float_dtype if _is_float(array.dtype) else array.dtype
         if dtype not in DTYPES:
             raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
@@ -168,6 +189,7 @@ class GraphBuilder:
                            ("length", str(nbytes))):
             tensor.external_data.add(key=key, value=value)
         self._initializers.append(tensor)
+        self.store.written[name] = tensor
         return name
 
     def constant(self, values, dtype=np.int64) -> str:
@@ -185,8 +207,11 @@ class GraphBuilder:
 
     # -- output --------------------------------------------------------------------------
     def save(self, path: Path) -> onnx.ModelProto:
-        """Write model.onnx beside the data file and close the data file."""
-        self._data.close()
+        """Write the model file beside the data file (and close the data file unless shared)."""
+        if self._own_store:
+            self.store.close()
+        else:
+            self._data.flush()
         graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
                                   self._initializers)
         opsets = [helper.make_opsetid(d, OPSETS[d]) for d in sorted(self._domains)]
@@ -199,5 +224,5 @@ class GraphBuilder:
         return model
 
     def close(self) -> None:
-        if not self._data.closed:
-            self._data.close()
+        if self._own_store:
+            self.store.close()

@@ -93,8 +93,20 @@ class ExtraOptions:
         "model.onnx", "Name of the ONNX file; its weights go to <filename>.data.")
     config_only: bool = _opt(
         False, "Write genai_config.json and the tokenizer files only, no model.")
-    qnn_prefill_length: int = _opt(64, "QNN prefill graph length.", implemented=False)
-    qnn_context_length: int = _opt(512, "QNN context length.", implemented=False)
+    qnn_prefill_length: int = _opt(
+        64, "-e qnn: tokens per prefill call (P); longer prompts are prefilled in chunks of P.")
+    qnn_context_length: int = _opt(
+        512, "-e qnn: fixed context length C (KV cache rows); prompt plus generated tokens "
+        "must fit. Must be larger than qnn_prefill_length.")
+    qnn_soc_model: str = _opt(
+        "60", "-e qnn: QNN soc_model provider option (60: Snapdragon 8 Gen 3 / X Elite).")
+    qnn_htp_arch: str = _opt("73", "-e qnn: QNN htp_arch provider option (73: v73).")
+    qnn_linear: str = _opt(
+        "matmul", "-e qnn: projections as MatMul, or as 1x1 Conv.", choices=("matmul", "conv"),
+        implemented=False)
+    qnn_epcontext: bool = _opt(
+        False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
+        "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")
 
     @classmethod
     def catalogue(cls) -> list[dataclasses.Field]:

@@ -27,7 +27,7 @@ VERSIONED_PACKAGES = ("builder", "onnx", "onnxruntime", "numpy", "safetensors",
                       "huggingface-hub", "pluggy", "tqdm", "ml_dtypes")
 
 
-def _generation(source: Path) -> dict[str, Any]:
+def generation(source: Path) -> dict[str, Any]:
     path = source / "generation_config.json"
     if not path.is_file():
         return {}
@@ -38,20 +38,27 @@ def _generation(source: Path) -> dict[str, Any]:
         return {}
 
 
-def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
-                 filename: str = "model.onnx") -> dict[str, Any]:
-    """onnxruntime-genai's decoder description of the model we wrote."""
-    gen = _generation(source)
+def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int]:
+    """(bos, eos, pad) for genai_config.json; generation_config.json wins over config.json and
+    missing ids fall back to the (first) eos id."""
     eos = gen.get("eos_token_id", config.eos_token_id)
     eos = eos if eos is not None else 0
     first_eos = eos[0] if isinstance(eos, list) else eos
     bos = gen.get("bos_token_id", config.bos_token_id)
     pad = gen.get("pad_token_id", config.pad_token_id)
+    return (bos if bos is not None else first_eos, eos, pad if pad is not None else first_eos)
+
+
+def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
+                 filename: str = "model.onnx") -> dict[str, Any]:
+    """onnxruntime-genai's decoder description of the model we wrote."""
+    gen = generation(source)
+    bos, eos, pad = token_ids(config, gen)
     provider_options = [{target.genai_provider: {}}] if target.genai_provider else []
     context = config.max_position_embeddings
     return {
         "model": {
-            "bos_token_id": bos if bos is not None else first_eos,
+            "bos_token_id": bos,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai",
@@ -75,7 +82,7 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
                 "num_key_value_heads": config.num_key_value_heads,
             },
             "eos_token_id": eos,
-            "pad_token_id": pad if pad is not None else first_eos,
+            "pad_token_id": pad,
             "type": config.model_type,
             "vocab_size": config.vocab_size,
         },
@@ -90,11 +97,9 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
     }
 
 
-def write_genai_files(out: Path, config: DecoderConfig, target: TargetCaps, source: Path,
-                      filename: str = "model.onnx") -> None:
-    (out / "genai_config.json").write_text(
-        json.dumps(genai_config(config, target, source, filename), indent=4) + "\n",
-        encoding="utf-8")
+def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
+    """genai_config.json, and the tokenizer and generation files copied from the checkpoint."""
+    (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
     copied = [name for name in COPIED_FILES if (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, out / name)

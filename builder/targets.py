@@ -26,6 +26,8 @@ class TargetCaps:
     attention_mask: str = "bias"
     skip_norm: bool = True                  # SkipSimplifiedLayerNormalization fuses residual adds
     pack_matmuls: bool = True               # default for unpack_matmul: one GEMM for q/k/v
+    # Static-shape pipeline (embeddings, prefill, decode, lm_head graphs) instead of one decoder
+    static_shapes: bool = False
     genai_provider: str | None = None       # provider_options entry in genai_config.json (None: CPU)
     nbits_accuracy_level: int = 4           # MatMulNBits default: int8 activations on CPU
     description: str = ""
@@ -49,7 +51,23 @@ CUDA = TargetCaps(
 )
 
 
+QNN = TargetCaps(
+    name="qnn",
+    precisions=(Precision.FP16, Precision.FP32),  # fp32 graphs run at fp16 precision on HTP
+    attention="decomposed",   # GroupQueryAttention is filtered off the HTP; opset-23 Attention
+                              # fails to execute inside QDQ graphs
+    skip_norm=False,          # SkipSimplifiedLayerNormalization is not supported by the QNN EP
+    pack_matmuls=False,       # keep the checkpoint's projections; nothing to gain on HTP
+    attention_mask="static",  # past_seq_len input: rows and positions are computed in-graph
+    static_shapes=True,       # dynamic dims are rejected by the QNN EP
+    genai_provider="qnn",
+    description="Qualcomm QNN HTP: static prefill/decode graphs in an onnxruntime-genai "
+                "decoder-pipeline",
+)
+
+
 @hookimpl
 def register_targets(register):
     register(CPU)
     register(CUDA)
+    register(QNN)

@@ -89,3 +89,124 @@ def genai_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[in
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+QNN_OPTIONS = {"backend_type": "htp", "soc_model": "60", "htp_arch": "73"}
+
+_QNN_RUNNER = r"""
+import json, sys
+import numpy as np, onnxruntime as ort, onnxruntime_qnn
+model, feeds_path, out_path, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+so = ort.SessionOptions()
+so.add_provider_for_devices(devices, options)
+so.log_severity_level = 0
+sess = ort.InferenceSession(model, so)
+sess.disable_fallback()  # a failing QNN graph must fail, not rerun on CPU
+feeds = dict(np.load(feeds_path))
+names = [o.name for o in sess.get_outputs()]
+np.savez(out_path, **dict(zip(names, sess.run(None, feeds))))
+"""
+
+
+@dataclass
+class QnnRun:
+    outputs: dict[str, np.ndarray]
+    placed: dict[str, int]          # execution provider → number of (fused) nodes
+    cpu_nodes: list[str]            # "OpType name" of every node left on CPU
+
+
+def run_on_qnn(model: Path, feeds: dict[str, np.ndarray], options: dict | None = None,
+               timeout: int = 600) -> QnnRun:
+    """Run one session on the QNN HTP backend (simulated on x86) in a subprocess, since a
+    simulator crash kills its process; placement is read from onnxruntime's verbose log."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds_path, out_path = Path(tmp) / "feeds.npz", Path(tmp) / "out.npz"
+        np.savez(feeds_path, **feeds)
+        r = subprocess.run([sys.executable, "-c", _QNN_RUNNER, str(model), str(feeds_path),
+                            str(out_path), json.dumps(options or QNN_OPTIONS)],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"QNN session failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        outputs = dict(np.load(out_path))
+    return QnnRun(outputs, *_placements(r.stderr))
+
+
+def _placements(log: str) -> tuple[dict[str, int], list[str]]:
+    import re
+
+    placed: dict[str, int] = {}
+    cpu_nodes: list[str] = []
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"placed on \[(\w+)\]\. Number of nodes: (\d+)", line)
+        if not m:
+            continue
+        placed[m.group(1)] = placed.get(m.group(1), 0) + int(m.group(2))
+        if m.group(1) == "CPUExecutionProvider":
+            for follow in lines[i + 1: i + 1 + int(m.group(2))]:
+                cpu_nodes.append(follow.split("]", 1)[-1].strip())
+    return placed, cpu_nodes
+
+
+@dataclass
+class PipelineRun:
+    step_logits: list[np.ndarray]     # [V] per generated token: the prompt's last, then each step
+    tokens: list[int]                 # greedy tokens (or the forced ones)
+
+
+def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
+                 forced: list[int] | None = None, runner=None) -> PipelineRun:
+    """Drive a static decoder-pipeline folder as onnxruntime-genai does: the prompt in chunks of
+    P (the last padded at its end), past_seq_len = row of each call's last token, one shared KV
+    buffer per layer, then one token per step. ``runner(filename, feeds) -> outputs`` runs one
+    graph (default: onnxruntime's CPU EP)."""
+    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    window, context = dec["sliding_window"]["window_size"], cfg["context_length"]
+    stages = {name: spec for s in dec["pipeline"] for name, spec in s.items()}
+    sessions: dict[str, object] = {}
+
+    def run(filename, feeds):
+        if runner is not None:
+            return runner(filename, feeds)
+        if filename not in sessions:
+            sessions[filename] = session(model_dir, filename)
+        sess = sessions[filename]
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+    cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), np.float16)
+             for i in range(layers) for kind in ("key", "value")}
+
+    def call(ids, last_row, phase):
+        emb = run(stages["embeddings"]["filename"], {"input_ids": np.asarray([ids], np.int64)})
+        name = "context" if phase == "prompt" else "iterator"
+        feeds = {"inputs_embeds": emb["inputs_embeds"],
+                 "past_seq_len": np.array([[last_row]], np.int32),
+                 "total_seq_len": np.array([context], np.int32), **cache}
+        out = run(stages[name]["filename"], feeds)
+        for key in list(cache):
+            cache[key] = out[key.replace("past_", "present_")]
+        head = run(stages[f"lm_head_{name}"]["filename"], {"hidden_states": out["hidden_states"]})
+        return head["logits"][0]
+
+    pad = cfg["pad_token_id"]
+    padded = -(-len(prompt) // window) * window
+    ids = list(prompt) + [pad] * (padded - len(prompt))
+    for k in range(0, padded, window):
+        logits = call(ids[k:k + window], k + window - 1, "prompt")
+    logits = [logits[len(prompt) - 1 - (padded - window)].astype(np.float32)]
+    tokens = []
+    for step in range(steps):
+        nxt = int(logits[-1].argmax()) if forced is None else forced[step]
+        tokens.append(nxt)
+        if step == steps - 1:
+            break
+        logits.append(call([nxt], len(prompt) + step, "token")[0].astype(np.float32))
+    return PipelineRun(logits, tokens)

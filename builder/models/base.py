@@ -292,6 +292,12 @@ class DecoderBuilder:
         gb, eps = self.gb, self.config.rms_norm_eps
         with gb.scope(f"/model/layers.{layer}"):
             w, name = self.weight(R.ATTN_NORM, layer), self.weight_name(R.ATTN_NORM, layer)
+            if not self.target.skip_norm:  # residual adds stay separate from the norms
+                h = rms_norm(gb, "input_layernorm", x, w, name, eps)
+                x = gb.node("Add", [x, self.attention(layer, h)], "attn_residual/Add")
+                h = rms_norm(gb, "post_attention_layernorm", x, self.weight(R.MLP_NORM, layer),
+                             self.weight_name(R.MLP_NORM, layer), eps)
+                return gb.node("Add", [x, self.mlp(layer, h)], "mlp_residual/Add"), None
             if residual is None:
                 h, residual = rms_norm(gb, "input_layernorm", x, w, name, eps), x
             else:
@@ -304,6 +310,10 @@ class DecoderBuilder:
 
     def attention(self, layer: int, x: str) -> str:
         """q/k/v projections → [per-head q/k norm] → GroupQueryAttention (rotary inside) → o."""
+        if self.target.attention == "decomposed":
+            from builder.models.static import static_attention
+
+            return static_attention(self, layer, x)
         c, gb = self.config, self.gb
         with gb.scope("attn"):
             q, k, v = self.qkv_projections(layer, x)

@@ -3,15 +3,19 @@
 Architecture modules import emitters from here, not from the submodules.
 """
 
-from builder.ops.attention import AttentionInputs, attention_inputs, group_query_attention
+from builder.ops.attention import (
+    AttentionInputs, StaticAttentionInputs, attention_inputs, decomposed_attention,
+    group_query_attention, split_heads, static_attention_inputs, write_kv,
+)
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
 from builder.ops.mlp import swiglu
 from builder.ops.norms import rms_norm, skip_rms_norm
-from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary
+from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
 
 __all__ = [
-    "AttentionInputs", "attention_inputs", "group_query_attention", "embedding",
+    "AttentionInputs", "StaticAttentionInputs", "attention_inputs", "decomposed_attention",
+    "split_heads", "static_attention_inputs", "write_kv", "rotary_decomposed", "group_query_attention", "embedding",
     "embedding_quantized", "linear", "linear_transposed", "matmul_nbits",
     "quantized_initializers", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache", "position_ids", "rotary",
 ]

@@ -90,3 +90,104 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
             do_rotary=int(do_rotary), rotary_interleaved=0,
             local_window_size=-1 if window is None else window, softcap=0.0)
     return out[0]
+
+
+@dataclass(frozen=True)
+class StaticAttentionInputs:
+    """What every layer of a static-shape graph needs, from the past_seq_len input alone."""
+
+    positions: str    # [1, S] int32: absolute position of each token (start + i)
+    bias: str         # [1, 1, S, C] additive mask: key row j is visible to query i iff j <= start+i
+    place: str        # [C, S] float one-hot: the new token i goes to cache row start + i
+    keep: str         # [C, 1] float: 1 for cache rows this call does not write
+
+
+def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
+                            context_len: int) -> StaticAttentionInputs:
+    """The KV cache is one buffer of C rows where row = absolute position (onnxruntime-genai's
+    shared past/present buffer). past_seq_len [1, 1] int32 is the row of the call's last token,
+    so the call's tokens go to rows start .. start + S - 1 with start = past_seq_len + 1 - S.
+    Rows past a query's own position (later tokens, a prompt's trailing pads) stay masked.
+    Everything is int32 or float, as the HTP prefers."""
+    i32 = np.int32
+    with gb.scope("/model/attn_mask"):
+        last = gb.node("Reshape", [past_seq_len, gb.constant([1])], "last/Reshape")
+        start = gb.node("Sub", [last, gb.constant([seq_len - 1], i32)], "start/Sub")
+        positions = gb.node("Add", [start, gb.constant(np.arange(seq_len)[None], i32)],
+                            "positions/Add")                                        # [1, S]
+        rows = gb.constant(np.arange(context_len)[:, None], i32)                   # [C, 1]
+        visible = gb.node("LessOrEqual", [gb.node("Transpose", [rows], "rows/Transpose",
+                                                  perm=[1, 0]),
+                                          gb.node("Transpose", [positions], "pos/Transpose",
+                                                  perm=[1, 0])], "visible/LessOrEqual")
+        lowest = float(np.finfo(np.float16).min)
+        bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
+                                 gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]
+        bias = gb.node("Reshape", [bias, gb.constant([1, 1, seq_len, context_len])],
+                       "bias/Reshape")
+        place = gb.node("Cast", [gb.node("Equal", [rows, positions], "place/Equal")],
+                        "place/Cast", to=gb.float_type)                              # [C, S]
+        written = gb.node("ReduceSum", [place, gb.constant([1])], "keep/ReduceSum", keepdims=1)
+        keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [C, 1]
+    return StaticAttentionInputs(positions, bias, place, keep)
+
+
+def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAttentionInputs,
+             kv_type: int) -> str:
+    """present = past with rows start .. start+S-1 replaced by ``new`` [1, kv, S, hd]: a
+    one-hot MatMul and a row mask (exact: each row sums one product with 1.0)."""
+    with gb.scope(name):
+        if kv_type != gb.float_type:
+            new = gb.node("Cast", [new], "new/Cast", to=kv_type)
+        place, keep = inputs.place, inputs.keep
+        if kv_type != gb.float_type:
+            place = gb.node("Cast", [place], "place/Cast", to=kv_type)
+            keep = gb.node("Cast", [keep], "keep/Cast", to=kv_type)
+        written = gb.node("MatMul", [place, new], "place/MatMul")
+        kept = gb.node("Mul", [past, keep], "keep/Mul")
+        return gb.node("Add", [kept, written], "Add")
+
+
+def split_heads(gb: GraphBuilder, name: str, x: str, heads: int, head_dim: int,
+                seq_len: int) -> str:
+    """[1, S, heads*hd] → [1, heads, S, hd]."""
+    with gb.scope(name):
+        split = gb.node("Reshape", [x, gb.constant([1, seq_len, heads, head_dim])])
+        return gb.node("Transpose", [split], perm=[0, 2, 1, 3])
+
+
+def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values: str,
+                         bias: str, *, num_heads: int, kv_heads: int, head_dim: int,
+                         seq_len: int, kv_type: int) -> str:
+    """Attention from MatMul/Softmax for static-shape targets (no GroupQueryAttention).
+
+    q [1, S, heads*hd] (rotated); keys and values [1, kv, T, hd], the whole cache with this
+    call's rows written; bias [1, 1, S, T]. Grouped queries are folded into the sequence axis,
+    [1, kv, groups*S, hd], so no key/value head is ever repeated:
+
+        q ─ [1, heads, S, hd] ─ Reshape ─ [1, kv, g*S, hd] ─┐
+        keys ─ Transpose ─ [1, kv, hd, T] ───────── MatMul · scale + Tile(bias) ─ Softmax ─┐
+        values [1, kv, T, hd] ───────────────────────────────────────────────────── MatMul
+    """
+    groups = num_heads // kv_heads
+    with gb.scope(name):
+        if kv_type != gb.float_type:
+            keys = gb.node("Cast", [keys], "k/Cast", to=gb.float_type)
+            values = gb.node("Cast", [values], "v/Cast", to=gb.float_type)
+        qh = gb.node("Reshape", [split_heads(gb, "q", q, num_heads, head_dim, seq_len),
+                                 gb.constant([1, kv_heads, groups * seq_len, head_dim])],
+                     "q/Group")
+        kt = gb.node("Transpose", [keys], "k/Transpose", perm=[0, 1, 3, 2])
+        scores = gb.node("MatMul", [qh, kt], "scores/MatMul")
+        scores = gb.node("Mul", [scores, gb.constant(head_dim ** -0.5, np.float32)],
+                         "scores/Mul")
+        if groups > 1:
+            bias = gb.node("Tile", [bias, gb.constant([1, 1, groups, 1])], "bias/Tile")
+        scores = gb.node("Add", [scores, bias], "scores/Add")
+        probs = gb.node("Softmax", [scores], "Softmax", axis=-1)
+        out = gb.node("MatMul", [probs, values], "out/MatMul")
+        out = gb.node("Reshape", [out, gb.constant([1, num_heads, seq_len, head_dim])],
+                      "out/Ungroup")
+        out = gb.node("Transpose", [out], "out/Transpose", perm=[0, 2, 1, 3])
+        return gb.node("Reshape", [out, gb.constant([1, seq_len, num_heads * head_dim])],
+                       "out/Reshape")

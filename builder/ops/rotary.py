@@ -119,3 +119,27 @@ def rotary(gb: GraphBuilder, name: str, x: str, cos: str, sin: str, positions: s
     with gb.scope(name):
         return gb.node("RotaryEmbedding", [x, cos, sin, positions], num_heads=num_heads,
                        rotary_embedding_dim=rotary_dim, interleaved=0)
+
+
+def rotary_decomposed(gb: GraphBuilder, name: str, x: str, cos_cache: str, sin_cache: str,
+                      positions: str, *, num_heads: int, head_dim: int, rotary_dim: int,
+                      seq_len: int) -> str:
+    """Rotate-half rotary from Gather/Slice/Mul/Add (int32 positions [1, S]), for targets that
+    take neither contrib rotary nor int64 position arithmetic (the HTP)."""
+    half = rotary_dim // 2
+    with gb.scope(name):
+        heads = gb.node("Reshape", [x, gb.constant([1, seq_len, num_heads, head_dim])])
+        cos = gb.node("Unsqueeze", [gb.node("Gather", [cos_cache, positions], "cos/Gather",
+                                            axis=0), gb.constant([2])], "cos/Unsqueeze")
+        sin = gb.node("Unsqueeze", [gb.node("Gather", [sin_cache, positions], "sin/Gather",
+                                            axis=0), gb.constant([2])], "sin/Unsqueeze")
+        sizes = [half, half] + ([head_dim - rotary_dim] if head_dim > rotary_dim else [])
+        parts = gb.node("Split", [heads, gb.constant(sizes)], outputs=len(sizes), axis=-1)
+        x1, x2 = parts[0], parts[1]
+        first = gb.node("Sub", [gb.node("Mul", [x1, cos], "Mul_1"),
+                                gb.node("Mul", [x2, sin], "Mul_2")])
+        second = gb.node("Add", [gb.node("Mul", [x2, cos], "Mul_3"),
+                                 gb.node("Mul", [x1, sin], "Mul_4")])
+        rotated = gb.node("Concat", [first, second, *parts[2:]], axis=-1)
+        return gb.node("Reshape", [rotated, gb.constant([1, seq_len, num_heads * head_dim])],
+                       "Reshape_1")

@@ -1,0 +1,116 @@
+"""Static-shape graphs for NPU targets (QNN HTP), built from any DecoderBuilder.
+
+A model becomes four kinds of graph, run in turn by onnxruntime-genai's decoder-pipeline:
+
+    input_ids ─► embeddings ─► inputs_embeds ─► transformer (S = P: prefill; S = 1: decode)
+                                                    │  past_seq_len, past/present KV buffer
+                                                    ▼
+                                              hidden_states ─► lm_head (S = P or 1) ─► logits
+
+The KV cache is a shared past/present buffer of C rows per layer where row = position (see
+``builder.ops.attention.static_attention_inputs``); each transformer call writes its S rows into
+it. Every shape is fixed; the architecture's own weights, projections and norms are reused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from onnx import TensorProto
+
+from builder.errors import ConfigError
+from builder.ops import (
+    decomposed_attention, embedding, linear, rms_norm, rope_cache, rotary_decomposed,
+    split_heads, static_attention_inputs, write_kv,
+)
+from builder.roles import TensorRole as R
+
+if TYPE_CHECKING:
+    from builder.models.base import DecoderBuilder
+
+KV_TYPE = TensorProto.FLOAT16  # the KV cache is fp16 whatever the graph's float type
+INT32, INT64 = TensorProto.INT32, TensorProto.INT64
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    return (f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}",
+            f"present_value_{layer}")
+
+
+def build_embeddings(b: DecoderBuilder) -> None:
+    """input_ids [1, S] (any S) → inputs_embeds; a lookup, run on the CPU EP."""
+    gb, c = b.gb, b.config
+    ids = gb.input("input_ids", INT64, [1, "sequence_length"])
+    table = gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED))
+    gb.output(embedding(gb, "/model/embed_tokens", ids, table), "inputs_embeds", gb.float_type,
+              [1, "sequence_length", c.hidden_size])
+
+
+def build_lm_head(b: DecoderBuilder, seq_len: int) -> None:
+    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]."""
+    gb, c = b.gb, b.config
+    h = gb.input("hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
+    role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
+    logits = linear(gb, "/lm_head", h, b.weight(role), b.weight_name(R.LM_HEAD))
+    gb.output(logits, "logits", gb.float_type, [1, seq_len, c.vocab_size])
+
+
+def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None:
+    """inputs_embeds [1, S, hidden] + the KV buffers → hidden_states (after the final norm)."""
+    gb, c = b.gb, b.config
+    x = gb.input("inputs_embeds", gb.float_type, [1, seq_len, c.hidden_size])
+    past_seq_len = gb.input("past_seq_len", INT32, [1, 1])
+    gb.input("total_seq_len", INT32, [1])  # required beside past_seq_len by the runtime; unused
+    kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
+    b.past = [(gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
+               gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in range(c.num_hidden_layers)]
+    b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len)
+    b.static_seq_len = seq_len
+    cache = rope_cache(c.rope, c.head_dim, context_len)
+    if cache.long is not None and context_len > cache.switch_length:
+        raise ConfigError(f"LongRoPE beyond {cache.switch_length} tokens needs a run-time switch "
+                          f"of tables, which static graphs cannot take: choose "
+                          f"qnn_context_length <= {cache.switch_length}")
+    b.rotary_dim = cache.rotary_dim
+    b.rope = (gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin))
+
+    residual = None
+    for layer in range(c.num_hidden_layers):
+        x, residual = b.decoder_layer(layer, x, residual)
+    with gb.scope(f"/model/layers.{c.num_hidden_layers}"):
+        h = rms_norm(gb, "final_norm_layernorm", x, b.weight(R.FINAL_NORM),
+                     b.weight_name(R.FINAL_NORM), c.rms_norm_eps)
+    gb.output(h, "hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
+    for i in range(c.num_hidden_layers):
+        gb.output(b.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
+        gb.output(b.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)
+
+
+def static_attention(b: DecoderBuilder, layer: int, x: str) -> str:
+    """q/k/v → [q/k norm] → rotary at the call's positions → write k/v rows into the cache →
+    attention over the whole cache → o_proj."""
+    c, gb, s = b.config, b.gb, b.static_seq_len
+    with gb.scope("attn"):
+        q, k, v = b.qkv_projections(layer, x)
+        if b.qk_norm:
+            q = b.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
+            k = b.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
+        q, k = (rotary_decomposed(gb, f"{n}_rotary", t, *b.rope, b.static.positions,
+                                  num_heads=h, head_dim=c.head_dim, rotary_dim=b.rotary_dim,
+                                  seq_len=s)
+                for n, t, h in (("q", q, c.num_attention_heads),
+                                ("k", k, c.num_key_value_heads)))
+        keys = write_kv(gb, "k_cache", b.past[layer][0],
+                        split_heads(gb, "k_heads", k, c.num_key_value_heads, c.head_dim, s),
+                        b.static, KV_TYPE)
+        values = write_kv(gb, "v_cache", b.past[layer][1],
+                          split_heads(gb, "v_heads", v, c.num_key_value_heads, c.head_dim, s),
+                          b.static, KV_TYPE)
+        b.present = getattr(b, "present", {})
+        b.present[layer] = (keys, values)
+        out = decomposed_attention(gb, "attention", q, keys, values, b.static.bias,
+                                   num_heads=c.num_attention_heads,
+                                   kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                                   seq_len=s, kv_type=KV_TYPE)
+        return b.project("o_proj", out, R.O, layer, b.weight(R.O, layer),
+                         b.weight_name(R.O, layer), b.attention_biases(layer)[3])

@@ -1,0 +1,126 @@
+"""An onnxruntime-genai ``decoder-pipeline`` folder of static graphs, for NPU targets (QNN).
+
+    embeddings.onnx                   input_ids → inputs_embeds            (CPU EP; any length)
+    context.onnx / iterator.onnx      transformer, S = P (prefill) / S = 1 (decode), KV buffers
+    lm_head_context.onnx / _iterator  hidden_states → logits, S = P / 1
+    model.data                        every weight, stored once and shared by all graphs
+
+The runtime feeds prompts in chunks of P (the last one padded at its end with pad_token_id),
+then one token per step; past_seq_len tells each call where its tokens go in the KV buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from builder.config import DecoderConfig
+from builder.errors import OptionError
+from builder.graph import GraphBuilder, WeightStore
+from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
+from builder.options import BuildOptions
+from builder.package import generation, token_ids
+from builder.targets import TargetCaps
+from builder.weights import CheckpointReader
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "model.data"
+
+
+def check_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
+    p, c = options.extra.qnn_prefill_length, options.extra.qnn_context_length
+    if c <= p:
+        raise OptionError(f"qnn_context_length={c} must be larger than qnn_prefill_length={p}")
+    if c > config.max_position_embeddings:
+        raise OptionError(f"qnn_context_length={c} exceeds the model's max_position_embeddings="
+                          f"{config.max_position_embeddings}")
+    return p, c
+
+
+def parts(prefill: int, context: int) -> list[tuple[str, Any, tuple]]:
+    return [("embeddings.onnx", build_embeddings, ()),
+            ("context.onnx", build_transformer, (prefill, context)),
+            ("iterator.onnx", build_transformer, (1, context)),
+            ("lm_head_context.onnx", build_lm_head, (prefill,)),
+            ("lm_head_iterator.onnx", build_lm_head, (1,))]
+
+
+def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
+                   target: TargetCaps, weights: CheckpointReader, policy, float_dtype) -> None:
+    """Build every graph of the pipeline into ``out``, weights shared in one data file."""
+    prefill, context = check_lengths(options, config)
+    logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
+                prefill, context)
+    store = WeightStore(out / DATA_FILE)
+    try:
+        for filename, build_part, args in parts(prefill, context):
+            gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=float_dtype,
+                              store=store)
+            builder = cls(config, options, target, weights, gb, policy)
+            build_part(builder, *args)
+            gb.save(out / filename)
+    finally:
+        store.close()
+    weights.check_all_consumed(builder.ignored())
+
+
+def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: TargetCaps,
+                          source: Path) -> dict[str, Any]:
+    """genai_config.json for the pipeline written by write_pipeline."""
+    x = options.extra
+    prefill, context = x.qnn_prefill_length, x.qnn_context_length
+    layers = range(config.num_hidden_layers)
+    kv_in = [n for i in layers for n in kv_names(i)[:2]]
+    kv_out = [n for i in layers for n in kv_names(i)[2:]]
+    qnn = {"qnn": {"backend_type": "htp", "soc_model": x.qnn_soc_model,
+                   "htp_arch": x.qnn_htp_arch}}
+    transformer_inputs = ["inputs_embeds", "past_seq_len", "total_seq_len", *kv_in]
+    transformer_outputs = ["hidden_states", *kv_out]
+
+    def stage(filename, inputs, outputs, prompt, token, **more):
+        return {"filename": filename, "inputs": inputs, "outputs": outputs,
+                "run_on_prompt": prompt, "run_on_token_gen": token, **more}
+
+    bos, eos, pad = token_ids(config, generation(source))
+    return {
+        "model": {
+            "type": "decoder-pipeline",
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+            "context_length": context,
+            "vocab_size": config.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [qnn]},
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+                "inputs": {"input_ids": "input_ids", "past_sequence_length": "past_seq_len",
+                           "total_sequence_length": "total_seq_len",
+                           "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
+                "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
+                            "present_value_names": "present_value_%d"},
+                "sliding_window": {"window_size": prefill, "pad_value": 0, "alignment": "left",
+                                   "slide_inputs": True, "slide_key_value_cache": False},
+                "pipeline": [
+                    {"embeddings": stage(
+                        "embeddings.onnx", ["input_ids"], ["inputs_embeds"], True, True,
+                        session_options={"log_id": "onnxruntime-genai.embeddings",
+                                         "provider_options": []})},
+                    {"context": stage("context.onnx", transformer_inputs, transformer_outputs,
+                                      True, False)},
+                    {"iterator": stage("iterator.onnx", transformer_inputs, transformer_outputs,
+                                       False, True)},
+                    {"lm_head_context": stage("lm_head_context.onnx", ["hidden_states"],
+                                              ["logits"], True, False, is_lm_head=True)},
+                    {"lm_head_iterator": stage("lm_head_iterator.onnx", ["hidden_states"],
+                                               ["logits"], False, True, is_lm_head=True)},
+                ],
+            },
+        },
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
