@@ -36,6 +36,10 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         known = ", ".join(plugins.targets.names())
         raise OptionError(f"execution provider {str(options.execution_provider)!r} is not "
                           f"supported yet; available: {known}")
+    for f in dataclasses.fields(options.extra):
+        given = getattr(options.extra, f.name) != f.default
+        if given and f.name.startswith("qnn_") and not target.static_shapes:
+            raise OptionError(f"extra option {f.name} applies to -e qnn only")
     if options.precision not in target.precisions:
         valid = ", ".join(str(p) for p in target.precisions)
         raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "

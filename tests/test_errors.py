@@ -76,7 +76,12 @@ def test_bad_option_value(tmp_path, llama_checkpoint):
 
 def test_option_not_supported_yet(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
-                               "qnn_prefill_length=32"], "qnn_prefill_length", "not supported yet")
+                               "qnn_linear=conv"], "qnn_linear", "not supported yet")
+
+
+def test_qnn_option_without_qnn_target(tmp_path, llama_checkpoint):
+    _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
+                               "qnn_context_length=256"], "qnn_context_length", "-e qnn")
 
 
 @pytest.mark.parametrize("flags, needle", [
