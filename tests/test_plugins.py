@@ -30,7 +30,7 @@ def test_builtins_register_through_our_entry_points():
 def test_env_narrows_loaded_plugins(monkeypatch):
     monkeypatch.setenv("BUILDER_LOAD_PLUGINS", "targets")
     plugins = load_plugins()
-    assert plugins.architectures.names() == [] and plugins.targets.names() == ["cpu", "cuda"]
+    assert plugins.architectures.names() == [] and plugins.targets.names() == ["cpu", "cuda", "qnn"]
 
 
 def test_hook_register_architectures():
