@@ -210,3 +210,51 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
             break
         logits.append(call([nxt], len(prompt) + step, "token")[0].astype(np.float32))
     return PipelineRun(logits, tokens)
+
+
+_QNN_PIPELINE_RUNNER = r"""
+import json, sys
+from pathlib import Path
+import numpy as np, onnxruntime as ort, onnxruntime_qnn
+from builder.testing import run_pipeline, session
+model_dir, prompt, steps, forced, options, out = (Path(sys.argv[1]), json.loads(sys.argv[2]),
+    int(sys.argv[3]), json.loads(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6])
+ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+sessions = {}
+def runner(filename, feeds):
+    if filename not in sessions:
+        if filename == "embeddings.onnx":
+            sessions[filename] = session(model_dir, filename)
+        else:
+            so = ort.SessionOptions()
+            so.add_provider_for_devices(devices, options)
+            so.log_severity_level = 3
+            sessions[filename] = ort.InferenceSession(str(model_dir / filename), so)
+            sessions[filename].disable_fallback()
+    sess = sessions[filename]
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+run = run_pipeline(model_dir, prompt, steps, forced, runner)
+np.savez(out, logits=np.stack(run.step_logits), tokens=np.array(run.tokens))
+"""
+
+
+def run_pipeline_on_qnn(model_dir: Path, prompt: list[int], steps: int,
+                        forced: list[int] | None = None, options: dict | None = None,
+                        timeout: int = 900) -> PipelineRun:
+    """run_pipeline with every graph but the embeddings on the QNN HTP (simulated), in a
+    subprocess."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.npz"
+        r = subprocess.run([sys.executable, "-c", _QNN_PIPELINE_RUNNER, str(model_dir),
+                            json.dumps(prompt), str(steps), json.dumps(forced),
+                            json.dumps(options or QNN_OPTIONS), str(out)],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"QNN pipeline failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        data = np.load(out)
+        return PipelineRun(list(data["logits"]), [int(t) for t in data["tokens"]])

@@ -1,0 +1,190 @@
+"""-e qnn: static pipelines on the QNN HTP backend (simulated on x86 by onnxruntime-qnn).
+
+QNN sessions run in subprocesses (a simulator crash would kill pytest) with disable_fallback(),
+so a graph that fails on QNN fails here instead of silently rerunning on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from builder import BuildOptions, ExtraOptions, build
+from builder.errors import OptionError
+from builder.options import ExecutionProvider, Precision
+from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_on_qnn
+from conftest import run_cli
+
+pytest.importorskip("onnxruntime_qnn", reason="the QNN tests need onnxruntime-qnn")
+ARCHS = ["qwen3", "llama", "phi3"]
+P, C = 8, 64
+PROMPT = [int(t) for t in np.random.default_rng(21).integers(3, 256, 13)]  # > P: two chunks
+
+
+def _qnn_build(ck, out, precision="fp16", *extra):
+    return build(BuildOptions(
+        model_name=str(ck), output=out, precision=Precision(precision),
+        execution_provider=ExecutionProvider.QNN,
+        extra=ExtraOptions.parse([f"qnn_prefill_length={P}", f"qnn_context_length={C}",
+                                  *extra])))
+
+
+@pytest.fixture(scope="module")
+def qnn_built(checkpoints, tmp_path_factory):
+    return {arch: _qnn_build(checkpoints[arch], tmp_path_factory.mktemp("qnn") / arch)
+            for arch in ARCHS}
+
+
+def _feeds(folder, graph, rng):
+    """Random inputs for one graph of the pipeline, at a mid-context position."""
+    import onnx
+
+    m = onnx.load(str(folder / graph), load_external_data=False)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.input}
+    feeds = {}
+    for v in m.graph.input:
+        shape = shapes[v.name]
+        if v.name == "past_seq_len":  # rows 20 .. 20 + S - 1
+            feeds[v.name] = np.array([[20 + shapes["inputs_embeds"][1] - 1]], np.int32)
+        elif v.name == "total_seq_len":
+            feeds[v.name] = np.array([C], np.int32)
+        else:
+            feeds[v.name] = (rng.standard_normal(shape) * 0.5).astype(np.float16)
+    return feeds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("graph", ["context.onnx", "iterator.onnx", "lm_head_context.onnx",
+                                   "lm_head_iterator.onnx"])
+def test_every_node_placed_on_qnn(arch, graph, qnn_built):
+    run = run_on_qnn(qnn_built[arch] / graph, _feeds(qnn_built[arch], graph,
+                                                     np.random.default_rng(0)))
+    assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}, run.placed
+
+
+def _cosines(a, b):
+    return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("arch, precision", [(a, "fp16") for a in ARCHS] + [("llama", "fp32")])
+def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, qnn_built, built, checkpoints,
+                                             tmp_path):
+    """Prefill (two chunks) and 16 decode steps on the HTP against our fp32 CPU decoder. fp32
+    graphs run at fp16 precision on the HTP."""
+    folder = (qnn_built[arch] if precision == "fp16"
+              else _qnn_build(checkpoints[arch], tmp_path / "o", precision))
+    steps = 17
+    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=steps - 1)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy_cpu = [int(r.argmax()) for r in ref]
+    # Fed the CPU decoder's greedy path, the HTP must pick the same token at every step...
+    forced = run_pipeline_on_qnn(folder, PROMPT, steps, forced=greedy_cpu)
+    cos = _cosines(forced.step_logits, ref)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(forced.step_logits, ref))
+    ours = [int(logits.argmax()) for logits in forced.step_logits]
+    print(f"{arch} qnn {precision}: greedy {greedy_cpu[:8]}..., min cosine {min(cos):.6f}, max abs "
+          f"logit error {err:.4f}, top-1 {np.mean(np.array(ours) == greedy_cpu):.0%}")
+    assert min(cos) >= 0.999
+    for step, (a, b) in enumerate(zip(ours, greedy_cpu)):
+        # ... unless the fp32 reference itself is a near-tie that fp16 error can flip.
+        margin = float(ref[step][b] - ref[step][a])
+        assert a == b or margin <= 2 * err, (step, a, b, margin, err)
+    # ...and, left to itself, the pipeline generates the same ids while no near-tie intervenes.
+    _same_greedy_until_a_near_tie(run_pipeline_on_qnn(folder, PROMPT, steps).tokens,
+                                  greedy_cpu, ref, err)
+
+
+def _same_greedy_until_a_near_tie(ours, greedy_cpu, ref, err):
+    first = next((i for i, (a, b) in enumerate(zip(ours, greedy_cpu)) if a != b), None)
+    if first is not None:
+        top2 = np.sort(ref[first])[-2:]
+        assert top2[1] - top2[0] <= 2 * err, (first, ours, greedy_cpu)
+    return first
+
+
+def test_pipeline_on_cpu_matches_qnn_graph_semantics(qnn_built, built):
+    """The same graphs on onnxruntime's CPU EP: the pipeline's arithmetic is right before the
+    HTP is involved (fp16 against fp32)."""
+    run = run_pipeline(qnn_built["qwen3"], PROMPT, 9)
+    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8, forced=np.array([run.tokens[:8]]))
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    assert min(_cosines(run.step_logits, ref)) >= 0.9999
+
+
+_GENAI = r"""
+import json, sys
+import numpy as np, onnxruntime_genai as og
+model_dir, prompt, new, mode = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if mode == "qnn":
+    import onnxruntime_qnn
+    og.register_execution_provider_library("QNNExecutionProvider",
+                                           onnxruntime_qnn.get_library_path())
+    model = og.Model(model_dir)
+else:
+    config = og.Config(model_dir)
+    config.clear_providers()
+    model = og.Model(config)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=int(sys.argv[5]), do_sample=False)
+gen = og.Generator(model, params)
+gen.append_tokens(np.array([prompt], np.int32))
+while not gen.is_done():
+    gen.generate_next_token()
+print(json.dumps([int(t) for t in gen.get_sequence(0)]))
+"""
+
+
+def _genai(folder, prompt, max_length, mode):
+    r = subprocess.run([sys.executable, "-c", _GENAI, str(folder), json.dumps(prompt), "0", mode,
+                        str(max_length)], capture_output=True, text=True, timeout=600)
+    return r
+
+
+@pytest.mark.parametrize("mode", ["qnn", "cpu"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_genai_generates_like_the_cpu_decoder(arch, mode, qnn_built, built):
+    """onnxruntime-genai runs the folder (QNN EP registered, or the CPU EP; the prompt is longer
+    than P): exactly the ids of our own pipeline run on that EP, and the CPU decoder build's
+    greedy ids up to a near-tie that fp16 may flip."""
+    r = _genai(qnn_built[arch], PROMPT, 40, mode)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sequence = json.loads(r.stdout.strip().splitlines()[-1])
+    pad = json.loads((qnn_built[arch] / "genai_config.json").read_text())["model"]["pad_token_id"]
+    assert sequence[:len(PROMPT)] == PROMPT
+    generated = [t for t in sequence[len(PROMPT):] if t != pad]  # the runtime keeps its pads
+    assert len(generated) >= 16
+    runner = run_pipeline_on_qnn if mode == "qnn" else run_pipeline
+    assert generated == runner(qnn_built[arch], PROMPT, len(generated)).tokens
+    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=len(generated) - 1,
+                      forced=np.array([generated[:-1]]))
+    ref = [cpu.prefill_logits[0, -1]] + [s_[0] for s_ in cpu.step_logits]
+    err = 0.05  # fp16 graphs; the measured error is below 0.02 (test above)
+    first = _same_greedy_until_a_near_tie(generated, [int(x.argmax()) for x in ref], ref, err)
+    print(f"{arch} genai {mode}: {generated[:10]}..., first near-tie flip: {first}")
+
+
+def test_prompt_longer_than_context_is_refused(qnn_built):
+    r = _genai(qnn_built["qwen3"], PROMPT * 6, C, "cpu")  # 78 tokens > C = 64
+    assert r.returncode != 0
+    assert "exceeds max length (64)" in r.stderr
+
+
+def test_context_not_larger_than_prefill(checkpoints, tmp_path):
+    with pytest.raises(OptionError, match="qnn_context_length=8 must be larger than "
+                                          "qnn_prefill_length=8"):
+        build(BuildOptions(model_name=str(checkpoints["qwen3"]), output=tmp_path / "o",
+                           execution_provider=ExecutionProvider.QNN,
+                           precision=Precision.FP16,
+                           extra=ExtraOptions.parse(["qnn_prefill_length=8",
+                                                     "qnn_context_length=8"])))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_qnn_option(tmp_path, checkpoints):
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o"), "-e", "qnn",
+                "--extra_options", "qnn_prefil_length=8")
+    assert r.returncode == 2 and "did you mean 'qnn_prefill_length'" in r.stderr
