@@ -120,6 +120,10 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "int4-default": (["-p", "int4"], ["-p", "int4"]),
     "int4-k_quant": (["-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
                      ["-p", "int4", "--extra_options", "algo_config=k_quant"]),
+    # onnxruntime-genai's builder has no QNN path: ours only
+    "qnn-fp16": (["-p", "fp16", "-e", "qnn"], None),
+    "qnn-fp16-epcontext": (["-p", "fp16", "-e", "qnn", "--extra_options", "qnn_epcontext=true"],
+                           None),
 }
 
 
@@ -176,18 +180,19 @@ def main() -> None:
         for run in range(args.runs):
             out = args.work / f"ours-{case}"
             shutil.rmtree(out, ignore_errors=True)
+            target = [] if "-e" in ours_args else ["-e", "cpu"]
             ours = measure([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out),
-                            "-e", "cpu", *ours_args])
+                            *target, *ours_args])
             ours["bytes"] = folder_bytes(out)
             theirs = None
-            if anchor:
+            if anchor and anchor_args is not None:
                 out_a = args.work / f"anchor-{case}"
                 shutil.rmtree(out_a, ignore_errors=True)
                 theirs = measure([sys.executable, "-m", "onnxruntime_genai.models.builder",
                                   "-m", args.model, "-i", str(ck), "-o", str(out_a), "-e", "cpu",
                                   "-c", str(args.work / "cache"), *anchor_args])
                 theirs["bytes"] = folder_bytes(out_a)
-            if args.speed and run == 0:
+            if args.speed and run == 0 and "-e" not in ours_args:
                 ours.update(inference_speed(out))
                 if theirs:
                     theirs.update(inference_speed(out_a))

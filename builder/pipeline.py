@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.config import DecoderConfig
+from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import OptionError
 from builder.graph import GraphBuilder, WeightStore
 from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
@@ -64,6 +65,17 @@ def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
     finally:
         store.close()
     weights.check_all_consumed(builder.ignored())
+    if options.extra.qnn_epcontext:
+        compile_contexts(out, [name for name, _, _ in parts(prefill, context)
+                               if name in QNN_GRAPHS], qnn_options(options))
+
+
+QNN_GRAPHS = ("context.onnx", "iterator.onnx", "lm_head_context.onnx", "lm_head_iterator.onnx")
+
+
+def qnn_options(options: BuildOptions) -> dict[str, str]:
+    x = options.extra
+    return {"backend_type": "htp", "soc_model": x.qnn_soc_model, "htp_arch": x.qnn_htp_arch}
 
 
 def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: TargetCaps,
@@ -74,12 +86,13 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
     layers = range(config.num_hidden_layers)
     kv_in = [n for i in layers for n in kv_names(i)[:2]]
     kv_out = [n for i in layers for n in kv_names(i)[2:]]
-    qnn = {"qnn": {"backend_type": "htp", "soc_model": x.qnn_soc_model,
-                   "htp_arch": x.qnn_htp_arch}}
+    qnn = {"qnn": qnn_options(options)}
     transformer_inputs = ["inputs_embeds", "past_seq_len", "total_seq_len", *kv_in]
     transformer_outputs = ["hidden_states", *kv_out]
 
     def stage(filename, inputs, outputs, prompt, token, **more):
+        if x.qnn_epcontext and filename in QNN_GRAPHS:
+            filename = compiled_name(filename)
         return {"filename": filename, "inputs": inputs, "outputs": outputs,
                 "run_on_prompt": prompt, "run_on_token_gen": token, **more}
 

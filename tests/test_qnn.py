@@ -188,3 +188,19 @@ def test_unknown_qnn_option(tmp_path, checkpoints):
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o"), "-e", "qnn",
                 "--extra_options", "qnn_prefil_length=8")
     assert r.returncode == 2 and "did you mean 'qnn_prefill_length'" in r.stderr
+
+
+def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path):
+    out = _qnn_build(checkpoints["qwen3"], tmp_path / "ctx", "fp16", "qnn_epcontext=true")
+    stages = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["pipeline"]
+    files = [spec["filename"] for stage in stages for spec in stage.values()]
+    assert files == ["embeddings.onnx", "context_ctx.onnx", "iterator_ctx.onnx",
+                     "lm_head_context_ctx.onnx", "lm_head_iterator_ctx.onnx"]
+    import onnx
+
+    ctx = onnx.load(str(out / "context_ctx.onnx"))
+    assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
+    compiled = _genai(out, PROMPT, 40, "qnn")
+    plain = _genai(qnn_built["qwen3"], PROMPT, 40, "qnn")
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert compiled.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]
