@@ -102,8 +102,8 @@ class ExtraOptions:
         "60", "-e qnn: QNN soc_model provider option (60: Snapdragon 8 Gen 3 / X Elite).")
     qnn_htp_arch: str = _opt("73", "-e qnn: QNN htp_arch provider option (73: v73).")
     qnn_linear: str = _opt(
-        "matmul", "-e qnn: projections as MatMul, or as 1x1 Conv.", choices=("matmul", "conv"),
-        implemented=False)
+        "matmul", "-e qnn: layer projections as MatMul, or as 1x1 Conv over [1, in, 1, seq].",
+        choices=("matmul", "conv"))
     qnn_epcontext: bool = _opt(
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
         "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")
@@ -204,10 +204,10 @@ class BuildOptions:
         }
 
 
-def options_help() -> str:
+def options_help(catalogue: type[ExtraOptions] = ExtraOptions) -> str:
     """The extra options catalogue as text, for --help."""
     lines = ["extra options (--extra_options KEY=VALUE ...):"]
-    for f in ExtraOptions.catalogue():
+    for f in catalogue.catalogue():
         names = ", ".join((f.name, *f.metadata["aliases"]))
         if f.metadata["inverse_aliases"]:
             names += f" (inverse: {', '.join(f.metadata['inverse_aliases'])})"

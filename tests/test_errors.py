@@ -74,11 +74,6 @@ def test_bad_option_value(tmp_path, llama_checkpoint):
                                "shared_embeddings=maybe"], "shared_embeddings", "true or false")
 
 
-def test_option_not_supported_yet(tmp_path, llama_checkpoint):
-    _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
-                               "qnn_linear=conv"], "qnn_linear", "not supported yet")
-
-
 def test_qnn_option_without_qnn_target(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "--extra_options",
                                "qnn_context_length=256"], "qnn_context_length", "-e qnn")

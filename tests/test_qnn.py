@@ -70,13 +70,23 @@ def _cosines(a, b):
     return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
-@pytest.mark.parametrize("arch, precision", [(a, "fp16") for a in ARCHS] + [("llama", "fp32")])
-def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, qnn_built, built, checkpoints,
-                                             tmp_path):
+@pytest.mark.parametrize("arch, precision, extra", [(a, "fp16", ()) for a in ARCHS] + [
+    ("llama", "fp32", ()), ("qwen3", "fp16", ("qnn_linear=conv",))])
+def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, qnn_built, built,
+                                             checkpoints, tmp_path):
     """Prefill (two chunks) and 16 decode steps on the HTP against our fp32 CPU decoder. fp32
     graphs run at fp16 precision on the HTP."""
-    folder = (qnn_built[arch] if precision == "fp16"
-              else _qnn_build(checkpoints[arch], tmp_path / "o", precision))
+    folder = (qnn_built[arch] if precision == "fp16" and not extra
+              else _qnn_build(checkpoints[arch], tmp_path / "o", precision, *extra))
+    if extra:  # every projection really is a Conv, and every node still runs on QNN
+        import onnx
+
+        ops = [n.op_type for n in onnx.load(str(folder / "context.onnx"),
+                                            load_external_data=False).graph.node]
+        assert ops.count("Conv") == 7 * 3 and "MatMul" in ops  # attention's MatMuls remain
+        for graph in ("context.onnx", "iterator.onnx"):
+            run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
+            assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}
     steps = 17
     cpu = run_decoder(built[arch], np.array([PROMPT]), steps=steps - 1)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
@@ -86,7 +96,7 @@ def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, qnn_built, built, 
     cos = _cosines(forced.step_logits, ref)
     err = max(float(np.abs(a - b).max()) for a, b in zip(forced.step_logits, ref))
     ours = [int(logits.argmax()) for logits in forced.step_logits]
-    print(f"{arch} qnn {precision}: greedy {greedy_cpu[:8]}..., min cosine {min(cos):.6f}, max abs "
+    print(f"{arch} qnn {precision} {extra}: greedy {greedy_cpu[:8]}..., min cosine {min(cos):.6f}, max abs "
           f"logit error {err:.4f}, top-1 {np.mean(np.array(ours) == greedy_cpu):.0%}")
     assert min(cos) >= 0.999
     for step, (a, b) in enumerate(zip(ours, greedy_cpu)):

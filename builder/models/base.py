@@ -79,6 +79,8 @@ class DecoderBuilder:
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
         self.packed = self._packed()
+        # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
+        self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
         logger.info("attention: %s on %s%s", target.attention, target.name,
                     f", sliding window {config.sliding_window}" if config.sliding_window else "")
@@ -156,7 +158,7 @@ class DecoderBuilder:
         """A linear layer, quantized or not as the policy decides."""
         w = self.quantize(role, layer, weight, self.gb.path(name) + "/MatMul")
         return linear(self.gb, name, x, w, weight_name, bias, bias_name,
-                      self.policy.accuracy_level)
+                      self.policy.accuracy_level, conv=self.conv_projections)
 
     def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(q, k, v) projection weights, each [out, in]."""
@@ -373,10 +375,11 @@ class DecoderBuilder:
             fused = names[0].replace("gate_proj", "gate_up_proj")
             return swiglu(self.gb, "mlp", x, None, None, q(R.DOWN, down, "down_proj"), names,
                           gate_up=(q(R.GATE_UP, gate_up, "gate_up_proj"), fused),
-                          accuracy_level=level)
+                          accuracy_level=level, conv=self.conv_projections)
         gate, up, down = self.mlp_weights(layer)
         return swiglu(self.gb, "mlp", x, q(R.GATE, gate, "gate_proj"), q(R.UP, up, "up_proj"),
-                      q(R.DOWN, down, "down_proj"), names, accuracy_level=level)
+                      q(R.DOWN, down, "down_proj"), names, accuracy_level=level,
+                      conv=self.conv_projections)
 
     def lm_head(self, x: str) -> str:
         if self.shared_embeddings:

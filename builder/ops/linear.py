@@ -27,10 +27,13 @@ def matmul_nbits(gb: GraphBuilder, x: str, weight: QuantizedWeight, stored: list
 
 def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWeight,
            weight_name: str, bias: np.ndarray | None = None, bias_name: str | None = None,
-           accuracy_level: int = 4) -> str:
-    """A Hugging Face Linear: ``weight`` is [out, in] as in the checkpoint, or its quantized form."""
+           accuracy_level: int = 4, conv: bool = False) -> str:
+    """A Hugging Face Linear: ``weight`` is [out, in] as in the checkpoint, or its quantized form.
+    ``conv``: as a 1x1 Conv over [1, in, 1, S] (static shapes, for NPUs that prefer it)."""
     with gb.scope(name):
-        if isinstance(weight, QuantizedWeight):
+        if conv:
+            y = conv1x1(gb, x, weight, weight_name)
+        elif isinstance(weight, QuantizedWeight):
             y = matmul_nbits(gb, x, weight, quantized_initializers(gb, weight, weight_name),
                              accuracy_level)
         else:
@@ -47,3 +50,13 @@ def linear_transposed(gb: GraphBuilder, name: str, x: str, table: str) -> str:
     with gb.scope(name):
         return gb.node("FusedMatMul", [x, table], "MatMul", domain=MS_DOMAIN, transB=1,
                        alpha=1.0)
+
+
+def conv1x1(gb: GraphBuilder, x: str, weight: np.ndarray, weight_name: str) -> str:
+    """[1, S, in] → Transpose → [1, in, 1, S] → Conv(W [out, in, 1, 1]) → back to [1, S, out]."""
+    out_features, in_features = weight.shape
+    w = gb.initializer(weight_name, weight.reshape(out_features, in_features, 1, 1))
+    nchw = gb.node("Unsqueeze", [gb.node("Transpose", [x], perm=[0, 2, 1]), gb.constant([2])])
+    y = gb.node("Conv", [nchw, w], "Conv", kernel_shape=[1, 1])
+    return gb.node("Transpose", [gb.node("Squeeze", [y, gb.constant([2])])], "Transpose_1",
+                   perm=[0, 2, 1])

@@ -13,7 +13,8 @@ Weight = np.ndarray | QuantizedWeight
 
 def swiglu(gb: GraphBuilder, name: str, x: str, gate: Weight | None, up: Weight | None,
            down: Weight, names: tuple[str, str, str],
-           gate_up: tuple[Weight, str] | None = None, accuracy_level: int = 4) -> str:
+           gate_up: tuple[Weight, str] | None = None, accuracy_level: int = 4,
+           conv: bool = False) -> str:
     """down(silu(gate(x)) * up(x)), the Llama MLP; SiLU as Sigmoid + Mul.
 
     With ``gate_up`` = (weight [2 * intermediate, in], name), gate and up are one MatMul and a
@@ -21,14 +22,16 @@ def swiglu(gb: GraphBuilder, name: str, x: str, gate: Weight | None, up: Weight 
     """
     with gb.scope(name):
         if gate_up is None:
-            g = linear(gb, "gate_proj", x, gate, names[0], accuracy_level=accuracy_level)
-            u = linear(gb, "up_proj", x, up, names[1], accuracy_level=accuracy_level)
+            g = linear(gb, "gate_proj", x, gate, names[0], accuracy_level=accuracy_level,
+                       conv=conv)
+            u = linear(gb, "up_proj", x, up, names[1], accuracy_level=accuracy_level, conv=conv)
         else:
             fused = linear(gb, "gate_up_proj", x, gate_up[0], gate_up[1],
-                           accuracy_level=accuracy_level)
+                           accuracy_level=accuracy_level, conv=conv)
             with gb.scope("gate_up_proj"):
                 g, u = gb.node("Split", [fused], outputs=2, axis=-1, num_outputs=2)
         with gb.scope("act_fn"):
             act = gb.node("Mul", [g, gb.node("Sigmoid", [g])])
         h = gb.node("Mul", [act, u])
-        return linear(gb, "down_proj", h, down, names[2], accuracy_level=accuracy_level)
+        return linear(gb, "down_proj", h, down, names[2], accuracy_level=accuracy_level,
+                      conv=conv)
