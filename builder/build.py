@@ -17,7 +17,7 @@ from builder.metrics import StageMeter
 from builder.options import BuildOptions, ExecutionProvider, Precision
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
-from builder.pipeline import check_lengths, genai_pipeline_config, write_pipeline
+from builder.pipeline import check_options, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.source import resolve
@@ -87,7 +87,7 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     config = _fewer_layers(config, options.extra.num_hidden_layers)
     filename = options.extra.filename
     if target.static_shapes:
-        check_lengths(options, config)
+        check_options(options, config)
     policy = QuantPolicy.from_options(options.precision, options.extra, config.num_hidden_layers,
                                       plugins.quantizers, target.nbits_accuracy_level)
 

@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 DATA_FILE = "model.data"
 
 
-def check_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
+def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
+    """Refuse what static pipelines cannot do (yet), before anything is written."""
+    if options.extra.shared_embeddings:
+        raise OptionError("shared_embeddings=true is not supported yet for -e qnn: the lookup "
+                          "and lm_head graphs each store their table")
     p, c = options.extra.qnn_prefill_length, options.extra.qnn_context_length
     if c <= p:
         raise OptionError(f"qnn_context_length={c} must be larger than qnn_prefill_length={p}")
@@ -51,7 +55,7 @@ def parts(prefill: int, context: int) -> list[tuple[str, Any, tuple]]:
 def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
                    target: TargetCaps, weights: CheckpointReader, policy, float_dtype) -> None:
     """Build every graph of the pipeline into ``out``, weights shared in one data file."""
-    prefill, context = check_lengths(options, config)
+    prefill, context = check_options(options, config)
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
                 prefill, context)
     store = WeightStore(out / DATA_FILE)

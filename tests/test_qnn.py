@@ -214,3 +214,11 @@ def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path
     plain = _genai(qnn_built["qwen3"], PROMPT, 40, "qnn")
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert compiled.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]
+
+
+def test_shared_embeddings_not_yet_on_qnn(checkpoints, tmp_path):
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o"), "-e", "qnn",
+                "-p", "fp16", "--extra_options", "shared_embeddings=true",
+                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
+    assert r.returncode == 2 and "not supported yet for -e qnn" in r.stderr
+    assert not (tmp_path / "o").exists()
