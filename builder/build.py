@@ -31,6 +31,7 @@ FLOAT_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16,
 
 
 def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
+    """The target, with -p defaulted to its first precision when not given."""
     target = plugins.targets.get(str(options.execution_provider))
     if target is None:
         known = ", ".join(plugins.targets.names())
@@ -40,6 +41,10 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         given = getattr(options.extra, f.name) != f.default
         if given and f.name.startswith("qnn_") and not target.static_shapes:
             raise OptionError(f"extra option {f.name} applies to -e qnn only")
+    if options.precision is None:
+        object.__setattr__(options, "precision", target.precisions[0])
+        logger.info("-p not given: %s, the first precision of -e %s", options.precision,
+                    target.name)
     if options.precision not in target.precisions:
         valid = ", ".join(str(p) for p in target.precisions)
         raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "
@@ -75,6 +80,7 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     plugins = plugins or default_plugins()
     meter = StageMeter()
     target = _target(options, plugins)  # flag errors first: nothing fetched, nothing written
+    staged = StagedOutput(options.output)  # refuses a foreign -o before anything is fetched
     with meter("source"):
         source = resolve(options.model_name, options.input, options.cache_dir,
                          options.extra.hf_token)
@@ -91,7 +97,7 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     policy = QuantPolicy.from_options(options.precision, options.extra, config.num_hidden_layers,
                                       plugins.quantizers, target.nbits_accuracy_level)
 
-    with StagedOutput(options.output) as tmp, logging_redirect_tqdm():
+    with staged as tmp, logging_redirect_tqdm():
         weight_files: list[Path] = []
         if options.extra.config_only:
             logger.info("config_only: writing genai_config.json and tokenizer files, no model")
@@ -113,7 +119,7 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
         with meter("package"):
             genai = (genai_pipeline_config(config, options, target, source.path)
                      if target.static_shapes else
-                     genai_config(config, target, source.path, filename))
+                     genai_config(config, target, source.path, options.extra))
             write_genai_files(tmp, genai, source.path)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)

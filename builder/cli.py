@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model_name", help="hub id (org/name) or local folder")
     p.add_argument("-i", "--input", type=Path, help="local checkpoint folder (overrides -m)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    p.add_argument("-p", "--precision", default="fp32", choices=[str(x) for x in Precision],
-                   help="weight precision (default fp32)")
+    p.add_argument("-p", "--precision", choices=[str(x) for x in Precision],
+                   help="weight precision (default: fp32 on cpu, fp16 on cuda and qnn)")
     p.add_argument("-e", "--execution_provider", default="cpu",
                    choices=[str(x) for x in ExecutionProvider],
                    help="target execution provider (default cpu)")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = BuildOptions(
             model_name=args.model_name, input=args.input, output=args.output,
-            precision=Precision(args.precision),
+            precision=Precision(args.precision) if args.precision else None,
             execution_provider=ExecutionProvider(args.execution_provider),
             cache_dir=args.cache_dir, extra=ExtraOptions.parse(args.extra_options))
         from builder.build import build

@@ -95,7 +95,7 @@ class GraphBuilder:
         return "".join(self._scope) + (name if name.startswith("/") else "/" + name)
 
     def _node_name(self, name: str) -> str:
-        full = "".join(self._scope) + (name if name.startswith("/") else "/" + name)
+        full = self.path(name)
         base, i = full, 1
         while full in self._node_names:
             full = f"{base}_{i}"
@@ -124,7 +124,7 @@ class GraphBuilder:
             elem_type: int, shapes: Sequence[Sequence[int | str]]) -> list[str]:
         """An If node whose branches just forward outer-scope values (e.g. pick one of two
         constant tables at run time)."""
-        full = "".join(self._scope) + "/" + name
+        full = self.path(name)
         branches = {}
         for tag, values in (("then", then_values), ("else", else_values)):
             outs = [f"{full}/{tag}/output_{i}" for i in range(len(values))]

@@ -182,7 +182,7 @@ class BuildOptions:
     model_name: str | None
     output: Path
     input: Path | None = None
-    precision: Precision = Precision.FP32
+    precision: Precision | None = Precision.FP32  # None: the target's first precision
     execution_provider: ExecutionProvider = ExecutionProvider.CPU
     cache_dir: Path | None = None
     extra: ExtraOptions = field(default_factory=ExtraOptions)

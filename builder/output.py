@@ -35,10 +35,13 @@ class StagedOutput:
 
     def __enter__(self) -> Path:
         missing = [p for p in (self.target.parent, *self.target.parent.parents) if not p.exists()]
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._created = missing  # deepest first, removed on failure if still empty
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.building-",
-                                         dir=self.target.parent))
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # deepest first, removed on failure if still empty
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.building-",
+                                             dir=self.target.parent))
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write there ({e.strerror})") from None
         self.tmp.chmod(0o755)
         return self.tmp
 

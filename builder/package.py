@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.config import DecoderConfig
-from builder.options import BuildOptions
+from builder.options import BuildOptions, ExtraOptions
 from builder.output import MANIFEST
 from builder.source import Source
 from builder.targets import TargetCaps
@@ -50,8 +50,9 @@ def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int
 
 
 def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
-                 filename: str = "model.onnx") -> dict[str, Any]:
+                 extra: ExtraOptions | None = None) -> dict[str, Any]:
     """onnxruntime-genai's decoder description of the model we wrote."""
+    extra = extra or ExtraOptions()
     gen = generation(source)
     bos, eos, pad = token_ids(config, gen)
     provider_options = [{target.genai_provider: {}}] if target.genai_provider else []
@@ -63,17 +64,20 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai",
                                     "provider_options": provider_options},
-                "filename": filename,
+                "filename": extra.filename,
                 "head_size": config.head_dim,
                 "hidden_size": config.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
+                    ("inputs_embeds" if extra.exclude_embeds else "input_ids"):
+                        "inputs_embeds" if extra.exclude_embeds else "input_ids",
                     "attention_mask": "attention_mask",
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
                 "outputs": {
-                    "logits": "logits",
+                    **({} if extra.exclude_lm_head else {"logits": "logits"}),
+                    **({"hidden_states": "hidden_states"}
+                       if extra.exclude_lm_head or extra.include_hidden_states else {}),
                     "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value",
                 },

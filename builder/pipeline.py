@@ -11,6 +11,7 @@ then one token per step; past_seq_len tells each call where its tokens go in the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import OptionError
 from builder.graph import GraphBuilder, WeightStore
 from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
-from builder.options import BuildOptions
+from builder.options import BuildOptions, ExtraOptions
 from builder.package import generation, token_ids
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -28,13 +29,23 @@ from builder.weights import CheckpointReader
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "model.data"
+# graph-shape options of the single decoder graph that the pipeline's graphs do not take
+UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_states",
+                      "prune_lm_head", "filename")
 
 
 def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
     """Refuse what static pipelines cannot do (yet), before anything is written."""
-    if options.extra.shared_embeddings:
+    x = options.extra
+    if x.shared_embeddings:
         raise OptionError("shared_embeddings=true is not supported yet for -e qnn: the lookup "
                           "and lm_head graphs each store their table")
+    for name in UNSUPPORTED_ON_QNN:
+        if getattr(x, name) != ExtraOptions.__dataclass_fields__[name].default:
+            raise OptionError(f"extra option {name} is not supported yet for -e qnn")
+    if x.qnn_epcontext and importlib.util.find_spec("onnxruntime_qnn") is None:
+        raise OptionError("qnn_epcontext=true compiles with onnxruntime-qnn, which is not "
+                          "installed: pip install onnxruntime-qnn")
     p, c = options.extra.qnn_prefill_length, options.extra.qnn_context_length
     if c <= p:
         raise OptionError(f"qnn_context_length={c} must be larger than qnn_prefill_length={p}")
@@ -54,21 +65,26 @@ def parts(prefill: int, context: int) -> list[tuple[str, Any, tuple]]:
 
 def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
                    target: TargetCaps, weights: CheckpointReader, policy, float_dtype) -> None:
-    """Build every graph of the pipeline into ``out``, weights shared in one data file."""
-    prefill, context = check_options(options, config)
+    """Build every graph of the pipeline into ``out``, weights shared in one data file.
+    (``check_options`` has already passed.)"""
+    prefill, context = options.extra.qnn_prefill_length, options.extra.qnn_context_length
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
                 prefill, context)
     store = WeightStore(out / DATA_FILE)
+    builder = None
     try:
         for filename, build_part, args in parts(prefill, context):
             gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=float_dtype,
                               store=store)
-            builder = cls(config, options, target, weights, gb, policy)
+            if builder is None:
+                builder = cls(config, options, target, weights, gb, policy)
+            builder.gb = gb  # one builder (its decisions logged once), one graph at a time
             build_part(builder, *args)
             gb.save(out / filename)
     finally:
         store.close()
     weights.check_all_consumed(builder.ignored())
+    policy.check_exclusions()
     if options.extra.qnn_epcontext:
         compile_contexts(out, [name for name, _, _ in parts(prefill, context)
                                if name in QNN_GRAPHS], qnn_options(options))

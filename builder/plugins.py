@@ -36,7 +36,11 @@ class Plugins:
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    def order(ep):  # our own built-ins first, so that a plugin's replace=True comes after them
+        dist = getattr(ep, "dist", None)
+        return (dist is None or dist.name != hookspecs.PROJECT, ep.name)
+
+    eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=order)
     wanted = os.environ.get("BUILDER_LOAD_PLUGINS")
     if wanted is not None:
         names = {n.strip() for n in wanted.split(",") if n.strip()}
@@ -78,7 +82,7 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), *,
     for hook, registry in ((pm.hook.register_architectures, result.architectures),
                            (pm.hook.register_quantizers, result.quantizers),
                            (pm.hook.register_targets, result.targets)):
-        for impl in hook.get_hookimpls():  # in registration order: built-ins, then others
+        for impl in hook.get_hookimpls():  # in registration order: built-ins first
             impl.function(register=functools.partial(_register, registry, impl.plugin_name))
     logger.debug("plugins loaded: %s", ", ".join(result.loaded) or "none")
     return result

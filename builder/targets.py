@@ -16,7 +16,7 @@ class TargetCaps:
     """What one execution provider's graphs may contain."""
 
     name: str
-    precisions: tuple[Precision, ...]       # -p values this target builds
+    precisions: tuple[Precision, ...]       # -p values this target builds; the first is -p's default
     # float type of activations, KV cache and unquantized weights when -p is int4/int8
     quantized_float: Precision = Precision.FP32
     attention: str = "gqa"                  # "gqa": com.microsoft GroupQueryAttention

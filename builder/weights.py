@@ -34,6 +34,7 @@ class CheckpointReader:
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
         self._consumed: set[str] = set()
+        self._index: dict[str, str] | None = None
         for shard in self._shards():
             with self._open(shard) as handle:
                 for name in handle.keys():
@@ -94,7 +95,7 @@ class CheckpointReader:
                               f"file has {shard.stat().st_size}")
 
     def _check_index(self) -> None:
-        index = getattr(self, "_index", None)
+        index = self._index
         if index is None:
             return
         for name, shard in index.items():

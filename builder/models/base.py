@@ -79,6 +79,7 @@ class DecoderBuilder:
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
         self.packed = self._packed()
+        self.explicit_rotary = False  # set by rotary_tables() for LongRoPE
         # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
         self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
@@ -104,6 +105,8 @@ class DecoderBuilder:
             raise ConfigError("shared_embeddings=true needs a checkpoint that ties its "
                               "embeddings, but config.json has tie_word_embeddings=false")
         shared = tied if asked is None else asked
+        if self.target.static_shapes:
+            return False  # separate embeddings and lm_head graphs (see builder.pipeline)
         logger.info("embeddings: %s (tie_word_embeddings=%s%s)",
                     "one table shared by the lookup and lm_head" if shared else
                     "separate lookup and lm_head tables", tied,
@@ -241,6 +244,7 @@ class DecoderBuilder:
             for kind in ("key", "value"):
                 gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", io, present_shape)
         self.weights.check_all_consumed(self.ignored())
+        self.policy.check_exclusions()
 
     def rotary_tables(self) -> tuple[str, str]:
         """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length.
@@ -348,7 +352,7 @@ class DecoderBuilder:
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
                            f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
-        if not (self.qk_norm or self.explicit_rotary):
+        if self.target.attention == "gqa" and not (self.qk_norm or self.explicit_rotary):
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         with gb.scope("qkv_proj"):

@@ -64,9 +64,11 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None
     kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
     b.past = [(gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
                gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in range(c.num_hidden_layers)]
-    b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len)
+    b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len,
+                                       c.sliding_window)
+    b.present = {}
     b.static_seq_len = seq_len
-    cache = rope_cache(c.rope, c.head_dim, context_len)
+    cache = rope_cache(c.rope, c.head_dim, context_len, c.max_position_embeddings)
     if cache.long is not None and context_len > cache.switch_length:
         raise ConfigError(f"LongRoPE beyond {cache.switch_length} tokens needs a run-time switch "
                           f"of tables, which static graphs cannot take: choose "
@@ -106,7 +108,6 @@ def static_attention(b: DecoderBuilder, layer: int, x: str) -> str:
         values = write_kv(gb, "v_cache", b.past[layer][1],
                           split_heads(gb, "v_heads", v, c.num_key_value_heads, c.head_dim, s),
                           b.static, KV_TYPE)
-        b.present = getattr(b, "present", {})
         b.present[layer] = (keys, values)
         out = decomposed_attention(gb, "attention", q, keys, values, b.static.bias,
                                    num_heads=c.num_attention_heads,

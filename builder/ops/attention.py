@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from builder.graph import MS_DOMAIN, GraphBuilder
@@ -55,8 +56,7 @@ def attention_inputs(gb: GraphBuilder, tokens: str, attention_mask: str,
 
         mask_f = gb.node("Cast", [attention_mask], "bias/Cast", to=gb.float_type)
         pad = gb.node("Sub", [gb.constant(1.0, np.float32), mask_f], "bias/Sub")
-        lowest = float(np.finfo(np.float16).min if gb.float_dtype == np.float16
-                       else np.finfo(np.float32).min)  # bf16 shares fp32's range
+        lowest = float(ml_dtypes.finfo(gb.float_dtype).min)  # finite in the graph's type
         bias_2d = gb.node("Mul", [pad, gb.constant(lowest, np.float32)], "bias/Mul")
         bias_4d = gb.node("Unsqueeze", [bias_2d, gb.constant([1, 2])], "bias/Unsqueeze")
         rows = gb.node("Concat", [gb.constant([1, 1]), seq_len, gb.constant([1])],
@@ -103,12 +103,13 @@ class StaticAttentionInputs:
 
 
 def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
-                            context_len: int) -> StaticAttentionInputs:
+                            context_len: int, window: int | None = None) -> StaticAttentionInputs:
     """The KV cache is one buffer of C rows where row = absolute position (onnxruntime-genai's
     shared past/present buffer). past_seq_len [1, 1] int32 is the row of the call's last token,
     so the call's tokens go to rows start .. start + S - 1 with start = past_seq_len + 1 - S.
-    Rows past a query's own position (later tokens, a prompt's trailing pads) stay masked.
-    Everything is int32 or float, as the HTP prefers."""
+    Rows past a query's own position (later tokens, a prompt's trailing pads) stay masked, and
+    with a sliding ``window`` so do rows at or before position - window. Everything is int32 or
+    float, as the HTP prefers."""
     i32 = np.int32
     with gb.scope("/model/attn_mask"):
         last = gb.node("Reshape", [past_seq_len, gb.constant([1])], "last/Reshape")
@@ -116,10 +117,13 @@ def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
         positions = gb.node("Add", [start, gb.constant(np.arange(seq_len)[None], i32)],
                             "positions/Add")                                        # [1, S]
         rows = gb.constant(np.arange(context_len)[:, None], i32)                   # [C, 1]
-        visible = gb.node("LessOrEqual", [gb.node("Transpose", [rows], "rows/Transpose",
-                                                  perm=[1, 0]),
-                                          gb.node("Transpose", [positions], "pos/Transpose",
-                                                  perm=[1, 0])], "visible/LessOrEqual")
+        row_t = gb.node("Transpose", [rows], "rows/Transpose", perm=[1, 0])           # [1, C]
+        pos_t = gb.node("Transpose", [positions], "pos/Transpose", perm=[1, 0])       # [S, 1]
+        visible = gb.node("LessOrEqual", [row_t, pos_t], "visible/LessOrEqual")
+        if window is not None:
+            oldest = gb.node("Sub", [pos_t, gb.constant(window, i32)], "window/Sub")
+            visible = gb.node("And", [visible, gb.node("Greater", [row_t, oldest],
+                                                        "window/Greater")], "window/And")
         lowest = float(np.finfo(np.float16).min)
         bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
                                  gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]

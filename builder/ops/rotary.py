@@ -62,7 +62,8 @@ def _tables(inv_freq: np.ndarray, positions: int, scale: float = 1.0):
             (np.sin(freqs) * np.float32(scale)).astype(np.float32))
 
 
-def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int) -> RopeCache:
+def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int,
+              model_max_positions: int) -> RopeCache:
     """Phi-3 LongRoPE: per-frequency factors, short below the original context length and long
     above it, both tables scaled by the attention factor."""
     p = rope.params
@@ -73,7 +74,7 @@ def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int) -> RopeCach
         raise ConfigError(f"rope type longrope needs {e.args[0]!r}") from None
     if short.shape != (rotary_dim // 2,) or long.shape != (rotary_dim // 2,):
         raise ConfigError(f"longrope short/long factors must have {rotary_dim // 2} entries")
-    factor = p.get("factor") or max_positions / original
+    factor = p.get("factor") or model_max_positions / original
     scale = p.get("attention_factor")
     if scale is None:
         scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
@@ -85,11 +86,14 @@ def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int) -> RopeCach
     return RopeCache(cos, sin, rotary_dim, long=long_tables, switch_length=original)
 
 
-def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int) -> RopeCache:
-    """cos/sin tables for positions [0, max_positions)."""
+def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int,
+               model_max_positions: int | None = None) -> RopeCache:
+    """cos/sin tables for positions [0, max_positions). ``model_max_positions`` (default
+    max_positions) is the model's max_position_embeddings, which LongRoPE's scale depends on
+    even when fewer positions are tabulated."""
     rotary_dim = int(head_dim * rope.partial_rotary_factor)
     if rope.type in LONGROPE:
-        return _longrope(rope, rotary_dim, max_positions)
+        return _longrope(rope, rotary_dim, max_positions, model_max_positions or max_positions)
     if rope.type not in _INV_FREQ_SCALERS:
         raise ConfigError(f"rope type {rope.type!r} is not supported yet; supported: "
                           f"{', '.join((*_INV_FREQ_SCALERS, *LONGROPE))}")

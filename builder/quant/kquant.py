@@ -5,9 +5,10 @@ For each block the search tries 20 stretched grids over [min, max]; for each it 
 onto the grid and solves the weighted least-squares fit of (scale, min) to those codes, with
 llama.cpp's weights |x| + rms(block); the best weighted fit wins. The weighted error of a fit is
 computed from running sums (no second pass over the block). Because MatMulNBits stores an integer
-zero point, the minimum is then snapped to the scale's grid, and (our addition) the scale is
-re-fitted by least squares to the final codes and zero point (same codes, so the error can
-only go down), which recovers part of what the snapping lost. Always asymmetric: the zero points are what k-quant is about.
+zero point, the grid always spans 0, and the fitted minimum is snapped to the scale's grid; then
+(our additions) the scale is re-fitted by least squares to the final codes and zero point, and
+the plain min/max grid replaces the search's fit where that is better (blocks of one sign).
+Always asymmetric: the zero points are what k-quant is about.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class KQuantQuantizer(Quantizer):
         top = f32((1 << self.bits) - 1)
         w = np.sqrt((x * x).mean(0)) + np.abs(x)          # llama.cpp's importance weights
         sum_w, sum_x, sum_x2 = w.sum(0), (w * x).sum(0), (w * x * x).sum(0)
-        lo, hi = x.min(0), x.max(0)
+        # The stored zero point is an integer code, so the grid always contains 0.
+        lo, hi = np.minimum(x.min(0), f32(0)), np.maximum(x.max(0), f32(0))
         span = hi - lo
         flat = span == 0
         span = np.where(flat, f32(1), span)
@@ -58,12 +60,27 @@ class KQuantQuantizer(Quantizer):
                 best = np.where(better, err, best)
                 best_scale = np.where(better, scale, best_scale)
                 best_min = np.where(better, mn, best_min)
-            best_scale = np.where(flat | (best_scale <= 0), f32(1), best_scale).astype(f32)
-            zp = np.clip(np.rint(-best_min / best_scale), 0, top)
-            codes = np.clip(np.rint(x / best_scale + zp), 0, top)
-            # Same codes, least-squares scale with the zero point fixed: the error can only drop.
-            centred = codes - zp
-            num, den = (centred * x).sum(0), (centred * centred).sum(0)
-            refit = np.where(den > 0, num / den, best_scale).astype(f32)
-            refit = np.where(refit > 0, refit, best_scale)
+            # MatMulNBits stores an integer zero point: snap each fit to the grid, refit the scale
+            # to the final codes, and keep the better of the search's fit and the plain
+            # min/max grid (a block of one sign can fit a minimum the zero point cannot hold).
+            codes, refit, zp, err = snap(x, w, best_scale, best_min, flat, top)
+            codes0, refit0, zp0, err0 = snap(x, w, (span / top).astype(f32), lo, flat, top)
+            plain = err0 < err
+            codes = np.where(plain, codes0, codes)
+            refit = np.where(plain, refit0, refit)
+            zp = np.where(plain, zp0, zp)
         return codes.astype(np.uint8), refit, zp.astype(np.uint8)
+
+
+def snap(x, w, scale, mn, flat, top):
+    """(codes, least-squares scale for those codes, zero point, weighted error) for a fit."""
+    f32 = np.float32
+    scale = np.where(flat | ~(scale > 0), f32(1), scale).astype(f32)
+    zp = np.clip(np.rint(-mn / scale), 0, top)
+    codes = np.clip(np.rint(x / scale + zp), 0, top)
+    centred = codes - zp
+    num, den = (centred * x).sum(0), (centred * centred).sum(0)
+    refit = np.where(den > 0, num / den, scale).astype(f32)
+    refit = np.where(refit > 0, refit, scale)
+    err = (w * (centred * refit - x) ** 2).sum(0)
+    return codes, refit, zp, err

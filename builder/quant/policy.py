@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from builder.errors import OptionError
+from builder.errors import OptionError, did_you_mean
 from builder.options import ExtraOptions, Precision
 from builder.quant.base import Quantizer
 from builder.registry import Registry
@@ -32,7 +32,9 @@ MIXED_ROLES = {R.QKV, R.V, R.DOWN}
 
 
 def mixed_layers(num_layers: int) -> frozenset[int]:
-    """llama.cpp's use_more_bits(): the layers whose attention v and MLP down matter most."""
+    """The layers whose attention v and MLP down matter most: llama.cpp's use_more_bits() as
+    onnxruntime-genai's builder computes it (float n/8 bounds, Python round), so that our
+    k_quant_mixed promotes the same layers as theirs."""
     eighth = num_layers / 8
     return frozenset(i for i in range(num_layers)
                      if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2)
@@ -51,7 +53,9 @@ class QuantPolicy:
     mixed: frozenset[int] = frozenset()
     exclude: frozenset[str] = frozenset()
     quantize_embedding: bool = False
+    quantize_matmul: bool = True
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
+    seen: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def from_options(cls, precision: Precision, extra: ExtraOptions, num_layers: int,
@@ -76,6 +80,7 @@ class QuantPolicy:
             mixed=mixed_layers(num_layers) if mixed8 and bits == 4 else frozenset(),
             exclude=frozenset(extra.int4_nodes_to_exclude),
             quantize_embedding="Gather" in extra.int4_op_types_to_quantize,
+            quantize_matmul="MatMul" in extra.int4_op_types_to_quantize,
             quantizers=quantizers)
         logger.info("quantization: %s int%d, block %d, %s, accuracy_level %d; lm_head %d bits%s%s",
                     algorithm, bits, policy.block_size,
@@ -88,17 +93,26 @@ class QuantPolicy:
 
     def bits_for(self, role: R, layer: int | None, node_name: str) -> int | None:
         """Bits for this weight, or None to keep it in float."""
+        self.seen.add(node_name)
         if self.bits is None or node_name in self.exclude:
             return None
         if role == R.EMBED:
             return self.bits if self.quantize_embedding else None
-        if role not in LINEAR_ROLES:
+        if role not in LINEAR_ROLES or not self.quantize_matmul:
             return None
         if role == R.LM_HEAD:
             return self.lm_head_bits
         if layer in self.mixed and role in MIXED_ROLES:
             return 8
         return self.bits
+
+    def check_exclusions(self) -> None:
+        """int4_nodes_to_exclude must name nodes of this graph (a typo would exclude nothing)."""
+        unknown = sorted(self.exclude - self.seen)
+        if unknown:
+            raise OptionError(f"int4_nodes_to_exclude: no quantizable node named "
+                              f"{', '.join(unknown)}{did_you_mean(unknown[0], self.seen)}; with "
+                              "packed projections q/k/v are one qkv_proj (see unpack_matmul)")
 
     def quantizer(self, bits: int) -> Quantizer:
         cls = self.quantizers.get(self.algorithm)
