@@ -155,3 +155,16 @@ def test_output_is_a_foreign_non_empty_folder(tmp_path, llama_checkpoint):
 def test_bad_flag_value_is_one_line(tmp_path, llama_checkpoint):
     _assert_refused(tmp_path, ["-m", str(llama_checkpoint), "-p", "int3"], "-p/--precision",
                     "invalid choice")
+
+
+def test_unwritable_output(tmp_path, llama_checkpoint):
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("-m", str(llama_checkpoint), "-o", str(tmp_path / "afile" / "out"))
+    assert r.returncode == 2 and "cannot write there" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_precision_follows_the_target(tmp_path, llama_checkpoint):
+    r = run_cli("-m", str(llama_checkpoint), "-o", str(tmp_path / "o"), "-e", "cuda")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "o" / "build_manifest.json").read_text())
+    assert manifest["options"]["precision"] == "fp16"

@@ -222,3 +222,25 @@ def test_shared_embeddings_not_yet_on_qnn(checkpoints, tmp_path):
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")
     assert r.returncode == 2 and "not supported yet for -e qnn" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch, prefill, context, extra", [
+    ("phi4mini", 4, 16, ()),                      # LongRoPE scale, partial rotary, tied
+    ("mistral", P, C, ()),                        # 8-token sliding window inside C = 64
+    ("llama", P, C, ("unpack_matmul=false",)),    # packed projections, split for rotary
+])
+def test_static_graph_variants_on_cpu(arch, prefill, context, extra, checkpoints, built,
+                                      tmp_path):
+    """The pipeline's graphs on onnxruntime's CPU EP against the fp32 CPU decoder."""
+    out = build(BuildOptions(
+        model_name=str(checkpoints[arch]), output=tmp_path / "o", precision=Precision.FP16,
+        execution_provider=ExecutionProvider.QNN,
+        extra=ExtraOptions.parse([f"qnn_prefill_length={prefill}",
+                                  f"qnn_context_length={context}", *extra])))
+    prompt = PROMPT[:10]
+    steps = min(10, context - len(prompt))
+    run = run_pipeline(out, prompt, steps)
+    cpu = run_decoder(built[arch], np.array([prompt]), steps=steps - 1,
+                      forced=np.array([run.tokens[:steps - 1]]))
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    assert min(_cosines(run.step_logits, ref)) >= 0.9999

@@ -13,6 +13,7 @@ from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_
 from safetensors import safe_open
 
 from builder import BuildOptions, ExtraOptions, build
+from builder.errors import OptionError
 from builder.options import Precision
 from builder.quant import KQuantQuantizer, RtnQuantizer
 from builder.quant.base import QuantizedWeight, unpack
@@ -72,6 +73,15 @@ def test_k_quant_error_no_worse_than_onnxruntime(bits, shape, block):
     assert ours <= theirs
 
 
+def test_k_quant_handles_blocks_of_one_sign():
+    """The stored zero point is an integer code, so the grid must span 0: a block in [1, 2]
+    must not be clipped (onnxruntime's k-quant clips it)."""
+    w = np.random.default_rng(1).uniform(1, 2, (64, 256)).astype(np.float32)
+    mse = {cls.name: float(((cls(4, 32, False).quantize(w).dequantize() - w) ** 2).mean())
+           for cls in (KQuantQuantizer, RtnQuantizer)}
+    assert mse["k_quant"] <= mse["rtn"]
+
+
 def test_dequantize_roundtrip_is_close():
     w = _weights_with_outliers((64, 256))
     for cls in (RtnQuantizer, KQuantQuantizer):
@@ -124,6 +134,19 @@ def test_mixed_unpacked_promotes_v_only(checkpoints, tmp_path):
     assert eight == {"/lm_head/MatMul_Q8", "/model/embed_tokens/GatherBlockQuantized"} | {
         f"/model/layers.{i}/{p}/MatMul_Q8" for i in (0, 2)
         for p in ("attn/v_proj", "mlp/down_proj")}
+
+
+def test_exclusion_names_must_exist(checkpoints, tmp_path):
+    with pytest.raises(OptionError, match="no quantizable node named "
+                                          "/model/layers.0/attn/q_proj/MatMul"):
+        _build(checkpoints["llama"], tmp_path / "o", "int4",
+               "int4_nodes_to_exclude=/model/layers.0/attn/q_proj/MatMul")  # packed: qkv_proj
+    assert not (tmp_path / "o").exists()
+
+
+def test_gather_only_leaves_matmuls_in_float(checkpoints, tmp_path):
+    out = _build(checkpoints["llama"], tmp_path / "o", "int4", "int4_op_types_to_quantize=Gather")
+    assert set(_nbits(out)) == {"/model/embed_tokens/GatherBlockQuantized"}
 
 
 def test_int8_and_exclusions(checkpoints, tmp_path):

@@ -128,6 +128,8 @@ def test_exclude_embeds(checkpoints, tmp_path):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     readers = [n.op_type for n in m.graph.node if "model.embed_tokens.weight" in n.input]
     assert readers == ["FusedMatMul"]  # no lookup; the tied table stays, for lm_head
+    inputs = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"]
+    assert inputs.get("inputs_embeds") == "inputs_embeds" and "input_ids" not in inputs
 
 
 @pytest.mark.parametrize("option", ["exclude_lm_head=true", "include_hidden_states=true"])
@@ -146,6 +148,9 @@ def test_hidden_states_outputs(option, checkpoints, tmp_path):
                   if i.name.startswith("past")})
     got = dict(zip(outputs, sess.run(None, feeds)))
     assert got["hidden_states"].shape == hidden.shape
+    declared = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["outputs"]
+    assert declared.get("hidden_states") == "hidden_states"
+    assert ("logits" in declared) == option.startswith("include")
     assert max_abs_diff(got["hidden_states"], hidden) <= 1e-4
 
 
