@@ -83,7 +83,7 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     staged = StagedOutput(options.output)  # refuses a foreign -o before anything is fetched
     with meter("source"):
         source = resolve(options.model_name, options.input, options.cache_dir,
-                         options.extra.hf_token)
+                         options.extra.hf_token, weights=not options.extra.config_only)
     config = DecoderConfig.from_file(source.path / "config.json")
     cls = _architecture(config, plugins)
     if cls.config_class is not DecoderConfig:

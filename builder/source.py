@@ -7,6 +7,7 @@ model repository is ever run.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from builder.errors import SourceError
 
 logger = logging.getLogger(__name__)
 
-ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+META_PATTERNS = [
+    "config.json", "generation_config.json", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
 ]
+INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -31,33 +33,60 @@ class Source:
 
 
 def resolve(model_name: str | None, input_dir: Path | None, cache_dir: Path | None,
-            token: str | None) -> Source:
-    """A local folder (``-i``, or ``-m`` naming an existing folder), else a hub download."""
+            token: str | None, weights: bool = True) -> Source:
+    """A local folder (``-i``, or ``-m`` naming an existing folder), else a hub download.
+    ``weights=False`` (config_only): config and tokenizer files only."""
     if input_dir is not None:
-        return _local(Path(input_dir))
+        return _local(Path(input_dir), weights)
     assert model_name
     if Path(model_name).expanduser().exists():
-        return _local(Path(model_name).expanduser())
+        return _local(Path(model_name).expanduser(), weights)
     if model_name.count("/") > 1 or model_name.startswith((".", "/", "~")):
         raise SourceError(f"{model_name}: no such folder")
-    return _hub(model_name, cache_dir, token)
+    return _hub(model_name, cache_dir, token, weights)
 
 
-def _local(folder: Path) -> Source:
+def _local(folder: Path, weights: bool) -> Source:
     if not folder.is_dir():
         raise SourceError(f"{folder}: not a folder")
-    _check_weights(folder, str(folder))
+    _check_weights(folder, str(folder), require_weights=weights)
     return Source(path=folder.resolve())
 
 
-def _hub(repo_id: str, cache_dir: Path | None, token: str | None) -> Source:
+def _hub(repo_id: str, cache_dir: Path | None, token: str | None, weights: bool) -> Source:
+    """Two passes: config, tokenizer and the shard index first; then only the shards the index
+    lists (or the top-level safetensors files when there is no index), so sub-folders and
+    other-format copies such as consolidated.safetensors are never fetched."""
+    logger.info("fetching %s from the Hugging Face hub (config, tokenizer%s)", repo_id,
+                ", safetensors" if weights else "")
+    path = _snapshot(repo_id, cache_dir, token, allow=META_PATTERNS)
+    if not weights:
+        _check_weights(path, repo_id, require_weights=False)
+        return Source(path=path, repo_id=repo_id, revision=path.name)
+    if (path / INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SourceError(f"{repo_id}: malformed {INDEX} ({e})") from None
+        path = _snapshot(repo_id, cache_dir, token, allow=[*META_PATTERNS, *shards])
+    else:
+        path = _snapshot(repo_id, cache_dir, token, allow=[*META_PATTERNS, "*.safetensors"],
+                         ignore=["*/*", "consolidated*"])
+    remote: list[str] = []
+    if not any(path.glob("*.safetensors")):
+        remote = _remote_files(repo_id, token)
+    _check_weights(path, repo_id, remote)
+    return Source(path=path, repo_id=repo_id, revision=path.name)
+
+
+def _snapshot(repo_id: str, cache_dir: Path | None, token: str | None, allow: list[str],
+              ignore: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    logger.info("fetching %s from the Hugging Face hub (config, tokenizer, safetensors)", repo_id)
     try:
-        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, token=token,
-                                      allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, token=token,
+                                      allow_patterns=allow, ignore_patterns=ignore))
     except HFValidationError as e:
         raise SourceError(f"{repo_id}: not a folder nor a valid hub repository id ({e})") from None
     except LocalEntryNotFoundError:
@@ -66,11 +95,6 @@ def _hub(repo_id: str, cache_dir: Path | None, token: str | None) -> Source:
                           "(offline mode or no network)") from None
     except Exception as e:  # network, authentication, missing repository
         raise SourceError(f"{repo_id}: download failed: {type(e).__name__}: {e}") from None
-    remote: list[str] = []
-    if not any(path.glob("*.safetensors")):
-        remote = _remote_files(repo_id, token)
-    _check_weights(path, repo_id, remote)
-    return Source(path=path, repo_id=repo_id, revision=path.name)
 
 
 def _remote_files(repo_id: str, token: str | None) -> list[str]:
@@ -85,10 +109,11 @@ def _remote_files(repo_id: str, token: str | None) -> list[str]:
         return []
 
 
-def _check_weights(folder: Path, label: str, remote: list[str] = ()) -> None:
+def _check_weights(folder: Path, label: str, remote: list[str] = (),
+                   require_weights: bool = True) -> None:
     if not (folder / "config.json").is_file():
         raise SourceError(f"{label}: no config.json in {folder}")
-    if any(folder.glob("*.safetensors")):
+    if not require_weights or any(folder.glob("*.safetensors")):
         return
     names = [p.name for p in folder.iterdir()] + list(remote)
     pickles = sorted({n for n in names if n.endswith(PICKLE_SUFFIXES)})

@@ -71,3 +71,16 @@ def test_hub_snapshot_with_only_pickles_is_refused(tmp_path, llama_checkpoint, o
     assert r.returncode == 2
     assert "only pickled weights (pytorch_model.bin)" in r.stderr
     assert not out.exists()
+
+
+def test_config_only_needs_no_weights(tmp_path, qwen3_checkpoint, offline_env, copy_checkpoint):
+    ck = copy_checkpoint(qwen3_checkpoint)
+    for shard in ck.glob("*.safetensors"):
+        shard.unlink()
+    cache = tmp_path / "cache"
+    _fake_cache(cache, ck)
+    out = tmp_path / "out"
+    r = run_cli("-m", "some-org/tiny-model", "-c", str(cache), "-o", str(out),
+                "--extra_options", "config_only=true", env=offline_env)
+    assert r.returncode == 0, r.stderr
+    assert (out / "genai_config.json").is_file() and not (out / "model.onnx").exists()
