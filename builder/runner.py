@@ -1,0 +1,79 @@
+"""Run what the builder wrote, as onnxruntime-genai would: used by calibration and by tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def session(model_dir: Path, filename: str = "model.onnx"):
+    """An onnxruntime CPU session on one graph of a model folder."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(Path(model_dir) / filename), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class PipelineRun:
+    step_logits: list[np.ndarray]     # [V] per generated token: the prompt's last, then each step
+    tokens: list[int]                 # greedy tokens (or the forced ones)
+
+
+def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
+                 forced: list[int] | None = None, runner=None) -> PipelineRun:
+    """Drive a static decoder-pipeline folder as onnxruntime-genai does: the prompt in chunks of
+    P (the last padded at its end), past_seq_len = row of each call's last token, one shared KV
+    buffer per layer, then one token per step. ``runner(filename, feeds) -> outputs`` runs one
+    graph (default: onnxruntime's CPU EP)."""
+    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    window, context = dec["sliding_window"]["window_size"], cfg["context_length"]
+    stages = {name: spec for s in dec["pipeline"] for name, spec in s.items()}
+    sessions: dict[str, object] = {}
+
+    def run(filename, feeds):
+        if runner is not None:
+            return runner(filename, feeds)
+        if filename not in sessions:
+            sessions[filename] = session(model_dir, filename)
+        sess = sessions[filename]
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+    cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), np.float16)
+             for i in range(layers) for kind in ("key", "value")}
+
+    def call(ids, last_row, phase):
+        emb = run(stages["embeddings"]["filename"], {"input_ids": np.asarray([ids], np.int64)})
+        name = "context" if phase == "prompt" else "iterator"
+        feeds = {"inputs_embeds": emb["inputs_embeds"],
+                 "past_seq_len": np.array([[last_row]], np.int32),
+                 "total_seq_len": np.array([context], np.int32), **cache}
+        out = run(stages[name]["filename"], feeds)
+        for key in list(cache):
+            cache[key] = out[key.replace("past_", "present_")]
+        head = run(stages[f"lm_head_{name}"]["filename"], {"hidden_states": out["hidden_states"]})
+        return head["logits"][0]
+
+    pad = cfg["pad_token_id"]
+    padded = -(-len(prompt) // window) * window
+    ids = list(prompt) + [pad] * (padded - len(prompt))
+    for k in range(0, padded, window):
+        logits = call(ids[k:k + window], k + window - 1, "prompt")
+    logits = [logits[len(prompt) - 1 - (padded - window)].astype(np.float32)]
+    tokens = []
+    for step in range(steps):
+        nxt = int(logits[-1].argmax()) if forced is None else forced[step]
+        tokens.append(nxt)
+        if step == steps - 1:
+            break
+        logits.append(call([nxt], len(prompt) + step, "token")[0].astype(np.float32))
+    return PipelineRun(logits, tokens)
+
+
