@@ -20,12 +20,14 @@ from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import check_options, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
+from builder.quant.calibration import quantize_pipeline
 from builder.source import resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
+QDQ_PRECISIONS = (Precision.W8A16, Precision.INT8)  # static QDQ, calibrated (qnn)
 FLOAT_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16,
                 Precision.BF16: ml_dtypes.bfloat16}
 
@@ -94,8 +96,9 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     filename = options.extra.filename
     if target.static_shapes:
         check_options(options, config)
-    policy = QuantPolicy.from_options(options.precision, options.extra, config.num_hidden_layers,
-                                      plugins.quantizers, target.nbits_accuracy_level)
+    policy = QuantPolicy() if target.static_shapes else QuantPolicy.from_options(
+        options.precision, options.extra, config.num_hidden_layers, plugins.quantizers,
+        target.nbits_accuracy_level)
 
     with staged as tmp, logging_redirect_tqdm():
         weight_files: list[Path] = []
@@ -121,6 +124,9 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
                      if target.static_shapes else
                      genai_config(config, target, source.path, options.extra))
             write_genai_files(tmp, genai, source.path)
+        if target.static_shapes and options.precision in QDQ_PRECISIONS:
+            with meter("calibrate"):
+                quantize_pipeline(tmp, options.extra, source.path)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

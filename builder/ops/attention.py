@@ -103,7 +103,8 @@ class StaticAttentionInputs:
 
 
 def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
-                            context_len: int, window: int | None = None) -> StaticAttentionInputs:
+                            context_len: int, window: int | None = None,
+                            mask_value: float | None = None) -> StaticAttentionInputs:
     """The KV cache is one buffer of C rows where row = absolute position (onnxruntime-genai's
     shared past/present buffer). past_seq_len [1, 1] int32 is the row of the call's last token,
     so the call's tokens go to rows start .. start + S - 1 with start = past_seq_len + 1 - S.
@@ -124,7 +125,7 @@ def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
             oldest = gb.node("Sub", [pos_t, gb.constant(window, i32)], "window/Sub")
             visible = gb.node("And", [visible, gb.node("Greater", [row_t, oldest],
                                                         "window/Greater")], "window/And")
-        lowest = float(np.finfo(np.float16).min)
+        lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
         bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
                                  gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]
         bias = gb.node("Reshape", [bias, gb.constant([1, 1, seq_len, context_len])],

@@ -1,0 +1,99 @@
+"""Calibrated static quantization (w8a16) of the QNN pipeline's transformer graphs.
+
+Activation ranges come from running the float pipeline itself, with onnxruntime on the CPU, the
+way onnxruntime-genai will run it: the prefill graph on real prompts (in chunks, as the runtime
+feeds them) and the decode graph on real decode trajectories, a float prefill followed by greedy
+steps that see the true, growing KV cache. (Calibrating decode on one token with an empty cache
+gives ranges the model never sees in use.) onnxruntime.quantization's QNN configuration then
+writes the QDQ graphs: uint16 activations, int8-range per-channel weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from builder.errors import OptionError
+from builder.options import ExtraOptions
+from builder.runner import run_pipeline, session
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
+GRAPHS = ("context.onnx", "iterator.onnx")
+
+
+def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list[int]]:
+    """Token ids of the calibration prompts, each short enough to leave room for the steps."""
+    path = Path(extra.qnn_calibration) if extra.qnn_calibration else PROMPTS
+    if not path.is_file():
+        raise OptionError(f"qnn_calibration={path}: no such file")
+    texts = [line.strip().replace("\\n", "\n") for line in path.read_text("utf-8").splitlines()]
+    texts = [t for t in texts if t][: extra.qnn_calibration_samples]
+    if not texts:
+        raise OptionError(f"{path}: no calibration prompts (one per line)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise OptionError("calibration tokenizes its prompts with the tokenizers package: "
+                          "pip install tokenizers") from None
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise OptionError(f"{tokenizer_dir}: calibration needs tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    budget = max(1, context - extra.qnn_calibration_steps - 1)
+    return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
+
+
+def capture(folder: Path, token_ids: list[list[int]], steps: int) -> dict[str, list[dict]]:
+    """The inputs each transformer graph receives over prefills and decode trajectories."""
+    seen: dict[str, list[dict]] = {name: [] for name in GRAPHS}
+    sessions: dict[str, object] = {}
+
+    def runner(filename, feeds):
+        if filename in seen:
+            seen[filename].append({k: v.copy() for k, v in feeds.items()})
+        if filename not in sessions:
+            sessions[filename] = session(folder, filename)
+        sess = sessions[filename]
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    for ids in tqdm(token_ids, desc="calibration", unit="prompt", disable=None):
+        run_pipeline(folder, ids, steps, runner=runner)
+    return seen
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over captured feeds."""
+
+    def __init__(self, feeds: list[dict]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path) -> None:
+    """Replace the float transformer graphs in ``folder`` by calibrated w8a16 QDQ graphs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    ids = prompts(extra, source, extra.qnn_context_length)
+    captured = capture(folder, ids, extra.qnn_calibration_steps)
+    logger.info("calibration: %d prompts, %d prefill calls, %d decode steps, method %s",
+                len(ids), len(captured["context.onnx"]), len(captured["iterator.onnx"]),
+                extra.qnn_calibration_method)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[extra.qnn_calibration_method]
+    for name in GRAPHS:
+        config = get_qnn_qdq_config(str(folder / name), _Reader(captured[name]),
+                                    calibrate_method=method,
+                                    activation_type=QuantType.QUInt16,
+                                    weight_type=QuantType.QUInt8, per_channel=True)
+        config.use_external_data_format = True
+        staged = folder / name.replace(".onnx", ".qdq.onnx")
+        quantize(str(folder / name), str(staged), config)
+        os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
+        logger.info("quantized %s: w8a16", name)
