@@ -75,13 +75,29 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path) -> None:
-    """Replace the float transformer graphs in ``folder`` by calibrated w8a16 QDQ graphs."""
+def empty_cache(feeds: list[dict]) -> list[dict]:
+    """The decode inputs a naive calibration uses: each token alone, at row 0 of an all-zero KV
+    cache. Kept only to show, in the tests, what trajectory calibration avoids."""
+    out = []
+    for f in feeds:
+        f = {k: (v * 0 if k.startswith("past_") and k != "past_seq_len" else v)
+             for k, v in f.items()}
+        f["past_seq_len"] = f["past_seq_len"] * 0
+        out.append(f)
+    return out
+
+
+def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
+                      decode_calibration: str = "trajectory") -> None:
+    """Replace the float transformer graphs in ``folder`` by calibrated w8a16 QDQ graphs.
+    (``decode_calibration="empty_cache"`` exists for comparison only.)"""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     ids = prompts(extra, source, extra.qnn_context_length)
     captured = capture(folder, ids, extra.qnn_calibration_steps)
+    if decode_calibration == "empty_cache":
+        captured["iterator.onnx"] = empty_cache(captured["iterator.onnx"])
     logger.info("calibration: %d prompts, %d prefill calls, %d decode steps, method %s",
                 len(ids), len(captured["context.onnx"]), len(captured["iterator.onnx"]),
                 extra.qnn_calibration_method)
