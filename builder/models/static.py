@@ -66,7 +66,7 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None
                gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in range(c.num_hidden_layers)]
     # A calibrated QDQ graph quantizes the scores together with the mask: a mask of -65504
     # would leave uint16 activations a step of about 1, so those graphs use -50.
-    quantized = str(b.options.precision) in ("w8a16", "int8")
+    quantized = str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4")
     b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len,
                                        c.sliding_window, -50.0 if quantized else None)
     b.present = {}

@@ -88,9 +88,10 @@ def empty_cache(feeds: list[dict]) -> list[dict]:
 
 
 def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
-                      decode_calibration: str = "trajectory") -> None:
-    """Replace the float transformer graphs in ``folder`` by calibrated w8a16 QDQ graphs.
-    (``decode_calibration="empty_cache"`` exists for comparison only.)"""
+                      decode_calibration: str = "trajectory", weight_bits: int = 8) -> None:
+    """Replace the float transformer graphs in ``folder`` by calibrated QDQ graphs: w8a16, or
+    w4a16 (int4 per-channel weights, which the HTP takes on Conv, so the layers' projections are
+    1x1 Convs in those builds). (``decode_calibration="empty_cache"`` is for comparison only.)"""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -107,9 +108,10 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
         config = get_qnn_qdq_config(str(folder / name), _Reader(captured[name]),
                                     calibrate_method=method,
                                     activation_type=QuantType.QUInt16,
-                                    weight_type=QuantType.QUInt8, per_channel=True)
+                                    weight_type=QuantType.QUInt8 if weight_bits == 8
+                                    else QuantType.QInt4, per_channel=True)
         config.use_external_data_format = True
         staged = folder / name.replace(".onnx", ".qdq.onnx")
         quantize(str(folder / name), str(staged), config)
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
-        logger.info("quantized %s: w8a16", name)
+        logger.info("quantized %s: w%da16", name, weight_bits)
