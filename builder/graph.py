@@ -153,11 +153,12 @@ class GraphBuilder:
         self._outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     # -- initializers --------------------------------------------------------------------
-    def initializer(self, name: str, array: np.ndarray) -> str:
+    def initializer(self, name: str, array: np.ndarray | None) -> str:
         """Add a tensor; large ones go straight to the external data file.
 
         Float arrays (bf16, fp16, fp32) are stored as ``float_dtype``, converted a slice at a
-        time while written, so a large bf16 table never exists whole in fp32.
+        time while written, so a large bf16 table never exists whole in fp32. ``array=None``
+        references a tensor another graph already stored in the shared data file.
         """
         if name in self._initializer_names:
             raise ValueError(f"initializer {name!r} added twice")
@@ -165,6 +166,8 @@ class GraphBuilder:
             self._initializer_names.add(name)
             self._initializers.append(self.store.written[name])
             return name
+        if array is None:
+            raise ValueError(f"initializer {name!r} is not stored yet")
         dtype = self.float_dtype if _is_float(array.dtype) else array.dtype
         if dtype not in DTYPES:
             raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
@@ -172,7 +175,9 @@ class GraphBuilder:
         nbytes = array.size * dtype.itemsize
         if nbytes < INLINE_LIMIT:
             array = np.ascontiguousarray(array, dtype=dtype)
-            self._initializers.append(numpy_helper.from_array(array, name))
+            tensor = numpy_helper.from_array(array, name)
+            self._initializers.append(tensor)
+            self.store.written[name] = tensor  # another graph may reference it by name
             return name
         tensor = TensorProto(name=name, data_type=DTYPES[dtype], dims=array.shape)
         offset = self._data.tell()
@@ -226,3 +231,39 @@ class GraphBuilder:
     def close(self) -> None:
         if self._own_store:
             self.store.close()
+
+
+def quantize_io(path: Path, ranges: dict[str, tuple[float, float]]) -> None:
+    """Wrap the named graph inputs and outputs of a saved model in uint16 QuantizeLinear /
+    DequantizeLinear pairs with the given (min, max) ranges, so that the ops between them form
+    QDQ node units (an HTP runs those whole; the pairs at the graph's edge stay on the CPU)."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    new_nodes, new_inits = [], []
+    for name, (lo, hi) in sorted(ranges.items()):
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        scale = np.float32(max(hi - lo, 1e-8) / 65535)
+        zero = np.uint16(np.clip(np.rint(-lo / scale), 0, 65535))
+        s, z = f"{name}/qdq/scale", f"{name}/qdq/zero_point"
+        new_inits += [numpy_helper.from_array(np.array(scale), s),
+                      numpy_helper.from_array(np.array(zero), z)]
+        is_input = any(v.name == name for v in g.input)
+        raw, q, dq = (name, f"{name}/qdq/q", f"{name}/qdq/dq") if is_input else \
+            (f"{name}/qdq/float", f"{name}/qdq/q", name)
+        if is_input:  # consumers read the dequantized value
+            for node in g.node:
+                node.input[:] = [dq if i == name else i for i in node.input]
+        else:  # the producer writes the float value, the pair writes the output
+            for node in g.node:
+                node.output[:] = [raw if o == name else o for o in node.output]
+        new_nodes += [helper.make_node("QuantizeLinear", [raw, s, z], [q], name=f"{name}/Q"),
+                      helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{name}/DQ")]
+    inputs = [n for n in new_nodes if any(n.input[0] == v.name for v in g.input)
+              or n.op_type == "DequantizeLinear" and n.input[0].startswith(
+                  tuple(v.name + "/" for v in g.input))]
+    others = [n for n in new_nodes if n not in inputs]
+    nodes = inputs + list(g.node) + others
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    onnx.save_model(model, str(path))

@@ -218,34 +218,49 @@ def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path
     assert compiled.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]
 
 
-def test_shared_embeddings_not_yet_on_qnn(checkpoints, tmp_path):
-    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o"), "-e", "qnn",
-                "-p", "fp16", "--extra_options", "shared_embeddings=true",
-                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
-    assert r.returncode == 2 and "not supported yet for -e qnn" in r.stderr
-    assert not (tmp_path / "o").exists()
+def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_path):
+    for ck, precision, message in (("qwen3", "fp16", "use -p w8a16 or w4a16"),
+                                   ("llama", "w8a16", "tie_word_embeddings=false")):
+        r = run_cli("-m", str(checkpoints[ck]), "-o", str(tmp_path / "o"), "-e", "qnn",
+                    "-p", precision, "--extra_options", "shared_embeddings=true",
+                    f"qnn_prefill_length={P}", f"qnn_context_length={C}")
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("arch, prefill, context, extra", [
-    ("phi4mini", 4, 16, ()),                      # LongRoPE scale, partial rotary, tied
-    ("mistral", P, C, ()),                        # 8-token sliding window inside C = 64
-    ("llama", P, C, ("unpack_matmul=false",)),    # packed projections, split for rotary
-])
-def test_static_graph_variants_on_cpu(arch, prefill, context, extra, checkpoints, built,
-                                      tmp_path):
-    """The pipeline's graphs on onnxruntime's CPU EP against the fp32 CPU decoder."""
-    out = build(BuildOptions(
-        model_name=str(checkpoints[arch]), output=tmp_path / "o", precision=Precision.FP16,
-        execution_provider=ExecutionProvider.QNN,
-        extra=ExtraOptions.parse([f"qnn_prefill_length={prefill}",
-                                  f"qnn_context_length={context}", *extra])))
-    prompt = PROMPT[:10]
-    steps = min(10, context - len(prompt))
-    run = run_pipeline(out, prompt, steps)
-    cpu = run_decoder(built[arch], np.array([prompt]), steps=steps - 1,
-                      forced=np.array([run.tokens[:steps - 1]]))
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    assert min(_cosines(run.step_logits, ref)) >= 0.9999
+def test_mission_command(checkpoints, tmp_path):
+    """python -m builder -m <Qwen3> -p int4 -e qnn --extra_options shared_embeddings=true: a
+    calibrated w4a16 pipeline whose lookup and lm_head read one int8 table, stored once, and
+    which onnxruntime-genai runs with the QNN EP."""
+    import onnx
+
+    out = tmp_path / "qwen3-qnn"
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(out), "-p", "int4", "-e", "qnn",
+                "--extra_options", "shared_embeddings=true", f"qnn_prefill_length={P}",
+                f"qnn_context_length={C}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "calibration:" in r.stderr
+    tables = {}
+    for graph in ("embeddings.onnx", "lm_head_context.onnx", "lm_head_iterator.onnx"):
+        m = onnx.load(str(out / graph), load_external_data=False)
+        big = {t.name: t for t in m.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert set(big) <= {"model.embed_tokens.weight_int8", "model.embed_tokens.weight_scale"}
+        table = big["model.embed_tokens.weight_int8"]
+        assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [64, 256]
+        tables[graph] = {e.key: e.value for e in table.external_data}
+    assert len({(t["location"], t["offset"]) for t in tables.values()}) == 1  # stored once
+    for graph in ("lm_head_context.onnx", "lm_head_iterator.onnx"):
+        run = run_on_qnn(out / graph, _feeds(out, graph, np.random.default_rng(0)))
+        assert run.cpu_nodes == ["QuantizeLinear (hidden_states/Q)",
+                                 "DequantizeLinear (logits/DQ)"], run.cpu_nodes
+    g = _genai(out, PROMPT, 40, "qnn")
+    assert g.returncode == 0, g.stderr[-2000:]
+    sequence = json.loads(g.stdout.strip().splitlines()[-1])
+    pad = json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
+    generated = [t for t in sequence[len(PROMPT):] if t != pad]
+    assert len(generated) >= 16
+    assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
 
 
 @pytest.fixture(scope="module")
@@ -304,8 +319,8 @@ def test_trajectory_calibration_beats_empty_cache(arch, checkpoints, built, w8a1
     from builder.quant.calibration import quantize_pipeline
 
     # (the module, not the function that builder/__init__ exports under the same name)
-    def naive_calibration(*args):
-        return quantize_pipeline(*args, decode_calibration="empty_cache")
+    def naive_calibration(*args, **kwargs):
+        return quantize_pipeline(*args, decode_calibration="empty_cache", **kwargs)
 
     monkeypatch.setattr(sys.modules["builder.build"], "quantize_pipeline", naive_calibration)
     naive = _qnn_build(checkpoints[arch], tmp_path / "empty_cache", "w8a16")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from onnx import TensorProto
 
 from builder.errors import ConfigError
@@ -37,21 +38,60 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present_value_{layer}")
 
 
+def quantized_precision(b: DecoderBuilder) -> bool:
+    """Calibrated QDQ builds (w8a16, w4a16 and their int8/int4 spellings)."""
+    return str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4")
+
+
+def int8_table(b: DecoderBuilder, role: R, name: str) -> tuple[str, str, str]:
+    """A [vocab, hidden] table stored as lm_head's MatMul weight: int8 [hidden, vocab],
+    symmetric per vocab column (per output channel). Returns the initializer names of codes,
+    scales and zero points; stored once in the shared data file, whichever graph comes first."""
+    gb, names = b.gb, (f"{name}_int8", f"{name}_scale", f"{name}_zero_point")
+    if names[0] in gb.store.written:
+        return tuple(gb.initializer(n, None) for n in names)
+    w = b.weight(role).astype(np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1), np.float32(1e-12)) / np.float32(127)
+    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    gb.initializer(names[0], np.ascontiguousarray(codes.T))
+    gb.initializer(names[1], scale.astype(np.float32))
+    gb.initializer(names[2], np.zeros(scale.shape, np.int8))
+    return names
+
+
+def dequantized(gb, codes: str, scale: str, zero_point: str) -> str:
+    return gb.node("DequantizeLinear", [codes, scale, zero_point], "DequantizeLinear", axis=1)
+
+
 def build_embeddings(b: DecoderBuilder) -> None:
-    """input_ids [1, S] (any S) → inputs_embeds; a lookup, run on the CPU EP."""
+    """input_ids [1, S] (any S) → inputs_embeds; a lookup, run on the CPU EP. Shared with
+    lm_head, it reads lm_head's int8 [hidden, vocab] table through a DequantizeLinear."""
     gb, c = b.gb, b.config
     ids = gb.input("input_ids", INT64, [1, "sequence_length"])
-    table = gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED))
-    gb.output(embedding(gb, "/model/embed_tokens", ids, table), "inputs_embeds", gb.float_type,
-              [1, "sequence_length", c.hidden_size])
+    if b.extra.shared_embeddings:
+        with gb.scope("/model/embed_tokens"):
+            table = dequantized(gb, *int8_table(b, R.EMBED, b.weight_name(R.EMBED)))
+            columns = gb.node("Gather", [table, ids], axis=1)               # [hidden, 1, S]
+            out = gb.node("Transpose", [columns], perm=[1, 2, 0])
+    else:
+        out = embedding(gb, "/model/embed_tokens", ids,
+                        gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED)))
+    gb.output(out, "inputs_embeds", gb.float_type, [1, "sequence_length", c.hidden_size])
 
 
 def build_lm_head(b: DecoderBuilder, seq_len: int) -> None:
-    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]."""
+    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]. In quantized
+    builds lm_head is int8 per channel (DequantizeLinear → MatMul); calibration then adds the
+    uint16 Quantize/Dequantize pairs around it (``builder.quant.calibration``)."""
     gb, c = b.gb, b.config
     h = gb.input("hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
     role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
-    logits = linear(gb, "/lm_head", h, b.weight(role), b.weight_name(R.LM_HEAD))
+    if quantized_precision(b):
+        name = b.weight_name(R.EMBED if b.extra.shared_embeddings else R.LM_HEAD)
+        with gb.scope("/lm_head"):
+            logits = gb.node("MatMul", [h, dequantized(gb, *int8_table(b, role, name))])
+    else:
+        logits = linear(gb, "/lm_head", h, b.weight(role), b.weight_name(R.LM_HEAD))
     gb.output(logits, "logits", gb.float_type, [1, seq_len, c.vocab_size])
 
 
@@ -66,7 +106,7 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None
                gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in range(c.num_hidden_layers)]
     # A calibrated QDQ graph quantizes the scores together with the mask: a mask of -65504
     # would leave uint16 activations a step of about 1, so those graphs use -50.
-    quantized = str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4")
+    quantized = quantized_precision(b)
     b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len,
                                        c.sliding_window, -50.0 if quantized else None)
     b.present = {}

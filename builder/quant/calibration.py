@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from builder.errors import OptionError
+from builder.graph import quantize_io
 from builder.options import ExtraOptions
 from builder.runner import run_pipeline, session
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 PROMPTS = Path(__file__).with_name("calibration_prompts.txt")
 GRAPHS = ("context.onnx", "iterator.onnx")
+LM_HEADS = ("lm_head_context.onnx", "lm_head_iterator.onnx")
 
 
 def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list[int]]:
@@ -47,10 +49,17 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
     return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
 
 
-def capture(folder: Path, token_ids: list[list[int]], steps: int) -> dict[str, list[dict]]:
-    """The inputs each transformer graph receives over prefills and decode trajectories."""
+def capture(folder: Path, token_ids: list[list[int]], steps: int
+            ) -> tuple[dict[str, list[dict]], dict[str, tuple[float, float]]]:
+    """The inputs each transformer graph receives over prefills and decode trajectories, and
+    the ranges lm_head's input and output take."""
     seen: dict[str, list[dict]] = {name: [] for name in GRAPHS}
+    ranges: dict[str, tuple[float, float]] = {}
     sessions: dict[str, object] = {}
+
+    def widen(name, value):
+        lo, hi = ranges.get(name, (0.0, 0.0))
+        ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
 
     def runner(filename, feeds):
         if filename in seen:
@@ -58,11 +67,15 @@ def capture(folder: Path, token_ids: list[list[int]], steps: int) -> dict[str, l
         if filename not in sessions:
             sessions[filename] = session(folder, filename)
         sess = sessions[filename]
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        if filename in LM_HEADS:
+            widen("hidden_states", feeds["hidden_states"])
+            widen("logits", out["logits"])
+        return out
 
     for ids in tqdm(token_ids, desc="calibration", unit="prompt", disable=None):
         run_pipeline(folder, ids, steps, runner=runner)
-    return seen
+    return seen, ranges
 
 
 class _Reader:
@@ -96,7 +109,7 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     ids = prompts(extra, source, extra.qnn_context_length)
-    captured = capture(folder, ids, extra.qnn_calibration_steps)
+    captured, lm_ranges = capture(folder, ids, extra.qnn_calibration_steps)
     if decode_calibration == "empty_cache":
         captured["iterator.onnx"] = empty_cache(captured["iterator.onnx"])
     logger.info("calibration: %d prompts, %d prefill calls, %d decode steps, method %s",
@@ -115,3 +128,6 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
         quantize(str(folder / name), str(staged), config)
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
         logger.info("quantized %s: w%da16", name, weight_bits)
+    for name in LM_HEADS:  # int8 weights already; add the calibrated uint16 activations
+        quantize_io(folder / name, lm_ranges)
+    logger.info("lm_head: int8 per-channel weights, uint16 activations %s", lm_ranges)
