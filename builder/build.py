@@ -28,7 +28,8 @@ from builder.weights import CheckpointReader
 logger = logging.getLogger(__name__)
 
 # static QDQ, calibrated (qnn): int8 = w8a16, int4 = w4a16
-QDQ_PRECISIONS = (Precision.W8A16, Precision.INT8, Precision.W4A16, Precision.INT4)
+QDQ_PRECISIONS = (Precision.W8A16, Precision.INT8, Precision.W4A16, Precision.INT4,
+                  Precision.W8A8)
 FOUR_BIT = (Precision.W4A16, Precision.INT4)
 FLOAT_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16,
                 Precision.BF16: ml_dtypes.bfloat16}
@@ -129,7 +130,9 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
         if target.static_shapes and options.precision in QDQ_PRECISIONS:
             with meter("calibrate"):
                 quantize_pipeline(tmp, options.extra, source.path,
-                                  weight_bits=4 if options.precision in FOUR_BIT else 8)
+                                  weight_bits=4 if options.precision in FOUR_BIT else 8,
+                                  activation_bits=8 if options.precision == Precision.W8A8
+                                  else 16)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

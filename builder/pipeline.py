@@ -37,7 +37,7 @@ UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_state
 def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
     """Refuse what static pipelines cannot do (yet), before anything is written."""
     x = options.extra
-    if x.shared_embeddings and str(options.precision) not in ("w8a16", "int8", "w4a16", "int4"):
+    if x.shared_embeddings and str(options.precision) not in ("w8a16", "int8", "w4a16", "int4", "w8a8"):
         raise OptionError("shared_embeddings=true on -e qnn shares lm_head's int8 table, which "
                           "quantized builds have: use -p w8a16 or w4a16 (or int8 / int4)")
     if x.shared_embeddings and not config.tie_word_embeddings:

@@ -55,7 +55,7 @@ QNN = TargetCaps(
     name="qnn",
     # fp32 graphs run at fp16 precision on the HTP; int8 = w8a16, int4 = w4a16: calibrated QDQ
     precisions=(Precision.FP16, Precision.FP32, Precision.W8A16, Precision.INT8,
-                Precision.W4A16, Precision.INT4),
+                Precision.W4A16, Precision.INT4, Precision.W8A8),
     attention="decomposed",   # GroupQueryAttention is filtered off the HTP; opset-23 Attention
                               # fails to execute inside QDQ graphs
     skip_norm=False,          # SkipSimplifiedLayerNormalization is not supported by the QNN EP

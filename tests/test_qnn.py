@@ -368,3 +368,16 @@ def test_w4a16_placement_and_accuracy(arch, checkpoints, built, tmp_path):
           f"{min(_cosines(on_qnn.step_logits, on_cpu.step_logits)):.5f}")
     assert np.mean(cos) >= W4A16_MEAN_COSINE[arch]
     assert min(_cosines(on_qnn.step_logits, on_cpu.step_logits)) >= 0.99
+
+
+def test_w8a8_builds_and_runs_on_qnn(checkpoints, built, tmp_path):
+    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8")
+    run = run_on_qnn(folder / "iterator.onnx", _feeds(folder, "iterator.onnx",
+                                                       np.random.default_rng(0)))
+    assert run.placed["QNNExecutionProvider"] == 1
+    assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
+    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    ours = run_pipeline_on_qnn(folder, PROMPT, 9, forced=[int(r.argmax()) for r in ref])
+    print(f"qwen3 w8a8 on QNN: mean cosine {np.mean(_cosines(ours.step_logits, ref)):.4f}")
+    assert np.mean(_cosines(ours.step_logits, ref)) >= 0.9

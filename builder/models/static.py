@@ -40,7 +40,7 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 
 def quantized_precision(b: DecoderBuilder) -> bool:
     """Calibrated QDQ builds (w8a16, w4a16 and their int8/int4 spellings)."""
-    return str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4")
+    return str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4", "w8a8")
 
 
 def int8_table(b: DecoderBuilder, role: R, name: str) -> tuple[str, str, str]:

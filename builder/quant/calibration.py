@@ -101,7 +101,8 @@ def empty_cache(feeds: list[dict]) -> list[dict]:
 
 
 def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
-                      decode_calibration: str = "trajectory", weight_bits: int = 8) -> None:
+                      decode_calibration: str = "trajectory", weight_bits: int = 8,
+                      activation_bits: int = 16) -> None:
     """Replace the float transformer graphs in ``folder`` by calibrated QDQ graphs: w8a16, or
     w4a16 (int4 per-channel weights, which the HTP takes on Conv, so the layers' projections are
     1x1 Convs in those builds). (``decode_calibration="empty_cache"`` is for comparison only.)"""
@@ -120,14 +121,15 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
     for name in GRAPHS:
         config = get_qnn_qdq_config(str(folder / name), _Reader(captured[name]),
                                     calibrate_method=method,
-                                    activation_type=QuantType.QUInt16,
+                                    activation_type=QuantType.QUInt16
+                                    if activation_bits == 16 else QuantType.QUInt8,
                                     weight_type=QuantType.QUInt8 if weight_bits == 8
                                     else QuantType.QInt4, per_channel=True)
         config.use_external_data_format = True
         staged = folder / name.replace(".onnx", ".qdq.onnx")
         quantize(str(folder / name), str(staged), config)
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
-        logger.info("quantized %s: w%da16", name, weight_bits)
+        logger.info("quantized %s: w%da%d", name, weight_bits, activation_bits)
     for name in LM_HEADS:  # int8 weights already; add the calibrated uint16 activations
         quantize_io(folder / name, lm_ranges)
     logger.info("lm_head: int8 per-channel weights, uint16 activations %s", lm_ranges)
