@@ -69,6 +69,8 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) -> None:
     """Random bf16 weights (std 0.02, norms 1.0), sharded with an index, as transformers saves."""
     if (folder / "model.safetensors.index.json").is_file():
+        if not (folder / "tokenizer.json").is_file():
+            write_tokenizer(folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -94,6 +96,22 @@ def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(folder)
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer (256 ids, all inside any real vocabulary), so that QNN calibration
+    can tokenize its prompts; needs the tokenizers package."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        return
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
@@ -124,6 +142,9 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-fp16": (["-p", "fp16", "-e", "qnn"], None),
     "qnn-fp16-epcontext": (["-p", "fp16", "-e", "qnn", "--extra_options", "qnn_epcontext=true"],
                            None),
+    "qnn-w8a16": (["-p", "w8a16", "-e", "qnn"], None),
+    "qnn-int4-shared": (["-p", "int4", "-e", "qnn", "--extra_options", "shared_embeddings=true"],
+                        None),
 }
 
 
