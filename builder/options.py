@@ -113,7 +113,8 @@ class ExtraOptions:
         16, "-e qnn -p w8a16/int8: greedy decode steps per prompt, calibrating the decode graph "
         "on real trajectories (true, growing KV cache).")
     qnn_calibration_method: str = _opt(
-        "minmax", "-e qnn -p w8a16/int8: activation range estimator.",
+        "minmax", "-e qnn -p w8a16/int8: activation range estimator (percentile and entropy: "
+        "not supported yet).",
         choices=("minmax", "percentile", "entropy"))
     qnn_epcontext: bool = _opt(
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "

@@ -43,6 +43,10 @@ def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, in
     if x.shared_embeddings and not config.tie_word_embeddings:
         raise OptionError("shared_embeddings=true needs a checkpoint that ties its embeddings, "
                           "but config.json has tie_word_embeddings=false")
+    if x.qnn_calibration_method != "minmax":
+        raise OptionError(f"qnn_calibration_method={x.qnn_calibration_method} is not supported "
+                          "yet (onnxruntime's histogram calibrators fail on this graph's "
+                          "near-constant tensors); use minmax")
     for name in UNSUPPORTED_ON_QNN:
         if getattr(x, name) != ExtraOptions.__dataclass_fields__[name].default:
             raise OptionError(f"extra option {name} is not supported yet for -e qnn")

@@ -381,3 +381,23 @@ def test_w8a8_builds_and_runs_on_qnn(checkpoints, built, tmp_path):
     ours = run_pipeline_on_qnn(folder, PROMPT, 9, forced=[int(r.argmax()) for r in ref])
     print(f"qwen3 w8a8 on QNN: mean cosine {np.mean(_cosines(ours.step_logits, ref)):.4f}")
     assert np.mean(_cosines(ours.step_logits, ref)) >= 0.9
+
+
+def test_calibration_options(checkpoints, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A first prompt about rivers.\n\nA second one, about mountains.\nA third.\n")
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o"), "-e", "qnn",
+                "-p", "w8a16", "--extra_options", f"qnn_calibration={prompts}",
+                "qnn_calibration_samples=2", "qnn_calibration_steps=4",
+                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "calibration: 2 prompts, 4 decode steps each, method minmax" in r.stderr
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o3"), "-e", "qnn",
+                "-p", "w8a16", "--extra_options", "qnn_calibration_method=entropy",
+                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
+    assert r.returncode == 2 and "entropy is not supported yet" in r.stderr
+    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o2"), "-e", "qnn",
+                "-p", "w8a16", "--extra_options", f"qnn_calibration={tmp_path / 'none.txt'}",
+                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
+    assert r.returncode == 2 and "none.txt: no such file" in r.stderr
+    assert not (tmp_path / "o2").exists()

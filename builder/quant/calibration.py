@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -49,55 +52,75 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
     return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
 
 
-def capture(folder: Path, token_ids: list[list[int]], steps: int
-            ) -> tuple[dict[str, list[dict]], dict[str, tuple[float, float]]]:
-    """The inputs each transformer graph receives over prefills and decode trajectories, and
-    the ranges lm_head's input and output take."""
-    seen: dict[str, list[dict]] = {name: [] for name in GRAPHS}
-    ranges: dict[str, tuple[float, float]] = {}
-    sessions: dict[str, object] = {}
+def stream(folder: Path, token_ids: list[list[int]], steps: int, graph: str,
+           ranges: dict[str, tuple[float, float]] | None = None) -> Iterator[dict]:
+    """The inputs ``graph`` receives over the calibration run (prefills on the prompts, then
+    greedy decode trajectories), one at a time: a thread runs the float pipeline and hands each
+    call's inputs over as the quantizer asks for them, so memory holds one set (KV buffers
+    included) instead of all of them. ``ranges`` collects lm_head's input and output ranges."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    done, failure = object(), []
 
     def widen(name, value):
         lo, hi = ranges.get(name, (0.0, 0.0))
         ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
 
-    def runner(filename, feeds):
-        if filename in seen:
-            seen[filename].append({k: v.copy() for k, v in feeds.items()})
-        if filename not in sessions:
-            sessions[filename] = session(folder, filename)
-        sess = sessions[filename]
-        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        if filename in LM_HEADS:
-            widen("hidden_states", feeds["hidden_states"])
-            widen("logits", out["logits"])
-        return out
+    def work():
+        sessions: dict[str, object] = {}
 
-    for ids in tqdm(token_ids, desc="calibration", unit="prompt", disable=None):
-        run_pipeline(folder, ids, steps, runner=runner)
-    return seen, ranges
+        def runner(filename, feeds):
+            if filename == graph:
+                handoff.put(feeds)
+            if filename not in sessions:
+                sessions[filename] = session(folder, filename)
+            sess = sessions[filename]
+            out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            if ranges is not None and filename in LM_HEADS:
+                widen("hidden_states", feeds["hidden_states"])
+                widen("logits", out["logits"])
+            return out
+
+        try:
+            for ids in tqdm(token_ids, desc=f"calibrating {graph}", unit="prompt", disable=None):
+                run_pipeline(folder, ids, steps, runner=runner)
+        except BaseException as e:  # re-raised in the consumer
+            failure.append(e)
+        finally:
+            handoff.put(done)
+
+    threading.Thread(target=work, daemon=True, name="calibration").start()
+    while (item := handoff.get()) is not done:
+        yield item
+    if failure:
+        raise failure[0]
+
+
+def empty_cache(feeds: Iterator[dict]) -> Iterator[dict]:
+    """The decode inputs a naive calibration uses: each token alone, at row 0 of an all-zero KV
+    cache. Kept only to show, in the tests, what trajectory calibration avoids."""
+    for f in feeds:
+        yield {k: v * 0 if k.startswith("past_") else v for k, v in f.items()}
 
 
 class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader over captured feeds."""
+    """onnxruntime.quantization's CalibrationDataReader over a stream of feeds. With
+    ``set_range`` (the quantizer's "strided" MinMax mode) it hands out one slice at a time,
+    after which the quantizer folds the slice into its ranges and drops the activations."""
 
-    def __init__(self, feeds: list[dict]) -> None:
-        self._it = iter(feeds)
+    def __init__(self, feeds: Iterator[dict], count: int) -> None:
+        self._it, self._count, self._left = feeds, count, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._left = end_index - start_index
 
     def get_next(self):
+        if self._left <= 0:
+            return None
+        self._left -= 1
         return next(self._it, None)
-
-
-def empty_cache(feeds: list[dict]) -> list[dict]:
-    """The decode inputs a naive calibration uses: each token alone, at row 0 of an all-zero KV
-    cache. Kept only to show, in the tests, what trajectory calibration avoids."""
-    out = []
-    for f in feeds:
-        f = {k: (v * 0 if k.startswith("past_") and k != "past_seq_len" else v)
-             for k, v in f.items()}
-        f["past_seq_len"] = f["past_seq_len"] * 0
-        out.append(f)
-    return out
 
 
 def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
@@ -110,22 +133,30 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     ids = prompts(extra, source, extra.qnn_context_length)
-    captured, lm_ranges = capture(folder, ids, extra.qnn_calibration_steps)
-    if decode_calibration == "empty_cache":
-        captured["iterator.onnx"] = empty_cache(captured["iterator.onnx"])
-    logger.info("calibration: %d prompts, %d prefill calls, %d decode steps, method %s",
-                len(ids), len(captured["context.onnx"]), len(captured["iterator.onnx"]),
+    steps = extra.qnn_calibration_steps
+    logger.info("calibration: %d prompts, %d decode steps each, method %s", len(ids), steps,
                 extra.qnn_calibration_method)
+    lm_ranges: dict[str, tuple[float, float]] = {}
+    window = extra.qnn_prefill_length
+    count = {"context.onnx": sum(-(-len(i) // window) for i in ids),
+             "iterator.onnx": len(ids) * (steps - 1)}
+    feeds = {"context.onnx": lambda: stream(folder, ids, steps, "context.onnx", lm_ranges),
+             "iterator.onnx": lambda: stream(folder, ids, steps, "iterator.onnx")}
+    if decode_calibration == "empty_cache":
+        feeds["iterator.onnx"] = lambda: empty_cache(stream(folder, ids, steps,
+                                                            "iterator.onnx"))
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[extra.qnn_calibration_method]
     for name in GRAPHS:
-        config = get_qnn_qdq_config(str(folder / name), _Reader(captured[name]),
+        config = get_qnn_qdq_config(str(folder / name), _Reader(feeds[name](), count[name]),
                                     calibrate_method=method,
                                     activation_type=QuantType.QUInt16
                                     if activation_bits == 16 else QuantType.QUInt8,
                                     weight_type=QuantType.QUInt8 if weight_bits == 8
                                     else QuantType.QInt4, per_channel=True)
         config.use_external_data_format = True
+        if method == CalibrationMethod.MinMax:  # fold each call's ranges in, keep no activations
+            config.extra_options["CalibStridedMinMax"] = 1
         staged = folder / name.replace(".onnx", ".qdq.onnx")
         quantize(str(folder / name), str(staged), config)
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
