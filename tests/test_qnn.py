@@ -72,6 +72,22 @@ def _cosines(a, b):
     return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
+def _against_cpu(folder, cpu_folder, steps=17):
+    """The QNN pipeline fed the fp32 CPU decoder's greedy path: (reference logits, the CPU's
+    greedy ids, our logits on that path, cosine per step, max abs logit error, our argmaxes)."""
+    cpu = run_decoder(cpu_folder, np.array([PROMPT]), steps=steps - 1)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    ours = run_pipeline_on_qnn(folder, PROMPT, steps, forced=greedy).step_logits
+    err = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
+    return ref, greedy, ours, _cosines(ours, ref), err, [int(x.argmax()) for x in ours]
+
+
+def _misses_are_near_ties(top1, greedy, ref, err):
+    for step, (a, b) in enumerate(zip(top1, greedy)):
+        assert a == b or float(ref[step][b] - ref[step][a]) <= 2 * err, (step, a, b, err)
+
+
 @pytest.mark.parametrize("arch, precision, extra", [(a, "fp16", ()) for a in ARCHS] + [
     ("llama", "fp32", ()), ("qwen3", "fp16", ("qnn_linear=conv",))])
 def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, qnn_built, built,
@@ -89,24 +105,16 @@ def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, qnn_built, 
         for graph in ("context.onnx", "iterator.onnx"):
             run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
             assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}
-    steps = 17
-    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=steps - 1)
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    greedy_cpu = [int(r.argmax()) for r in ref]
-    # Fed the CPU decoder's greedy path, the HTP must pick the same token at every step...
-    forced = run_pipeline_on_qnn(folder, PROMPT, steps, forced=greedy_cpu)
-    cos = _cosines(forced.step_logits, ref)
-    err = max(float(np.abs(a - b).max()) for a, b in zip(forced.step_logits, ref))
-    ours = [int(logits.argmax()) for logits in forced.step_logits]
-    print(f"{arch} qnn {precision} {extra}: greedy {greedy_cpu[:8]}..., min cosine {min(cos):.6f}, max abs "
-          f"logit error {err:.4f}, top-1 {np.mean(np.array(ours) == greedy_cpu):.0%}")
+    # Fed the CPU decoder's greedy path, the HTP picks the same token at every step, unless the
+    # fp32 reference itself is a near-tie that fp16 error can flip...
+    ref, greedy_cpu, _, cos, err, ours = _against_cpu(folder, built[arch])
+    print(f"{arch} qnn {precision} {extra}: greedy {greedy_cpu[:8]}..., min cosine "
+          f"{min(cos):.6f}, max abs logit error {err:.4f}, top-1 "
+          f"{np.mean(np.array(ours) == greedy_cpu):.0%}")
     assert min(cos) >= 0.999
-    for step, (a, b) in enumerate(zip(ours, greedy_cpu)):
-        # ... unless the fp32 reference itself is a near-tie that fp16 error can flip.
-        margin = float(ref[step][b] - ref[step][a])
-        assert a == b or margin <= 2 * err, (step, a, b, margin, err)
+    _misses_are_near_ties(ours, greedy_cpu, ref, err)
     # ...and, left to itself, the pipeline generates the same ids while no near-tie intervenes.
-    _same_greedy_until_a_near_tie(run_pipeline_on_qnn(folder, PROMPT, steps).tokens,
+    _same_greedy_until_a_near_tie(run_pipeline_on_qnn(folder, PROMPT, 17).tokens,
                                   greedy_cpu, ref, err)
 
 
@@ -283,20 +291,12 @@ def test_w8a16_placement_and_accuracy(arch, w8a16_built, built):
         layers = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"][
             "num_hidden_layers"]
         assert len(run.cpu_nodes) == 4 * layers + 2  # KV in and out per layer, embeds, hidden
-    steps = 17
-    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=steps - 1)
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    greedy = [int(r.argmax()) for r in ref]
-    forced = run_pipeline_on_qnn(folder, PROMPT, steps, forced=greedy)
-    cos = _cosines(forced.step_logits, ref)
-    err = max(float(np.abs(a - b).max()) for a, b in zip(forced.step_logits, ref))
-    ours = [int(x.argmax()) for x in forced.step_logits]
+    ref, greedy, _, cos, err, ours = _against_cpu(folder, built[arch])
     top1 = float(np.mean(np.array(ours) == greedy))
     print(f"{arch} w8a16 on QNN: min cosine {min(cos):.5f}, top-1 {top1:.0%}, max abs logit "
           f"error {err:.3f}")
     assert min(cos) >= 0.99
-    for step, (a, b) in enumerate(zip(ours, greedy)):  # misses only where fp32 is a near-tie
-        assert a == b or float(ref[step][b] - ref[step][a]) <= 2 * err, (step, a, b)
+    _misses_are_near_ties(ours, greedy, ref, err)  # misses only where fp32 is a near-tie
 
 
 def test_w8a16_generates_through_genai_with_qnn(w8a16_built):
