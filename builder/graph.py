@@ -239,7 +239,7 @@ def quantize_io(path: Path, ranges: dict[str, tuple[float, float]]) -> None:
     QDQ node units (an HTP runs those whole; the pairs at the graph's edge stay on the CPU)."""
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
-    new_nodes, new_inits = [], []
+    before, after, new_inits = [], [], []  # Q/DQ pairs for inputs (first) and outputs (last)
     for name, (lo, hi) in sorted(ranges.items()):
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         scale = np.float32(max(hi - lo, 1e-8) / 65535)
@@ -256,13 +256,10 @@ def quantize_io(path: Path, ranges: dict[str, tuple[float, float]]) -> None:
         else:  # the producer writes the float value, the pair writes the output
             for node in g.node:
                 node.output[:] = [raw if o == name else o for o in node.output]
-        new_nodes += [helper.make_node("QuantizeLinear", [raw, s, z], [q], name=f"{name}/Q"),
-                      helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{name}/DQ")]
-    inputs = [n for n in new_nodes if any(n.input[0] == v.name for v in g.input)
-              or n.op_type == "DequantizeLinear" and n.input[0].startswith(
-                  tuple(v.name + "/" for v in g.input))]
-    others = [n for n in new_nodes if n not in inputs]
-    nodes = inputs + list(g.node) + others
+        (before if is_input else after).extend([
+            helper.make_node("QuantizeLinear", [raw, s, z], [q], name=f"{name}/Q"),
+            helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{name}/DQ")])
+    nodes = before + list(g.node) + after
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(new_inits)

@@ -16,10 +16,10 @@ from builder import BuildOptions, ExtraOptions, build
 from builder.errors import OptionError
 from builder.options import Precision
 from builder.quant import KQuantQuantizer, RtnQuantizer
-from builder.quant.base import QuantizedWeight, unpack
+from builder.quant.base import QuantizedWeight
 from builder.quant.policy import mixed_layers
 from builder.testing import max_abs_diff, run_decoder
-from checkpoints import hf_logits, hf_model
+from checkpoints import hf_model
 
 RNG = np.random.default_rng(0)
 
