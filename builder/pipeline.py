@@ -29,6 +29,7 @@ from builder.weights import CheckpointReader
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "model.data"
+QUANTIZED = ("w8a16", "int8", "w4a16", "int4", "w8a8")  # calibrated QDQ precisions on qnn
 # graph-shape options of the single decoder graph that the pipeline's graphs do not take
 UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_states",
                       "prune_lm_head", "filename")
@@ -37,16 +38,12 @@ UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_state
 def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
     """Refuse what static pipelines cannot do (yet), before anything is written."""
     x = options.extra
-    if x.shared_embeddings and str(options.precision) not in ("w8a16", "int8", "w4a16", "int4", "w8a8"):
+    if x.shared_embeddings and str(options.precision) not in QUANTIZED:
         raise OptionError("shared_embeddings=true on -e qnn shares lm_head's int8 table, which "
                           "quantized builds have: use -p w8a16 or w4a16 (or int8 / int4)")
     if x.shared_embeddings and not config.tie_word_embeddings:
         raise OptionError("shared_embeddings=true needs a checkpoint that ties its embeddings, "
                           "but config.json has tie_word_embeddings=false")
-    if x.qnn_calibration_method != "minmax":
-        raise OptionError(f"qnn_calibration_method={x.qnn_calibration_method} is not supported "
-                          "yet (onnxruntime's histogram calibrators fail on this graph's "
-                          "near-constant tensors); use minmax")
     for name in UNSUPPORTED_ON_QNN:
         if getattr(x, name) != ExtraOptions.__dataclass_fields__[name].default:
             raise OptionError(f"extra option {name} is not supported yet for -e qnn")

@@ -72,9 +72,31 @@ def make_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+def train_previous_token(model, seed: int = 0, steps: int = 250, length: int = 48) -> None:
+    """Train ``model`` briefly on a task whose answers are certain: the next token is a fixed
+    permutation of the token *before* the current one. Solving it takes attention over the
+    cache (a previous-token head), and every logit vector ends with a clear winner (top-2 margin
+    of several units at each step after the first), which random checkpoints lack."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(VOCAB, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, VOCAB, (16, length + 1), generator=g)
+        target = perm[x[:, :-1]]
+        target[:, 0] = -100  # the token before the first one is not in the sequence
+        logits = model(input_ids=x[:, 1:]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = False,
-                    **overrides) -> Path:
-    """Write a tiny random checkpoint of variant ``name`` into ``folder``."""
+                    trained: bool = False, **overrides) -> Path:
+    """Write a tiny checkpoint of variant ``name`` into ``folder``: random, or ``trained`` for
+    clear winners (see ``train_previous_token``)."""
     spec = dict(TINY[name])
     spec.update(overrides)
     arch, config_name = spec.pop("arch"), spec.pop("config")
@@ -84,10 +106,13 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
     config = getattr(transformers, config_name)(**spec)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config)
-    with torch.no_grad():  # larger than default init: logits with clear winners
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
+    if trained:
+        train_previous_token(model, seed)
+    else:
+        with torch.no_grad():  # larger than default init: logits with larger margins
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.08)
     model = model.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size="100KB" if shard else "10GB")

@@ -130,7 +130,8 @@ def test_pipeline_on_cpu_matches_qnn_graph_semantics(qnn_built, built):
     """The same graphs on onnxruntime's CPU EP: the pipeline's arithmetic is right before the
     HTP is involved (fp16 against fp32)."""
     run = run_pipeline(qnn_built["qwen3"], PROMPT, 9)
-    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8, forced=np.array([run.tokens[:8]]))
+    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8,
+                      forced=np.array([run.tokens[:8]]))
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     assert min(_cosines(run.step_logits, ref)) >= 0.9999
 
@@ -272,17 +273,27 @@ def test_mission_command(checkpoints, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def w8a16_built(checkpoints, tmp_path_factory):
-    return {arch: _qnn_build(checkpoints[arch], tmp_path_factory.mktemp("w8a16") / arch, "w8a16")
-            for arch in ARCHS}
+def trained(tmp_path_factory):
+    """Tiny checkpoints trained to have clear winners (a top-2 margin of several logits at every
+    step: see checkpoints.train_previous_token), with their fp32 CPU builds."""
+    from checkpoints import make_checkpoint
+
+    folders = {arch: make_checkpoint(tmp_path_factory.mktemp("trained") / arch, arch,
+                                     trained=True) for arch in ARCHS}
+    return {arch: (ck, build(BuildOptions(model_name=str(ck),
+                                          output=tmp_path_factory.mktemp("fp32") / arch)))
+            for arch, ck in folders.items()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_w8a16_placement_and_accuracy(arch, w8a16_built, built):
-    """Calibrated w8a16 (uint16 activations, 8-bit per-channel weights) on the HTP: every node on
-    QNN but the graph-I/O Quantize/Dequantize; against the fp32 CPU build over a two-chunk
-    prefill and 16 decode steps on the CPU's greedy path."""
-    folder = w8a16_built[arch]
+@pytest.fixture(scope="module")
+def w8a16_built(trained, tmp_path_factory):
+    return {arch: _qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16")
+            for arch, (ck, _) in trained.items()}
+
+
+def _only_graph_io_on_cpu(folder):
+    """Every node of the prefill and decode graphs on QNN, in one partition, but the graph-I/O
+    Quantize/Dequantize."""
     for graph in ("context.onnx", "iterator.onnx"):
         run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
         assert set(run.placed) == {"QNNExecutionProvider", "CPUExecutionProvider"}
@@ -291,12 +302,21 @@ def test_w8a16_placement_and_accuracy(arch, w8a16_built, built):
         layers = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"][
             "num_hidden_layers"]
         assert len(run.cpu_nodes) == 4 * layers + 2  # KV in and out per layer, embeds, hidden
-    ref, greedy, _, cos, err, ours = _against_cpu(folder, built[arch])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w8a16_placement_and_accuracy(arch, w8a16_built, trained):
+    """Calibrated w8a16 (uint16 activations, 8-bit per-channel weights) on the HTP, against the
+    fp32 CPU build over a two-chunk prefill and 16 decode steps on the CPU's greedy path, on a
+    checkpoint whose logits have clear winners."""
+    folder = w8a16_built[arch]
+    _only_graph_io_on_cpu(folder)
+    ref, greedy, _, cos, err, ours = _against_cpu(folder, trained[arch][1])
     top1 = float(np.mean(np.array(ours) == greedy))
-    print(f"{arch} w8a16 on QNN: min cosine {min(cos):.5f}, top-1 {top1:.0%}, max abs logit "
-          f"error {err:.3f}")
+    print(f"{arch} w8a16 on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "
+          f"{top1:.0%}, max abs logit error {err:.3f}")
     assert min(cos) >= 0.99
-    _misses_are_near_ties(ours, greedy, ref, err)  # misses only where fp32 is a near-tie
+    assert top1 >= 0.95
 
 
 def test_w8a16_generates_through_genai_with_qnn(w8a16_built):
@@ -310,8 +330,8 @@ def test_w8a16_generates_through_genai_with_qnn(w8a16_built):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_trajectory_calibration_beats_empty_cache(arch, checkpoints, built, w8a16_built,
-                                                  tmp_path, monkeypatch):
+def test_trajectory_calibration_beats_empty_cache(arch, trained, w8a16_built, tmp_path,
+                                                  monkeypatch):
     """Calibrating the decode graph on one token with an empty KV cache (the naive method)
     against calibrating it on real decode trajectories (ours): same prompts, same prefill
     calibration, same quantizer; judged on the decode steps of the QDQ graphs (CPU EP) against
@@ -323,50 +343,65 @@ def test_trajectory_calibration_beats_empty_cache(arch, checkpoints, built, w8a1
         return quantize_pipeline(*args, decode_calibration="empty_cache", **kwargs)
 
     monkeypatch.setattr(sys.modules["builder.build"], "quantize_pipeline", naive_calibration)
-    naive = _qnn_build(checkpoints[arch], tmp_path / "empty_cache", "w8a16")
-    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=16)
+    ck, fp32 = trained[arch]
+    naive = _qnn_build(ck, tmp_path / "empty_cache", "w8a16")
+    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
-    scores = {}
+    scores, top1 = {}, {}
     for mode, out in (("trajectory", w8a16_built[arch]), ("empty_cache", naive)):
         run = run_pipeline(out, PROMPT, 17, forced=greedy)
         scores[mode] = float(np.mean(_cosines(run.step_logits[1:], ref[1:])))
-    print(f"{arch}: decode cosine, trajectory {scores['trajectory']:.4f} vs empty cache "
-          f"{scores['empty_cache']:.4f}")
+        top1[mode] = float(np.mean([int(x.argmax()) == g
+                                    for x, g in zip(run.step_logits[1:], greedy[1:])]))
+    print(f"{arch}: decode cosine (top-1), trajectory {scores['trajectory']:.4f} "
+          f"({top1['trajectory']:.0%}) vs empty cache {scores['empty_cache']:.4f} "
+          f"({top1['empty_cache']:.0%})")
     assert scores["trajectory"] >= 0.99
-    assert scores["trajectory"] - scores["empty_cache"] >= 0.2
+    assert scores["trajectory"] - scores["empty_cache"] >= W8A16_EMPTY_CACHE_GAP[arch]
 
 
-# measured 0.955, 0.931, 0.922 (per-channel int4 on random weights), minus a margin
-W4A16_MEAN_COSINE = {"qwen3": 0.93, "llama": 0.90, "phi3": 0.89}
+# measured (HTP, trained checkpoints): see the closing note; guarded with a margin
+# (decode cosine gap 0.748 and 0.949; w4a16 mean cosine 0.9958, 0.9979, 0.9966, conv 0.9950)
+W8A16_EMPTY_CACHE_GAP = {"qwen3": 0.5, "llama": 0.5}
+W4A16_MEAN_COSINE = {("qwen3", "matmul"): 0.985, ("llama", "matmul"): 0.985,
+                     ("phi3", "matmul"): 0.985, ("qwen3", "conv"): 0.985}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_w4a16_placement_and_accuracy(arch, checkpoints, built, tmp_path):
-    """w4a16: int4 per-channel weights on 1x1 Conv projections (per-channel int4 on MatMul is
-    wrong on the HTP), uint16 activations; all on QNN but the graph-I/O Q/DQ. Against the fp32
-    CPU build: int4 noise on random weights, guarded at the measured level minus a margin."""
+@pytest.mark.parametrize("arch, linear", [(a, "matmul") for a in ARCHS] + [("qwen3", "conv")])
+def test_w4a16_placement_and_accuracy(arch, linear, trained, tmp_path):
+    """w4a16: int4 weights block-wise (along the input dimension) on MatMul, or per-channel on
+    1x1 Conv (per-channel int4 on MatMul is wrong on the HTP); uint16 activations; all on QNN
+    but the graph-I/O Q/DQ. Against the fp32 CPU build, guarded at the measured level minus a
+    margin."""
     import onnx
 
-    folder = _qnn_build(checkpoints[arch], tmp_path / "o", "w4a16")
-    ops = [n.op_type for n in onnx.load(str(folder / "iterator.onnx"),
-                                        load_external_data=False).graph.node]
-    assert "Conv" in ops
-    for graph in ("context.onnx", "iterator.onnx"):
-        run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
-        assert run.placed["QNNExecutionProvider"] == 1
-        assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
-    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=16)
+    ck, fp32 = trained[arch]
+    folder = _qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}")
+    m = onnx.load(str(folder / "iterator.onnx"), load_external_data=False)
+    producers = {n.output[0]: n for n in m.graph.node}
+    inits = {i.name: i for i in m.graph.initializer}
+    weights = [producers[n.input[1]] for n in m.graph.node
+               if n.op_type == ("MatMul" if linear == "matmul" else "Conv")
+               and n.input[1] in producers and producers[n.input[1]].input[0] in inits]
+    assert len(weights) >= 7 * 2  # every projection of every layer
+    for dq in weights:
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        assert attrs.get("block_size") == (32 if linear == "matmul" else None), attrs
+    _only_graph_io_on_cpu(folder)
+    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
     on_qnn = run_pipeline_on_qnn(folder, PROMPT, 17, forced=greedy)
     on_cpu = run_pipeline(folder, PROMPT, 17, forced=greedy)  # the same QDQ graphs on the CPU EP
     cos = _cosines(on_qnn.step_logits, ref)
     top1 = float(np.mean([int(x.argmax()) == g for x, g in zip(on_qnn.step_logits, greedy)]))
-    print(f"{arch} w4a16 on QNN: mean cosine {np.mean(cos):.4f} (min {min(cos):.4f}), top-1 "
-          f"{top1:.0%}; QNN vs CPU EP on the same graphs: min cosine "
+    print(f"{arch} w4a16 ({linear}) on QNN: mean cosine {np.mean(cos):.4f} (min "
+          f"{min(cos):.4f}), top-1 {top1:.0%}; QNN vs CPU EP on the same graphs: min cosine "
           f"{min(_cosines(on_qnn.step_logits, on_cpu.step_logits)):.5f}")
-    assert np.mean(cos) >= W4A16_MEAN_COSINE[arch]
+    assert np.mean(cos) >= W4A16_MEAN_COSINE[arch, linear]
+    assert top1 >= 0.95
     assert min(_cosines(on_qnn.step_logits, on_cpu.step_logits)) >= 0.99
 
 
@@ -383,6 +418,41 @@ def test_w8a8_builds_and_runs_on_qnn(checkpoints, built, tmp_path):
     assert np.mean(_cosines(ours.step_logits, ref)) >= 0.9
 
 
+def _activation_scales(folder, graph="iterator.onnx"):
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / graph))
+    return {i.name: float(numpy_helper.to_array(i)) for i in m.graph.initializer
+            if i.name.endswith("_scale") and not i.dims and "weight" not in i.name}
+
+
+# measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
+# minmax 0.9999, percentile 0.9999, entropy 0.990 (its 128 quantized bins suit 8-bit
+# activations: for uint16 it clips ranges that 16 bits could keep)
+@pytest.mark.parametrize("method, mean_cosine", [("percentile", 0.99), ("entropy", 0.97)])
+def test_histogram_calibration_methods(method, mean_cosine, trained, w8a16_built, tmp_path):
+    """percentile and entropy (onnxruntime's histogram calibrators, fed float32 histograms)
+    build, change the activation ranges against minmax, and keep the model's answers."""
+    ck, fp32 = trained["qwen3"]
+    folder = _qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}")
+    ours, minmax = _activation_scales(folder), _activation_scales(w8a16_built["qwen3"])
+    assert ours.keys() == minmax.keys()
+    narrower = [n for n in ours if ours[n] < minmax[n] * 0.999]
+    assert narrower  # the method took effect
+    if method == "percentile":  # cuts the tails of what minmax saw, never widens
+        assert all(ours[n] <= minmax[n] * 1.002 for n in ours)  # (up to a histogram bin)
+    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    run = run_pipeline(folder, PROMPT, 17, forced=greedy)
+    cos = _cosines(run.step_logits, ref)
+    print(f"qwen3 w8a16 {method}: {len(narrower)} of {len(ours)} ranges narrower than minmax; "
+          f"mean cosine {np.mean(cos):.4f} (min {min(cos):.4f})")
+    assert np.mean(cos) >= mean_cosine
+    assert np.mean([int(x.argmax()) == g for x, g in zip(run.step_logits, greedy)]) >= 0.95
+
+
 def test_calibration_options(checkpoints, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A first prompt about rivers.\n\nA second one, about mountains.\nA third.\n")
@@ -392,10 +462,6 @@ def test_calibration_options(checkpoints, tmp_path):
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "calibration: 2 prompts, 4 decode steps each, method minmax" in r.stderr
-    r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o3"), "-e", "qnn",
-                "-p", "w8a16", "--extra_options", "qnn_calibration_method=entropy",
-                f"qnn_prefill_length={P}", f"qnn_context_length={C}")
-    assert r.returncode == 2 and "entropy is not supported yet" in r.stderr
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o2"), "-e", "qnn",
                 "-p", "w8a16", "--extra_options", f"qnn_calibration={tmp_path / 'none.txt'}",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")

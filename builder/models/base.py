@@ -80,10 +80,8 @@ class DecoderBuilder:
         self.shared_embeddings = self._shared_embeddings()
         self.packed = self._packed()
         self.explicit_rotary = False  # set by rotary_tables() for LongRoPE
-        # 1x1 Conv projections: only for static graphs (qnn_linear=conv), and always for w4a16:
-        # the HTP computes per-channel int4 weights correctly on Conv, wrongly on MatMul
-        self.conv_projections = target.static_shapes and (
-            self.extra.qnn_linear == "conv" or str(options.precision) in ("w4a16", "int4"))
+        # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
+        self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
         logger.info("attention: %s on %s%s", target.attention, target.name,
                     f", sliding window {config.sliding_window}" if config.sliding_window else "")

@@ -5,15 +5,18 @@ way onnxruntime-genai will run it: the prefill graph on real prompts (in chunks,
 feeds them) and the decode graph on real decode trajectories, a float prefill followed by greedy
 steps that see the true, growing KV cache. (Calibrating decode on one token with an empty cache
 gives ranges the model never sees in use.) onnxruntime.quantization's QNN configuration then
-writes the QDQ graphs: uint16 activations, int8-range per-channel weights.
+writes the QDQ graphs: uint16 activations, symmetric int8 per-channel weights (int4 for w4a16).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import queue
 import threading
+from unittest.mock import patch
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +105,33 @@ def empty_cache(feeds: Iterator[dict]) -> Iterator[dict]:
         yield {k: v * 0 if k.startswith("past_") else v for k, v in f.items()}
 
 
+def _histograms_in_float32():
+    """onnxruntime's histogram calibrators (percentile, entropy) bin each tensor in its own
+    dtype, and 2048 bins over an fp16 tensor's range (the KV cache) are finer than fp16 can
+    express ("Too many bins for data range"). This collector bins in float32 and hands the
+    ranges back in the tensor's dtype, which the quantizer's scales must have."""
+    import numpy as np
+    from onnxruntime.quantization import calibrate
+
+    class Float32Histograms(calibrate.HistogramCollector):
+        dtypes: dict[str, np.dtype] = {}
+
+        def collect(self, name_to_arr):
+            wide = {}
+            for name, arrays in name_to_arr.items():
+                arrays = arrays if isinstance(arrays, list) else [arrays]
+                self.dtypes[name] = arrays[0].dtype
+                wide[name] = [np.asarray(a, np.float32) for a in arrays]
+            return super().collect(wide)
+
+        def compute_collection_result(self):
+            return {name: (np.asarray(lo, self.dtypes[name]), np.asarray(hi, self.dtypes[name]),
+                           *rest)
+                    for name, (lo, hi, *rest) in super().compute_collection_result().items()}
+
+    return patch.object(calibrate, "HistogramCollector", Float32Histograms)
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over a stream of feeds. With
     ``set_range`` (the quantizer's "strided" MinMax mode) it hands out one slice at a time,
@@ -127,8 +157,9 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
                       decode_calibration: str = "trajectory", weight_bits: int = 8,
                       activation_bits: int = 16) -> None:
     """Replace the float transformer graphs in ``folder`` by calibrated QDQ graphs: w8a16, or
-    w4a16 (int4 per-channel weights, which the HTP takes on Conv, so the layers' projections are
-    1x1 Convs in those builds). (``decode_calibration="empty_cache"`` is for comparison only.)"""
+    w4a16: int4 weights block-wise along the input dimension on MatMul (``int4_block_size``),
+    per-channel on 1x1 Conv (``qnn_linear=conv``; per-channel int4 on MatMul is wrong on the
+    HTP). (``decode_calibration="empty_cache"`` is for comparison only.)"""
     from onnxruntime.quantization import CalibrationMethod, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -152,13 +183,23 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
                                     calibrate_method=method,
                                     activation_type=QuantType.QUInt16
                                     if activation_bits == 16 else QuantType.QUInt8,
-                                    weight_type=QuantType.QUInt8 if weight_bits == 8
-                                    else QuantType.QInt4, per_channel=True)
+                                    weight_type=QuantType.QInt8 if weight_bits == 8
+                                    else QuantType.QInt4, per_channel=True,
+                                    # the HTP reads block-wise weights as symmetric: a
+                                    # zero point there is silently dropped
+                                    weight_symmetric=True)
         config.use_external_data_format = True
-        if method == CalibrationMethod.MinMax:  # fold each call's ranges in, keep no activations
-            config.extra_options["CalibStridedMinMax"] = 1
+        if weight_bits == 4 and extra.qnn_linear == "matmul":
+            # the HTP runs int4 weights on MatMul correctly only block-wise (along K)
+            config.extra_options["BlockSize"] = extra.int4_block_size
+        # fold each call in (ranges or histograms), keep no activations; despite its name the
+        # option strides every calibrator
+        config.extra_options["CalibStridedMinMax"] = 1
         staged = folder / name.replace(".onnx", ".qdq.onnx")
-        quantize(str(folder / name), str(staged), config)
+        printed = io.StringIO()  # the histogram calibrators print their settings
+        with _histograms_in_float32(), contextlib.redirect_stdout(printed):
+            quantize(str(folder / name), str(staged), config)
+        logger.debug("%s", printed.getvalue().strip())
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
         logger.info("quantized %s: w%da%d", name, weight_bits, activation_bits)
     for name in LM_HEADS:  # int8 weights already; add the calibrated uint16 activations
