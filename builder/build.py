@@ -17,7 +17,7 @@ from builder.metrics import StageMeter
 from builder.options import BuildOptions, ExecutionProvider, Precision
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
-from builder.pipeline import check_options, genai_pipeline_config, write_pipeline
+from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.quant.calibration import quantize_pipeline
@@ -133,6 +133,9 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
                                   weight_bits=4 if options.precision in FOUR_BIT else 8,
                                   activation_bits=8 if options.precision == Precision.W8A8
                                   else 16)
+        if target.static_shapes and options.extra.qnn_epcontext:
+            with meter("compile"):
+                compile_pipeline(tmp, options)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

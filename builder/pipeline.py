@@ -12,6 +12,7 @@ then one token per step; past_seq_len tells each call where its tokens go in the
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,19 @@ def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
         store.close()
     weights.check_all_consumed(builder.ignored())
     policy.check_exclusions()
-    if options.extra.qnn_epcontext:
-        compile_contexts(out, [name for name, _, _ in parts(prefill, context)
-                               if name in QNN_GRAPHS], qnn_options(options))
+
+
+def compile_pipeline(out: Path, options: BuildOptions) -> None:
+    """qnn_epcontext=true: compile the QNN graphs in their final (calibrated) form, then point
+    genai_config.json at the compiled models."""
+    compile_contexts(out, list(QNN_GRAPHS), qnn_options(options))
+    path = out / "genai_config.json"
+    genai = json.loads(path.read_text())
+    for stage in genai["model"]["decoder"]["pipeline"]:
+        for spec in stage.values():
+            if spec["filename"] in QNN_GRAPHS:
+                spec["filename"] = compiled_name(spec["filename"])
+    path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
 
 
 QNN_GRAPHS = ("context.onnx", "iterator.onnx", "lm_head_context.onnx", "lm_head_iterator.onnx")
@@ -115,8 +126,6 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
     transformer_outputs = ["hidden_states", *kv_out]
 
     def stage(filename, inputs, outputs, prompt, token, **more):
-        if x.qnn_epcontext and filename in QNN_GRAPHS:
-            filename = compiled_name(filename)
         return {"filename": filename, "inputs": inputs, "outputs": outputs,
                 "run_on_prompt": prompt, "run_on_token_gen": token, **more}
 

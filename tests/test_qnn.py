@@ -227,6 +227,29 @@ def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path
     assert compiled.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]
 
 
+def test_epcontext_of_a_quantized_folder(trained, tmp_path):
+    """qnn_epcontext=true with calibration: the contexts are compiled from the calibrated QDQ
+    graphs (graph-I/O Quantize/Dequantize left around each EPContext node, on the CPU), and
+    onnxruntime-genai generates from them what the uncompiled QDQ graphs give on QNN."""
+    import onnx
+
+    ck, _ = trained["qwen3"]
+    out = _qnn_build(ck, tmp_path / "ctx", "w4a16", "shared_embeddings=true",
+                     "qnn_epcontext=true")
+    for graph in ("context_ctx.onnx", "iterator_ctx.onnx", "lm_head_context_ctx.onnx",
+                  "lm_head_iterator_ctx.onnx"):
+        ops = [n.op_type for n in onnx.load(str(out / graph)).graph.node]
+        assert ops.count("EPContext") == 1 and "QuantizeLinear" in ops, ops
+        assert set(ops) == {"EPContext", "QuantizeLinear", "DequantizeLinear"}, ops
+    g = _genai(out, PROMPT, 40, "qnn")
+    assert g.returncode == 0, g.stderr[-2000:]
+    sequence = json.loads(g.stdout.strip().splitlines()[-1])
+    pad = json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
+    generated = [t for t in sequence[len(PROMPT):] if t != pad]
+    assert len(generated) >= 16
+    assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
+
+
 def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_path):
     for ck, precision, message in (("qwen3", "fp16", "use -p w8a16 or w4a16"),
                                    ("llama", "w8a16", "tie_word_embeddings=false")):
