@@ -260,6 +260,24 @@ def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_
         assert not (tmp_path / "o").exists()
 
 
+def _one_data_file_without_dead_bytes(folder):
+    """After calibration every graph reads model.data, which holds each referenced tensor once
+    and nothing else (the float weights the quantizer replaced are gone)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    assert sorted(p.name for p in folder.glob("*.data")) == ["model.data"]
+    spans = set()
+    for graph in folder.glob("*.onnx"):
+        for t in onnx.load(str(graph), load_external_data=False).graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                assert info.location == "model.data"
+                spans.add((info.offset, info.length))
+    used = sum(length for _, length in spans)
+    assert used <= (folder / "model.data").stat().st_size < used + 64 * len(spans)
+
+
 def test_mission_command(checkpoints, tmp_path):
     """python -m builder -m <Qwen3> -p int4 -e qnn --extra_options shared_embeddings=true: a
     calibrated w4a16 pipeline whose lookup and lm_head read one int8 table, stored once, and
@@ -282,6 +300,7 @@ def test_mission_command(checkpoints, tmp_path):
         assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [64, 256]
         tables[graph] = {e.key: e.value for e in table.external_data}
     assert len({(t["location"], t["offset"]) for t in tables.values()}) == 1  # stored once
+    _one_data_file_without_dead_bytes(out)
     for graph in ("lm_head_context.onnx", "lm_head_iterator.onnx"):
         run = run_on_qnn(out / graph, _feeds(out, graph, np.random.default_rng(0)))
         assert run.cpu_nodes == ["QuantizeLinear (hidden_states/Q)",
@@ -334,6 +353,7 @@ def test_w8a16_placement_and_accuracy(arch, w8a16_built, trained):
     checkpoint whose logits have clear winners."""
     folder = w8a16_built[arch]
     _only_graph_io_on_cpu(folder)
+    _one_data_file_without_dead_bytes(folder)
     ref, greedy, _, cos, err, ours = _against_cpu(folder, trained[arch][1])
     top1 = float(np.mean(np.array(ours) == greedy))
     print(f"{arch} w8a16 on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "

@@ -241,3 +241,26 @@ def test_shared_embeddings_true_false(checkpoints, tmp_path):
             assert max_abs_diff(a.prefill_logits, b.prefill_logits) <= 1e-5
         else:  # shared int4: the lookup reads the 4-bit codes, unshared the float table
             assert (a.prefill_logits.argmax(-1) == b.prefill_logits.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("shape, block, qtype, symmetric, dtype", [
+    ((96, 40), 32, onnx.TensorProto.INT4, True, np.float32),
+    ((80, 24), 32, onnx.TensorProto.INT4, True, np.float32),   # K not a multiple of the block
+    ((64, 16), 16, onnx.TensorProto.UINT4, False, np.float32),
+    ((33, 7), 16, onnx.TensorProto.INT4, True, np.float32),     # an odd count of codes
+    ((64, 48), 32, onnx.TensorProto.INT8, True, np.float16),
+])
+def test_blockwise_qdq_weights_identical_to_onnxruntime(shape, block, qtype, symmetric, dtype):
+    """The vectorized block-wise weight quantization the QNN calibration uses gives onnxruntime's
+    own initializer, byte for byte."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import quant_utils
+
+    from builder.quant.calibration import blockwise_initializer
+
+    w = (np.random.default_rng(7).standard_normal(shape) * 0.2).astype(dtype)
+    zero_point, scale = quant_utils.compute_scale_zp_blocked(w, qtype, 0, block, symmetric)
+    args = (numpy_helper.from_array(w, "w"), qtype, zero_point, scale, 0, None, block)
+    ours = blockwise_initializer(quant_utils.quantize_onnx_initializer)(*args)
+    theirs = quant_utils.quantize_onnx_initializer(*args)
+    assert ours.SerializeToString() == theirs.SerializeToString()
