@@ -14,7 +14,7 @@ from builder.config import DecoderConfig
 from builder.errors import OptionError, UnsupportedArchitectureError
 from builder.graph import GraphBuilder
 from builder.metrics import StageMeter
-from builder.options import BuildOptions, ExecutionProvider, Precision
+from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
@@ -27,10 +27,6 @@ from builder.weights import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
-# static QDQ, calibrated (qnn): int8 = w8a16, int4 = w4a16
-QDQ_PRECISIONS = (Precision.W8A16, Precision.INT8, Precision.W4A16, Precision.INT4,
-                  Precision.W8A8)
-FOUR_BIT = (Precision.W4A16, Precision.INT4)
 FLOAT_DTYPES = {Precision.FP32: np.float32, Precision.FP16: np.float16,
                 Precision.BF16: ml_dtypes.bfloat16}
 

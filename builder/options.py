@@ -27,6 +27,12 @@ class Precision(enum.StrEnum):
     W8A8 = "w8a8"
 
 
+# calibrated static QDQ on static-shape targets (qnn): there int8 = w8a16, int4 = w4a16
+QDQ_PRECISIONS = (Precision.W8A16, Precision.INT8, Precision.W4A16, Precision.INT4,
+                  Precision.W8A8)
+FOUR_BIT = (Precision.W4A16, Precision.INT4)
+
+
 class ExecutionProvider(enum.StrEnum):
     CPU = "cpu"
     CUDA = "cuda"

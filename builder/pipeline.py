@@ -22,7 +22,7 @@ from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import OptionError
 from builder.graph import GraphBuilder, WeightStore
 from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
-from builder.options import BuildOptions, ExtraOptions
+from builder.options import QDQ_PRECISIONS, BuildOptions, ExtraOptions
 from builder.package import generation, token_ids
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -30,7 +30,6 @@ from builder.weights import CheckpointReader
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "model.data"
-QUANTIZED = ("w8a16", "int8", "w4a16", "int4", "w8a8")  # calibrated QDQ precisions on qnn
 # graph-shape options of the single decoder graph that the pipeline's graphs do not take
 UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_states",
                       "prune_lm_head", "filename")
@@ -39,7 +38,7 @@ UNSUPPORTED_ON_QNN = ("exclude_embeds", "exclude_lm_head", "include_hidden_state
 def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
     """Refuse what static pipelines cannot do (yet), before anything is written."""
     x = options.extra
-    if x.shared_embeddings and str(options.precision) not in QUANTIZED:
+    if x.shared_embeddings and options.precision not in QDQ_PRECISIONS:
         raise OptionError("shared_embeddings=true on -e qnn shares lm_head's int8 table, which "
                           "quantized builds have: use -p w8a16 or w4a16 (or int8 / int4)")
     if x.shared_embeddings and not config.tie_word_embeddings:

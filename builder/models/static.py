@@ -24,6 +24,7 @@ from builder.ops import (
     decomposed_attention, embedding, linear, rms_norm, rope_cache, rotary_decomposed,
     split_heads, static_attention_inputs, write_kv,
 )
+from builder.options import QDQ_PRECISIONS
 from builder.roles import TensorRole as R
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 
 def quantized_precision(b: DecoderBuilder) -> bool:
     """Calibrated QDQ builds (w8a16, w4a16 and their int8/int4 spellings)."""
-    return str(b.options.precision) in ("w8a16", "int8", "w4a16", "int4", "w8a8")
+    return b.options.precision in QDQ_PRECISIONS
 
 
 def int8_table(b: DecoderBuilder, role: R, name: str) -> tuple[str, str, str]:
