@@ -66,14 +66,20 @@ def dequantized(gb, codes: str, scale: str, zero_point: str) -> str:
 
 def build_embeddings(b: DecoderBuilder) -> None:
     """input_ids [1, S] (any S) → inputs_embeds; a lookup, run on the CPU EP. Shared with
-    lm_head, it reads lm_head's int8 [hidden, vocab] table through a DequantizeLinear."""
+    lm_head, it reads lm_head's int8 [hidden, vocab] table: the S columns' codes times their
+    scales (dequantizing the whole table on every call would cost a vocabulary of work per
+    token)."""
     gb, c = b.gb, b.config
     ids = gb.input("input_ids", INT64, [1, "sequence_length"])
     if b.extra.shared_embeddings:
-        with gb.scope("/model/embed_tokens"):
-            table = dequantized(gb, *int8_table(b, R.EMBED, b.weight_name(R.EMBED)))
-            columns = gb.node("Gather", [table, ids], axis=1)               # [hidden, 1, S]
-            out = gb.node("Transpose", [columns], perm=[1, 2, 0])
+        with gb.scope("/model/embed_tokens"):  # gather the codes, then scale only those
+            codes, scale, _ = int8_table(b, R.EMBED, b.weight_name(R.EMBED))  # zero points 0
+            columns = gb.node("Gather", [codes, ids], axis=1)               # [hidden, 1, S]
+            rows = gb.node("Transpose", [gb.node("Cast", [columns], to=TensorProto.FLOAT)],
+                           perm=[1, 2, 0])                                  # [1, S, hidden]
+            scales = gb.node("Unsqueeze", [gb.node("Gather", [scale, ids], axis=0),
+                                           gb.constant([2])])               # [1, S, 1]
+            out = gb.node("Mul", [rows, scales])
     else:
         out = embedding(gb, "/model/embed_tokens", ids,
                         gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED)))

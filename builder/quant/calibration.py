@@ -116,9 +116,8 @@ def _histograms_in_float32():
     from onnxruntime.quantization import calibrate
 
     class Float32Histograms(calibrate.HistogramCollector):
-        dtypes: dict[str, np.dtype] = {}
-
         def collect(self, name_to_arr):
+            self.dtypes = getattr(self, "dtypes", {})
             wide = {}
             for name, arrays in name_to_arr.items():
                 arrays = arrays if isinstance(arrays, list) else [arrays]
@@ -217,11 +216,12 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
     window = extra.qnn_prefill_length
     count = {"context.onnx": sum(-(-len(i) // window) for i in ids),
              "iterator.onnx": len(ids) * (steps - 1)}
-    feeds = {"context.onnx": lambda: stream(folder, ids, steps, "context.onnx", lm_ranges),
-             "iterator.onnx": lambda: stream(folder, ids, steps, "iterator.onnx")}
+    # the prefill graph needs the prompts only; the decode pass runs everything (lm_head too)
+    feeds = {"context.onnx": lambda: stream(folder, ids, 0, "context.onnx"),
+             "iterator.onnx": lambda: stream(folder, ids, steps, "iterator.onnx", lm_ranges)}
     if decode_calibration == "empty_cache":
         feeds["iterator.onnx"] = lambda: empty_cache(stream(folder, ids, steps,
-                                                            "iterator.onnx"))
+                                                            "iterator.onnx", lm_ranges))
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[extra.qnn_calibration_method]
     for name in GRAPHS:
