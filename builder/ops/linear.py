@@ -37,7 +37,9 @@ def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWe
             y = matmul_nbits(gb, x, weight, quantized_initializers(gb, weight, weight_name),
                              accuracy_level)
         else:
-            y = gb.node("MatMul", [x, gb.initializer(weight_name, np.ascontiguousarray(weight.T))])
+            stored = weight_name in gb.store.written  # by another graph of the folder
+            y = gb.node("MatMul", [x, gb.initializer(
+                weight_name, None if stored else np.ascontiguousarray(weight.T))])
         if bias is not None:
             b = gb.initializer(bias_name or weight_name.replace("weight", "bias"), bias)
             y = gb.node("Add", [y, b])
