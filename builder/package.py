@@ -101,9 +101,20 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
     }
 
 
+GENAI_CONFIG = "genai_config.json"
+
+
+def read_genai_config(out: Path) -> dict[str, Any]:
+    return json.loads((out / GENAI_CONFIG).read_text(encoding="utf-8"))
+
+
+def write_genai_config(out: Path, genai: dict[str, Any]) -> None:
+    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+
+
 def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
     """genai_config.json, and the tokenizer and generation files copied from the checkpoint."""
-    (out / "genai_config.json").write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    write_genai_config(out, genai)
     copied = [name for name in COPIED_FILES if (source / name).is_file()]
     for name in copied:
         shutil.copyfile(source / name, out / name)

@@ -12,7 +12,6 @@ then one token per step; past_seq_len tells each call where its tokens go in the
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from builder.errors import OptionError
 from builder.graph import GraphBuilder, WeightStore
 from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
 from builder.options import QDQ_PRECISIONS, BuildOptions, ExtraOptions
-from builder.package import generation, token_ids
+from builder.package import generation, read_genai_config, token_ids, write_genai_config
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
 
@@ -95,13 +94,12 @@ def compile_pipeline(out: Path, options: BuildOptions) -> None:
     """qnn_epcontext=true: compile the QNN graphs in their final (calibrated) form, then point
     genai_config.json at the compiled models."""
     compile_contexts(out, list(QNN_GRAPHS), qnn_options(options))
-    path = out / "genai_config.json"
-    genai = json.loads(path.read_text())
+    genai = read_genai_config(out)
     for stage in genai["model"]["decoder"]["pipeline"]:
         for spec in stage.values():
             if spec["filename"] in QNN_GRAPHS:
                 spec["filename"] = compiled_name(spec["filename"])
-    path.write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    write_genai_config(out, genai)
 
 
 QNN_GRAPHS = ("context.onnx", "iterator.onnx", "lm_head_context.onnx", "lm_head_iterator.onnx")

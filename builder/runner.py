@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from builder.package import read_genai_config
 
 
 def session(model_dir: Path, filename: str = "model.onnx"):
@@ -31,7 +32,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
     P (the last padded at its end), past_seq_len = row of each call's last token, one shared KV
     buffer per layer, then one token per step. ``runner(filename, feeds) -> outputs`` runs one
     graph (default: onnxruntime's CPU EP)."""
-    cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    cfg = read_genai_config(Path(model_dir))["model"]
     dec = cfg["decoder"]
     window, context = dec["sliding_window"]["window_size"], cfg["context_length"]
     stages = {name: spec for s in dec["pipeline"] for name, spec in s.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.package import read_genai_config
 from builder.runner import PipelineRun, run_pipeline, session
 
 __all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "max_abs_diff", "run_decoder",
@@ -30,7 +31,7 @@ class DecodeRun:
 
 
 def _kv_spec(model_dir: Path) -> tuple[int, int, int]:
-    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    decoder = read_genai_config(Path(model_dir))["model"]["decoder"]
     return decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
 
 

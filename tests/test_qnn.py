@@ -165,18 +165,24 @@ def _genai(folder, prompt, max_length, mode):
     return r
 
 
+def _genai_sequence(folder, mode="qnn", max_length=40):
+    """onnxruntime-genai's whole sequence for PROMPT, and the ids it generated after PROMPT
+    without the pads it keeps."""
+    r = _genai(folder, PROMPT, max_length, mode)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sequence = json.loads(r.stdout.strip().splitlines()[-1])
+    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
+    return sequence, [t for t in sequence[len(PROMPT):] if t != pad]
+
+
 @pytest.mark.parametrize("mode", ["qnn", "cpu"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_genai_generates_like_the_cpu_decoder(arch, mode, qnn_built, built):
     """onnxruntime-genai runs the folder (QNN EP registered, or the CPU EP; the prompt is longer
     than P): exactly the ids of our own pipeline run on that EP, and the CPU decoder build's
     greedy ids up to a near-tie that fp16 may flip."""
-    r = _genai(qnn_built[arch], PROMPT, 40, mode)
-    assert r.returncode == 0, r.stderr[-2000:]
-    sequence = json.loads(r.stdout.strip().splitlines()[-1])
-    pad = json.loads((qnn_built[arch] / "genai_config.json").read_text())["model"]["pad_token_id"]
+    sequence, generated = _genai_sequence(qnn_built[arch], mode)
     assert sequence[:len(PROMPT)] == PROMPT
-    generated = [t for t in sequence[len(PROMPT):] if t != pad]  # the runtime keeps its pads
     assert len(generated) >= 16
     runner = run_pipeline_on_qnn if mode == "qnn" else run_pipeline
     assert generated == runner(qnn_built[arch], PROMPT, len(generated)).tokens
@@ -241,11 +247,7 @@ def test_epcontext_of_a_quantized_folder(trained, tmp_path):
         ops = [n.op_type for n in onnx.load(str(out / graph)).graph.node]
         assert ops.count("EPContext") == 1 and "QuantizeLinear" in ops, ops
         assert set(ops) == {"EPContext", "QuantizeLinear", "DequantizeLinear"}, ops
-    g = _genai(out, PROMPT, 40, "qnn")
-    assert g.returncode == 0, g.stderr[-2000:]
-    sequence = json.loads(g.stdout.strip().splitlines()[-1])
-    pad = json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
-    generated = [t for t in sequence[len(PROMPT):] if t != pad]
+    generated = _genai_sequence(out)[1]
     assert len(generated) >= 16
     assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
 
@@ -305,11 +307,7 @@ def test_mission_command(checkpoints, tmp_path):
         run = run_on_qnn(out / graph, _feeds(out, graph, np.random.default_rng(0)))
         assert run.cpu_nodes == ["QuantizeLinear (hidden_states/Q)",
                                  "DequantizeLinear (logits/DQ)"], run.cpu_nodes
-    g = _genai(out, PROMPT, 40, "qnn")
-    assert g.returncode == 0, g.stderr[-2000:]
-    sequence = json.loads(g.stdout.strip().splitlines()[-1])
-    pad = json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
-    generated = [t for t in sequence[len(PROMPT):] if t != pad]
+    generated = _genai_sequence(out)[1]
     assert len(generated) >= 16
     assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
 
@@ -363,12 +361,7 @@ def test_w8a16_placement_and_accuracy(arch, w8a16_built, trained):
 
 
 def test_w8a16_generates_through_genai_with_qnn(w8a16_built):
-    r = _genai(w8a16_built["qwen3"], PROMPT, 40, "qnn")
-    assert r.returncode == 0, r.stderr[-2000:]
-    sequence = json.loads(r.stdout.strip().splitlines()[-1])
-    pad = json.loads((w8a16_built["qwen3"] / "genai_config.json").read_text())["model"][
-        "pad_token_id"]
-    generated = [t for t in sequence[len(PROMPT):] if t != pad]
+    generated = _genai_sequence(w8a16_built["qwen3"])[1]
     assert generated == run_pipeline_on_qnn(w8a16_built["qwen3"], PROMPT, len(generated)).tokens
 
 
