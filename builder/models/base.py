@@ -359,13 +359,19 @@ class DecoderBuilder:
             return tuple(gb.node("Split", [qkv, gb.constant([q, kv, kv])], outputs=3, axis=-1))
 
     def head_norm(self, name: str, x: str, role: R, layer: int, heads: int) -> str:
-        """RMSNorm over head_dim of each head: [B, S, heads*hd] → [B, S, heads, hd] and back."""
+        """RMSNorm over head_dim of each head: [B, S, heads*hd] → [B, S*heads, hd] and back.
+
+        Rank 3, not [B, S, heads, hd]: the QNN HTP's fp16 RmsNorm is wrong on many rank-4
+        shapes (measured on onnxruntime-qnn 2.7's simulator: [1, 64, 8, 128], Qwen3-0.6B's k
+        at the default prefill length, and [1, S, 2, 32] for S > 8 give rows normalized
+        wrongly, while every [1, N, hd] tried is right), which made Qwen3's keys wrong at P = 64.
+        """
         gb, hd = self.gb, self.config.head_dim
         with gb.scope(name):
-            split = gb.node("Reshape", [x, gb.constant([0, 0, heads, hd])], "Reshape")
+            split = gb.node("Reshape", [x, gb.constant([0, -1, hd])], "Reshape")
             normed = rms_norm(gb, "", split, self.weight(role, layer),
                               self.weight_name(role, layer), self.config.rms_norm_eps)
-            return gb.node("Reshape", [normed, gb.constant([0, 0, heads * hd])], "Reshape_1")
+            return gb.node("Reshape", [normed, gb.constant([0, -1, heads * hd])], "Reshape_1")
 
     def mlp(self, layer: int, x: str) -> str:
         names = tuple(self.weight_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
