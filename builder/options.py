@@ -101,9 +101,10 @@ class ExtraOptions:
         False, "Write genai_config.json and the tokenizer files only, no model.")
     qnn_prefill_length: int = _opt(
         64, "-e qnn: tokens per prefill call (P); longer prompts are prefilled in chunks of P.")
-    qnn_context_length: int = _opt(
-        512, "-e qnn: fixed context length C (KV cache rows); prompt plus generated tokens "
-        "must fit. Must be larger than qnn_prefill_length.")
+    qnn_context_length: int | None = _opt(
+        None, "-e qnn: fixed context length C (KV cache rows); prompt plus generated tokens "
+        "must fit. Must be larger than qnn_prefill_length. Default: 512, or the model's "
+        "max_position_embeddings when that is smaller.")
     qnn_soc_model: str = _opt(
         "60", "-e qnn: QNN soc_model provider option (60: Snapdragon 8 Gen 3 / X Elite).")
     qnn_htp_arch: str = _opt("73", "-e qnn: QNN htp_arch provider option (73: v73).")

@@ -11,6 +11,7 @@ then one token per step; past_seq_len tells each call where its tokens go in the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -49,12 +50,34 @@ def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, in
     if x.qnn_epcontext and importlib.util.find_spec("onnxruntime_qnn") is None:
         raise OptionError("qnn_epcontext=true compiles with onnxruntime-qnn, which is not "
                           "installed: pip install onnxruntime-qnn")
-    p, c = options.extra.qnn_prefill_length, options.extra.qnn_context_length
-    if c <= p:
-        raise OptionError(f"qnn_context_length={c} must be larger than qnn_prefill_length={p}")
-    if c > config.max_position_embeddings:
+    return resolve_lengths(options, config)
+
+
+DEFAULT_CONTEXT = 512
+
+
+def resolve_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
+    """(P, C). C defaults to 512, or max_position_embeddings when that is smaller (logged); the
+    resolved C is written back into ``options`` so that every later stage and the manifest see
+    it. A length that does not fit names the option to change."""
+    x, max_pos = options.extra, config.max_position_embeddings
+    p, c = x.qnn_prefill_length, x.qnn_context_length
+    if c is None:
+        c = min(DEFAULT_CONTEXT, max_pos)
+        logger.info("qnn_context_length not given: %d (%s)", c,
+                    "the default" if c == DEFAULT_CONTEXT else
+                    f"the model's max_position_embeddings, below the default {DEFAULT_CONTEXT}")
+        object.__setattr__(options, "extra", dataclasses.replace(x, qnn_context_length=c))
+        if c <= p:
+            raise OptionError(f"qnn_prefill_length={p} leaves no room in the context: the "
+                              f"model's max_position_embeddings is {max_pos}, so set "
+                              f"qnn_prefill_length below {c}")
+    elif c > max_pos:
         raise OptionError(f"qnn_context_length={c} exceeds the model's max_position_embeddings="
-                          f"{config.max_position_embeddings}")
+                          f"{max_pos}: set qnn_context_length to at most {max_pos}")
+    if c <= p:
+        raise OptionError(f"qnn_context_length={c} must be larger than qnn_prefill_length={p}: "
+                          f"raise qnn_context_length or lower qnn_prefill_length")
     return p, c
 
 
