@@ -76,6 +76,73 @@ def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
         **config.extra, "checkpoint_num_hidden_layers": config.num_hidden_layers})
 
 
+class DecoderFolder:
+    """cpu, cuda: one decoder graph, ``<filename>`` + ``<filename>.data``, described by an
+    onnxruntime-genai "decoder" genai_config.json."""
+
+    def __init__(self, options: BuildOptions, target: TargetCaps) -> None:
+        self.options, self.target = options, target
+
+    def check(self, config: DecoderConfig) -> None:
+        pass
+
+    def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
+        o = self.options
+        return QuantPolicy.from_options(o.precision, o.extra, config.num_hidden_layers,
+                                        plugins.quantizers, self.target.nbits_accuracy_level)
+
+    def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
+              policy: QuantPolicy, float_type) -> None:
+        filename = self.options.extra.filename
+        gb = GraphBuilder("main_graph", out / f"{filename}.data", float_type)
+        try:
+            cls(config, self.options, self.target, weights, gb, policy).build()
+            gb.save(out / filename)
+        finally:
+            gb.close()
+
+    def genai_config(self, config: DecoderConfig, source: Path) -> dict:
+        return genai_config(config, self.target, source, self.options.extra)
+
+    def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
+        pass
+
+
+class PipelineFolder(DecoderFolder):
+    """Static-shape targets (qnn): an onnxruntime-genai decoder-pipeline folder
+    (``builder.pipeline``), calibrated when -p is a QDQ precision, compiled to EPContext
+    models when asked."""
+
+    def check(self, config: DecoderConfig) -> None:
+        check_options(self.options, config)
+
+    def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
+        return QuantPolicy()  # weights stay float here; calibration quantizes the graphs
+
+    def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
+              policy: QuantPolicy, float_type) -> None:
+        write_pipeline(out, cls, config, self.options, self.target, weights, policy, float_type)
+
+    def genai_config(self, config: DecoderConfig, source: Path) -> dict:
+        return genai_pipeline_config(config, self.options, self.target, source)
+
+    def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
+        o = self.options
+        if o.precision in QDQ_PRECISIONS:
+            with meter("calibrate"):
+                quantize_pipeline(out, o.extra, source,
+                                  weight_bits=4 if o.precision in FOUR_BIT else 8,
+                                  activation_bits=8 if o.precision == Precision.W8A8 else 16)
+        if o.extra.qnn_epcontext:
+            with meter("compile"):
+                compile_pipeline(out, o)
+
+
+def folder_for(options: BuildOptions, target: TargetCaps) -> DecoderFolder:
+    """The target owns how its folder is written."""
+    return (PipelineFolder if target.static_shapes else DecoderFolder)(options, target)
+
+
 def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     """Build the model folder ``options.output``; returns its path."""
     plugins = plugins or default_plugins()
@@ -92,12 +159,9 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                 plugins.architectures.owner(config.architecture), options.precision, target.name)
     config = _fewer_layers(config, options.extra.num_hidden_layers)
-    filename = options.extra.filename
-    if target.static_shapes:
-        check_options(options, config)
-    policy = QuantPolicy() if target.static_shapes else QuantPolicy.from_options(
-        options.precision, options.extra, config.num_hidden_layers, plugins.quantizers,
-        target.nbits_accuracy_level)
+    folder = folder_for(options, target)
+    folder.check(config)
+    policy = folder.policy(config, plugins)
 
     with staged as tmp, logging_redirect_tqdm():
         weight_files: list[Path] = []
@@ -107,31 +171,12 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
             with meter("graph"), CheckpointReader(source.path) as weights:
                 float_type = FLOAT_DTYPES.get(options.precision,
                                               FLOAT_DTYPES[target.quantized_float])
-                if target.static_shapes:
-                    write_pipeline(tmp, cls, config, options, target, weights, policy,
-                                   float_type)
-                else:
-                    gb = GraphBuilder("main_graph", tmp / f"{filename}.data", float_type)
-                    try:
-                        cls(config, options, target, weights, gb, policy).build()
-                        gb.save(tmp / filename)
-                    finally:
-                        gb.close()
+                folder.write(tmp, cls, config, weights, policy, float_type)
                 weight_files = weights.files()
         with meter("package"):
-            genai = (genai_pipeline_config(config, options, target, source.path)
-                     if target.static_shapes else
-                     genai_config(config, target, source.path, options.extra))
-            write_genai_files(tmp, genai, source.path)
-        if target.static_shapes and options.precision in QDQ_PRECISIONS:
-            with meter("calibrate"):
-                quantize_pipeline(tmp, options.extra, source.path,
-                                  weight_bits=4 if options.precision in FOUR_BIT else 8,
-                                  activation_bits=8 if options.precision == Precision.W8A8
-                                  else 16)
-        if target.static_shapes and options.extra.qnn_epcontext:
-            with meter("compile"):
-                compile_pipeline(tmp, options)
+            write_genai_files(tmp, folder.genai_config(config, source.path), source.path)
+        if not options.extra.config_only:
+            folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages)
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)

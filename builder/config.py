@@ -65,7 +65,17 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None   # None: full attention
+    # per-layer attention kinds ("full_attention" | "sliding_attention"); None: every layer
+    # uses sliding_window (Mistral, Phi-3)
+    layer_types: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` as Hugging Face applies it: with ``layer_types``, only
+        on "sliding_attention" layers; without, on every layer."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_file(cls, path: Path) -> DecoderConfig:
@@ -110,6 +120,15 @@ class DecoderConfig:
         window = d.get("sliding_window")
         if not d.get("use_sliding_window", True) or not window or window >= max_pos:
             window = None  # the window never binds: plain causal attention
+        layer_types = d.get("layer_types")
+        if layer_types is not None:
+            kinds = ("full_attention", "sliding_attention")
+            if (not isinstance(layer_types, list) or len(layer_types) < d["num_hidden_layers"]
+                    or any(t not in kinds for t in layer_types)):
+                raise ConfigError(f"{source}: layer_types must list one of {', '.join(kinds)} "
+                                  f"for each of the {d['num_hidden_layers']} layers, got "
+                                  f"{layer_types!r}")
+            layer_types = tuple(layer_types)
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
             "partial_rotary_factor", "use_sliding_window"}
@@ -134,5 +153,6 @@ class DecoderConfig:
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             sliding_window=window,
+            layer_types=layer_types,
             extra={k: v for k, v in d.items() if k not in known},
         )

@@ -19,9 +19,11 @@ from typing import Any
 
 from builder.config import DecoderConfig
 from builder.epcontext import compile_contexts, compiled_name
-from builder.errors import OptionError
+from builder.errors import ConfigError, OptionError
 from builder.graph import GraphBuilder, WeightStore
-from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
+from builder.models.static import (
+    build_embeddings, build_lm_head, build_transformer, check_lowered, kv_names,
+)
 from builder.options import QDQ_PRECISIONS, BuildOptions, ExtraOptions
 from builder.package import generation, read_genai_config, token_ids, write_genai_config
 from builder.targets import TargetCaps
@@ -104,13 +106,25 @@ def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
                               store=store)
             if builder is None:
                 builder = cls(config, options, target, weights, gb, policy)
+                check_lowered(builder, target.name)
             builder.gb = gb  # one builder (its decisions logged once), one graph at a time
             build_part(builder, *args)
-            gb.save(out / filename)
+            check_ops(gb.save(out / filename), filename, target.name)
     finally:
         store.close()
     weights.check_all_consumed(builder.ignored())
     policy.check_exclusions()
+
+
+def check_ops(model, filename: str, target: str) -> None:
+    """Static graphs take standard ONNX ops only: a contrib op (GroupQueryAttention,
+    MatMulNBits, SkipSimplifiedLayerNormalization...) means an architecture method wrote the
+    single-graph decoder's lowering into them, which the NPU cannot run as built."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ConfigError(f"{filename}: node {node.name} is {node.domain} {node.op_type}, "
+                              f"which -e {target} graphs cannot take: the architecture method "
+                              f"that writes it has no lowering for -e {target} yet")
 
 
 def compile_pipeline(out: Path, options: BuildOptions) -> None:

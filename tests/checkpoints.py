@@ -16,23 +16,24 @@ import transformers
 VOCAB = 256
 
 # One entry per architecture and variant the tests build. head_dim is a multiple of 16, which
-# GroupQueryAttention on CPU requires.
+# GroupQueryAttention on CPU requires; max_position_embeddings leaves room for the QNN defaults
+# (C = 512). The shipped example keeps 256, where C follows max_position_embeddings.
 TINY = {
     "qwen3": dict(
         arch="Qwen3ForCausalLM", config="Qwen3Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, tie_word_embeddings=True, max_position_embeddings=256),
+        head_dim=32, tie_word_embeddings=True, max_position_embeddings=1024),
     "llama": dict(
         arch="LlamaForCausalLM", config="LlamaConfig", vocab_size=VOCAB, hidden_size=128,
         intermediate_size=192, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=16, tie_word_embeddings=False, max_position_embeddings=256,
+        head_dim=16, tie_word_embeddings=False, max_position_embeddings=1024,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
         rope_theta=500000.0),
     "mistral": dict(
         arch="MistralForCausalLM", config="MistralConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, tie_word_embeddings=False, max_position_embeddings=256,
+        head_dim=32, tie_word_embeddings=False, max_position_embeddings=1024,
         sliding_window=8),  # shorter than the test sequences: the window really binds
     # Phi-3-mini 4k's layout (max_position_embeddings == original_max_position_embeddings).
     "phi3": dict(
@@ -126,13 +127,14 @@ def hf_model(folder: Path, **config_overrides):
     return model.eval()
 
 
-def hf_logits(folder: Path, tokens: np.ndarray, mask: np.ndarray, prompt_len: int,
-              num_hidden_layers: int | None = None) -> np.ndarray:
+def hf_logits(folder: Path | None, tokens: np.ndarray, mask: np.ndarray, prompt_len: int,
+              num_hidden_layers: int | None = None, model=None) -> np.ndarray:
     """Logits [B, T, V]: a prefill of ``prompt_len`` tokens, then one cached step per token, with
     positions from the mask, as generate() computes them. Stepping matters for LongRoPE, whose
-    tables depend on the length reached by each forward call."""
+    tables depend on the length reached by each forward call. ``model``: an already loaded
+    (possibly modified) transformers model instead of ``folder``'s."""
     kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
-    model = hf_model(folder, **kwargs)
+    model = model if model is not None else hf_model(folder, **kwargs)
     ids = torch.from_numpy(np.asarray(tokens, np.int64))
     m = torch.from_numpy(np.asarray(mask, np.int64))
     pos = (m.cumsum(-1) - 1).clamp(min=0)
@@ -182,4 +184,4 @@ if __name__ == "__main__":  # regenerate the shipped example: python tests/check
 
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-qwen3")
     shutil.rmtree(target, ignore_errors=True)
-    make_checkpoint(target, "qwen3", shard=True)
+    make_checkpoint(target, "qwen3", shard=True, max_position_embeddings=256)

@@ -14,18 +14,12 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
-from onnx import TensorProto
-from tqdm.auto import tqdm
 
 from builder.config import DecoderConfig
 from builder.errors import ConfigError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
-from builder.ops import (
-    AttentionInputs, attention_inputs, embedding, embedding_quantized, group_query_attention,
-    linear, linear_transposed, matmul_nbits, position_ids, quantized_initializers, rms_norm,
-    rope_cache, rotary, skip_rms_norm, swiglu,
-)
+from builder.ops import linear, rms_norm, skip_rms_norm, softcap, swiglu
 from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
@@ -54,8 +48,17 @@ LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
     R.LM_HEAD: "lm_head.weight",
 }
 
-FLOAT = TensorProto.FLOAT
-INT64 = TensorProto.INT64
+
+def lowering_for(builder: DecoderBuilder):
+    """How the builder's target writes the parts of the dataflow that differ between targets:
+    the single-graph decoder (cpu, cuda) or static-shape graphs (qnn)."""
+    if builder.target.static_shapes:
+        from builder.models.static import StaticLowering
+
+        return StaticLowering(builder)
+    from builder.models.decoder import DecoderLowering
+
+    return DecoderLowering(builder)
 
 
 class DecoderBuilder:
@@ -79,12 +82,14 @@ class DecoderBuilder:
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
         self.packed = self._packed()
-        self.explicit_rotary = False  # set by rotary_tables() for LongRoPE
         # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
         self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
+        self.lowering = lowering_for(self)
+        windows = sorted({w for w in map(self.sliding_window, range(config.num_hidden_layers))
+                          if w is not None})
         logger.info("attention: %s on %s%s", target.attention, target.name,
-                    f", sliding window {config.sliding_window}" if config.sliding_window else "")
+                    f", sliding window {windows}" if windows else "")
 
     # -- decisions -----------------------------------------------------------------------
     def check_supported(self) -> None:
@@ -202,99 +207,44 @@ class DecoderBuilder:
             names += [f.format(i=layer) for f in self.weight_names.values() if "{i}" in f]
         return tuple(names)
 
-    # -- graph ---------------------------------------------------------------------------
+    # -- the model's math, stated once; every target lowers it ---------------------------
+    def embedding_multiplier(self) -> float | None:
+        """Factor on the looked-up embeddings (Gemma: sqrt(hidden_size)); None: none."""
+        return None
+
+    def attention_scale(self) -> float:
+        """Factor on q·k before the softmax."""
+        return float(self.config.head_dim ** -0.5)
+
+    def attention_softcap(self) -> float | None:
+        """Scores become cap * tanh(scores / cap) before the mask (Gemma 2); None: none."""
+        return None
+
+    def final_logit_softcap(self) -> float | None:
+        """Logits become cap * tanh(logits / cap); None: none."""
+        return None
+
+    def sliding_window(self, layer: int) -> int | None:
+        """Each query of ``layer`` sees itself and window - 1 earlier keys; None: all of them."""
+        return self.config.window(layer)
+
+    # -- dataflow, shared by every target ------------------------------------------------
     def build(self) -> None:
-        c, gb, x = self.config, self.gb, self.extra
-        io = gb.float_type
-        if x.exclude_embeds:
-            tokens = gb.input("inputs_embeds", io, ["batch_size", "sequence_length",
-                                                    c.hidden_size])
-        else:
-            tokens = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
-        mask = gb.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
-        kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
-        self.past = [(gb.input(f"past_key_values.{i}.key", io, kv_shape),
-                      gb.input(f"past_key_values.{i}.value", io, kv_shape))
-                     for i in range(c.num_hidden_layers)]
-        self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
-                                                             self.target.attention_mask)
-        self.rope = self.rotary_tables()
-        self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
-
-        h = tokens if x.exclude_embeds else self.embedding(tokens)
-        residual = None
-        for layer in tqdm(range(c.num_hidden_layers), desc="layers", unit="layer", disable=None):
-            h, residual = self.decoder_layer(layer, h, residual)
-        with gb.scope(f"/model/layers.{c.num_hidden_layers}"):
-            h, _ = skip_rms_norm(gb, "final_norm_layernorm", h, residual,
-                                 self.weight(R.FINAL_NORM), self.weight_name(R.FINAL_NORM),
-                                 c.rms_norm_eps)
-        if x.include_hidden_states or x.exclude_lm_head:
-            gb.output(h, "hidden_states", io, ["batch_size", "sequence_length", c.hidden_size])
-        if not x.exclude_lm_head:
-            positions = "sequence_length"
-            if x.prune_lm_head:  # prefill needs only the last position's logits
-                with gb.scope("/model/prune_lm_head"):
-                    h = gb.node("Slice", [h, gb.constant([-1]), gb.constant([2**62]),
-                                          gb.constant([1])])
-                positions = 1
-            gb.output(self.lm_head(h), "logits", io, ["batch_size", positions, c.vocab_size])
-        present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
-        for i in range(c.num_hidden_layers):
-            for kind in ("key", "value"):
-                gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", io, present_shape)
-        self.weights.check_all_consumed(self.ignored())
-        self.policy.check_exclusions()
-
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length.
-
-        LongRoPE also sets ``explicit_rotary``: a switch of tables is not shift-invariant (cached
-        keys keep the short rotation), so a left-padded row must be rotated at its true
-        positions, which GroupQueryAttention's fused rotary does not take in the prompt.
-        """
-        c, gb = self.config, self.gb
-        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
-        self.rotary_dim = cache.rotary_dim
-        self.explicit_rotary = cache.long is not None
-        cos, sin = gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin)
-        if cache.long is None:
-            logger.info("rotary: fused into GroupQueryAttention (%d of %d dims)",
-                        cache.rotary_dim, c.head_dim)
-            return cos, sin
-        logger.info("rotary: LongRoPE, long factors beyond %d tokens; RotaryEmbedding ops with "
-                    "positions from the attention mask", cache.switch_length)
-        cos_l = gb.initializer("cos_cache_long", cache.long[0])
-        sin_l = gb.initializer("sin_cache_long", cache.long[1])
-        with gb.scope("/model/rotary"):
-            longer = gb.node("Greater", [self.attn_inputs.total_length,
-                                         gb.constant(cache.switch_length, np.int32)])
-            shapes = [["positions", cache.rotary_dim // 2]] * 2
-            cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type, shapes)
-        return cos, sin
-
-    def embedding_table(self) -> str | tuple[QuantizedWeight, list[str]]:
-        """The embedding table, stored on first use (by the lookup or a shared lm_head): a float
-        initializer name, or (quantized weight, its initializer names). Shared with lm_head, it
-        is quantized as lm_head's policy says."""
-        if getattr(self, "_embed_table", None) is None:
-            role, node = ((R.LM_HEAD, "/lm_head/MatMul") if self.shared_embeddings
-                          else (R.EMBED, "/model/embed_tokens/Gather"))
-            name = self.weight_name(R.EMBED)
-            table = self.quantize(role, None, self.weight(R.EMBED), node)
-            self._embed_table = (
-                (table, quantized_initializers(self.gb, table, name))
-                if isinstance(table, QuantizedWeight) else self.gb.initializer(name, table))
-        return self._embed_table
+        """The single-graph decoder (cpu, cuda); static targets use builder.models.static."""
+        self.lowering.build()
 
     def embedding(self, input_ids: str) -> str:
-        table = self.embedding_table()
-        if isinstance(table, tuple):
-            return embedding_quantized(self.gb, "/model/embed_tokens", input_ids, *table)
-        return embedding(self.gb, "/model/embed_tokens", input_ids, table)
+        """The lookup (lowered per target), times the embedding multiplier."""
+        h = self.lowering.lookup(input_ids)
+        multiplier = self.embedding_multiplier()
+        if multiplier is None:
+            return h
+        with self.gb.scope("/model/embed_tokens/multiplier"):
+            return self.gb.node("Mul", [h, self.gb.constant(multiplier, np.float32)])
 
-    def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str]:
-        """Pre-norm block; returns (mlp output, residual stream) for the next layer's norm."""
+    def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str | None]:
+        """Pre-norm block; returns (the block's output, the residual stream to add to it), or
+        (the block's output with its residual added, None) where norms do not fuse adds."""
         gb, eps = self.gb, self.config.rms_norm_eps
         with gb.scope(f"/model/layers.{layer}"):
             w, name = self.weight(R.ATTN_NORM, layer), self.weight_name(R.ATTN_NORM, layer)
@@ -314,28 +264,25 @@ class DecoderBuilder:
                                         self.weight_name(R.MLP_NORM, layer), eps)
             return self.mlp(layer, h), residual
 
-    def attention(self, layer: int, x: str) -> str:
-        """q/k/v projections → [per-head q/k norm] → GroupQueryAttention (rotary inside) → o."""
-        if self.target.attention == "decomposed":
-            from builder.models.static import static_attention
+    def final_norm(self, x: str, residual: str | None) -> str:
+        """The last residual add (when still pending) and the final RMSNorm."""
+        gb, eps = self.gb, self.config.rms_norm_eps
+        w, name = self.weight(R.FINAL_NORM), self.weight_name(R.FINAL_NORM)
+        with gb.scope(f"/model/layers.{self.config.num_hidden_layers}"):
+            if residual is None:
+                return rms_norm(gb, "final_norm_layernorm", x, w, name, eps)
+            return skip_rms_norm(gb, "final_norm_layernorm", x, residual, w, name, eps)[0]
 
-            return static_attention(self, layer, x)
+    def attention(self, layer: int, x: str) -> str:
+        """q/k/v projections → [per-head q/k norm] → rotary, KV cache and attention (lowered per
+        target, with this layer's scale, soft-cap and window) → o_proj."""
         c, gb = self.config, self.gb
         with gb.scope("attn"):
             q, k, v = self.qkv_projections(layer, x)
             if self.qk_norm:
                 q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
                 k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
-            if self.explicit_rotary:
-                q, k = (rotary(gb, f"{n}_rotary", t, *self.rope, self.positions, num_heads=h,
-                               rotary_dim=self.rotary_dim)
-                        for n, t, h in (("q", q, c.num_attention_heads),
-                                        ("k", k, c.num_key_value_heads)))
-            out = group_query_attention(
-                gb, "GroupQueryAttention", q, k, v, self.past[layer],
-                (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
-                *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                head_dim=c.head_dim, window=c.sliding_window, do_rotary=not self.explicit_rotary)
+            out = self.lowering.attend(layer, q, k, v)
             return self.project("o_proj", out, R.O, layer, self.weight(R.O, layer),
                                 self.weight_name(R.O, layer), self.attention_biases(layer)[3])
 
@@ -352,7 +299,7 @@ class DecoderBuilder:
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
                            f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
-        if self.target.attention == "gqa" and not (self.qk_norm or self.explicit_rotary):
+        if self.lowering.takes_packed_qkv and not self.qk_norm:
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         with gb.scope("qkv_proj"):
@@ -392,12 +339,7 @@ class DecoderBuilder:
                       conv=self.conv_projections)
 
     def lm_head(self, x: str) -> str:
-        if self.shared_embeddings:
-            table = self.embedding_table()
-            if isinstance(table, tuple):  # quantized: MatMulNBits on the lookup's own codes
-                with self.gb.scope("/lm_head"):
-                    return matmul_nbits(self.gb, x, *table, self.policy.accuracy_level)
-            return linear_transposed(self.gb, "/lm_head", x, table)
-        role = R.EMBED if self.config.tie_word_embeddings else R.LM_HEAD
-        return self.project("/lm_head", x, R.LM_HEAD, None, self.weight(role),
-                            self.weight_name(R.LM_HEAD))
+        """The projection to the vocabulary (lowered per target), then the final soft-cap."""
+        logits = self.lowering.lm_head_projection(x)
+        cap = self.final_logit_softcap()
+        return logits if cap is None else softcap(self.gb, "/lm_head/softcap", logits, cap)

@@ -9,7 +9,10 @@ A model becomes four kinds of graph, run in turn by onnxruntime-genai's decoder-
 
 The KV cache is a shared past/present buffer of C rows per layer where row = position (see
 ``builder.ops.attention.static_attention_inputs``); each transformer call writes its S rows into
-it. Every shape is fixed; the architecture's own weights, projections and norms are reused.
+it. Every shape is fixed. The graphs run the architecture's own dataflow and hooks
+(``DecoderBuilder.embedding``, ``decoder_layer``, ``attention``, ``final_norm``, ``lm_head``, its
+scale, soft-caps and windows); ``StaticLowering`` writes only the parts that differ from the
+single-graph decoder. A builder method these graphs never call is refused (``check_lowered``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from onnx import TensorProto
 
 from builder.errors import ConfigError
 from builder.ops import (
-    decomposed_attention, embedding, linear, rms_norm, rope_cache, rotary_decomposed,
-    split_heads, static_attention_inputs, write_kv,
+    decomposed_attention, embedding, linear, rope_cache, rotary_decomposed, split_heads,
+    static_attention_inputs, static_attention_mask, write_kv,
 )
 from builder.options import QDQ_PRECISIONS
 from builder.roles import TensorRole as R
@@ -64,42 +67,131 @@ def dequantized(gb, codes: str, scale: str, zero_point: str) -> str:
     return gb.node("DequantizeLinear", [codes, scale, zero_point], "DequantizeLinear", axis=1)
 
 
-def build_embeddings(b: DecoderBuilder) -> None:
-    """input_ids [1, S] (any S) → inputs_embeds; a lookup, run on the CPU EP. Shared with
-    lm_head, it reads lm_head's int8 [hidden, vocab] table: the S columns' codes times their
-    scales (dequantizing the whole table on every call would cost a vocabulary of work per
-    token)."""
-    gb, c = b.gb, b.config
-    ids = gb.input("input_ids", INT64, [1, "sequence_length"])
-    if b.extra.shared_embeddings:
+class StaticLowering:
+    """How static-shape graphs lower the parts of the dataflow that differ between targets:
+    the lookup, rotary + KV cache + attention, and lm_head's projection. Everything else
+    (norms, projections, MLP, the architecture's hooks) is the builder's own code."""
+
+    takes_packed_qkv = False  # q, k and v are split before rotary
+
+    def __init__(self, builder: DecoderBuilder) -> None:
+        self.b = builder
+
+    def lookup(self, input_ids: str) -> str:
+        """A float Gather; shared with lm_head, lm_head's int8 [hidden, vocab] table: the S
+        columns' codes times their scales (dequantizing the whole table on every call would
+        cost a vocabulary of work per token)."""
+        b = self.b
+        gb = b.gb
+        if not b.extra.shared_embeddings:
+            return embedding(gb, "/model/embed_tokens", input_ids,
+                             gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED)))
         with gb.scope("/model/embed_tokens"):  # gather the codes, then scale only those
             codes, scale, _ = int8_table(b, R.EMBED, b.weight_name(R.EMBED))  # zero points 0
-            columns = gb.node("Gather", [codes, ids], axis=1)               # [hidden, 1, S]
-            rows = gb.node("Transpose", [gb.node("Cast", [columns], to=TensorProto.FLOAT)],
+            columns = gb.node("Gather", [codes, input_ids], axis=1)          # [hidden, 1, S]
+            rows = gb.node("Transpose", [gb.node("Cast", [columns], to=gb.float_type)],
                            perm=[1, 2, 0])                                  # [1, S, hidden]
-            scales = gb.node("Unsqueeze", [gb.node("Gather", [scale, ids], axis=0),
+            scales = gb.node("Unsqueeze", [gb.node("Gather", [scale, input_ids], axis=0),
                                            gb.constant([2])])               # [1, S, 1]
-            out = gb.node("Mul", [rows, scales])
-    else:
-        out = embedding(gb, "/model/embed_tokens", ids,
-                        gb.initializer(b.weight_name(R.EMBED), b.weight(R.EMBED)))
-    gb.output(out, "inputs_embeds", gb.float_type, [1, "sequence_length", c.hidden_size])
+            return gb.node("Mul", [rows, scales])
+
+    def begin_transformer(self, seq_len: int, context_len: int, past_seq_len: str) -> None:
+        """Per transformer graph: the KV buffers, the in-graph positions and masks, the rotary
+        tables (C positions)."""
+        b = self.b
+        gb, c = b.gb, b.config
+        kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
+        self.past = [(gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
+                      gb.input(kv_names(i)[1], KV_TYPE, kv_shape))
+                     for i in range(c.num_hidden_layers)]
+        self.present: dict[int, tuple[str, str]] = {}
+        self.seq_len = seq_len
+        self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, context_len)
+        self.masks: dict[int | None, str] = {}
+        cache = rope_cache(c.rope, c.head_dim, context_len, c.max_position_embeddings)
+        if cache.long is not None and context_len > cache.switch_length:
+            raise ConfigError(f"LongRoPE beyond {cache.switch_length} tokens needs a run-time "
+                              f"switch of tables, which static graphs cannot take: choose "
+                              f"qnn_context_length <= {cache.switch_length}")
+        self.rotary_dim = cache.rotary_dim
+        self.rope = (gb.initializer("cos_cache", cache.cos),
+                     gb.initializer("sin_cache", cache.sin))
+
+    def mask(self, window: int | None) -> str:
+        """The additive mask for a window (None: causal only), made once per graph. A
+        calibrated QDQ graph quantizes the scores together with the mask: a mask of -65504
+        would leave uint16 activations a step of about 1, so those graphs use -50."""
+        if window not in self.masks:
+            self.masks[window] = static_attention_mask(
+                self.b.gb, self.inputs, window, -50.0 if quantized_precision(self.b) else None)
+        return self.masks[window]
+
+    def attend(self, layer: int, q: str, k: str, v: str) -> str:
+        """rotary at the call's positions → write k/v rows into the cache → attention over
+        the whole cache."""
+        b, s = self.b, self.seq_len
+        c, gb = b.config, b.gb
+        q, k = (rotary_decomposed(gb, f"{n}_rotary", t, *self.rope, self.inputs.positions,
+                                  num_heads=h, head_dim=c.head_dim, rotary_dim=self.rotary_dim,
+                                  seq_len=s)
+                for n, t, h in (("q", q, c.num_attention_heads),
+                                ("k", k, c.num_key_value_heads)))
+        keys = write_kv(gb, "k_cache", self.past[layer][0],
+                        split_heads(gb, "k_heads", k, c.num_key_value_heads, c.head_dim, s),
+                        self.inputs, KV_TYPE)
+        values = write_kv(gb, "v_cache", self.past[layer][1],
+                          split_heads(gb, "v_heads", v, c.num_key_value_heads, c.head_dim, s),
+                          self.inputs, KV_TYPE)
+        self.present[layer] = (keys, values)
+        return decomposed_attention(gb, "attention", q, keys, values,
+                                    self.mask(b.sliding_window(layer)),
+                                    num_heads=c.num_attention_heads,
+                                    kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                                    seq_len=s, kv_type=KV_TYPE, scale=b.attention_scale(),
+                                    softcap=b.attention_softcap())
+
+    def lm_head_projection(self, x: str) -> str:
+        """Float MatMul, or in quantized builds int8 per channel (DequantizeLinear → MatMul);
+        calibration then adds the uint16 Quantize/Dequantize pairs around it
+        (``builder.quant.calibration``)."""
+        b = self.b
+        gb, c = b.gb, b.config
+        role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
+        if not quantized_precision(b):
+            return linear(gb, "/lm_head", x, b.weight(role), b.weight_name(R.LM_HEAD))
+        name = b.weight_name(R.EMBED if b.extra.shared_embeddings else R.LM_HEAD)
+        with gb.scope("/lm_head"):
+            return gb.node("MatMul", [x, dequantized(gb, *int8_table(b, role, name))])
+
+
+# DecoderBuilder methods the static graphs never call: an architecture that overrides one
+# would be a different model here, so the build stops instead.
+NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, layer loop)"}
+
+
+def check_lowered(b: DecoderBuilder, target: str) -> None:
+    from builder.models.base import DecoderBuilder
+
+    for name, what in NOT_LOWERED.items():
+        if getattr(type(b), name) is not getattr(DecoderBuilder, name):
+            owner = next(k for k in type(b).__mro__ if name in vars(k))
+            raise ConfigError(f"{owner.__name__}.{name} overrides {what}, which -e {target} "
+                              f"does not use: it has no lowering for -e {target} yet")
+
+
+def build_embeddings(b: DecoderBuilder) -> None:
+    """input_ids [1, S] (any S) → inputs_embeds; run on the CPU EP."""
+    gb, c = b.gb, b.config
+    ids = gb.input("input_ids", INT64, [1, "sequence_length"])
+    gb.output(b.embedding(ids), "inputs_embeds", gb.float_type,
+              [1, "sequence_length", c.hidden_size])
 
 
 def build_lm_head(b: DecoderBuilder, seq_len: int) -> None:
-    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]. In quantized
-    builds lm_head is int8 per channel (DequantizeLinear → MatMul); calibration then adds the
-    uint16 Quantize/Dequantize pairs around it (``builder.quant.calibration``)."""
+    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]."""
     gb, c = b.gb, b.config
     h = gb.input("hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
-    role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
-    if quantized_precision(b):
-        name = b.weight_name(R.EMBED if b.extra.shared_embeddings else R.LM_HEAD)
-        with gb.scope("/lm_head"):
-            logits = gb.node("MatMul", [h, dequantized(gb, *int8_table(b, role, name))])
-    else:
-        logits = linear(gb, "/lm_head", h, b.weight(role), b.weight_name(R.LM_HEAD))
-    gb.output(logits, "logits", gb.float_type, [1, seq_len, c.vocab_size])
+    gb.output(b.lm_head(h), "logits", gb.float_type, [1, seq_len, c.vocab_size])
 
 
 def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None:
@@ -108,60 +200,14 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None
     x = gb.input("inputs_embeds", gb.float_type, [1, seq_len, c.hidden_size])
     past_seq_len = gb.input("past_seq_len", INT32, [1, 1])
     gb.input("total_seq_len", INT32, [1])  # required beside past_seq_len by the runtime; unused
-    kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
-    b.past = [(gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
-               gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in range(c.num_hidden_layers)]
-    # A calibrated QDQ graph quantizes the scores together with the mask: a mask of -65504
-    # would leave uint16 activations a step of about 1, so those graphs use -50.
-    quantized = quantized_precision(b)
-    b.static = static_attention_inputs(gb, past_seq_len, seq_len, context_len,
-                                       c.sliding_window, -50.0 if quantized else None)
-    b.present = {}
-    b.static_seq_len = seq_len
-    cache = rope_cache(c.rope, c.head_dim, context_len, c.max_position_embeddings)
-    if cache.long is not None and context_len > cache.switch_length:
-        raise ConfigError(f"LongRoPE beyond {cache.switch_length} tokens needs a run-time switch "
-                          f"of tables, which static graphs cannot take: choose "
-                          f"qnn_context_length <= {cache.switch_length}")
-    b.rotary_dim = cache.rotary_dim
-    b.rope = (gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin))
-
+    lowering = b.lowering
+    lowering.begin_transformer(seq_len, context_len, past_seq_len)
     residual = None
     for layer in range(c.num_hidden_layers):
         x, residual = b.decoder_layer(layer, x, residual)
-    with gb.scope(f"/model/layers.{c.num_hidden_layers}"):
-        h = rms_norm(gb, "final_norm_layernorm", x, b.weight(R.FINAL_NORM),
-                     b.weight_name(R.FINAL_NORM), c.rms_norm_eps)
-    gb.output(h, "hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
+    gb.output(b.final_norm(x, residual), "hidden_states", gb.float_type,
+              [1, seq_len, c.hidden_size])
+    kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
     for i in range(c.num_hidden_layers):
-        gb.output(b.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
-        gb.output(b.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)
-
-
-def static_attention(b: DecoderBuilder, layer: int, x: str) -> str:
-    """q/k/v → [q/k norm] → rotary at the call's positions → write k/v rows into the cache →
-    attention over the whole cache → o_proj."""
-    c, gb, s = b.config, b.gb, b.static_seq_len
-    with gb.scope("attn"):
-        q, k, v = b.qkv_projections(layer, x)
-        if b.qk_norm:
-            q = b.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
-            k = b.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
-        q, k = (rotary_decomposed(gb, f"{n}_rotary", t, *b.rope, b.static.positions,
-                                  num_heads=h, head_dim=c.head_dim, rotary_dim=b.rotary_dim,
-                                  seq_len=s)
-                for n, t, h in (("q", q, c.num_attention_heads),
-                                ("k", k, c.num_key_value_heads)))
-        keys = write_kv(gb, "k_cache", b.past[layer][0],
-                        split_heads(gb, "k_heads", k, c.num_key_value_heads, c.head_dim, s),
-                        b.static, KV_TYPE)
-        values = write_kv(gb, "v_cache", b.past[layer][1],
-                          split_heads(gb, "v_heads", v, c.num_key_value_heads, c.head_dim, s),
-                          b.static, KV_TYPE)
-        b.present[layer] = (keys, values)
-        out = decomposed_attention(gb, "attention", q, keys, values, b.static.bias,
-                                   num_heads=c.num_attention_heads,
-                                   kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                                   seq_len=s, kv_type=KV_TYPE)
-        return b.project("o_proj", out, R.O, layer, b.weight(R.O, layer),
-                         b.weight_name(R.O, layer), b.attention_biases(layer)[3])
+        gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
+        gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)

@@ -5,17 +5,19 @@ Architecture modules import emitters from here, not from the submodules.
 
 from builder.ops.attention import (
     AttentionInputs, StaticAttentionInputs, attention_inputs, decomposed_attention,
-    group_query_attention, split_heads, static_attention_inputs, write_kv,
+    group_query_attention, split_heads, static_attention_inputs, static_attention_mask,
+    write_kv,
 )
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
 from builder.ops.mlp import swiglu
 from builder.ops.norms import rms_norm, skip_rms_norm
+from builder.ops.softcap import softcap
 from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
 
 __all__ = [
     "AttentionInputs", "StaticAttentionInputs", "attention_inputs", "decomposed_attention",
-    "split_heads", "static_attention_inputs", "write_kv", "rotary_decomposed", "group_query_attention", "embedding",
+    "split_heads", "static_attention_inputs", "static_attention_mask", "write_kv", "rotary_decomposed", "group_query_attention", "embedding",
     "embedding_quantized", "linear", "linear_transposed", "matmul_nbits",
-    "quantized_initializers", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache", "position_ids", "rotary",
+    "quantized_initializers", "softcap", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache", "position_ids", "rotary",
 ]

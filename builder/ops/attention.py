@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from builder.graph import MS_DOMAIN, GraphBuilder
+from builder.ops.softcap import softcap as softcap_op
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,17 @@ def attention_inputs(gb: GraphBuilder, tokens: str, attention_mask: str,
 def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
                           past: tuple[str, str], present: tuple[str, str],
                           inputs: AttentionInputs, cos_cache: str, sin_cache: str, *,
-                          num_heads: int, kv_heads: int, head_dim: int,
-                          window: int | None = None, do_rotary: bool = True) -> str:
+                          num_heads: int, kv_heads: int, scale: float,
+                          softcap: float | None = None, window: int | None = None,
+                          do_rotary: bool = True) -> str:
     """com.microsoft GroupQueryAttention with fused rotary; k and v are '' when q is packed QKV.
 
     Writes the present key/value to the graph outputs named in ``present``. ``window`` is a
     sliding window as Hugging Face counts it: each query sees itself and window - 1 earlier
     keys, which is also what onnxruntime's local_window_size means (checked against
     transformers in the tests; older onnxruntime sources counted one more key). With
-    ``do_rotary`` false, q and k arrive rotated and the caches are not passed.
+    ``do_rotary`` false, q and k arrive rotated and the caches are not passed. ``scale``
+    multiplies q·k; ``softcap`` (None: none) makes the scores cap * tanh(scores / cap).
     """
     if not do_rotary:
         cos_cache = sin_cache = ""
@@ -86,9 +89,10 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
             [q, k, v, past[0], past[1], inputs.seqlens_k, inputs.total_length, cos_cache,
              sin_cache, "", inputs.bias],
             outputs=[None, present[0], present[1]], domain=MS_DOMAIN,
-            num_heads=num_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5),
+            num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale),
             do_rotary=int(do_rotary), rotary_interleaved=0,
-            local_window_size=-1 if window is None else window, softcap=0.0)
+            local_window_size=-1 if window is None else window,
+            softcap=0.0 if softcap is None else float(softcap))
     return out[0]
 
 
@@ -97,20 +101,20 @@ class StaticAttentionInputs:
     """What every layer of a static-shape graph needs, from the past_seq_len input alone."""
 
     positions: str    # [1, S] int32: absolute position of each token (start + i)
-    bias: str         # [1, 1, S, C] additive mask: key row j is visible to query i iff j <= start+i
+    rows: str         # [1, C] int32: 0 .. C-1
+    queries: str      # [S, 1] int32: the positions as a column
     place: str        # [C, S] float one-hot: the new token i goes to cache row start + i
     keep: str         # [C, 1] float: 1 for cache rows this call does not write
+    seq_len: int
+    context_len: int
 
 
 def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
-                            context_len: int, window: int | None = None,
-                            mask_value: float | None = None) -> StaticAttentionInputs:
+                            context_len: int) -> StaticAttentionInputs:
     """The KV cache is one buffer of C rows where row = absolute position (onnxruntime-genai's
     shared past/present buffer). past_seq_len [1, 1] int32 is the row of the call's last token,
     so the call's tokens go to rows start .. start + S - 1 with start = past_seq_len + 1 - S.
-    Rows past a query's own position (later tokens, a prompt's trailing pads) stay masked, and
-    with a sliding ``window`` so do rows at or before position - window. Everything is int32 or
-    float, as the HTP prefers."""
+    Everything is int32 or float, as the HTP prefers."""
     i32 = np.int32
     with gb.scope("/model/attn_mask"):
         last = gb.node("Reshape", [past_seq_len, gb.constant([1])], "last/Reshape")
@@ -120,21 +124,30 @@ def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
         rows = gb.constant(np.arange(context_len)[:, None], i32)                   # [C, 1]
         row_t = gb.node("Transpose", [rows], "rows/Transpose", perm=[1, 0])           # [1, C]
         pos_t = gb.node("Transpose", [positions], "pos/Transpose", perm=[1, 0])       # [S, 1]
-        visible = gb.node("LessOrEqual", [row_t, pos_t], "visible/LessOrEqual")
-        if window is not None:
-            oldest = gb.node("Sub", [pos_t, gb.constant(window, i32)], "window/Sub")
-            visible = gb.node("And", [visible, gb.node("Greater", [row_t, oldest],
-                                                        "window/Greater")], "window/And")
-        lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
-        bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
-                                 gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]
-        bias = gb.node("Reshape", [bias, gb.constant([1, 1, seq_len, context_len])],
-                       "bias/Reshape")
         place = gb.node("Cast", [gb.node("Equal", [rows, positions], "place/Equal")],
                         "place/Cast", to=gb.float_type)                              # [C, S]
         written = gb.node("ReduceSum", [place, gb.constant([1])], "keep/ReduceSum", keepdims=1)
         keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [C, 1]
-    return StaticAttentionInputs(positions, bias, place, keep)
+    return StaticAttentionInputs(positions, row_t, pos_t, place, keep, seq_len, context_len)
+
+
+def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
+                          window: int | None = None, mask_value: float | None = None) -> str:
+    """[1, 1, S, C] additive mask: key row j is visible to the query at position p iff j <= p
+    (rows past a query's own position, later tokens or a prompt's trailing pads, stay masked)
+    and, with a sliding ``window``, j > p - window. ``mask_value`` defaults to fp16's lowest."""
+    i32 = np.int32
+    with gb.scope("/model/attn_mask" if window is None else f"/model/attn_mask/window_{window}"):
+        visible = gb.node("LessOrEqual", [inputs.rows, inputs.queries], "visible/LessOrEqual")
+        if window is not None:
+            oldest = gb.node("Sub", [inputs.queries, gb.constant(window, i32)], "window/Sub")
+            visible = gb.node("And", [visible, gb.node("Greater", [inputs.rows, oldest],
+                                                        "window/Greater")], "window/And")
+        lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
+        bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
+                                 gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]
+        return gb.node("Reshape", [bias, gb.constant([1, 1, inputs.seq_len,
+                                                      inputs.context_len])], "bias/Reshape")
 
 
 def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAttentionInputs,
@@ -163,11 +176,13 @@ def split_heads(gb: GraphBuilder, name: str, x: str, heads: int, head_dim: int,
 
 def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values: str,
                          bias: str, *, num_heads: int, kv_heads: int, head_dim: int,
-                         seq_len: int, kv_type: int) -> str:
+                         seq_len: int, kv_type: int, scale: float,
+                         softcap: float | None = None) -> str:
     """Attention from MatMul/Softmax for static-shape targets (no GroupQueryAttention).
 
     q [1, S, heads*hd] (rotated); keys and values [1, kv, T, hd], the whole cache with this
-    call's rows written; bias [1, 1, S, T]. Grouped queries are folded into the sequence axis,
+    call's rows written; bias [1, 1, S, T]; ``scale`` on q·k, then ``softcap`` (None: none)
+    as cap * tanh(scores / cap), before the mask. Grouped queries are folded into the sequence axis,
     [1, kv, groups*S, hd], so no key/value head is ever repeated:
 
         q ─ [1, heads, S, hd] ─ Reshape ─ [1, kv, g*S, hd] ─┐
@@ -184,8 +199,9 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
                      "q/Group")
         kt = gb.node("Transpose", [keys], "k/Transpose", perm=[0, 1, 3, 2])
         scores = gb.node("MatMul", [qh, kt], "scores/MatMul")
-        scores = gb.node("Mul", [scores, gb.constant(head_dim ** -0.5, np.float32)],
-                         "scores/Mul")
+        scores = gb.node("Mul", [scores, gb.constant(scale, np.float32)], "scores/Mul")
+        if softcap is not None:
+            scores = softcap_op(gb, "scores/softcap", scores, softcap)
         if groups > 1:
             bias = gb.node("Tile", [bias, gb.constant([1, 1, groups, 1])], "bias/Tile")
         scores = gb.node("Add", [scores, bias], "scores/Add")

@@ -1,0 +1,163 @@
+"""The single-graph decoder (cpu, cuda): how it lowers the parts of an architecture's dataflow
+that differ between targets.
+
+One graph with dynamic batch and sequence, onnxruntime-genai's "decoder" contract:
+
+    input_ids, attention_mask, past_key_values.{i} ─► embedding ─► layers ─► final norm
+        ─► lm_head ─► logits, present.{i}
+
+Attention is com.microsoft GroupQueryAttention with the rotary fused in (RotaryEmbedding ops
+before it under LongRoPE); a tied table is stored once for the lookup and lm_head
+(GatherBlockQuantized + MatMulNBits when quantized).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+from tqdm.auto import tqdm
+
+from builder.ops import (
+    AttentionInputs, attention_inputs, embedding, embedding_quantized, group_query_attention,
+    linear_transposed, matmul_nbits, position_ids, quantized_initializers, rope_cache, rotary,
+)
+from builder.quant import QuantizedWeight
+from builder.roles import TensorRole as R
+
+if TYPE_CHECKING:
+    from builder.models.base import DecoderBuilder
+
+logger = logging.getLogger(__name__)
+INT64 = TensorProto.INT64
+
+
+class DecoderLowering:
+    def __init__(self, builder: DecoderBuilder) -> None:
+        self.b = builder
+        self.explicit_rotary = False  # set by rotary_tables() for LongRoPE
+        self._table = None
+
+    @property
+    def takes_packed_qkv(self) -> bool:
+        """GroupQueryAttention splits a packed QKV itself (unless rotary runs before it)."""
+        return not self.explicit_rotary
+
+    def build(self) -> None:
+        b = self.b
+        c, gb, x = b.config, b.gb, b.extra
+        io = gb.float_type
+        if x.exclude_embeds:
+            tokens = gb.input("inputs_embeds", io, ["batch_size", "sequence_length",
+                                                    c.hidden_size])
+        else:
+            tokens = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
+        mask = gb.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+        kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
+        self.past = [(gb.input(f"past_key_values.{i}.key", io, kv_shape),
+                      gb.input(f"past_key_values.{i}.value", io, kv_shape))
+                     for i in range(c.num_hidden_layers)]
+        self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
+                                                             b.target.attention_mask)
+        self.rope = self.rotary_tables()
+        self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
+
+        h = tokens if x.exclude_embeds else b.embedding(tokens)
+        residual = None
+        for layer in tqdm(range(c.num_hidden_layers), desc="layers", unit="layer", disable=None):
+            h, residual = b.decoder_layer(layer, h, residual)
+        h = b.final_norm(h, residual)
+        if x.include_hidden_states or x.exclude_lm_head:
+            gb.output(h, "hidden_states", io, ["batch_size", "sequence_length", c.hidden_size])
+        if not x.exclude_lm_head:
+            positions = "sequence_length"
+            if x.prune_lm_head:  # prefill needs only the last position's logits
+                with gb.scope("/model/prune_lm_head"):
+                    h = gb.node("Slice", [h, gb.constant([-1]), gb.constant([2**62]),
+                                          gb.constant([1])])
+                positions = 1
+            gb.output(b.lm_head(h), "logits", io, ["batch_size", positions, c.vocab_size])
+        present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
+        for i in range(c.num_hidden_layers):
+            for kind in ("key", "value"):
+                gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", io, present_shape)
+        b.weights.check_all_consumed(b.ignored())
+        b.policy.check_exclusions()
+
+    def rotary_tables(self) -> tuple[str, str]:
+        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length.
+
+        LongRoPE also sets ``explicit_rotary``: a switch of tables is not shift-invariant (cached
+        keys keep the short rotation), so a left-padded row must be rotated at its true
+        positions, which GroupQueryAttention's fused rotary does not take in the prompt.
+        """
+        c, gb = self.b.config, self.b.gb
+        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
+        self.rotary_dim = cache.rotary_dim
+        self.explicit_rotary = cache.long is not None
+        cos, sin = gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin)
+        if cache.long is None:
+            logger.info("rotary: fused into GroupQueryAttention (%d of %d dims)",
+                        cache.rotary_dim, c.head_dim)
+            return cos, sin
+        logger.info("rotary: LongRoPE, long factors beyond %d tokens; RotaryEmbedding ops with "
+                    "positions from the attention mask", cache.switch_length)
+        cos_l = gb.initializer("cos_cache_long", cache.long[0])
+        sin_l = gb.initializer("sin_cache_long", cache.long[1])
+        with gb.scope("/model/rotary"):
+            longer = gb.node("Greater", [self.attn_inputs.total_length,
+                                         gb.constant(cache.switch_length, np.int32)])
+            shapes = [["positions", cache.rotary_dim // 2]] * 2
+            cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type, shapes)
+        return cos, sin
+
+    def embedding_table(self) -> str | tuple[QuantizedWeight, list[str]]:
+        """The embedding table, stored on first use (by the lookup or a shared lm_head): a float
+        initializer name, or (quantized weight, its initializer names). Shared with lm_head, it
+        is quantized as lm_head's policy says."""
+        b = self.b
+        if self._table is None:
+            role, node = ((R.LM_HEAD, "/lm_head/MatMul") if b.shared_embeddings
+                          else (R.EMBED, "/model/embed_tokens/Gather"))
+            name = b.weight_name(R.EMBED)
+            table = b.quantize(role, None, b.weight(R.EMBED), node)
+            self._table = (
+                (table, quantized_initializers(b.gb, table, name))
+                if isinstance(table, QuantizedWeight) else b.gb.initializer(name, table))
+        return self._table
+
+    def lookup(self, input_ids: str) -> str:
+        table = self.embedding_table()
+        if isinstance(table, tuple):
+            return embedding_quantized(self.b.gb, "/model/embed_tokens", input_ids, *table)
+        return embedding(self.b.gb, "/model/embed_tokens", input_ids, table)
+
+    def attend(self, layer: int, q: str, k: str, v: str) -> str:
+        """[RotaryEmbedding under LongRoPE] → GroupQueryAttention (rotary fused otherwise)."""
+        b = self.b
+        c, gb = b.config, b.gb
+        if self.explicit_rotary:
+            q, k = (rotary(gb, f"{n}_rotary", t, *self.rope, self.positions, num_heads=h,
+                           rotary_dim=self.rotary_dim)
+                    for n, t, h in (("q", q, c.num_attention_heads),
+                                    ("k", k, c.num_key_value_heads)))
+        return group_query_attention(
+            gb, "GroupQueryAttention", q, k, v, self.past[layer],
+            (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
+            *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+            scale=b.attention_scale(), softcap=b.attention_softcap(),
+            window=b.sliding_window(layer), do_rotary=not self.explicit_rotary)
+
+    def lm_head_projection(self, x: str) -> str:
+        b = self.b
+        if b.shared_embeddings:
+            table = self.embedding_table()
+            if isinstance(table, tuple):  # quantized: MatMulNBits on the lookup's own codes
+                with b.gb.scope("/lm_head"):
+                    return matmul_nbits(b.gb, x, *table, b.policy.accuracy_level)
+            return linear_transposed(b.gb, "/lm_head", x, table)
+        role = R.EMBED if b.config.tie_word_embeddings else R.LM_HEAD
+        return b.project("/lm_head", x, R.LM_HEAD, None, b.weight(role),
+                         b.weight_name(R.LM_HEAD))
