@@ -182,3 +182,27 @@ def test_a_contrib_op_in_a_static_graph_is_named(hooked, tmp_path):
                                           r"cannot take"):
         _build(hooked, tmp_path / "qnn", ContribMlp, "qnn", "fp16")
     assert not (tmp_path / "qnn").exists()
+
+
+def test_config_layer_types_window_only_their_layers(tmp_path):
+    """A Qwen3 config with use_sliding_window and max_window_layers: transformers writes
+    layer_types (full, sliding, sliding) and windows only those layers; both targets agree."""
+    ck = make_checkpoint(tmp_path / "ck", "qwen3", use_sliding_window=True, sliding_window=5,
+                         max_window_layers=1, max_position_embeddings=1024)
+    assert json.loads((ck / "config.json").read_text())["layer_types"] == [
+        "full_attention", "sliding_attention", "sliding_attention"]
+    cpu = build(BuildOptions(model_name=str(ck), output=tmp_path / "cpu"))
+    run = run_decoder(cpu, np.array([PROMPT]), steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, len(PROMPT))[0, len(PROMPT) - 1:]
+    ours = np.concatenate([run.prefill_logits[0, -1:]] + [s for s in run.step_logits])
+    assert max_abs_diff(ours, ref) <= 1e-4
+    every = hf_logits(ck, run.tokens, run.attention_mask, len(PROMPT), model=transformers.
+                      Qwen3ForCausalLM.from_pretrained(ck, dtype=torch.float32,
+                                                       attn_implementation="eager",
+                                                       layer_types=["sliding_attention"] * 3))
+    assert max_abs_diff(every[0, len(PROMPT) - 1:], ref) > 0.1  # the full layer matters
+    qnn = build(BuildOptions(model_name=str(ck), output=tmp_path / "qnn",
+                             execution_provider=ExecutionProvider.QNN))
+    tokens = [int(t) for t in run.tokens[0, len(PROMPT):]]
+    static = run_pipeline(qnn, PROMPT, STEPS + 1, forced=tokens + tokens[-1:])
+    assert max_abs_diff(np.stack(static.step_logits), ref) <= 3e-2
