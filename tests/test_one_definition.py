@@ -167,6 +167,15 @@ def test_a_method_without_a_static_lowering_is_named(hooked, tmp_path):
     assert not (tmp_path / "qnn").exists()
 
 
+def test_a_hook_without_a_quantized_lowering_is_named(hooked, tmp_path):
+    """A final logit soft-cap in a calibrated QNN build (its lm_head graph quantizes only its
+    input and output) is refused by name, before anything is written."""
+    with pytest.raises(ConfigError, match=r"HookedQwen3\.final_logit_softcap has no lowering "
+                                          r"for -e qnn -p w8a16 yet"):
+        _build(hooked, tmp_path / "qnn", HookedQwen3, "qnn", "w8a16")
+    assert not (tmp_path / "qnn").exists()
+
+
 def test_a_contrib_op_in_a_static_graph_is_named(hooked, tmp_path):
     """An override written with the single graph's contrib ops (here a FastGelu MLP) cannot be
     what the NPU runs: the node and the target are named."""

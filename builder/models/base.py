@@ -1,10 +1,16 @@
 """DecoderBuilder: the pre-norm decoder template every architecture builds on.
 
-A build is ``inputs → embedding → layers (tqdm) → final norm → lm_head → outputs``. An
-architecture states its differences, smallest first: a class flag (``qk_norm``), a weight-name
-table or a weight override (``attention_weights``, ``mlp_weights``), and only then a method
-override of the dataflow (``attention``, ``mlp``, ``decoder_layer``). ONNX wiring of primitives
-lives in ``builder.ops``.
+A model is ``embedding → layers → final norm → lm_head``. An architecture states its
+differences once, smallest first: a class flag (``qk_norm``), a weight-name table or a weight
+override (``attention_weights``, ``mlp_weights``), a math hook (``embedding_multiplier``,
+``attention_scale``, ``attention_softcap``, ``final_logit_softcap``, ``sliding_window``), and
+only then a method override of the dataflow (``attention``, ``mlp``, ``decoder_layer``).
+
+Every target runs this same code. What must differ between targets (the graph's inputs and
+outputs, rotary + KV cache + attention, the embedding lookup, lm_head's projection) is written
+by the target's lowering: ``builder.models.decoder`` (one graph: cpu, cuda) or
+``builder.models.static`` (static-shape graphs: qnn). ONNX wiring of primitives lives in
+``builder.ops``.
 """
 
 from __future__ import annotations

@@ -170,13 +170,24 @@ NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, laye
 
 
 def check_lowered(b: DecoderBuilder, target: str) -> None:
+    """Stop before anything is written when the architecture asks for what these graphs
+    cannot lower, naming the method."""
     from builder.models.base import DecoderBuilder
+
+    def owner(name):
+        return next(k for k in type(b).__mro__ if name in vars(k)).__name__
 
     for name, what in NOT_LOWERED.items():
         if getattr(type(b), name) is not getattr(DecoderBuilder, name):
-            owner = next(k for k in type(b).__mro__ if name in vars(k))
-            raise ConfigError(f"{owner.__name__}.{name} overrides {what}, which -e {target} "
+            raise ConfigError(f"{owner(name)}.{name} overrides {what}, which -e {target} "
                               f"does not use: it has no lowering for -e {target} yet")
+    if quantized_precision(b) and b.final_logit_softcap() is not None:
+        # calibration puts uint16 Q/DQ pairs on lm_head's input and output only: a soft-cap
+        # between its int8 MatMul and the logits would leave the MatMul in float, its weights
+        # dequantized on the CPU at every call
+        raise ConfigError(f"{owner('final_logit_softcap')}.final_logit_softcap has no lowering "
+                          f"for -e {target} -p {b.options.precision} yet (a soft-cap inside "
+                          f"the calibrated lm_head graph); -p fp16 builds it")
 
 
 def build_embeddings(b: DecoderBuilder) -> None:

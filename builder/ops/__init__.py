@@ -12,12 +12,13 @@ from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
 from builder.ops.mlp import swiglu
 from builder.ops.norms import rms_norm, skip_rms_norm
-from builder.ops.softcap import softcap
 from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
+from builder.ops.softcap import softcap
 
 __all__ = [
-    "AttentionInputs", "StaticAttentionInputs", "attention_inputs", "decomposed_attention",
-    "split_heads", "static_attention_inputs", "static_attention_mask", "write_kv", "rotary_decomposed", "group_query_attention", "embedding",
-    "embedding_quantized", "linear", "linear_transposed", "matmul_nbits",
-    "quantized_initializers", "softcap", "swiglu", "rms_norm", "skip_rms_norm", "RopeCache", "rope_cache", "position_ids", "rotary",
+    "AttentionInputs", "RopeCache", "StaticAttentionInputs", "attention_inputs",
+    "decomposed_attention", "embedding", "embedding_quantized", "group_query_attention",
+    "linear", "linear_transposed", "matmul_nbits", "position_ids", "quantized_initializers",
+    "rms_norm", "rope_cache", "rotary", "rotary_decomposed", "skip_rms_norm", "softcap",
+    "split_heads", "static_attention_inputs", "static_attention_mask", "swiglu", "write_kv",
 ]
