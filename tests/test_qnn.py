@@ -21,22 +21,62 @@ from conftest import run_cli
 
 pytest.importorskip("onnxruntime_qnn", reason="the QNN tests need onnxruntime-qnn")
 ARCHS = ["qwen3", "llama", "phi3"]
-P, C = 8, 64
-PROMPT = [int(t) for t in np.random.default_rng(21).integers(3, 256, 13)]  # > P: two chunks
+P, C = 8, 64  # the small lengths; "default" builds set neither (P = 64, C = 512)
+DEFAULT_P = ExtraOptions().qnn_prefill_length
+LENGTHS = ["small", "default"]
+# prompts longer than P: a two-chunk prefill at either length
+PROMPTS = {"small": [int(t) for t in np.random.default_rng(21).integers(3, 256, 13)],
+           "default": [int(t) for t in np.random.default_rng(22).integers(3, 256, 70)]}
+PROMPT = PROMPTS["small"]
 
 
-def _qnn_build(ck, out, precision="fp16", *extra):
+def _qnn_build(ck, out, precision="fp16", *extra, lengths="small"):
+    given = [f"qnn_prefill_length={P}", f"qnn_context_length={C}"] if lengths == "small" else []
     return build(BuildOptions(
         model_name=str(ck), output=out, precision=Precision(precision),
         execution_provider=ExecutionProvider.QNN,
-        extra=ExtraOptions.parse([f"qnn_prefill_length={P}", f"qnn_context_length={C}",
-                                  *extra])))
+        extra=ExtraOptions.parse([*given, *extra])))
 
 
 @pytest.fixture(scope="module")
 def qnn_built(checkpoints, tmp_path_factory):
-    return {arch: _qnn_build(checkpoints[arch], tmp_path_factory.mktemp("qnn") / arch)
-            for arch in ARCHS}
+    return {(lengths, arch): _qnn_build(checkpoints[arch],
+                                        tmp_path_factory.mktemp("qnn") / arch, lengths=lengths)
+            for lengths in LENGTHS for arch in ARCHS}
+
+
+def test_default_lengths_are_p64_c512(qnn_built):
+    genai = json.loads((qnn_built["default", "qwen3"] / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 512
+    assert genai["model"]["decoder"]["sliding_window"]["window_size"] == DEFAULT_P == 64
+    manifest = json.loads((qnn_built["default", "qwen3"] / "build_manifest.json").read_text())
+    assert manifest["options"]["extra_options"]["qnn_context_length"] == 512
+
+
+def test_context_follows_a_shorter_max_position_embeddings(tmp_path):
+    """The shipped example (max_position_embeddings 256): C defaults to 256, logged."""
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o"), "-e", "qnn")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "qnn_context_length not given: 256 (the model's max_position_embeddings" in r.stderr
+    assert json.loads((tmp_path / "o" / "genai_config.json").read_text())["model"][
+        "context_length"] == 256
+
+
+@pytest.mark.parametrize("options, message", [
+    (["qnn_context_length=1024"], "qnn_context_length=1024 exceeds the model's "
+                                  "max_position_embeddings=256: set qnn_context_length to at "
+                                  "most 256"),
+    (["qnn_prefill_length=256"], "qnn_prefill_length=256 leaves no room in the context: the "
+                                 "model's max_position_embeddings is 256, so set "
+                                 "qnn_prefill_length below 256"),
+    (["qnn_prefill_length=128", "qnn_context_length=100"],
+     "qnn_context_length=100 must be larger than qnn_prefill_length=128: raise "
+     "qnn_context_length or lower qnn_prefill_length")])
+def test_lengths_that_do_not_fit_name_the_option(options, message, tmp_path):
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o"), "-e", "qnn",
+                "--extra_options", *options)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def _feeds(folder, graph, rng):
@@ -51,7 +91,7 @@ def _feeds(folder, graph, rng):
         if v.name == "past_seq_len":  # rows 20 .. 20 + S - 1
             feeds[v.name] = np.array([[20 + shapes["inputs_embeds"][1] - 1]], np.int32)
         elif v.name == "total_seq_len":
-            feeds[v.name] = np.array([C], np.int32)
+            feeds[v.name] = np.array([shapes["past_key_0"][2]], np.int32)
         else:
             dtype = np.float16 if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
                 else np.float32
@@ -59,12 +99,13 @@ def _feeds(folder, graph, rng):
     return feeds
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("graph", ["context.onnx", "iterator.onnx", "lm_head_context.onnx",
                                    "lm_head_iterator.onnx"])
-def test_every_node_placed_on_qnn(arch, graph, qnn_built):
-    run = run_on_qnn(qnn_built[arch] / graph, _feeds(qnn_built[arch], graph,
-                                                     np.random.default_rng(0)))
+def test_every_node_placed_on_qnn(arch, graph, lengths, qnn_built):
+    folder = qnn_built[lengths, arch]
+    run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
     assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}, run.placed
 
 
@@ -72,15 +113,36 @@ def _cosines(a, b):
     return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
-def _against_cpu(folder, cpu_folder, steps=17):
+def _against_cpu(folder, cpu_folder, steps=17, prompt=PROMPT):
     """The QNN pipeline fed the fp32 CPU decoder's greedy path: (reference logits, the CPU's
     greedy ids, our logits on that path, cosine per step, max abs logit error, our argmaxes)."""
-    cpu = run_decoder(cpu_folder, np.array([PROMPT]), steps=steps - 1)
+    cpu = run_decoder(cpu_folder, np.array([prompt]), steps=steps - 1)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
-    ours = run_pipeline_on_qnn(folder, PROMPT, steps, forced=greedy).step_logits
+    ours = run_pipeline_on_qnn(folder, prompt, steps, forced=greedy).step_logits
     err = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
     return ref, greedy, ours, _cosines(ours, ref), err, [int(x.argmax()) for x in ours]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "w8a16"])
+@pytest.mark.parametrize("prefill", [8, 64, 128])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "mistral", "phi3"])
+def test_htp_matches_the_cpu_ep_on_the_same_graphs(arch, prefill, precision, checkpoints,
+                                                   tmp_path):
+    """The HTP simulator against onnxruntime's CPU EP on the very same graphs (C = 512, the
+    default), over a two-chunk prefill and 16 steps: whatever the HTP computes differently
+    shows here, apart from the model's own accuracy. At P = 64 (the default) Qwen3's keys used
+    to be wrong on the HTP (a rank-4 RmsNorm: see DecoderBuilder.head_norm)."""
+    folder = _qnn_build(checkpoints[arch], tmp_path / "o", precision,
+                        f"qnn_prefill_length={prefill}", lengths="default")
+    prompt = [int(t) for t in np.random.default_rng(prefill).integers(3, 256, prefill * 3 // 2)]
+    on_cpu = run_pipeline(folder, prompt, 17)
+    on_qnn = run_pipeline_on_qnn(folder, prompt, 17, forced=on_cpu.tokens)
+    cos = _cosines(on_qnn.step_logits, on_cpu.step_logits)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(on_qnn.step_logits, on_cpu.step_logits))
+    print(f"HTP vs CPU EP {arch} P={prefill} {precision}: min cosine {min(cos):.6f}, max abs "
+          f"{err:.4f}")
+    assert min(cos) >= 0.999
 
 
 def _misses_are_near_ties(top1, greedy, ref, err):
@@ -88,14 +150,17 @@ def _misses_are_near_ties(top1, greedy, ref, err):
         assert a == b or float(ref[step][b] - ref[step][a]) <= 2 * err, (step, a, b, err)
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch, precision, extra", [(a, "fp16", ()) for a in ARCHS] + [
     ("llama", "fp32", ()), ("qwen3", "fp16", ("qnn_linear=conv",))])
-def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, qnn_built, built,
+def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, lengths, qnn_built, built,
                                              checkpoints, tmp_path):
     """Prefill (two chunks) and 16 decode steps on the HTP against our fp32 CPU decoder. fp32
     graphs run at fp16 precision on the HTP."""
-    folder = (qnn_built[arch] if precision == "fp16" and not extra
-              else _qnn_build(checkpoints[arch], tmp_path / "o", precision, *extra))
+    prompt = PROMPTS[lengths]
+    folder = (qnn_built[lengths, arch] if precision == "fp16" and not extra
+              else _qnn_build(checkpoints[arch], tmp_path / "o", precision, *extra,
+                              lengths=lengths))
     if extra:  # every projection really is a Conv, and every node still runs on QNN
         import onnx
 
@@ -107,14 +172,14 @@ def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, qnn_built, 
             assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}
     # Fed the CPU decoder's greedy path, the HTP picks the same token at every step, unless the
     # fp32 reference itself is a near-tie that fp16 error can flip...
-    ref, greedy_cpu, _, cos, err, ours = _against_cpu(folder, built[arch])
-    print(f"{arch} qnn {precision} {extra}: greedy {greedy_cpu[:8]}..., min cosine "
+    ref, greedy_cpu, _, cos, err, ours = _against_cpu(folder, built[arch], prompt=prompt)
+    print(f"{arch} qnn {precision} {extra} {lengths}: greedy {greedy_cpu[:8]}..., min cosine "
           f"{min(cos):.6f}, max abs logit error {err:.4f}, top-1 "
           f"{np.mean(np.array(ours) == greedy_cpu):.0%}")
     assert min(cos) >= 0.999
     _misses_are_near_ties(ours, greedy_cpu, ref, err)
     # ...and, left to itself, the pipeline generates the same ids while no near-tie intervenes.
-    _same_greedy_until_a_near_tie(run_pipeline_on_qnn(folder, PROMPT, 17).tokens,
+    _same_greedy_until_a_near_tie(run_pipeline_on_qnn(folder, prompt, 17).tokens,
                                   greedy_cpu, ref, err)
 
 
@@ -126,11 +191,13 @@ def _same_greedy_until_a_near_tie(ours, greedy_cpu, ref, err):
     return first
 
 
-def test_pipeline_on_cpu_matches_qnn_graph_semantics(qnn_built, built):
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_pipeline_on_cpu_matches_qnn_graph_semantics(lengths, qnn_built, built):
     """The same graphs on onnxruntime's CPU EP: the pipeline's arithmetic is right before the
     HTP is involved (fp16 against fp32)."""
-    run = run_pipeline(qnn_built["qwen3"], PROMPT, 9)
-    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8,
+    prompt = PROMPTS[lengths]
+    run = run_pipeline(qnn_built[lengths, "qwen3"], prompt, 9)
+    cpu = run_decoder(built["qwen3"], np.array([prompt]), steps=8,
                       forced=np.array([run.tokens[:8]]))
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     assert min(_cosines(run.step_logits, ref)) >= 0.9999
@@ -165,37 +232,42 @@ def _genai(folder, prompt, max_length, mode):
     return r
 
 
-def _genai_sequence(folder, mode="qnn", max_length=40):
-    """onnxruntime-genai's whole sequence for PROMPT, and the ids it generated after PROMPT
-    without the pads it keeps."""
-    r = _genai(folder, PROMPT, max_length, mode)
+def _genai_sequence(folder, mode="qnn", new_tokens=24, prompt=PROMPT):
+    """onnxruntime-genai's whole sequence for ``prompt``, and the ids it generated after the
+    prompt and the pads it keeps (the prompt goes in chunks of P, the last padded at its end:
+    max_length must exceed that padded length)."""
+    window = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"][
+        "sliding_window"]["window_size"]
+    padded = -(-len(prompt) // window) * window
+    r = _genai(folder, prompt, padded + new_tokens, mode)
     assert r.returncode == 0, r.stderr[-2000:]
     sequence = json.loads(r.stdout.strip().splitlines()[-1])
-    pad = json.loads((folder / "genai_config.json").read_text())["model"]["pad_token_id"]
-    return sequence, [t for t in sequence[len(PROMPT):] if t != pad]
+    return sequence, sequence[padded:]
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("mode", ["qnn", "cpu"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_genai_generates_like_the_cpu_decoder(arch, mode, qnn_built, built):
+def test_genai_generates_like_the_cpu_decoder(arch, mode, lengths, qnn_built, built):
     """onnxruntime-genai runs the folder (QNN EP registered, or the CPU EP; the prompt is longer
     than P): exactly the ids of our own pipeline run on that EP, and the CPU decoder build's
     greedy ids up to a near-tie that fp16 may flip."""
-    sequence, generated = _genai_sequence(qnn_built[arch], mode)
-    assert sequence[:len(PROMPT)] == PROMPT
+    prompt, folder = PROMPTS[lengths], qnn_built[lengths, arch]
+    sequence, generated = _genai_sequence(folder, mode, prompt=prompt)
+    assert sequence[:len(prompt)] == prompt
     assert len(generated) >= 16
     runner = run_pipeline_on_qnn if mode == "qnn" else run_pipeline
-    assert generated == runner(qnn_built[arch], PROMPT, len(generated)).tokens
-    cpu = run_decoder(built[arch], np.array([PROMPT]), steps=len(generated) - 1,
+    assert generated == runner(folder, prompt, len(generated)).tokens
+    cpu = run_decoder(built[arch], np.array([prompt]), steps=len(generated) - 1,
                       forced=np.array([generated[:-1]]))
     ref = [cpu.prefill_logits[0, -1]] + [s_[0] for s_ in cpu.step_logits]
     err = 0.05  # fp16 graphs; the measured error is below 0.02 (test above)
     first = _same_greedy_until_a_near_tie(generated, [int(x.argmax()) for x in ref], ref, err)
-    print(f"{arch} genai {mode}: {generated[:10]}..., first near-tie flip: {first}")
+    print(f"{arch} genai {mode} {lengths}: {generated[:10]}..., first near-tie flip: {first}")
 
 
 def test_prompt_longer_than_context_is_refused(qnn_built):
-    r = _genai(qnn_built["qwen3"], PROMPT * 6, C, "cpu")  # 78 tokens > C = 64
+    r = _genai(qnn_built["small", "qwen3"], PROMPT * 6, C, "cpu")  # 78 tokens > C = 64
     assert r.returncode != 0
     assert "exceeds max length (64)" in r.stderr
 
@@ -217,8 +289,10 @@ def test_unknown_qnn_option(tmp_path, checkpoints):
     assert r.returncode == 2 and "did you mean 'qnn_prefill_length'" in r.stderr
 
 
-def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path):
-    out = _qnn_build(checkpoints["qwen3"], tmp_path / "ctx", "fp16", "qnn_epcontext=true")
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_epcontext_folder_gives_the_same_tokens(lengths, checkpoints, qnn_built, tmp_path):
+    out = _qnn_build(checkpoints["qwen3"], tmp_path / "ctx", "fp16", "qnn_epcontext=true",
+                     lengths=lengths)
     stages = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["pipeline"]
     files = [spec["filename"] for stage in stages for spec in stage.values()]
     assert files == ["embeddings.onnx", "context_ctx.onnx", "iterator_ctx.onnx",
@@ -227,13 +301,12 @@ def test_epcontext_folder_gives_the_same_tokens(checkpoints, qnn_built, tmp_path
 
     ctx = onnx.load(str(out / "context_ctx.onnx"))
     assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
-    compiled = _genai(out, PROMPT, 40, "qnn")
-    plain = _genai(qnn_built["qwen3"], PROMPT, 40, "qnn")
-    assert compiled.returncode == 0, compiled.stderr[-2000:]
-    assert compiled.stdout.splitlines()[-1] == plain.stdout.splitlines()[-1]
+    compiled = _genai_sequence(out, prompt=PROMPTS[lengths])
+    assert compiled == _genai_sequence(qnn_built[lengths, "qwen3"], prompt=PROMPTS[lengths])
 
 
-def test_epcontext_of_a_quantized_folder(trained, tmp_path):
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_epcontext_of_a_quantized_folder(lengths, trained, tmp_path):
     """qnn_epcontext=true with calibration: the contexts are compiled from the calibrated QDQ
     graphs (graph-I/O Quantize/Dequantize left around each EPContext node, on the CPU), and
     onnxruntime-genai generates from them what the uncompiled QDQ graphs give on QNN."""
@@ -241,15 +314,16 @@ def test_epcontext_of_a_quantized_folder(trained, tmp_path):
 
     ck, _ = trained["qwen3"]
     out = _qnn_build(ck, tmp_path / "ctx", "w4a16", "shared_embeddings=true",
-                     "qnn_epcontext=true")
+                     "qnn_epcontext=true", lengths=lengths)
     for graph in ("context_ctx.onnx", "iterator_ctx.onnx", "lm_head_context_ctx.onnx",
                   "lm_head_iterator_ctx.onnx"):
         ops = [n.op_type for n in onnx.load(str(out / graph)).graph.node]
         assert ops.count("EPContext") == 1 and "QuantizeLinear" in ops, ops
         assert set(ops) == {"EPContext", "QuantizeLinear", "DequantizeLinear"}, ops
-    generated = _genai_sequence(out)[1]
+    prompt = PROMPTS[lengths]
+    generated = _genai_sequence(out, prompt=prompt)[1]
     assert len(generated) >= 16
-    assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
+    assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
 
 
 def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_path):
@@ -280,16 +354,17 @@ def _one_data_file_without_dead_bytes(folder):
     assert used <= (folder / "model.data").stat().st_size < used + 64 * len(spans)
 
 
-def test_mission_command(checkpoints, tmp_path):
-    """python -m builder -m <Qwen3> -p int4 -e qnn --extra_options shared_embeddings=true: a
-    calibrated w4a16 pipeline whose lookup and lm_head read one int8 table, stored once, and
-    which onnxruntime-genai runs with the QNN EP."""
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_mission_command(lengths, checkpoints, tmp_path):
+    """python -m builder -m <Qwen3> -p int4 -e qnn --extra_options shared_embeddings=true
+    (exactly, at "default"): a calibrated w4a16 pipeline whose lookup and lm_head read one
+    int8 table, stored once, and which onnxruntime-genai runs with the QNN EP."""
     import onnx
 
     out = tmp_path / "qwen3-qnn"
+    given = [f"qnn_prefill_length={P}", f"qnn_context_length={C}"] if lengths == "small" else []
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(out), "-p", "int4", "-e", "qnn",
-                "--extra_options", "shared_embeddings=true", f"qnn_prefill_length={P}",
-                f"qnn_context_length={C}")
+                "--extra_options", "shared_embeddings=true", *given)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "calibration:" in r.stderr
     tables = {}
@@ -307,9 +382,10 @@ def test_mission_command(checkpoints, tmp_path):
         run = run_on_qnn(out / graph, _feeds(out, graph, np.random.default_rng(0)))
         assert run.cpu_nodes == ["QuantizeLinear (hidden_states/Q)",
                                  "DequantizeLinear (logits/DQ)"], run.cpu_nodes
-    generated = _genai_sequence(out)[1]
+    prompt = PROMPTS[lengths]
+    generated = _genai_sequence(out, prompt=prompt)[1]
     assert len(generated) >= 16
-    assert generated == run_pipeline_on_qnn(out, PROMPT, len(generated)).tokens
+    assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +403,9 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def w8a16_built(trained, tmp_path_factory):
-    return {arch: _qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16")
-            for arch, (ck, _) in trained.items()}
+    return {(lengths, arch): _qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16",
+                                        lengths=lengths)
+            for lengths in LENGTHS for arch, (ck, _) in trained.items()}
 
 
 def _only_graph_io_on_cpu(folder):
@@ -344,29 +421,34 @@ def _only_graph_io_on_cpu(folder):
         assert len(run.cpu_nodes) == 4 * layers + 2  # KV in and out per layer, embeds, hidden
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_w8a16_placement_and_accuracy(arch, w8a16_built, trained):
+def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     """Calibrated w8a16 (uint16 activations, 8-bit per-channel weights) on the HTP, against the
     fp32 CPU build over a two-chunk prefill and 16 decode steps on the CPU's greedy path, on a
     checkpoint whose logits have clear winners."""
-    folder = w8a16_built[arch]
+    folder = w8a16_built[lengths, arch]
     _only_graph_io_on_cpu(folder)
     _one_data_file_without_dead_bytes(folder)
-    ref, greedy, _, cos, err, ours = _against_cpu(folder, trained[arch][1])
+    ref, greedy, _, cos, err, ours = _against_cpu(folder, trained[arch][1],
+                                                  prompt=PROMPTS[lengths])
     top1 = float(np.mean(np.array(ours) == greedy))
-    print(f"{arch} w8a16 on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "
+    print(f"{arch} w8a16 {lengths} on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "
           f"{top1:.0%}, max abs logit error {err:.3f}")
     assert min(cos) >= 0.99
     assert top1 >= 0.95
 
 
-def test_w8a16_generates_through_genai_with_qnn(w8a16_built):
-    generated = _genai_sequence(w8a16_built["qwen3"])[1]
-    assert generated == run_pipeline_on_qnn(w8a16_built["qwen3"], PROMPT, len(generated)).tokens
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_w8a16_generates_through_genai_with_qnn(lengths, w8a16_built):
+    prompt, folder = PROMPTS[lengths], w8a16_built[lengths, "qwen3"]
+    generated = _genai_sequence(folder, prompt=prompt)[1]
+    assert generated == run_pipeline_on_qnn(folder, prompt, len(generated)).tokens
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_trajectory_calibration_beats_empty_cache(arch, trained, w8a16_built, tmp_path,
+def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_built, tmp_path,
                                                   monkeypatch):
     """Calibrating the decode graph on one token with an empty KV cache (the naive method)
     against calibrating it on real decode trajectories (ours): same prompts, same prefill
@@ -380,17 +462,18 @@ def test_trajectory_calibration_beats_empty_cache(arch, trained, w8a16_built, tm
 
     monkeypatch.setattr(sys.modules["builder.build"], "quantize_pipeline", naive_calibration)
     ck, fp32 = trained[arch]
-    naive = _qnn_build(ck, tmp_path / "empty_cache", "w8a16")
-    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
+    naive = _qnn_build(ck, tmp_path / "empty_cache", "w8a16", lengths=lengths)
+    prompt = PROMPTS[lengths]
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
     scores, top1 = {}, {}
-    for mode, out in (("trajectory", w8a16_built[arch]), ("empty_cache", naive)):
-        run = run_pipeline(out, PROMPT, 17, forced=greedy)
+    for mode, out in (("trajectory", w8a16_built[lengths, arch]), ("empty_cache", naive)):
+        run = run_pipeline(out, prompt, 17, forced=greedy)
         scores[mode] = float(np.mean(_cosines(run.step_logits[1:], ref[1:])))
         top1[mode] = float(np.mean([int(x.argmax()) == g
                                     for x, g in zip(run.step_logits[1:], greedy[1:])]))
-    print(f"{arch}: decode cosine (top-1), trajectory {scores['trajectory']:.4f} "
+    print(f"{arch} {lengths}: decode cosine (top-1), trajectory {scores['trajectory']:.4f} "
           f"({top1['trajectory']:.0%}) vs empty cache {scores['empty_cache']:.4f} "
           f"({top1['empty_cache']:.0%})")
     assert scores["trajectory"] >= 0.99
@@ -404,8 +487,9 @@ W4A16_MEAN_COSINE = {("qwen3", "matmul"): 0.985, ("llama", "matmul"): 0.985,
                      ("phi3", "matmul"): 0.985, ("qwen3", "conv"): 0.985}
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch, linear", [(a, "matmul") for a in ARCHS] + [("qwen3", "conv")])
-def test_w4a16_placement_and_accuracy(arch, linear, trained, tmp_path):
+def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     """w4a16: int4 weights block-wise (along the input dimension) on MatMul, or per-channel on
     1x1 Conv (per-channel int4 on MatMul is wrong on the HTP); uint16 activations; all on QNN
     but the graph-I/O Q/DQ. Against the fp32 CPU build, guarded at the measured level minus a
@@ -413,7 +497,7 @@ def test_w4a16_placement_and_accuracy(arch, linear, trained, tmp_path):
     import onnx
 
     ck, fp32 = trained[arch]
-    folder = _qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}")
+    folder = _qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}", lengths=lengths)
     m = onnx.load(str(folder / "iterator.onnx"), load_external_data=False)
     producers = {n.output[0]: n for n in m.graph.node}
     inits = {i.name: i for i in m.graph.initializer}
@@ -426,14 +510,15 @@ def test_w4a16_placement_and_accuracy(arch, linear, trained, tmp_path):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         assert attrs.get("block_size") == (32 if linear == "matmul" else None), attrs
     _only_graph_io_on_cpu(folder)
-    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
+    prompt = PROMPTS[lengths]
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
-    on_qnn = run_pipeline_on_qnn(folder, PROMPT, 17, forced=greedy)
-    on_cpu = run_pipeline(folder, PROMPT, 17, forced=greedy)  # the same QDQ graphs on the CPU EP
+    on_qnn = run_pipeline_on_qnn(folder, prompt, 17, forced=greedy)
+    on_cpu = run_pipeline(folder, prompt, 17, forced=greedy)  # the same QDQ graphs on the CPU EP
     cos = _cosines(on_qnn.step_logits, ref)
     top1 = float(np.mean([int(x.argmax()) == g for x, g in zip(on_qnn.step_logits, greedy)]))
-    print(f"{arch} w4a16 ({linear}) on QNN: mean cosine {np.mean(cos):.4f} (min "
+    print(f"{arch} w4a16 ({linear}) {lengths} on QNN: mean cosine {np.mean(cos):.4f} (min "
           f"{min(cos):.4f}), top-1 {top1:.0%}; QNN vs CPU EP on the same graphs: min cosine "
           f"{min(_cosines(on_qnn.step_logits, on_cpu.step_logits)):.5f}")
     assert np.mean(cos) >= W4A16_MEAN_COSINE[arch, linear]
@@ -441,16 +526,18 @@ def test_w4a16_placement_and_accuracy(arch, linear, trained, tmp_path):
     assert min(_cosines(on_qnn.step_logits, on_cpu.step_logits)) >= 0.99
 
 
-def test_w8a8_builds_and_runs_on_qnn(checkpoints, built, tmp_path):
-    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8")
+@pytest.mark.parametrize("lengths", LENGTHS)
+def test_w8a8_builds_and_runs_on_qnn(lengths, checkpoints, built, tmp_path):
+    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8", lengths=lengths)
+    prompt = PROMPTS[lengths]
     run = run_on_qnn(folder / "iterator.onnx", _feeds(folder, "iterator.onnx",
                                                        np.random.default_rng(0)))
     assert run.placed["QNNExecutionProvider"] == 1
     assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
-    cpu = run_decoder(built["qwen3"], np.array([PROMPT]), steps=8)
+    cpu = run_decoder(built["qwen3"], np.array([prompt]), steps=8)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    ours = run_pipeline_on_qnn(folder, PROMPT, 9, forced=[int(r.argmax()) for r in ref])
-    print(f"qwen3 w8a8 on QNN: mean cosine {np.mean(_cosines(ours.step_logits, ref)):.4f}")
+    ours = run_pipeline_on_qnn(folder, prompt, 9, forced=[int(r.argmax()) for r in ref])
+    print(f"qwen3 w8a8 {lengths} on QNN: mean cosine {np.mean(_cosines(ours.step_logits, ref)):.4f}")
     assert np.mean(_cosines(ours.step_logits, ref)) >= 0.9
 
 
@@ -466,27 +553,55 @@ def _activation_scales(folder, graph="iterator.onnx"):
 # measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
 # minmax 0.9999, percentile 0.9999, entropy 0.990 (its 128 quantized bins suit 8-bit
 # activations: for uint16 it clips ranges that 16 bits could keep)
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("method, mean_cosine", [("percentile", 0.99), ("entropy", 0.97)])
-def test_histogram_calibration_methods(method, mean_cosine, trained, w8a16_built, tmp_path):
+def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8a16_built,
+                                       tmp_path):
     """percentile and entropy (onnxruntime's histogram calibrators, fed float32 histograms)
     build, change the activation ranges against minmax, and keep the model's answers."""
     ck, fp32 = trained["qwen3"]
-    folder = _qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}")
-    ours, minmax = _activation_scales(folder), _activation_scales(w8a16_built["qwen3"])
+    folder = _qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}",
+                        lengths=lengths)
+    prompt = PROMPTS[lengths]
+    ours = _activation_scales(folder)
+    minmax = _activation_scales(w8a16_built[lengths, "qwen3"])
     assert ours.keys() == minmax.keys()
     narrower = [n for n in ours if ours[n] < minmax[n] * 0.999]
     assert narrower  # the method took effect
     if method == "percentile":  # cuts the tails of what minmax saw, never widens
         assert all(ours[n] <= minmax[n] * 1.002 for n in ours)  # (up to a histogram bin)
-    cpu = run_decoder(fp32, np.array([PROMPT]), steps=16)
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
-    run = run_pipeline(folder, PROMPT, 17, forced=greedy)
+    run = run_pipeline(folder, prompt, 17, forced=greedy)
     cos = _cosines(run.step_logits, ref)
-    print(f"qwen3 w8a16 {method}: {len(narrower)} of {len(ours)} ranges narrower than minmax; "
+    print(f"qwen3 w8a16 {method} {lengths}: {len(narrower)} of {len(ours)} ranges narrower than minmax; "
           f"mean cosine {np.mean(cos):.4f} (min {min(cos):.4f})")
     assert np.mean(cos) >= mean_cosine
     assert np.mean([int(x.argmax()) == g for x, g in zip(run.step_logits, greedy)]) >= 0.95
+
+
+def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):
+    """Prompts shorter than P still calibrate the prefill graph on calls with earlier chunks in
+    the KV cache (they are joined into two-chunk sequences): no activation of the calibrated
+    graphs is left with the [0, 0] range (scale 1) that clipped a long prompt's past away and
+    that the HTP requantized wrongly."""
+    prompts = tmp_path / "short.txt"
+    prompts.write_text("Hi.\nYes.\nNo way.\n")
+    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a16",
+                        f"qnn_calibration={prompts}")
+    for graph in ("context.onnx", "iterator.onnx"):
+        scales = _activation_scales(folder, graph)
+        assert not [name for name, scale in scales.items() if scale == 1.0], graph
+
+
+def test_prefill_sequences_span_two_chunks():
+    from builder.quant.calibration import prefill_sequences
+
+    assert [len(s) for s in prefill_sequences([[1] * 30, [2] * 50, [3] * 100, [4] * 10], 64,
+                                              495)] == [180, 190]
+    assert prefill_sequences([[1, 2], [3]], 2, 100) == [[1, 2, 3, 1, 2]]
+    assert [len(s) for s in prefill_sequences([[1] * 300], 64, 100)] == [100]
 
 
 def test_calibration_options(checkpoints, tmp_path):

@@ -58,6 +58,32 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
     return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
 
 
+def prefill_sequences(ids: list[list[int]], window: int, budget: int) -> list[list[int]]:
+    """The prefill graph's calibration sequences: consecutive prompts joined until each spans
+    two chunks of P (at most ``budget`` tokens), cycling through the prompts when they are too
+    few for one. Every call after a sequence's first chunk then sees the KV rows of the earlier
+    ones, as a prompt longer than P does at run time. Calibrated on one-chunk prompts only
+    (short prompts, or a large P), the tensors that keep the past rows saw nothing but zeros:
+    their range [0, 0] clipped a longer prompt's past away on every EP, and the HTP
+    requantized the cache update wrongly (HTP against CPU EP on the same graph: logit cosine
+    -0.3 at P = 128)."""
+    want = min(2 * window, budget)
+    sequences, current = [], []
+    for prompt in ids:
+        current += prompt
+        if len(current) >= want:
+            sequences.append(current[:budget])
+            current = []
+    for prompt in ids * want:  # the rest, completed from the start (enough repeats for one)
+        if not current and sequences:
+            break
+        current += prompt
+        if len(current) >= want:
+            sequences.append(current[:budget])
+            current = []
+    return sequences
+
+
 def stream(folder: Path, token_ids: list[list[int]], steps: int, graph: str,
            ranges: dict[str, tuple[float, float]] | None = None) -> Iterator[dict]:
     """The inputs ``graph`` receives over the calibration run (prefills on the prompts, then
@@ -214,10 +240,11 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
                 extra.qnn_calibration_method)
     lm_ranges: dict[str, tuple[float, float]] = {}
     window = extra.qnn_prefill_length
-    count = {"context.onnx": sum(-(-len(i) // window) for i in ids),
+    prefill = prefill_sequences(ids, window, max(1, extra.qnn_context_length - steps - 1))
+    count = {"context.onnx": sum(-(-len(i) // window) for i in prefill),
              "iterator.onnx": len(ids) * (steps - 1)}
     # the prefill graph needs the prompts only; the decode pass runs everything (lm_head too)
-    feeds = {"context.onnx": lambda: stream(folder, ids, 0, "context.onnx"),
+    feeds = {"context.onnx": lambda: stream(folder, prefill, 0, "context.onnx"),
              "iterator.onnx": lambda: stream(folder, ids, steps, "iterator.onnx", lm_ranges)}
     if decode_calibration == "empty_cache":
         feeds["iterator.onnx"] = lambda: empty_cache(stream(folder, ids, steps,
