@@ -120,10 +120,11 @@ class StaticLowering:
     def mask(self, window: int | None) -> str:
         """The additive mask for a window (None: causal only), made once per graph. A
         calibrated QDQ graph quantizes the scores together with the mask: a mask of -65504
-        would leave uint16 activations a step of about 1, so those graphs use -50."""
+        would leave uint16 activations a step of about 1, so those graphs get a 0 / -1
+        indicator that attention scales by each row's own score spread (relative_mask)."""
         if window not in self.masks:
             self.masks[window] = static_attention_mask(
-                self.b.gb, self.inputs, window, -50.0 if quantized_precision(self.b) else None)
+                self.b.gb, self.inputs, window, -1.0 if quantized_precision(self.b) else None)
         return self.masks[window]
 
     def attend(self, layer: int, q: str, k: str, v: str) -> str:
@@ -148,7 +149,8 @@ class StaticLowering:
                                     num_heads=c.num_attention_heads,
                                     kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                     seq_len=s, kv_type=KV_TYPE, scale=b.attention_scale(),
-                                    softcap=b.attention_softcap())
+                                    softcap=b.attention_softcap(),
+                                    relative_mask=quantized_precision(b))
 
     def lm_head_projection(self, x: str) -> str:
         """Float MatMul, or in quantized builds int8 per channel (DequantizeLinear → MatMul);

@@ -135,7 +135,8 @@ def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
                           window: int | None = None, mask_value: float | None = None) -> str:
     """[1, 1, S, C] additive mask: key row j is visible to the query at position p iff j <= p
     (rows past a query's own position, later tokens or a prompt's trailing pads, stay masked)
-    and, with a sliding ``window``, j > p - window. ``mask_value`` defaults to fp16's lowest."""
+    and, with a sliding ``window``, j > p - window. ``mask_value`` defaults to fp16's lowest;
+    -1 makes it an indicator for ``decomposed_attention``'s ``relative_mask``."""
     i32 = np.int32
     with gb.scope("/model/attn_mask" if window is None else f"/model/attn_mask/window_{window}"):
         visible = gb.node("LessOrEqual", [inputs.rows, inputs.queries], "visible/LessOrEqual")
@@ -174,15 +175,22 @@ def split_heads(gb: GraphBuilder, name: str, x: str, heads: int, head_dim: int,
         return gb.node("Transpose", [split], perm=[0, 2, 1, 3])
 
 
+RELATIVE_MASK_MARGIN = 30.0  # exp(-30) ~ 1e-13: a masked key's weight, at most
+
+
 def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values: str,
                          bias: str, *, num_heads: int, kv_heads: int, head_dim: int,
                          seq_len: int, kv_type: int, scale: float,
-                         softcap: float | None = None) -> str:
+                         softcap: float | None = None, relative_mask: bool = False) -> str:
     """Attention from MatMul/Softmax for static-shape targets (no GroupQueryAttention).
 
     q [1, S, heads*hd] (rotated); keys and values [1, kv, T, hd], the whole cache with this
     call's rows written; bias [1, 1, S, T]; ``scale`` on q·k, then ``softcap`` (None: none)
-    as cap * tanh(scores / cap), before the mask. Grouped queries are folded into the sequence axis,
+    as cap * tanh(scores / cap), before the mask. With ``relative_mask`` (calibrated QDQ
+    graphs) ``bias`` is 0 / -1 and masked scores are pushed RELATIVE_MASK_MARGIN below their
+    row's smallest score: a fixed mask small enough for uint16 activations (-50) leaves a key
+    masked by less than the spread of a model's scores visible (large attention logits are
+    common: a tiny trained Llama reaches 118). Grouped queries are folded into the sequence axis,
     [1, kv, groups*S, hd], so no key/value head is ever repeated:
 
         q ─ [1, heads, S, hd] ─ Reshape ─ [1, kv, g*S, hd] ─┐
@@ -204,6 +212,12 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
             scores = softcap_op(gb, "scores/softcap", scores, softcap)
         if groups > 1:
             bias = gb.node("Tile", [bias, gb.constant([1, 1, groups, 1])], "bias/Tile")
+        if relative_mask:  # bias is 0 / -1: masked scores go below the row's minimum
+            top = gb.node("ReduceMax", [scores, gb.constant([-1])], "span/ReduceMax")
+            bottom = gb.node("ReduceMin", [scores, gb.constant([-1])], "span/ReduceMin")
+            depth = gb.node("Add", [gb.node("Sub", [top, bottom], "span/Sub"),
+                                    gb.constant(RELATIVE_MASK_MARGIN, np.float32)], "span/Add")
+            bias = gb.node("Mul", [bias, depth], "bias/Mul")
         scores = gb.node("Add", [scores, bias], "scores/Add")
         probs = gb.node("Softmax", [scores], "Softmax", axis=-1)
         out = gb.node("MatMul", [probs, values], "out/MatMul")
