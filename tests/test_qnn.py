@@ -551,10 +551,13 @@ def _activation_scales(folder, graph="iterator.onnx"):
 
 
 # measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
-# minmax 0.9999, percentile 0.9999, entropy 0.990 (its 128 quantized bins suit 8-bit
-# activations: for uint16 it clips ranges that 16 bits could keep)
+# minmax 0.9999, percentile 0.9999 (0.9996 at the default lengths), entropy 0.992 (0.964 at the
+# default lengths; its 128 quantized bins suit 8-bit activations: for uint16 it clips ranges
+# that 16 bits could keep), top-1 100% for all three
 @pytest.mark.parametrize("lengths", LENGTHS)
-@pytest.mark.parametrize("method, mean_cosine", [("percentile", 0.99), ("entropy", 0.97)])
+@pytest.mark.parametrize("method, mean_cosine", [
+    ("percentile", {"small": 0.99, "default": 0.99}),
+    ("entropy", {"small": 0.97, "default": 0.95})])
 def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8a16_built,
                                        tmp_path):
     """percentile and entropy (onnxruntime's histogram calibrators, fed float32 histograms)
@@ -568,17 +571,21 @@ def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8
     assert ours.keys() == minmax.keys()
     narrower = [n for n in ours if ours[n] < minmax[n] * 0.999]
     assert narrower  # the method took effect
-    if method == "percentile":  # cuts the tails of what minmax saw, never widens
-        assert all(ours[n] <= minmax[n] * 1.002 for n in ours)  # (up to a histogram bin)
+    # (up to a few histogram bins: merged histograms re-bin; measured at most 0.22% wider)
+    wider = {n: (ours[n], minmax[n]) for n in ours if ours[n] > minmax[n] * 1.005}
     cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
     run = run_pipeline(folder, prompt, 17, forced=greedy)
     cos = _cosines(run.step_logits, ref)
-    print(f"qwen3 w8a16 {method} {lengths}: {len(narrower)} of {len(ours)} ranges narrower than minmax; "
-          f"mean cosine {np.mean(cos):.4f} (min {min(cos):.4f})")
-    assert np.mean(cos) >= mean_cosine
-    assert np.mean([int(x.argmax()) == g for x, g in zip(run.step_logits, greedy)]) >= 0.95
+    top1 = np.mean([int(x.argmax()) == g for x, g in zip(run.step_logits, greedy)])
+    print(f"qwen3 w8a16 {method} {lengths}: {len(narrower)} of {len(ours)} ranges narrower "
+          f"than minmax; mean cosine {np.mean(cos):.4f} (min {min(cos):.4f}), top-1 {top1:.0%}; "
+          f"wider: {wider}")
+    if method == "percentile":  # cuts the tails of what minmax saw, never widens
+        assert not wider, wider
+    assert np.mean(cos) >= mean_cosine[lengths]
+    assert top1 >= 0.95
 
 
 def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):
