@@ -150,9 +150,9 @@ def _misses_are_near_ties(top1, greedy, ref, err):
         assert a == b or float(ref[step][b] - ref[step][a]) <= 2 * err, (step, a, b, err)
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
-@pytest.mark.parametrize("arch, precision, extra", [(a, "fp16", ()) for a in ARCHS] + [
-    ("llama", "fp32", ()), ("qwen3", "fp16", ("qnn_linear=conv",))])
+@pytest.mark.parametrize("arch, precision, extra, lengths", [
+    (a, "fp16", (), lengths) for a in ARCHS for lengths in LENGTHS] + [
+    ("llama", "fp32", (), "default"), ("qwen3", "fp16", ("qnn_linear=conv",), "default")])
 def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, lengths, qnn_built, built,
                                              checkpoints, tmp_path):
     """Prefill (two chunks) and 16 decode steps on the HTP against our fp32 CPU decoder. fp32
@@ -305,6 +305,7 @@ def test_epcontext_folder_gives_the_same_tokens(lengths, checkpoints, qnn_built,
     assert compiled == _genai_sequence(qnn_built[lengths, "qwen3"], prompt=PROMPTS[lengths])
 
 
+@pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_epcontext_of_a_quantized_folder(lengths, trained, tmp_path):
     """qnn_epcontext=true with calibration: the contexts are compiled from the calibrated QDQ
@@ -354,7 +355,7 @@ def _one_data_file_without_dead_bytes(folder):
     assert used <= (folder / "model.data").stat().st_size < used + 64 * len(spans)
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("lengths", ["default"])
 def test_mission_command(lengths, checkpoints, tmp_path):
     """python -m builder -m <Qwen3> -p int4 -e qnn --extra_options shared_embeddings=true
     (exactly, at "default"): a calibrated w4a16 pipeline whose lookup and lm_head read one
@@ -422,6 +423,7 @@ def _only_graph_io_on_cpu(folder):
 
 
 @pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     """Calibrated w8a16 (uint16 activations, 8-bit per-channel weights) on the HTP, against the
@@ -439,6 +441,7 @@ def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     assert top1 >= 0.95
 
 
+@pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_w8a16_generates_through_genai_with_qnn(lengths, w8a16_built):
     prompt, folder = PROMPTS[lengths], w8a16_built[lengths, "qwen3"]
@@ -446,7 +449,8 @@ def test_w8a16_generates_through_genai_with_qnn(lengths, w8a16_built):
     assert generated == run_pipeline_on_qnn(folder, prompt, len(generated)).tokens
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.xdist_group("trained")
+@pytest.mark.parametrize("lengths", ["default"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_built, tmp_path,
                                                   monkeypatch):
@@ -487,8 +491,9 @@ W4A16_MEAN_COSINE = {("qwen3", "matmul"): 0.985, ("llama", "matmul"): 0.985,
                      ("phi3", "matmul"): 0.985, ("qwen3", "conv"): 0.985}
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
-@pytest.mark.parametrize("arch, linear", [(a, "matmul") for a in ARCHS] + [("qwen3", "conv")])
+@pytest.mark.xdist_group("trained")
+@pytest.mark.parametrize("arch, linear, lengths", [
+    (a, "matmul", lengths) for a in ARCHS for lengths in LENGTHS] + [("qwen3", "conv", "default")])
 def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     """w4a16: int4 weights block-wise (along the input dimension) on MatMul, or per-channel on
     1x1 Conv (per-channel int4 on MatMul is wrong on the HTP); uint16 activations; all on QNN
@@ -526,7 +531,7 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     assert min(_cosines(on_qnn.step_logits, on_cpu.step_logits)) >= 0.99
 
 
-@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("lengths", ["default"])
 def test_w8a8_builds_and_runs_on_qnn(lengths, checkpoints, built, tmp_path):
     folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8", lengths=lengths)
     prompt = PROMPTS[lengths]
@@ -554,7 +559,8 @@ def _activation_scales(folder, graph="iterator.onnx"):
 # minmax 0.9999, percentile 0.9999 (0.9996 at the default lengths), entropy 0.992 (0.964 at the
 # default lengths; its 128 quantized bins suit 8-bit activations: for uint16 it clips ranges
 # that 16 bits could keep), top-1 100% for all three
-@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.xdist_group("trained")
+@pytest.mark.parametrize("lengths", ["default"])
 @pytest.mark.parametrize("method, mean_cosine", [
     ("percentile", {"small": 0.99, "default": 0.99}),
     ("entropy", {"small": 0.97, "default": 0.95})])
