@@ -74,12 +74,10 @@ def hooked(tmp_path_factory):
     return ck
 
 
-def _reference(ck, tokens, *, off=()):
-    """transformers' Qwen3 (eager, fp32) with the hooks' modifications, except those in
-    ``off``: logits of a prefill of PROMPT then one cached step per further token."""
-    from transformers.models.gemma2 import modeling_gemma2
-    from transformers.models.qwen3 import modeling_qwen3
-
+@functools.cache
+def _modified_model(ck, off):
+    """transformers' Qwen3 (eager, fp32) with the hooks' modifications except those in
+    ``off``, loaded once per set (the attention soft-cap is patched in by ``_reference``)."""
     window = {} if "window" in off else dict(
         layer_types=list(SLIDING), sliding_window=WINDOW, use_sliding_window=True)
     model = transformers.Qwen3ForCausalLM.from_pretrained(
@@ -92,6 +90,16 @@ def _reference(ck, tokens, *, off=()):
     if "logit_cap" not in off:
         model.lm_head.register_forward_hook(
             lambda m, i, out: LOGIT_CAP * torch.tanh(out / LOGIT_CAP))
+    return model
+
+
+def _reference(ck, tokens, *, off=()):
+    """The modified transformers Qwen3's logits of a prefill of PROMPT then one cached step per
+    further token."""
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = _modified_model(ck, tuple(off))
     attention = (modeling_qwen3.eager_attention_forward if "attn_cap" in off else
                  functools.partial(modeling_gemma2.eager_attention_forward, softcap=ATTN_CAP))
     with pytest.MonkeyPatch.context() as patch:  # Gemma 2's eager attention has the soft-cap
