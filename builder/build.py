@@ -11,17 +11,19 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from builder.config import DecoderConfig
-from builder.errors import OptionError, UnsupportedArchitectureError
+from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
 from builder.graph import GraphBuilder
 from builder.metrics import StageMeter
-from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision
+from builder.options import (
+    FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
+)
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.quant.calibration import quantize_pipeline
-from builder.source import resolve
+from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
 
@@ -38,10 +40,6 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         known = ", ".join(plugins.targets.names())
         raise OptionError(f"execution provider {str(options.execution_provider)!r} is not "
                           f"supported yet; available: {known}")
-    for f in dataclasses.fields(options.extra):
-        given = getattr(options.extra, f.name) != f.default
-        if given and f.name.startswith("qnn_") and not target.static_shapes:
-            raise OptionError(f"extra option {f.name} applies to -e qnn only")
     if options.precision is None:
         object.__setattr__(options, "precision", target.precisions[0])
         logger.info("-p not given: %s, the first precision of -e %s", options.precision,
@@ -50,6 +48,11 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         valid = ", ".join(str(p) for p in target.precisions)
         raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "
                           f"-e {target.name}; valid: {valid}")
+    for f in dataclasses.fields(options.extra):
+        if getattr(options.extra, f.name) != f.default:
+            why = not_applicable(f.name, options.precision, target.static_shapes)
+            if why:
+                raise OptionError(f"extra option {f.name} {why}")
     return target
 
 
@@ -148,29 +151,42 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     plugins = plugins or default_plugins()
     meter = StageMeter()
     target = _target(options, plugins)  # flag errors first: nothing fetched, nothing written
-    staged = StagedOutput(options.output)  # refuses a foreign -o before anything is fetched
-    with meter("source"):
-        source = resolve(options.model_name, options.input, options.cache_dir,
-                         options.extra.hf_token, weights=not options.extra.config_only)
-    config = DecoderConfig.from_file(source.path / "config.json")
-    cls = _architecture(config, plugins)
-    if cls.config_class is not DecoderConfig:
-        config = cls.config_class.from_file(source.path / "config.json")
-    logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
-                plugins.architectures.owner(config.architecture), options.precision, target.name)
-    config = _fewer_layers(config, options.extra.num_hidden_layers)
-    folder = folder_for(options, target)
-    folder.check(config)
-    policy = folder.policy(config, plugins)
+    try:
+        _build(options, plugins, target, meter)
+    except OSError as e:  # disk full, permissions, a read error: the staging folder is gone
+        where = f"{e.filename}: " if e.filename else ""
+        raise OutputError(f"{where}{e.strerror or e} while building "
+                          f"{Path(options.output).absolute()}; nothing was written") from None
+    logger.info("model folder ready: %s", options.output)
+    return Path(options.output)
 
-    with staged as tmp, logging_redirect_tqdm():
+
+def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
+           meter: StageMeter) -> None:
+    # the output folder is checked, locked and staged before anything is fetched
+    with StagedOutput(options.output) as tmp, logging_redirect_tqdm():
+        with meter("source"):
+            source = resolve(options.model_name, options.input, options.cache_dir,
+                             options.extra.hf_token, weights=not options.extra.config_only)
+        config = DecoderConfig.from_file(checkpoint_file(source.path, "config.json"))
+        cls = _architecture(config, plugins)
+        if cls.config_class is not DecoderConfig:
+            config = cls.config_class.from_file(checkpoint_file(source.path, "config.json"))
+        logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
+                    plugins.architectures.owner(config.architecture), options.precision,
+                    target.name)
+        config = _fewer_layers(config, options.extra.num_hidden_layers)
+        folder = folder_for(options, target)
+        folder.check(config)
+        policy = folder.policy(config, plugins)
+
         weight_files: list[Path] = []
         if options.extra.config_only:
             logger.info("config_only: writing genai_config.json and tokenizer files, no model")
         else:
+            float_type = FLOAT_DTYPES.get(options.precision,
+                                          FLOAT_DTYPES[target.quantized_float])
             with meter("graph"), CheckpointReader(source.path) as weights:
-                float_type = FLOAT_DTYPES.get(options.precision,
-                                              FLOAT_DTYPES[target.quantized_float])
                 folder.write(tmp, cls, config, weights, policy, float_type)
                 weight_files = weights.files()
         with meter("package"):
@@ -178,8 +194,6 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages)
-    logger.info("model folder ready: %s", options.output)
-    return Path(options.output)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from builder.errors import BuilderError
+from builder.errors import BuilderError, did_you_mean
 from builder.options import (
     BuildOptions, ExecutionProvider, ExtraOptions, Precision, options_help,
 )
@@ -21,13 +21,22 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"error: {message} (see --help)\n")
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        known, rest = self.parse_known_args(args, namespace)
+        if rest:
+            flags = [s for action in self._actions for s in action.option_strings]
+            word = next((r for r in rest if r.startswith("-")), rest[0])
+            self.error(f"unrecognized argument {word!r}"
+                       f"{did_you_mean(word.partition('=')[0], flags)}")
+        return known
+
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m builder",
         description="Build an ONNX Runtime model folder from a Hugging Face decoder checkpoint "
                     "(safetensors + config.json).",
-        epilog=options_help().replace("%", "%%"),
+        epilog=options_help(),  # raw: argparse formats no % in a raw epilog
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model_name", help="hub id (org/name) or local folder")
     p.add_argument("-i", "--input", type=Path, help="local checkpoint folder (overrides -m)")
@@ -49,12 +58,24 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _interrupted(e: BaseException | None) -> bool:
+    """A signal that arrived inside a C extension's import comes back as another exception
+    (ImportError: initialization failed) caused by our KeyboardInterrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _interrupt)  # clean up the staging folder on kill, too
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # clean up on kill, too
+        if sig is not None:
+            signal.signal(sig, _interrupt)
     try:
         options = BuildOptions(
             model_name=args.model_name, input=args.input, output=args.output,
@@ -66,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     except BuilderError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except MemoryError:
+        sys.stderr.write("error: out of memory; nothing was written (see the log for the "
+                         "stage that ran out)\n")
+        return 2
+    except Exception as e:
+        if not _interrupted(e):
+            raise
+        sys.stderr.write("error: interrupted; nothing was written\n")
+        return 130
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted; nothing was written\n")
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,12 @@ class DecoderConfig:
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
-        for key in (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if d.get(key) is not None and (not isinstance(d[key], int) or d[key] <= 0):
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {d[key]!r}")
+        check_types(d, source)
+        model_type = d.get("model_type")
+        if not isinstance(model_type, str) or not model_type:
+            raise ConfigError(f"{source}: 'model_type' must name the model family (as "
+                              "transformers writes it, e.g. \"llama\"); onnxruntime-genai "
+                              "needs it to run the model")
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:
@@ -117,8 +121,13 @@ class DecoderConfig:
         if max_pos is None:
             max_pos = 4096
             logger.info("max_position_embeddings not in config: falling back to %d", max_pos)
+        if max_pos > MAX_POSITIONS:
+            raise ConfigError(f"{source}: max_position_embeddings={max_pos} is above "
+                              f"{MAX_POSITIONS}, longer than any released model's context; the "
+                              "rotary tables alone would need "
+                              f"{max_pos * head_dim * 4 / 2**30:.0f} GiB")
         window = d.get("sliding_window")
-        if not d.get("use_sliding_window", True) or not window or window >= max_pos:
+        if d.get("use_sliding_window") is False or not window or window >= max_pos:
             window = None  # the window never binds: plain causal attention
         layer_types = d.get("layer_types")
         if layer_types is not None:
@@ -127,14 +136,14 @@ class DecoderConfig:
                     or any(t not in kinds for t in layer_types)):
                 raise ConfigError(f"{source}: layer_types must list one of {', '.join(kinds)} "
                                   f"for each of the {d['num_hidden_layers']} layers, got "
-                                  f"{layer_types!r}")
+                                  f"{_short(layer_types)}")
             layer_types = tuple(layer_types)
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
             "partial_rotary_factor", "use_sliding_window"}
         return cls(
             architecture=archs[0],
-            model_type=str(d.get("model_type", "")),
+            model_type=model_type,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -146,7 +155,7 @@ class DecoderConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             rope=RopeConfig.from_hf(d),
-            hidden_act=str(d.get("hidden_act", "silu")),
+            hidden_act=d.get("hidden_act") or "silu",
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             bos_token_id=d.get("bos_token_id"),
@@ -156,3 +165,79 @@ class DecoderConfig:
             layer_types=layer_types,
             extra={k: v for k, v in d.items() if k not in known},
         )
+
+
+# No released model has a longer context (the longest, 10M tokens, is below 2**24); a larger
+# value is a damaged config.json, and the rotary tables are sized by it.
+MAX_POSITIONS = 1 << 24
+
+_SIZES = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings",
+          "sliding_window")
+_POSITIVE = ("rms_norm_eps", "rope_theta")
+_FRACTION = ("partial_rotary_factor",)
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_STRINGS = ("hidden_act",)
+_OBJECTS = ("rope_scaling", "rope_parameters")
+_TOKEN_IDS = ("bos_token_id", "pad_token_id")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_types(d: dict[str, Any], source: str) -> None:
+    """Each field the math depends on has the JSON type transformers gives it (a bool is not a
+    number), refused otherwise with the field and its value; null means "not set"."""
+    def bad(key: str, expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, got {_short(d[key])}")
+
+    def given(key: str) -> bool:
+        return d.get(key) is not None
+
+    for key in _SIZES:
+        if given(key) and (not isinstance(d[key], int) or isinstance(d[key], bool)
+                           or d[key] <= 0):
+            raise bad(key, "a positive integer")
+    for key in _POSITIVE:
+        if given(key) and (not _number(d[key]) or d[key] <= 0):
+            raise bad(key, "a positive number")
+    for key in _FRACTION:
+        if given(key) and (not _number(d[key]) or not 0 < d[key] <= 1):
+            raise bad(key, "a number in (0, 1]")
+    for key in _BOOLS:
+        if given(key) and not isinstance(d[key], bool):
+            raise bad(key, "true or false")
+    for key in _STRINGS:
+        if given(key) and not isinstance(d[key], str):
+            raise bad(key, "a string")
+    for key in _TOKEN_IDS:
+        if given(key) and (not isinstance(d[key], int) or isinstance(d[key], bool)
+                           or d[key] < 0):
+            raise bad(key, "a token id (a non-negative integer)")
+    eos = d.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if given("eos_token_id") and (not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise bad("eos_token_id", "a token id or a list of token ids")
+    for key in _OBJECTS:
+        if not given(key):
+            continue
+        if not isinstance(d[key], dict):
+            raise bad(key, "an object (or null)")
+        for name, value in d[key].items():
+            if name in ("rope_type", "type"):
+                ok = isinstance(value, str)
+            elif name in _POSITIVE:
+                ok = _number(value) and value > 0
+            elif isinstance(value, list):
+                ok = all(_number(x) for x in value)
+            else:
+                ok = value is None or isinstance(value, bool) or _number(value)
+            if not ok:
+                raise ConfigError(f"{source}: {key}.{name} has the wrong type: "
+                                  f"{_short(value)}")

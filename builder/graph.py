@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from builder.errors import WeightError
+
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
@@ -45,6 +47,20 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
 
 
+def _check_range(name: str, converted: np.ndarray, source: np.ndarray) -> None:
+    """A float weight stored in a narrower type (fp16) must not overflow to inf."""
+    if np.isfinite(converted).all():
+        return
+    flat = source.reshape(-1)
+    largest = max(float(np.abs(flat[i:i + (1 << 22)].astype(np.float32)).max())
+                  for i in range(0, flat.size, 1 << 22))  # slices: no full-size temporary
+    kind = np.dtype(converted.dtype)
+    raise WeightError(f"weight {name!r}: its largest magnitude, {largest:g}, is above {kind}'s "
+                      f"maximum {float(ml_dtypes.finfo(kind).max):g}, so it would be stored as "
+                      "inf; "
+                      "build this model with -p fp32 or bf16")
+
+
 class WeightStore:
     """One external data file shared by several graphs: a tensor written for one graph is
     referenced, not written again, by the next graph that adds the same name."""
@@ -54,9 +70,25 @@ class WeightStore:
         self.file = open(data_path, "wb")
         self.written: dict[str, TensorProto] = {}
 
+    @contextlib.contextmanager
+    def _named(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # a full disk: name the file that could not be written
+            raise OSError(e.errno, e.strerror, str(self.data_path)) from None
+
+    def write(self, data) -> None:
+        with self._named():
+            self.file.write(data)
+
+    def flush(self) -> None:
+        with self._named():
+            self.file.flush()
+
     def close(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            with self._named():
+                self.file.close()
 
 
 class GraphBuilder:
@@ -173,8 +205,12 @@ class GraphBuilder:
             raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
         self._initializer_names.add(name)
         nbytes = array.size * dtype.itemsize
+        narrowing = (_is_float(dtype) and _is_float(array.dtype)
+                     and ml_dtypes.finfo(dtype).max < ml_dtypes.finfo(array.dtype).max)
         if nbytes < INLINE_LIMIT:
             array = np.ascontiguousarray(array, dtype=dtype)
+            if narrowing:
+                _check_range(name, array, array)
             tensor = numpy_helper.from_array(array, name)
             self._initializers.append(tensor)
             self.store.written[name] = tensor  # another graph may reference it by name
@@ -183,12 +219,14 @@ class GraphBuilder:
         offset = self._data.tell()
         align = ALLOCATION_GRANULARITY if nbytes >= ALIGN_THRESHOLD else 64
         if offset % align:
-            self._data.write(b"\0" * (align - offset % align))
+            self.store.write(b"\0" * (align - offset % align))
             offset = self._data.tell()
         rows = max(1, CHUNK_BYTES // max(1, nbytes // max(1, array.shape[0])))
         for start in range(0, max(1, array.shape[0]), rows):
             chunk = np.ascontiguousarray(array[start:start + rows], dtype=dtype)
-            self._data.write(chunk.reshape(-1).view(np.uint8).data)
+            if narrowing:
+                _check_range(name, chunk, array)
+            self.store.write(chunk.reshape(-1).view(np.uint8).data)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
                            ("length", str(nbytes))):
@@ -216,7 +254,7 @@ class GraphBuilder:
         if self._own_store:
             self.store.close()
         else:
-            self._data.flush()
+            self.store.flush()
         graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
                                   self._initializers)
         opsets = [helper.make_opsetid(d, OPSETS[d]) for d in sorted(self._domains)]

@@ -36,8 +36,6 @@ FOUR_BIT = (Precision.W4A16, Precision.INT4)
 class ExecutionProvider(enum.StrEnum):
     CPU = "cpu"
     CUDA = "cuda"
-    DML = "dml"
-    WEBGPU = "webgpu"
     QNN = "qnn"
 
 
@@ -192,6 +190,28 @@ def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
         raise OptionError(f"extra option filename={raw!r} must be a plain file name ending in "
                           ".onnx")
     return value
+
+
+QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_steps",
+                 "qnn_calibration_method")
+
+
+def not_applicable(name: str, precision: Precision, static_shapes: bool) -> str | None:
+    """Why extra option ``name``, given, does nothing in this build; None when it applies.
+    An option that would be silently ignored is refused instead."""
+    if name.startswith("qnn_") and not static_shapes:
+        return "applies to -e qnn only"
+    if name in QNN_QUANTIZED and precision not in QDQ_PRECISIONS:
+        return (f"applies to quantized -e qnn builds only (-p w8a16, w4a16, w8a8), not "
+                f"-p {precision}")
+    if name.startswith("int4_") and static_shapes:
+        if name == "int4_block_size":
+            return None if precision in FOUR_BIT else (
+                f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}")
+        return "applies to -e cpu and cuda only (on -e qnn, -p int4 means calibrated w4a16)"
+    if name.startswith("int4_") and precision not in (Precision.INT4, Precision.INT8):
+        return f"applies to -p int4 and int8 only, not -p {precision}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,69 +1,215 @@
 """Safe output: build into a temporary folder beside the target, rename it into place at the end.
 
-A failed or interrupted build leaves nothing behind, and a previous good build is replaced only
-once the new one is complete. A non-empty folder that is not a previous build output (it has no
-build manifest) is never touched.
+A build owns only what it wrote. A failed or interrupted build leaves nothing behind, and a
+previous good build is replaced only once the new one is complete, and only when it is exactly
+a previous build: its manifest (``build_manifest.json``) is one this builder wrote and the folder
+holds the files it lists, unchanged in size, and nothing else. Any other non-empty folder is
+refused, naming what is in the way; nothing a user put there is ever deleted.
+
+One build at a time per target: a lock file beside it (``.<name>.lock``, removed on release)
+makes a second concurrent build into the same folder fail at once. Under that lock, staging
+folders that builds killed before they could clean up (SIGKILL, power loss) left beside the
+target are removed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from builder.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "build_manifest.json"
+_STAGING_KINDS = ("building", "old")
+
+
+def list_outputs(folder: Path) -> list[dict]:
+    """Every file under ``folder`` but the manifest: ``{"name": relative path, "bytes": size}``."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST and path.is_file() and not path.is_symlink():
+            found.append({"name": name, "bytes": path.stat().st_size})
+    return found
+
+
+def _listed(manifest: Path) -> dict[str, int] | None:
+    """The files a manifest lists (name -> bytes), or None when it is not one a build wrote."""
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        listed = {o["name"]: o["bytes"] for o in m["outputs"]}
+        ours = "builder" in m["versions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not ours or not all(isinstance(n, str) and isinstance(b, int) for n, b in listed.items()):
+        return None
+    return listed
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse ``target`` unless it is absent, empty, or exactly a previous build output."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder")
+    entries = list(target.iterdir())
+    if not entries:
+        return
+    manifest = target / MANIFEST
+    if not manifest.is_file():
+        raise OutputError(f"{target}: folder is not empty and is not a previous build output; "
+                          "choose another -o or empty it")
+    listed = _listed(manifest)
+    if listed is None:
+        raise OutputError(f"{manifest}: not a manifest a build wrote, so {target} is not a "
+                          "previous build output; choose another -o or empty it")
+    foreign: list[str] = []
+    for entry in sorted(entries):
+        if entry.name == MANIFEST:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            inner = [p for p in entry.rglob("*") if p.is_file() or p.is_symlink()]
+            theirs = [p for p in inner if p.relative_to(target).as_posix() not in listed]
+            if theirs or not inner:
+                foreign.append(entry.name + "/")
+        elif entry.name not in listed:
+            foreign.append(entry.name)
+    changed = [name for name, size in listed.items() if (target / name).is_file()
+               and not (target / name).is_symlink() and (target / name).stat().st_size != size]
+    if foreign:
+        raise OutputError(f"{target}: holds what the previous build did not write: "
+                          f"{_shown(foreign)}; move it out or choose another -o (a rebuild "
+                          "replaces only a previous build's own files)")
+    if changed:
+        raise OutputError(f"{target}: {_shown(changed)} changed since the previous build "
+                          "wrote it; move it out or choose another -o (a rebuild replaces only "
+                          "a previous build's own files)")
 
 
 class StagedOutput:
-    """``with StagedOutput(target) as tmp:`` write into ``tmp``; it becomes ``target`` on success."""
+    """``with StagedOutput(target) as tmp:`` write into ``tmp``; it becomes ``target`` on
+    success. Entering takes the target's lock, removes dead builds' staging folders and checks
+    that the target may be replaced; leaving releases the lock."""
 
     def __init__(self, target: Path) -> None:
         self.target = Path(target).absolute()
-        if self.target.exists():
-            if not self.target.is_dir():
-                raise OutputError(f"{self.target}: exists and is not a folder")
-            if any(self.target.iterdir()) and not (self.target / MANIFEST).is_file():
-                raise OutputError(f"{self.target}: folder is not empty and is not a previous "
-                                  "build output; choose another -o or empty it")
+        check_replaceable(self.target)  # fail before anything is created
         self.tmp: Path | None = None
         self._created: list[Path] = []
+        self._lock: FileLock | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.target.parent / f".{self.target.name}.lock"
 
     def __enter__(self) -> Path:
         missing = [p for p in (self.target.parent, *self.target.parent.parents) if not p.exists()]
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self._created = missing  # deepest first, removed on failure if still empty
+            self._acquire()
+            self._remove_stale()
+            check_replaceable(self.target)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.building-",
                                              dir=self.target.parent))
         except OSError as e:
+            self._leave()
             raise OutputError(f"{self.target}: cannot write there ({e.strerror})") from None
+        except BaseException:
+            self._leave()
+            raise
         self.tmp.chmod(0o755)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        committed = False
+        try:
+            if exc_type is None:
+                self._commit()
+                committed = True
+        finally:
+            if not committed:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._leave(failed=not committed)
+
+    # -- the lock ------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        lock = FileLock(self.lock_path, timeout=0, on_acquired=_write_pid)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = _read_pid(self.lock_path)
+            raise OutputError(f"{self.target}: another build into this folder is running"
+                              f"{f' (pid {holder})' if holder else ''}; wait for it to finish "
+                              f"or choose another -o (lock: {self.lock_path})") from None
+        self._lock = lock
+
+    def _leave(self, failed: bool = True) -> None:
+        if self._lock is not None:
+            if os.name == "posix":  # unlink while held (a peer that opened it retries); on
+                self.lock_path.unlink(missing_ok=True)  # Windows the release unlinks it
+            self._lock.release()
+            self._lock = None
+        if failed:
             for p in self._created:
                 try:
                     p.rmdir()
                 except OSError:
                     break
-            return
-        self._commit()
 
+    def _remove_stale(self) -> None:
+        """Staging folders of this target that no live build owns (we hold its lock)."""
+        pattern = re.compile(rf"\.{re.escape(self.target.name)}\."
+                             rf"({'|'.join(_STAGING_KINDS)})-[a-z0-9_]{{8}}")
+        for path in sorted(self.target.parent.iterdir()):
+            if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+                logger.warning("removed %s, left by a build into %s that did not finish",
+                               path, self.target)
+
+    # -- the commit ----------------------------------------------------------------------
     def _commit(self) -> None:
+        check_replaceable(self.target)  # again: something may have appeared while we built
         old = None
         if self.target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-",
                                         dir=self.target.parent))
             self.target.rename(old / "previous")
-        self.tmp.rename(self.target)
+        try:
+            self.tmp.rename(self.target)
+        except OSError:
+            if old is not None:  # put the previous build back
+                (old / "previous").rename(self.target)
+                old.rmdir()
+            raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old)
             logger.info("replaced the previous build in %s", self.target)
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+
+
+def _read_pid(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text if text.isdigit() else None

@@ -12,8 +12,9 @@ from typing import Any
 
 from builder.config import DecoderConfig
 from builder.options import BuildOptions, ExtraOptions
-from builder.output import MANIFEST
-from builder.source import Source
+from builder.output import MANIFEST, list_outputs
+from builder.errors import SourceError
+from builder.source import Source, checkpoint_file
 from builder.targets import TargetCaps
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,21 @@ def generation(source: Path) -> dict[str, Any]:
     path = source / "generation_config.json"
     if not path.is_file():
         return {}
+    return read_json_file(source, "generation_config.json")
+
+
+def read_json_file(source: Path, name: str) -> dict[str, Any]:
+    """A JSON object file of the checkpoint; a damaged one is an error, never copied."""
+    path = checkpoint_file(source, name)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        logger.warning("%s is not valid JSON; ignoring it", path)
-        return {}
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e}); fix the file or remove it from the "
+                          "checkpoint folder") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{path}: expected a JSON object, got {type(value).__name__}; fix the "
+                          "file or remove it from the checkpoint folder")
+    return value
 
 
 def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int]:
@@ -117,7 +128,9 @@ def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
     write_genai_config(out, genai)
     copied = [name for name in COPIED_FILES if (source / name).is_file()]
     for name in copied:
-        shutil.copyfile(source / name, out / name)
+        if name.endswith(".json"):
+            read_json_file(source, name)  # a damaged tokenizer or generation file stops here
+        shutil.copyfile(checkpoint_file(source, name), out / name)
     logger.info("genai_config.json written; copied %s", ", ".join(copied) or "no tokenizer files")
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
         logger.warning("no tokenizer file in %s: onnxruntime-genai will not be able to "
@@ -146,7 +159,6 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
             "files": [{"name": p.name, "bytes": p.stat().st_size} for p in weight_files],
         },
         "stages": stages,
-        "outputs": [{"name": p.name, "bytes": p.stat().st_size}
-                    for p in sorted(out.iterdir()) if p.is_file()],
+        "outputs": list_outputs(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

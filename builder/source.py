@@ -46,6 +46,28 @@ def resolve(model_name: str | None, input_dir: Path | None, cache_dir: Path | No
     return _hub(model_name, cache_dir, token, weights)
 
 
+def allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's files may live: the folder itself and, for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<revision>``), the repository's ``blobs`` that its
+    symlinks point into."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real, (real.parent.parent / "blobs").resolve()
+    return (real,)
+
+
+def checkpoint_file(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when the name or a symlink leads out of the checkpoint (a
+    shard index naming ``../x`` or ``/etc/passwd``, a tokenizer.json linked elsewhere)."""
+    path = folder / name
+    real = path.resolve()
+    if not any(real == root or root in real.parents for root in allowed_roots(folder)):
+        raise SourceError(f"{path}: resolves to {real}, outside the checkpoint folder "
+                          f"{folder}; files are read from the checkpoint folder (or its hub "
+                          "cache) only")
+    return path
+
+
 def _local(folder: Path, weights: bool) -> Source:
     if not folder.is_dir():
         raise SourceError(f"{folder}: not a folder")
@@ -90,11 +112,12 @@ def _snapshot(repo_id: str, cache_dir: Path | None, token: str | None, allow: li
     except HFValidationError as e:
         raise SourceError(f"{repo_id}: not a folder nor a valid hub repository id ({e})") from None
     except LocalEntryNotFoundError:
-        raise SourceError(f"{repo_id}: not in the local cache "
-                          f"{cache_dir or '(default)'} and the hub cannot be reached "
-                          "(offline mode or no network)") from None
+        raise SourceError(f"{repo_id}: no such local folder, and as a hub repository id it is "
+                          f"not in the Hugging Face cache {cache_dir or '(default)'} and the "
+                          "hub cannot be reached (offline mode or no network)") from None
     except Exception as e:  # network, authentication, missing repository
-        raise SourceError(f"{repo_id}: download failed: {type(e).__name__}: {e}") from None
+        raise SourceError(f"{repo_id}: no such local folder, and as a hub repository id its "
+                          f"download failed: {type(e).__name__}: {e}") from None
 
 
 def _remote_files(repo_id: str, token: str | None) -> list[str]:

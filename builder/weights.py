@@ -18,11 +18,22 @@ import numpy as np
 from safetensors import safe_open
 
 from builder.errors import WeightError, did_you_mean
+from builder.source import checkpoint_file
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
+
+
+CHECK_ELEMENTS = 1 << 22  # values are checked a slice at a time: no tensor-sized temporary
+
+
+def nonfinite(array: np.ndarray) -> int:
+    """How many elements of ``array`` are NaN or infinite."""
+    flat = array.reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + CHECK_ELEMENTS])))
+               for i in range(0, flat.size, CHECK_ELEMENTS))
 
 
 class CheckpointReader:
@@ -53,13 +64,15 @@ class CheckpointReader:
     def _shards(self) -> list[Path]:
         index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = self._read_index(index)
+            weight_map = self._read_index(checkpoint_file(self.folder, INDEX_NAME))
             names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (self.folder / n).is_file()]
+            files = [checkpoint_file(self.folder, n) for n in names]
+            missing = [n for n, f in zip(names, files) if not f.is_file()]
             if missing:
                 raise WeightError(f"{index}: shard(s) {', '.join(missing)} listed but not found")
-            return [self.folder / n for n in names]
-        files = sorted(self.folder.glob("*.safetensors"))
+            return files
+        files = [checkpoint_file(self.folder, p.name)
+                 for p in sorted(self.folder.glob("*.safetensors"))]
         if not files:
             raise WeightError(f"{self.folder}: no *.safetensors files")
         return files
@@ -69,8 +82,9 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise WeightError(f"{index}: malformed index ({e})") from None
-        if not isinstance(weight_map, dict):
-            raise WeightError(f"{index}: 'weight_map' must map tensor names to shard files")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v for v in weight_map.values()):
+            raise WeightError(f"{index}: 'weight_map' must map tensor names to shard file names")
         self._index = weight_map
         return weight_map
 
@@ -140,6 +154,11 @@ class CheckpointReader:
                 array = handle.get_tensor(name)
         except Exception as e:
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
+        bad = nonfinite(array)
+        if bad:
+            raise WeightError(f"tensor {name!r} in {shard.name} holds {bad} NaN or infinite "
+                              f"value(s) of {array.size}: the checkpoint is damaged, and a model "
+                              "built from it would compute NaN")
         self._consumed.add(name)
         logger.debug("read %s %s %s from %s", name, dtype, list(actual), shard.name)
         return array

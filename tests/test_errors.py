@@ -82,7 +82,7 @@ def test_qnn_option_without_qnn_target(tmp_path, llama_checkpoint):
 @pytest.mark.parametrize("flags, needle", [
     (["-p", "w8a16"], "precision 'w8a16' is not supported yet for -e cpu; valid: fp32, fp16, "
                       "int4, int8"),
-    (["-e", "dml"], "execution provider 'dml' is not supported yet"),
+    (["-e", "dml"], "invalid choice: 'dml' (choose from 'cpu', 'cuda', 'qnn')"),
     (["-e", "qnn", "-p", "bf16"], "precision 'bf16' is not supported yet for -e qnn; valid: "
                                   "fp16, fp32, w8a16, int8, w4a16, int4, w8a8"),
     (["-e", "cuda", "-p", "fp32"], "precision 'fp32' is not supported yet for -e cuda; valid: "

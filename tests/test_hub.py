@@ -56,7 +56,7 @@ def test_hub_id_not_in_cache_offline(tmp_path, offline_env):
     r = run_cli("-m", "some-org/absent-model", "-c", str(tmp_path / "cache"), "-o", str(out),
                 env=offline_env)
     assert r.returncode == 2
-    assert "some-org/absent-model: not in the local cache" in r.stderr
+    assert "some-org/absent-model: no such local folder, and as a hub repository id it is not in the Hugging Face cache" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
 
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 from builder.config import DecoderConfig
-from builder.errors import ConfigError
+from builder.errors import ConfigError, WeightError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
 from builder.ops import linear, rms_norm, skip_rms_norm, softcap, swiglu
@@ -91,6 +91,7 @@ class DecoderBuilder:
         # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
         self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
+        self.check_checkpoint()
         self.lowering = lowering_for(self)
         windows = sorted({w for w in map(self.sliding_window, range(config.num_hidden_layers))
                           if w is not None})
@@ -108,6 +109,28 @@ class DecoderBuilder:
         if self.target.attention == "gqa" and c.head_dim % 16:
             raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
                               "of 16")
+
+    def check_checkpoint(self) -> None:
+        """The sizes in config.json are confirmed by the checkpoint's tensor headers before
+        anything is allocated from them: a damaged num_hidden_layers or hidden_size fails here,
+        in milliseconds, instead of after the graph declared inputs for a billion layers."""
+        c, w = self.config, self.weights
+        layers = c.extra.get("checkpoint_num_hidden_layers", c.num_hidden_layers)
+        per_layer = [f for f in self.weight_names.values() if "{i}" in f]
+        if layers > len(w.names()):  # every layer has tensors of its own
+            raise ConfigError(f"config.json: num_hidden_layers={layers}, but the checkpoint "
+                              f"holds only {len(w.names())} tensors")
+        for layer in range(layers):
+            if not any(f.format(i=layer) in w for f in per_layer):
+                raise ConfigError(f"config.json: num_hidden_layers={layers}, but the "
+                                  f"checkpoint has no tensors of layer {layer} (such as "
+                                  f"{per_layer[0].format(i=layer)!r})")
+        for role, template in self.weight_names.items():
+            for layer in range(c.num_hidden_layers) if "{i}" in template else [None]:
+                name = self.weight_name(role, layer)
+                if name in w and w.shape(name) != self.expected_shape(role):
+                    raise WeightError(f"tensor {name!r} has shape {list(w.shape(name))}; the "
+                                      f"config implies {list(self.expected_shape(role))}")
 
     def _shared_embeddings(self) -> bool:
         asked = self.extra.shared_embeddings

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from builder.datafile import repack
-from builder.errors import OptionError
+from builder.errors import OptionError, SourceError
 from builder.graph import quantize_io
 from builder.options import ExtraOptions
 from builder.pipeline import DATA_FILE
@@ -53,7 +53,11 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
                           "pip install tokenizers") from None
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise OptionError(f"{tokenizer_dir}: calibration needs tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    except Exception as e:  # the tokenizers package raises its own exception type
+        raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: not a tokenizer the tokenizers "
+                          f"package can load ({e}); fix the file or remove it") from None
     budget = max(1, context - extra.qnn_calibration_steps - 1)
     return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
 
@@ -224,6 +228,14 @@ class _Reader:
         return next(self._it, None)
 
 
+class _QuantizerAdvice(logging.Filter):
+    """onnxruntime's quantizer advises, on the root logger and once per graph, to run its
+    model pre-processing first; our graphs are written already in the form it asks for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
 def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
                       decode_calibration: str = "trajectory", weight_bits: int = 8,
                       activation_bits: int = 16) -> None:
@@ -270,12 +282,19 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
         config.extra_options["CalibStridedMinMax"] = 1
         staged = folder / name.replace(".onnx", ".qdq.onnx")
         printed = io.StringIO()  # the histogram calibrators print their settings
-        with _quantizer_patches(), contextlib.redirect_stdout(printed):
-            quantize(str(folder / name), str(staged), config)
+        quiet = _QuantizerAdvice()
+        logging.getLogger().addFilter(quiet)
+        try:
+            with _quantizer_patches(), contextlib.redirect_stdout(printed):
+                quantize(str(folder / name), str(staged), config)
+        finally:
+            logging.getLogger().removeFilter(quiet)
         logger.debug("%s", printed.getvalue().strip())
         os.replace(staged, folder / name)  # its weights stay in <name>.qdq.onnx.data
         logger.info("quantized %s: w%da%d", name, weight_bits, activation_bits)
     for name in LM_HEADS:  # int8 weights already; add the calibrated uint16 activations
         quantize_io(folder / name, lm_ranges)
     repack(folder, DATA_FILE)  # one data file again, without the float weights
-    logger.info("lm_head: int8 per-channel weights, uint16 activations %s", lm_ranges)
+    logger.info("lm_head: int8 per-channel weights, uint16 activations (%s)",
+                ", ".join(f"{name} in [{lo:.4g}, {hi:.4g}]"
+                          for name, (lo, hi) in sorted(lm_ranges.items())))

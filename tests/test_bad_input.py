@@ -1,0 +1,397 @@
+"""The bad-input campaign: each case is one clear ``error:`` line, exit 2, nothing written and
+nothing of the user's deleted. Most run ``python -m builder``'s ``main`` in this process (fast);
+the cases about memory, signals, file size limits and locks run it in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+
+from builder.cli import main
+from conftest import ROOT, run_cli
+
+NAN_TENSOR = "model.layers.0.mlp.down_proj.weight"
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".out"))
+
+
+def refused(capsys, tmp_path, args, *needles, out=None, left=()):
+    """Run the CLI in this process; assert one error line holding ``needles``, exit 2, no output
+    folder, no staging folder and no lock left. Returns the line."""
+    out = out or tmp_path / "out"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = main([*map(str, args), "-o", str(out)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert _leftovers(out.parent) == list(left)
+    return lines[0]
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+_DELETE = object()
+
+
+def _set_weight(folder, name, index, value):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name].view(-1)[index] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# -- 1. garbage weights ------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("flags", [
+    [], ["-p", "fp16"], ["-p", "int4"],
+    ["-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
+    ["-e", "qnn", "-p", "int4"],
+], ids=["fp32", "fp16", "int4-rtn", "int4-kquant", "qnn-int4"])
+def test_nonfinite_weight(capsys, tmp_path, copy_checkpoint, llama_checkpoint, flags, value):
+    ck = copy_checkpoint(llama_checkpoint)
+    _set_weight(ck, NAN_TENSOR, 5, value)
+    _set_weight(ck, NAN_TENSOR, 9, value)
+    refused(capsys, tmp_path, ["-m", ck, *flags], f"tensor {NAN_TENSOR!r}",
+            "holds 2 NaN or infinite value(s)")
+
+
+@pytest.mark.parametrize("flags", [["-p", "fp16"], ["-e", "qnn", "-p", "fp16"]],
+                         ids=["cpu", "qnn"])
+def test_weight_above_fp16_range(capsys, tmp_path, copy_checkpoint, llama_checkpoint, flags):
+    ck = copy_checkpoint(llama_checkpoint)
+    _set_weight(ck, NAN_TENSOR, 3, -70000.0)  # bf16 holds it; fp16's largest is 65504
+    refused(capsys, tmp_path, ["-m", ck, *flags], "down_proj", "70144", "65504",
+            "-p fp32 or bf16")
+
+
+def test_weight_above_fp16_range_builds_in_fp32(tmp_path, copy_checkpoint, llama_checkpoint):
+    ck = copy_checkpoint(llama_checkpoint)
+    _set_weight(ck, NAN_TENSOR, 3, -70000.0)
+    assert main(["-m", str(ck), "-o", str(tmp_path / "out")]) == 0
+
+
+# -- 2. a rebuild owns only what it wrote ------------------------------------------------------
+@pytest.fixture
+def previous_build(tmp_path, llama_checkpoint):
+    out = tmp_path / "out"
+    assert main(["-m", str(llama_checkpoint), "-o", str(out)]) == 0
+    return out
+
+
+def _refused_rebuild(capsys, tmp_path, ck, out, *needles):
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["-m", str(ck), "-o", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing deleted
+    assert _leftovers(tmp_path) == []
+
+
+def test_rebuild_keeps_a_users_file(capsys, tmp_path, llama_checkpoint, previous_build):
+    (previous_build / "NOTES.txt").write_text("mine")
+    (previous_build / "myapp").mkdir()
+    (previous_build / "myapp" / "main.py").write_text("print()")
+    _refused_rebuild(capsys, tmp_path, llama_checkpoint, previous_build,
+                     "NOTES.txt, myapp/", "did not write")
+
+
+def test_rebuild_keeps_an_edited_output(capsys, tmp_path, llama_checkpoint, previous_build):
+    with open(previous_build / "genai_config.json", "a") as f:
+        f.write("\n")
+    _refused_rebuild(capsys, tmp_path, llama_checkpoint, previous_build,
+                     "genai_config.json changed since the previous build")
+
+
+def test_folder_with_a_fake_manifest_is_not_a_build(capsys, tmp_path, llama_checkpoint):
+    f = tmp_path / "out"
+    f.mkdir()
+    (f / "thesis.txt").write_text("x")
+    (f / "build_manifest.json").touch()
+    _refused_rebuild(capsys, tmp_path, llama_checkpoint, f, "build_manifest.json",
+                     "not a manifest a build wrote")
+    assert (f / "thesis.txt").read_text() == "x"
+
+
+def test_rebuild_of_a_real_build_replaces_it(tmp_path, qwen3_checkpoint, previous_build):
+    stale = previous_build / "model.onnx.data"
+    assert main(["-m", str(qwen3_checkpoint), "-o", str(previous_build)]) == 0
+    assert json.loads((previous_build / "genai_config.json").read_text())["model"]["type"] \
+        == "qwen3"
+    assert stale.is_file()  # the new build's, listed in its manifest
+    manifest = json.loads((previous_build / "build_manifest.json").read_text())
+    assert sorted(o["name"] for o in manifest["outputs"]) == sorted(
+        p.name for p in previous_build.iterdir() if p.name != "build_manifest.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- 3. sizes are confirmed before anything is allocated ---------------------------------------
+def _limited(limit_bytes):
+    def _apply():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return _apply
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("num_hidden_layers", 1_000_000_000, "num_hidden_layers=1000000000, but the checkpoint "
+                                         "holds only"),
+    ("num_hidden_layers", 1_000_000, "num_hidden_layers=1000000, but the checkpoint holds"),
+    ("num_hidden_layers", 3, "no tensors of layer 2"),
+    ("max_position_embeddings", 1_000_000_000, "max_position_embeddings=1000000000 is above"),
+    ("vocab_size", 10_000_000, "'model.embed_tokens.weight' has shape [256, 128]; the config "
+                               "implies [10000000, 128]"),
+])
+def test_sizes_checked_before_allocating(tmp_path, copy_checkpoint, llama_checkpoint, key,
+                                         value, needle):
+    ck = copy_checkpoint(llama_checkpoint)
+    _edit_config(ck, **{key: value})
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       preexec_fn=_limited(3 << 30))
+    assert time.monotonic() - start < 30, "not prompt"
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+# -- 4. one build per folder; dead builds' staging is cleaned ----------------------------------
+def test_concurrent_build_is_refused(capsys, tmp_path, llama_checkpoint):
+    lock = FileLock(tmp_path / ".out.lock")
+    with lock:
+        (tmp_path / ".out.lock").write_text("4242\n")
+        line = refused(capsys, tmp_path, ["-m", llama_checkpoint], "another build into this "
+                       "folder is running (pid 4242)", "wait for it", left=[".out.lock"])
+    assert ".out.lock" in line
+    assert main(["-m", str(llama_checkpoint), "-o", str(tmp_path / "out")]) == 0
+    assert _leftovers(tmp_path) == []  # the lock file goes with its build
+
+
+def test_stale_staging_of_a_killed_build_is_removed(tmp_path, llama_checkpoint, caplog):
+    out = tmp_path / "out"
+    # a build killed with SIGKILL mid-way: its staging folder stays behind
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                             "-o", str(out), "-e", "qnn", "-p", "w8a16"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any((p / "context.onnx").exists() for p in tmp_path.glob(".out.building-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended too soon"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.building-")]
+    assert len(stale) == 1
+    (tmp_path / ".out.old-abcd1234").mkdir()  # a replaced build whose removal was cut short
+    (tmp_path / ".out.old-abcd1234" / "previous").mkdir()
+    (tmp_path / ".outer.building-abcd1234").mkdir()  # another target's: not ours to touch
+    caplog.set_level("WARNING")
+    assert main(["-m", str(llama_checkpoint), "-o", str(out)]) == 0
+    assert _leftovers(tmp_path) == [".outer.building-abcd1234"]
+    assert f"removed {tmp_path / stale[0]}, left by a build into {out}" in caplog.text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
+    out = tmp_path / "deep" / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                             "-o", str(out), "-e", "qnn", "-p", "w8a16"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "deep").glob(".out.building-*/context.onnx")):
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended too soon"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == "error: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []  # not even the folder it created for -o
+
+
+# -- 5. types, OS errors, damaged tokenizers ---------------------------------------------------
+@pytest.mark.parametrize("key, value, needle", [
+    ("rope_scaling", "linear", "rope_scaling must be an object (or null), got 'linear'"),
+    ("rope_theta", "ten thousand", "rope_theta must be a positive number, got 'ten thousand'"),
+    ("rms_norm_eps", "tiny", "rms_norm_eps must be a positive number, got 'tiny'"),
+    ("rms_norm_eps", -1, "rms_norm_eps must be a positive number, got -1"),
+    ("sliding_window", "big", "sliding_window must be a positive integer, got 'big'"),
+    ("num_hidden_layers", True, "num_hidden_layers must be a positive integer, got True"),
+    ("hidden_size", 64.0, "hidden_size must be a positive integer, got 64.0"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings must be true or false, got 'no'"),
+    ("eos_token_id", "</s>", "eos_token_id must be a token id or a list of token ids"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": "8"}, "rope_scaling.factor has the "
+                                                              "wrong type: '8'"),
+    ("model_type", _DELETE, "'model_type' must name the model family"),
+])
+def test_config_field_types(capsys, tmp_path, copy_checkpoint, llama_checkpoint, key, value,
+                            needle):
+    ck = copy_checkpoint(llama_checkpoint)
+    _edit_config(ck, **{key: value})
+    refused(capsys, tmp_path, ["-m", ck], "config.json", needle)
+
+
+def test_index_with_a_non_string_shard(capsys, tmp_path, copy_checkpoint, qwen3_checkpoint):
+    ck = copy_checkpoint(qwen3_checkpoint)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = 3
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, tmp_path, ["-m", ck], "model.safetensors.index.json",
+            "'weight_map' must map tensor names to shard file names")
+
+
+def _file_size_limit(limit):
+    def _apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it: EFBIG
+    return _apply
+
+
+@pytest.mark.parametrize("flags", [[], ["-e", "qnn", "-p", "w8a16"]], ids=["cpu", "qnn"])
+def test_disk_full(tmp_path, llama_checkpoint, flags):
+    """A write that the file system refuses (here: a file size limit, as a full disk would)."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                        "-o", str(out), *flags], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, preexec_fn=_file_size_limit(64 << 10))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}/.out.building-") and "File too large" in last \
+        and last.endswith(f"while building {out}; nothing was written"), last
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, text, flags, needle", [
+    ("tokenizer.json", "{ broken", [], "tokenizer.json: not valid JSON"),
+    ("generation_config.json", "[1, 2]", [], "generation_config.json: expected a JSON object"),
+    ("tokenizer.json", '{"version": "1.0"}', ["-e", "qnn", "-p", "w8a16"],
+     "tokenizer.json: not a tokenizer the tokenizers package can load"),
+])
+def test_damaged_tokenizer_files(capsys, tmp_path, copy_checkpoint, llama_checkpoint, name,
+                                 text, flags, needle):
+    ck = copy_checkpoint(llama_checkpoint)
+    (ck / name).write_text(text)
+    refused(capsys, tmp_path, ["-m", ck, *flags], needle, "fix the file or remove it")
+
+
+# -- 6. files come from the checkpoint folder only ---------------------------------------------
+def test_symlink_out_of_the_checkpoint(capsys, tmp_path, copy_checkpoint, llama_checkpoint):
+    ck = copy_checkpoint(llama_checkpoint)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"password": "hunter2"}')
+    (ck / "tokenizer.json").unlink()
+    (ck / "tokenizer.json").symlink_to(secret)
+    refused(capsys, tmp_path, ["-m", ck], f"{ck / 'tokenizer.json'}: resolves to {secret}, "
+            "outside the checkpoint folder")
+
+
+@pytest.mark.parametrize("shard", ["../outside/x.safetensors", "/etc/passwd"])
+def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_checkpoint,
+                                     shard):
+    ck = copy_checkpoint(qwen3_checkpoint)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    (outside / "x.safetensors").write_bytes((ck / index["weight_map"][first]).read_bytes())
+    index["weight_map"][first] = shard
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(capsys, tmp_path, ["-m", ck], "outside the checkpoint folder")
+
+
+# -- 7. accepted but meaningless ---------------------------------------------------------------
+@pytest.mark.parametrize("flags, needle", [
+    (["--extra_options", "int4_block_size=64"], "int4_block_size applies to -p int4 and int8 "
+                                                "only, not -p fp32"),
+    (["-p", "fp16", "--extra_options", "int4_algo_config=k_quant"],
+     "int4_algo_config applies to -p int4 and int8 only, not -p fp16"),
+    (["-e", "qnn", "-p", "w8a16", "--extra_options", "int4_block_size=64"],
+     "int4_block_size applies on -e qnn to -p w4a16 (int4) only"),
+    (["-e", "qnn", "-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
+     "int4_algo_config applies to -e cpu and cuda only"),
+    (["-e", "qnn", "-p", "fp16", "--extra_options", "qnn_calibration_steps=4"],
+     "qnn_calibration_steps applies to quantized -e qnn builds only"),
+    (["--extra_options", "qnn_prefill_length=32"], "qnn_prefill_length applies to -e qnn only"),
+])
+def test_option_that_would_do_nothing(capsys, tmp_path, llama_checkpoint, flags, needle):
+    refused(capsys, tmp_path, ["-m", llama_checkpoint, *flags], needle)
+
+
+# -- 8. smaller ones ---------------------------------------------------------------------------
+def test_mistyped_local_folder(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    r = run_cli("-m", "nope", "-o", str(tmp_path / "out"), env=env)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1].startswith(
+        "error: nope: no such local folder, and as a hub repository id it is not in the "
+        "Hugging Face cache"), r.stderr
+
+
+def test_mistyped_flag(capsys, tmp_path, llama_checkpoint):
+    with pytest.raises(SystemExit) as e:
+        main(["-m", str(llama_checkpoint), "-o", str(tmp_path / "out"), "--precison", "fp16"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: unrecognized argument '--precison' (did you "
+                                       "mean '--precision'?) (see --help)\n")
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "99.999%;" in text and "%%" not in text
+    assert "{cpu,cuda,qnn}" in text and "dml" not in text and "webgpu" not in text
+
+
+def test_out_of_memory_is_one_line(tmp_path, llama_checkpoint):
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys, numpy as np\n"
+        "def hungry(*a, **k): return np.ones(1 << 55, np.uint8)\n"
+        "import builder.models.decoder as d; d.rope_cache = hungry\n"
+        "from builder.cli import main\n"
+        f"sys.exit(main(['-m', {str(llama_checkpoint)!r}, '-o', {str(tmp_path / 'out')!r}]))")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith("error: out of memory; nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numbers_in_checkpoint_and_floats_are_checked_lazily():
+    """Non-finite detection reads in slices: no temporary as large as the tensor."""
+    from builder.weights import CHECK_ELEMENTS, nonfinite
+
+    a = np.zeros(CHECK_ELEMENTS * 2 + 5, np.float32)
+    a[[0, CHECK_ELEMENTS, -1]] = [np.nan, np.inf, -np.inf]
+    assert nonfinite(a) == 3
+    assert nonfinite(torch.zeros(4).numpy()) == 0
