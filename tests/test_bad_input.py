@@ -200,6 +200,24 @@ def test_concurrent_build_is_refused(capsys, tmp_path, llama_checkpoint):
     assert _leftovers(tmp_path) == []  # the lock file goes with its build
 
 
+def test_racing_builds(tmp_path, llama_checkpoint):
+    """Three builds into one folder at once: each finishes or is refused for the lock, and the
+    folder ends as one complete build with nothing beside it."""
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                               "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for code, err in results:
+        assert code == 0 or (code == 2 and "another build into this folder is running"
+                             in err.splitlines()[-1]), err[-2000:]
+    assert any(code == 0 for code, _ in results)
+    manifest = json.loads((out / "build_manifest.json").read_text())
+    assert sorted(o["name"] for o in manifest["outputs"]) == sorted(
+        p.name for p in out.iterdir() if p.name != "build_manifest.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_stale_staging_of_a_killed_build_is_removed(tmp_path, llama_checkpoint, caplog):
     out = tmp_path / "out"
     # a build killed with SIGKILL mid-way: its staging folder stays behind

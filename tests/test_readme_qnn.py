@@ -87,7 +87,17 @@ def mission_folder(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "builder", *MISSION[:2], "-o", str(out), *MISSION[2:]]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    (out.parent / "build.log").write_text(r.stderr)
     return out
+
+
+def test_mission_build_log_is_ours(mission_folder):
+    """The quantized QNN build logs its own lines only: not onnxruntime's quantizer advice
+    (once per graph) nor a raw Python dict."""
+    log = (mission_folder.parent / "build.log").read_text()
+    assert "lm_head: int8 per-channel weights, uint16 activations (" in log
+    assert "Please consider" not in log and "{'" not in log
+    assert all(line[:4].isdigit() for line in log.splitlines()), log[-3000:]
 
 
 @pytest.fixture(scope="module")

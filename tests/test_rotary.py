@@ -36,7 +36,8 @@ def test_scaled_inverse_frequencies_match_transformers(rope):
 
 def test_old_style_rope_keys():
     cfg = DecoderConfig.from_hf({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 32,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8,
+        "hidden_size": 32,
         "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
         "rope_theta": 1234.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (cfg.rope.theta, cfg.rope.type, cfg.rope.params) == (1234.0, "linear", {"factor": 2.0})
