@@ -22,7 +22,9 @@ from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
+from builder.roles import TensorRole as R
 from builder.quant.calibration import quantize_pipeline
+from builder.quant.report import accuracy_report, evaluation_prompts, reference
 from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -85,6 +87,7 @@ class DecoderFolder:
 
     def __init__(self, options: BuildOptions, target: TargetCaps) -> None:
         self.options, self.target = options, target
+        self.report: dict | None = None  # quantized QNN builds: the accuracy report
 
     def check(self, config: DecoderConfig) -> None:
         pass
@@ -125,6 +128,8 @@ class PipelineFolder(DecoderFolder):
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
               policy: QuantPolicy, float_type) -> None:
         write_pipeline(out, cls, config, self.options, self.target, weights, policy, float_type)
+        self.lm_head_name = cls.weight_names[R.EMBED if config.tie_word_embeddings
+                                             else R.LM_HEAD]
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_pipeline_config(config, self.options, self.target, source)
@@ -132,10 +137,20 @@ class PipelineFolder(DecoderFolder):
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         o = self.options
         if o.precision in QDQ_PRECISIONS:
+            weight_bits = 4 if o.precision in FOUR_BIT else 8
+            activation_bits = 8 if o.precision == Precision.W8A8 else 16
+            with meter("reference"):
+                held_out = evaluation_prompts(source, o.extra.qnn_context_length)
+                with CheckpointReader(source) as weights:
+                    lm_head = weights.read(self.lm_head_name)
+                float_runs = reference(out, held_out, lm_head)
+                del lm_head
             with meter("calibrate"):
-                quantize_pipeline(out, o.extra, source,
-                                  weight_bits=4 if o.precision in FOUR_BIT else 8,
-                                  activation_bits=8 if o.precision == Precision.W8A8 else 16)
+                quantize_pipeline(out, o.extra, source, weight_bits=weight_bits,
+                                  activation_bits=activation_bits)
+            with meter("report"):
+                self.report = accuracy_report(out, held_out, float_runs,
+                                              f"w{weight_bits}a{activation_bits}")
         if o.extra.qnn_epcontext:
             with meter("compile"):
                 compile_pipeline(out, o)
@@ -193,7 +208,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             write_genai_files(tmp, folder.genai_config(config, source.path), source.path)
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
-        write_manifest(tmp, options, source, weight_files, meter.stages)
+        write_manifest(tmp, options, source, weight_files, meter.stages, folder.report)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

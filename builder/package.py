@@ -148,7 +148,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def write_manifest(out: Path, options: BuildOptions, source: Source, weight_files: list[Path],
-                   stages: list[dict]) -> None:
+                   stages: list[dict], accuracy: dict | None = None) -> None:
     manifest = {
         "options": options.to_json(),
         "versions": _versions(),
@@ -159,6 +159,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
             "files": [{"name": p.name, "bytes": p.stat().st_size} for p in weight_files],
         },
         "stages": stages,
+        **({"accuracy": accuracy} if accuracy is not None else {}),
         "outputs": list_outputs(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

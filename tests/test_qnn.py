@@ -409,6 +409,89 @@ def w8a16_built(trained, tmp_path_factory):
             for lengths in LENGTHS for arch, (ck, _) in trained.items()}
 
 
+@pytest.mark.xdist_group("trained")
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])  # tied (embedding table) and untied lm_head
+def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, trained,
+                                                            tmp_path):
+    """The manifest's accuracy report, recomputed here: the fp16 build's transformer graphs of
+    the same checkpoint with lm_head in float64 from the checkpoint (torch) greedy on the
+    held-out prompts, the w8a16 folder fed its tokens, and cosine, top-1 and KL computed with
+    torch."""
+    import torch
+    from safetensors.torch import load_file
+
+    from builder.quant.report import STEPS, evaluation_prompts
+    from builder.runner import run_pipeline, session
+
+    folder = w8a16_built["default", arch]
+    report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
+    ck = trained[arch][0]
+    fp16 = _qnn_build(ck, tmp_path / "fp16", "fp16", lengths="default")
+    context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
+    prompts = evaluation_prompts(ck, context)
+    assert report["prompts"] == len(prompts) == 4 and report["steps"] == STEPS
+    expected, actual = {"prefill": [], "decode": []}, {"prefill": [], "decode": []}
+    tensors = load_file(ck / "model.safetensors")
+    weight = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).double()
+    sessions = {}
+
+    def float_head(filename, feeds):
+        if filename.startswith("lm_head"):
+            hidden = torch.from_numpy(feeds["hidden_states"].astype(np.float64))
+            return {"logits": (hidden @ weight.T).numpy()}
+        sess = sessions.setdefault(filename, session(fp16, filename))
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    for ids in prompts:
+        ref = run_pipeline(fp16, ids, STEPS, runner=float_head)
+        got = run_pipeline(folder, ids, STEPS, forced=ref.tokens)
+        for phase, rows in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
+            expected[phase] += ref.step_logits[rows]
+            actual[phase] += got.step_logits[rows]
+    for phase in ("prefill", "decode"):
+        e = torch.tensor(np.stack(expected[phase]), dtype=torch.float64)
+        a = torch.tensor(np.stack(actual[phase]), dtype=torch.float64)
+        cos = torch.nn.functional.cosine_similarity(e, a, dim=-1)
+        top1 = (e.argmax(-1) == a.argmax(-1)).double().mean().item()
+        kl = torch.nn.functional.kl_div(torch.log_softmax(a, -1), torch.log_softmax(e, -1),
+                                        log_target=True, reduction="none").sum(-1)
+        got = report[phase]
+        print(f"{arch} {phase}: report {got}; here cosine {cos.mean().item():.6f} "
+              f"(min {cos.min().item():.6f}), top-1 {top1:.3f}, KL {kl.mean().item():.3e}")
+        assert got["positions"] == len(e) == 4 * (1 if phase == "prefill" else STEPS - 1)
+        # the fp16 build masks attention as float graphs do, the report's reference (the
+        # graphs calibration starts from) with the calibrated graphs' relative mask: the
+        # figures agree closely, not to the last digit (compare() itself: the test below)
+        assert abs(got["mean_cosine"] - cos.mean().item()) < 1e-5
+        assert abs(got["min_cosine"] - cos.min().item()) < 1e-5
+        assert got["top1_agreement"] == top1
+        assert abs(got["mean_kl"] - kl.mean().item()) < 0.2 * kl.mean().item() + 1e-7
+        assert got["mean_cosine"] >= 0.999 and got["top1_agreement"] == 1.0  # clear winners
+
+
+def test_accuracy_metrics_against_torch():
+    """The report's cosine, top-1 and KL on random logits, against torch's own functions."""
+    import torch
+
+    from builder.quant.report import compare
+
+    rng = np.random.default_rng(5)
+    e = rng.normal(0, 4, (12, 300)).astype(np.float32)
+    a = (e + rng.normal(0, 1.5, e.shape)).astype(np.float32)
+    got = compare(e, a)
+    te, ta = torch.tensor(e, dtype=torch.float64), torch.tensor(a, dtype=torch.float64)
+    cos = torch.nn.functional.cosine_similarity(te, ta, dim=-1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(ta, -1), torch.log_softmax(te, -1),
+                                    log_target=True, reduction="none").sum(-1)
+    assert got["positions"] == 12
+    assert got["mean_cosine"] == pytest.approx(cos.mean().item(), abs=1e-12)
+    assert got["min_cosine"] == pytest.approx(cos.min().item(), abs=1e-12)
+    assert got["mean_kl"] == pytest.approx(kl.mean().item(), rel=1e-9)
+    assert got["max_kl"] == pytest.approx(kl.max().item(), rel=1e-9)
+    assert got["top1_agreement"] == (te.argmax(-1) == ta.argmax(-1)).double().mean().item()
+    assert 0 < got["top1_agreement"] < 1 and got["mean_kl"] > 0.01  # a test that can fail
+
+
 def _only_graph_io_on_cpu(folder):
     """Every node of the prefill and decode graphs on QNN, in one partition, but the graph-I/O
     Quantize/Dequantize."""

@@ -42,10 +42,17 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
     path = Path(extra.qnn_calibration) if extra.qnn_calibration else PROMPTS
     if not path.is_file():
         raise OptionError(f"qnn_calibration={path}: no such file")
+    budget = max(1, context - extra.qnn_calibration_steps - 1)
+    return tokenize(path, extra.qnn_calibration_samples, tokenizer_dir, budget)
+
+
+def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int) -> list[list[int]]:
+    """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
+    break), each cut to ``budget`` tokens."""
     texts = [line.strip().replace("\\n", "\n") for line in path.read_text("utf-8").splitlines()]
-    texts = [t for t in texts if t][: extra.qnn_calibration_samples]
+    texts = [t for t in texts if t][:count]
     if not texts:
-        raise OptionError(f"{path}: no calibration prompts (one per line)")
+        raise OptionError(f"{path}: no prompts (one per line)")
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -58,7 +65,6 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
     except Exception as e:  # the tokenizers package raises its own exception type
         raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: not a tokenizer the tokenizers "
                           f"package can load ({e}); fix the file or remove it") from None
-    budget = max(1, context - extra.qnn_calibration_steps - 1)
     return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
 
 
