@@ -63,7 +63,7 @@ def _build(ck, out, cls=HookedQwen3, ep="cpu", precision="fp32", *extra):
                               extra=ExtraOptions.parse(list(extra))), _plugins(cls))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def hooked(tmp_path_factory):
     """A plain tiny Qwen3 (long enough for the QNN defaults) renamed to the test architecture."""
     ck = make_checkpoint(tmp_path_factory.mktemp("hooked") / "ck", "qwen3",
@@ -108,7 +108,7 @@ def _reference(ck, tokens, *, off=()):
                          len(PROMPT), model=model)[0, len(PROMPT) - 1:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def reference(hooked):
     """The reference's greedy path (PROMPT and STEPS tokens) and its logits along it."""
     tokens = list(PROMPT)

@@ -38,7 +38,7 @@ def _qnn_build(ck, out, precision="fp16", *extra, lengths="small"):
         extra=ExtraOptions.parse([*given, *extra])))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def qnn_built(checkpoints, tmp_path_factory):
     return {(lengths, arch): _qnn_build(checkpoints[arch],
                                         tmp_path_factory.mktemp("qnn") / arch, lengths=lengths)
@@ -389,7 +389,7 @@ def test_mission_command(lengths, checkpoints, tmp_path):
     assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def trained(tmp_path_factory):
     """Tiny checkpoints trained to have clear winners (a top-2 margin of several logits at every
     step: see checkpoints.train_previous_token), with their fp32 CPU builds."""
@@ -402,7 +402,7 @@ def trained(tmp_path_factory):
             for arch, ck in folders.items()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def w8a16_built(trained, tmp_path_factory):
     return {(lengths, arch): _qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16",
                                         lengths=lengths)
@@ -708,7 +708,8 @@ def test_calibration_options(checkpoints, tmp_path):
                 "qnn_calibration_samples=2", "qnn_calibration_steps=4",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "calibration: 2 prompts, 4 decode steps each, method minmax" in r.stderr
+    assert "calibration (minmax): prefill graph on 1 sequences of 2 prompts" in r.stderr
+    assert "decode graph on 2 greedy trajectories of 4 steps (6 tokens)" in r.stderr
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o2"), "-e", "qnn",
                 "-p", "w8a16", "--extra_options", f"qnn_calibration={tmp_path / 'none.txt'}",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")

@@ -81,7 +81,7 @@ def run_program(program: str, tmp: Path, name: str, *, driver: bool = True):
     return r, data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def mission_folder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("readme_qnn") / "mission"
     cmd = [sys.executable, "-m", "builder", *MISSION[:2], "-o", str(out), *MISSION[2:]]
@@ -100,7 +100,7 @@ def test_mission_build_log_is_ours(mission_folder):
     assert all(line[:4].isdigit() for line in log.splitlines()), log[-3000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def runs(mission_folder, tmp_path_factory) -> dict:
     """The README program as written (QNN EP, simulated HTP) and with its CPU line switched on."""
     pytest.importorskip("onnxruntime_qnn", reason="the README program imports onnxruntime_qnn")

@@ -254,13 +254,16 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
 
     ids = prompts(extra, source, extra.qnn_context_length)
     steps = extra.qnn_calibration_steps
-    logger.info("calibration: %d prompts, %d decode steps each, method %s", len(ids), steps,
-                extra.qnn_calibration_method)
     lm_ranges: dict[str, tuple[float, float]] = {}
     window = extra.qnn_prefill_length
     prefill = prefill_sequences(ids, window, max(1, extra.qnn_context_length - steps - 1))
     count = {"context.onnx": sum(-(-len(i) // window) for i in prefill),
              "iterator.onnx": len(ids) * (steps - 1)}
+    logger.info("calibration (%s): prefill graph on %d sequences of %d prompts (%d tokens, %d "
+                "calls of %d); decode graph on %d greedy trajectories of %d steps (%d tokens)",
+                extra.qnn_calibration_method, len(prefill), len(ids),
+                sum(map(len, prefill)), count["context.onnx"], window, len(ids), steps,
+                count["iterator.onnx"])
     # the prefill graph needs the prompts only; the decode pass runs everything (lm_head too)
     feeds = {"context.onnx": lambda: stream(folder, prefill, 0, "context.onnx"),
              "iterator.onnx": lambda: stream(folder, ids, steps, "iterator.onnx", lm_ranges)}

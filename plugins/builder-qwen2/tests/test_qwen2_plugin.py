@@ -16,7 +16,7 @@ from builder.plugins import load_plugins
 from builder.testing import genai_greedy, max_abs_diff, run_decoder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: kept when other modules run between
 def qwen2_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen2")
     config = transformers.Qwen2Config(
