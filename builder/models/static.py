@@ -95,15 +95,15 @@ class StaticLowering:
                                            gb.constant([2])])               # [1, S, 1]
             return gb.node("Mul", [rows, scales])
 
-    def begin_transformer(self, seq_len: int, context_len: int, past_seq_len: str) -> None:
-        """Per transformer graph: the KV buffers, the in-graph positions and masks, the rotary
-        tables (C positions)."""
+    def begin_transformer(self, seq_len: int, context_len: int, past_seq_len: str,
+                          layers: range) -> None:
+        """Per transformer graph: the KV buffers of its layers, the in-graph positions and
+        masks, the rotary tables (C positions)."""
         b = self.b
         gb, c = b.gb, b.config
         kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
-        self.past = [(gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
-                      gb.input(kv_names(i)[1], KV_TYPE, kv_shape))
-                     for i in range(c.num_hidden_layers)]
+        self.past = {i: (gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
+                         gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in layers}
         self.present: dict[int, tuple[str, str]] = {}
         self.seq_len = seq_len
         self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, context_len)
@@ -207,20 +207,42 @@ def build_lm_head(b: DecoderBuilder, seq_len: int) -> None:
     gb.output(b.lm_head(h), "logits", gb.float_type, [1, seq_len, c.vocab_size])
 
 
-def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int) -> None:
-    """inputs_embeds [1, S, hidden] + the KV buffers → hidden_states (after the final norm)."""
+def layer_stream(layer: int) -> str:
+    """The name of the hidden stream entering ``layer`` between two layer-range graphs."""
+    return f"hidden_states_layer_{layer}"
+
+
+def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
+                      layers: range | None = None) -> None:
+    """inputs_embeds [1, S, hidden] + the KV buffers → hidden_states (after the final norm).
+
+    ``layers``: a consecutive range of layers only, with the KV buffers of those layers. A range
+    that does not start at 0 takes the stream entering its first layer
+    (``hidden_states_layer_<start>``) instead of inputs_embeds; one that does not end at the
+    last layer outputs the stream entering the next (``hidden_states_layer_<stop>``), without
+    the final norm. Chained in order, the ranges compute what the whole graph does."""
     gb, c = b.gb, b.config
-    x = gb.input("inputs_embeds", gb.float_type, [1, seq_len, c.hidden_size])
+    layers = range(c.num_hidden_layers) if layers is None else layers
+    if not (0 <= layers.start < layers.stop <= c.num_hidden_layers and layers.step == 1):
+        raise ValueError(f"layers {layers} is not a consecutive range of the model's "
+                         f"{c.num_hidden_layers} layers")
+    hidden = [1, seq_len, c.hidden_size]
+    first = "inputs_embeds" if layers.start == 0 else layer_stream(layers.start)
+    x = gb.input(first, gb.float_type, hidden)
     past_seq_len = gb.input("past_seq_len", INT32, [1, 1])
     gb.input("total_seq_len", INT32, [1])  # required beside past_seq_len by the runtime; unused
     lowering = b.lowering
-    lowering.begin_transformer(seq_len, context_len, past_seq_len)
+    lowering.begin_transformer(seq_len, context_len, past_seq_len, layers)
     residual = None
-    for layer in range(c.num_hidden_layers):
+    for layer in layers:
         x, residual = b.decoder_layer(layer, x, residual)
-    gb.output(b.final_norm(x, residual), "hidden_states", gb.float_type,
-              [1, seq_len, c.hidden_size])
+    if layers.stop == c.num_hidden_layers:
+        gb.output(b.final_norm(x, residual), "hidden_states", gb.float_type, hidden)
+    else:
+        if residual is not None:  # a norm that fuses the residual add left it separate
+            x = gb.node("Add", [x, residual], f"/model/layers.{layers.stop}/stream/Add")
+        gb.output(x, layer_stream(layers.stop), gb.float_type, hidden)
     kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
-    for i in range(c.num_hidden_layers):
+    for i in layers:
         gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
         gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)
