@@ -244,9 +244,14 @@ def test_stale_staging_of_a_killed_build_is_removed(tmp_path, llama_checkpoint, 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
 def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
     out = tmp_path / "deep" / "out"
+
+    def as_in_a_terminal():  # a background job (CI) inherits SIGINT ignored; a terminal's not
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
                              "-o", str(out), "-e", "qnn", "-p", "w8a16"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_in_a_terminal)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "deep").glob(".out.building-*/context.onnx")):
         assert proc.poll() is None and time.monotonic() < deadline, "build ended too soon"

@@ -259,8 +259,9 @@ def quantize_pipeline(folder: Path, extra: ExtraOptions, source: Path,
     prefill = prefill_sequences(ids, window, max(1, extra.qnn_context_length - steps - 1))
     count = {"context.onnx": sum(-(-len(i) // window) for i in prefill),
              "iterator.onnx": len(ids) * (steps - 1)}
-    logger.info("calibration (%s): prefill graph on %d sequences of %d prompts (%d tokens, %d "
-                "calls of %d); decode graph on %d greedy trajectories of %d steps (%d tokens)",
+    logger.info("calibration (%s): prefill graph on %d sequence(s) joined from %d prompts (%d "
+                "tokens, %d calls of %d); decode graph on %d greedy trajectories of %d steps (%d "
+                "tokens)",
                 extra.qnn_calibration_method, len(prefill), len(ids),
                 sum(map(len, prefill)), count["context.onnx"], window, len(ids), steps,
                 count["iterator.onnx"])
