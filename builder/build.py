@@ -52,7 +52,8 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
                           f"-e {target.name}; valid: {valid}")
     for f in dataclasses.fields(options.extra):
         if getattr(options.extra, f.name) != f.default:
-            why = not_applicable(f.name, options.precision, target.static_shapes)
+            why = not_applicable(f.name, options.precision, target.static_shapes,
+                                 options.extra)
             if why:
                 raise OptionError(f"extra option {f.name} {why}")
     return target

@@ -196,7 +196,8 @@ QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_
                  "qnn_calibration_method")
 
 
-def not_applicable(name: str, precision: Precision, static_shapes: bool) -> str | None:
+def not_applicable(name: str, precision: Precision, static_shapes: bool,
+                   extra: ExtraOptions | None = None) -> str | None:
     """Why extra option ``name``, given, does nothing in this build; None when it applies.
     An option that would be silently ignored is refused instead."""
     if name.startswith("qnn_") and not static_shapes:
@@ -206,8 +207,12 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool) -> str 
                 f"-p {precision}")
     if name.startswith("int4_") and static_shapes:
         if name == "int4_block_size":
-            return None if precision in FOUR_BIT else (
-                f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}")
+            if precision not in FOUR_BIT:
+                return f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}"
+            if extra is not None and extra.qnn_linear == "conv":
+                return ("applies on -e qnn to MatMul projections only (qnn_linear=conv "
+                        "quantizes its int4 weights per channel)")
+            return None
         return "applies to -e cpu and cuda only (on -e qnn, -p int4 means calibrated w4a16)"
     if name.startswith("int4_") and precision not in (Precision.INT4, Precision.INT8):
         return f"applies to -p int4 and int8 only, not -p {precision}"

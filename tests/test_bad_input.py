@@ -361,6 +361,8 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
      "int4_algo_config applies to -p int4 and int8 only, not -p fp16"),
     (["-e", "qnn", "-p", "w8a16", "--extra_options", "int4_block_size=64"],
      "int4_block_size applies on -e qnn to -p w4a16 (int4) only"),
+    (["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_block_size=64", "qnn_linear=conv"],
+     "int4_block_size applies on -e qnn to MatMul projections only"),
     (["-e", "qnn", "-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
      "int4_algo_config applies to -e cpu and cuda only"),
     (["-e", "qnn", "-p", "fp16", "--extra_options", "qnn_calibration_steps=4"],
