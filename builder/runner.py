@@ -20,6 +20,20 @@ def session(model_dir: Path, filename: str = "model.onnx"):
                                 providers=["CPUExecutionProvider"])
 
 
+def graph_runner(model_dir: Path):
+    """``run(filename, feeds) -> {output name: value}`` on onnxruntime's CPU EP, one session per
+    graph of the folder, made on first use."""
+    sessions: dict[str, object] = {}
+
+    def run(filename, feeds):
+        if filename not in sessions:
+            sessions[filename] = session(model_dir, filename)
+        sess = sessions[filename]
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    return run
+
+
 @dataclass
 class PipelineRun:
     step_logits: list[np.ndarray]     # [V] per generated token: the prompt's last, then each step
@@ -36,15 +50,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
     dec = cfg["decoder"]
     window, context = dec["sliding_window"]["window_size"], cfg["context_length"]
     stages = {name: spec for s in dec["pipeline"] for name, spec in s.items()}
-    sessions: dict[str, object] = {}
-
-    def run(filename, feeds):
-        if runner is not None:
-            return runner(filename, feeds)
-        if filename not in sessions:
-            sessions[filename] = session(model_dir, filename)
-        sess = sessions[filename]
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    run = runner or graph_runner(model_dir)
 
     layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
     cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), np.float16)

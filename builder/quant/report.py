@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.quant.calibration import tokenize
-from builder.runner import PipelineRun, run_pipeline, session
+from builder.runner import PipelineRun, graph_runner, run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,12 @@ def evaluation_prompts(tokenizer_dir: Path, context: int) -> list[list[int]]:
 def reference(folder: Path, prompts: list[list[int]], lm_head: np.ndarray) -> list[PipelineRun]:
     """The float model's greedy runs: the float transformer graphs the build wrote (run before
     they are quantized) and lm_head in fp32 from the checkpoint's weight [vocab, hidden]."""
-    sessions: dict[str, object] = {}
+    graphs = graph_runner(folder)
 
     def runner(filename, feeds):
         if filename.startswith("lm_head"):
             return {"logits": float_logits(feeds["hidden_states"], lm_head)}
-        if filename not in sessions:
-            sessions[filename] = session(folder, filename)
-        sess = sessions[filename]
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        return graphs(filename, feeds)
 
     return [run_pipeline(folder, ids, STEPS, runner=runner) for ids in prompts]
 
