@@ -1,6 +1,7 @@
 """Build speed and memory: our builder against onnxruntime-genai's, same checkpoint, same run.
 
-    python benchmarks/build_benchmark.py [--model qwen3-0.6b|llama-3.2-1b] [--runs 1] [--work DIR]
+    python benchmarks/build_benchmark.py [--model qwen3-0.6b|qwen3-1.7b|qwen3-4b|qwen3-8b|
+                                          llama-3.2-1b] [--runs 1] [--work DIR]
 
 Writes a random bf16 checkpoint with the exact config of the named model (numpy only, seeded),
 then builds it with ``python -m builder`` and, when it is importable, with
@@ -33,6 +34,15 @@ CONFIGS = {
         "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
         "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 151643,
         "eos_token_id": 151645, "attention_bias": False, "torch_dtype": "bfloat16"},
+    **{name: {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+              "hidden_size": h, "intermediate_size": i, "num_hidden_layers": n,
+              "num_attention_heads": heads, "num_key_value_heads": 8, "head_dim": 128,
+              "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+              "tie_word_embeddings": tied, "hidden_act": "silu", "bos_token_id": 151643,
+              "eos_token_id": 151645, "attention_bias": False, "torch_dtype": "bfloat16"}
+       for name, h, i, n, heads, tied in (("qwen3-1.7b", 2048, 6144, 28, 16, True),
+                                          ("qwen3-4b", 2560, 9728, 36, 32, True),
+                                          ("qwen3-8b", 4096, 12288, 36, 32, False))},
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
         "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

@@ -21,10 +21,13 @@ from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
 from builder.plugins import Plugins, default_plugins
+from builder.models.static import check_lowered
+from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
+from builder.quant.calibration import calibrate
+from builder.quant.report import accuracy_report, evaluation_sequences
+from builder.quant.stream import LayerStream
 from builder.roles import TensorRole as R
-from builder.quant.calibration import quantize_pipeline
-from builder.quant.report import accuracy_report, evaluation_prompts, reference
 from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -99,14 +102,15 @@ class DecoderFolder:
                                         plugins.quantizers, self.target.nbits_accuracy_level)
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
-              policy: QuantPolicy, float_type) -> None:
+              policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
         filename = self.options.extra.filename
-        gb = GraphBuilder("main_graph", out / f"{filename}.data", float_type)
-        try:
-            cls(config, self.options, self.target, weights, gb, policy).build()
-            gb.save(out / filename)
-        finally:
-            gb.close()
+        with meter("graph"):
+            gb = GraphBuilder("main_graph", out / f"{filename}.data", float_type)
+            try:
+                cls(config, self.options, self.target, weights, gb, policy).build()
+                gb.save(out / filename)
+            finally:
+                gb.close()
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_config(config, self.target, source, self.options.extra)
@@ -124,34 +128,56 @@ class PipelineFolder(DecoderFolder):
         check_options(self.options, config)
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
-        return QuantPolicy()  # weights stay float here; calibration quantizes the graphs
+        o = self.options
+        if o.precision not in QDQ_PRECISIONS:
+            return QuantPolicy()
+        return QuantPolicy.static_qdq(4 if o.precision in FOUR_BIT else 8,
+                                      o.extra.int4_block_size, o.extra.qnn_linear == "conv")
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
-              policy: QuantPolicy, float_type) -> None:
-        write_pipeline(out, cls, config, self.options, self.target, weights, policy, float_type)
-        self.lm_head_name = cls.weight_names[R.EMBED if config.tie_word_embeddings
-                                             else R.LM_HEAD]
+              policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
+        """Float graphs: written. QDQ precisions: the float layers calibrated one at a time,
+        the QDQ graphs written with those ranges, then the accuracy report (calibrated layers
+        against float ones), all in a work folder that is removed."""
+        o = self.options
+        builder = cls(config, o, self.target, weights, None, QuantPolicy())
+        check_lowered(builder, self.target.name)
+        if o.precision not in QDQ_PRECISIONS:
+            with meter("graph"):
+                write_pipeline(out, builder, float_type)
+            return
+        bits = 8 if o.precision == Precision.W8A8 else 16
+        prefill, context = o.extra.qnn_prefill_length, o.extra.qnn_context_length
+        pad = token_ids(config, generation(source))[2]
+        work = out / ".work"
+        with meter("calibrate"):
+            held_out = evaluation_sequences(source, context, prefill, pad)
+            calibration = calibrate(LayerStream(builder, work, prefill, context, float_type),
+                                    o.extra, source, pad, held_out, empty_cache=self.empty_cache)
+            ranges = calibration.ranges
+        builder.policy = policy
+        with meter("graph"):
+            write_pipeline(out, builder, float_type, (bits, ranges))
+        with meter("report"):
+            quantized = evaluation_sequences(source, context, prefill, pad)
+            for s, embeddings in zip(quantized, calibration.embeddings):
+                s.hidden = embeddings  # the lookup is float: the same inputs_embeds
+            stream = LayerStream(builder, work, prefill, context, float_type, (bits, ranges))
+            stream.run(quantized, desc="accuracy report")
+            lm_head = weights.read(cls.weight_names[R.EMBED if config.tie_word_embeddings
+                                                    else R.LM_HEAD])
+            weight_bits = 4 if o.precision in FOUR_BIT else 8
+            self.report = accuracy_report(out, held_out, quantized, prefill, lm_head,
+                                          f"w{weight_bits}a{bits}")
+        work.rmdir()
+
+    empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_pipeline_config(config, self.options, self.target, source)
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         o = self.options
-        if o.precision in QDQ_PRECISIONS:
-            weight_bits = 4 if o.precision in FOUR_BIT else 8
-            activation_bits = 8 if o.precision == Precision.W8A8 else 16
-            with meter("reference"):
-                held_out = evaluation_prompts(source, o.extra.qnn_context_length)
-                with CheckpointReader(source) as weights:
-                    lm_head = weights.read(self.lm_head_name)
-                float_runs = reference(out, held_out, lm_head)
-                del lm_head
-            with meter("calibrate"):
-                quantize_pipeline(out, o.extra, source, weight_bits=weight_bits,
-                                  activation_bits=activation_bits)
-            with meter("report"):
-                self.report = accuracy_report(out, held_out, float_runs,
-                                              f"w{weight_bits}a{activation_bits}")
         if o.extra.qnn_epcontext:
             with meter("compile"):
                 compile_pipeline(out, o)
@@ -202,8 +228,8 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         else:
             float_type = FLOAT_DTYPES.get(options.precision,
                                           FLOAT_DTYPES[target.quantized_float])
-            with meter("graph"), CheckpointReader(source.path) as weights:
-                folder.write(tmp, cls, config, weights, policy, float_type)
+            with CheckpointReader(source.path) as weights:
+                folder.write(tmp, cls, config, weights, policy, float_type, meter, source.path)
                 weight_files = weights.files()
         with meter("package"):
             write_genai_files(tmp, folder.genai_config(config, source.path), source.path)

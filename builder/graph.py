@@ -9,6 +9,7 @@ only those.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.errors import WeightError
+from builder.quant.qdq import QdqWeight, activation_params, pack_int4
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,24 @@ DTYPES = {
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.uint8): TensorProto.UINT8,
     np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.uint16): TensorProto.UINT16,
 }
+
+
+FLOAT_ELEM_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# ops that only move values: in a QDQ graph their output keeps their input's quantization
+# parameters (the HTP's Gather refuses others: "backendValidateOpConfig failed", 3110)
+SAME_AS_INPUT = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split",
+                           "Slice", "Tile", "Expand", "Flatten", "Identity"})
+
+
+@dataclasses.dataclass
+class Qdq:
+    """What makes a GraphBuilder write a calibrated QDQ graph: unsigned ``bits``-bit activations
+    with the calibrated ``ranges`` ({tensor name: (min, max)}: every float tensor of the graph,
+    by its deterministic name), float initializers stored quantized."""
+    bits: int
+    ranges: dict[str, tuple[float, float]]
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -69,6 +88,9 @@ class WeightStore:
         self.data_path = data_path
         self.file = open(data_path, "wb")
         self.written: dict[str, TensorProto] = {}
+        # float initializers stored as codes (QDQ graphs): their (scale, zero point)
+        self.quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.dq_attrs: dict[str, dict] = {}  # QDQ weights: their DequantizeLinear's attributes
 
     @contextlib.contextmanager
     def _named(self) -> Iterator[None]:
@@ -95,8 +117,9 @@ class GraphBuilder:
     """Collects nodes, I/O and initializers of one graph; writes weights as they come."""
 
     def __init__(self, name: str, data_path: Path | None = None, float_dtype=np.float32,
-                 store: WeightStore | None = None) -> None:
+                 store: WeightStore | None = None, qdq: Qdq | None = None) -> None:
         self.name = name
+        self.qdq = qdq
         self.float_dtype = np.dtype(float_dtype)  # every float weight is stored as this
         self._own_store = store is None
         self.store = store or WeightStore(data_path)
@@ -111,6 +134,7 @@ class GraphBuilder:
         self._initializer_names: set[str] = set()
         self._constants: dict[tuple, str] = {}
         self._domains: set[str] = set()
+        self._dequantized: dict[str, tuple] = {}  # DequantizeLinear output → (scale, zero)
 
     # -- names ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -185,13 +209,74 @@ class GraphBuilder:
         self._outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     # -- initializers --------------------------------------------------------------------
-    def initializer(self, name: str, array: np.ndarray | None) -> str:
+    def initializer(self, name: str, array: np.ndarray | None, quantize: bool = True) -> str:
         """Add a tensor; large ones go straight to the external data file.
 
         Float arrays (bf16, fp16, fp32) are stored as ``float_dtype``, converted a slice at a
         time while written, so a large bf16 table never exists whole in fp32. ``array=None``
-        references a tensor another graph already stored in the shared data file.
+        references a tensor another graph already stored in the shared data file. In a QDQ
+        graph a float array is stored as activation-type codes over its own range
+        (``quantize=False``: as float, for quantization scales) and the name returned is its
+        DequantizeLinear's output.
         """
+        if self.qdq is not None and quantize and (
+                name in self.store.quantized if array is None else _is_float(array.dtype)):
+            return self._quantized_initializer(name, array)
+        return self._initializer(name, array)
+
+    def _quantized_initializer(self, name: str, array: np.ndarray | None) -> str:
+        names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
+        if array is None or name in self.store.quantized:
+            for n in names:
+                self._initializer(n, None)
+        else:
+            a = np.asarray(array, np.float32)
+            scale, zero = activation_params(a.min(initial=0.0), a.max(initial=0.0),
+                                            self.qdq.bits, self.float_dtype)
+            qmax = np.iinfo(zero.dtype).max
+            codes = np.clip(np.rint(a / scale) + zero, 0, qmax).astype(zero.dtype)
+            self._initializer(names[0], codes)
+            self._initializer(names[1], scale)
+            self._initializer(names[2], zero)
+            self.store.quantized[name] = (scale, zero)
+        out = self._dequantize(name, *names)
+        self._dequantized[out] = self.store.quantized[name]
+        return out
+
+    def _dequantize(self, name: str, codes: str, scale: str, zero: str, **attrs) -> str:
+        out = f"{name}_DequantizeLinear_Output"
+        full = self._node_name("/" + f"{name}_DequantizeLinear".lstrip("/"))
+        self._nodes.append(helper.make_node("DequantizeLinear", [codes, scale, zero], [out],
+                                            name=full, **attrs))
+        return out
+
+    def weight(self, name: str, weight: QdqWeight | None) -> str:
+        """A projection's QDQ weight: codes, scales and zero points stored (``None``: already
+        stored by another graph of the folder), and the DequantizeLinear that reads them."""
+        names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
+        if weight is None:
+            for n in names:
+                self._initializer(n, None)
+            return self._dequantize(name, *names, **self.store.dq_attrs[name])
+        if weight.bits == 4:
+            self._initializer(names[0], pack_int4(weight.codes), TensorProto.INT4,
+                              weight.codes.shape)
+            self._initializer(names[2], pack_int4(np.zeros(weight.scales.shape, np.int8)),
+                              TensorProto.INT4, weight.scales.shape)
+        else:
+            self._initializer(names[0], weight.codes)
+            self._initializer(names[2], np.zeros(weight.scales.shape, np.int8))
+        self._initializer(names[1], weight.scales)
+        attrs = {"axis": weight.axis}
+        if weight.block_size:
+            attrs["block_size"] = weight.block_size
+        self.store.dq_attrs[name] = attrs
+        return self._dequantize(name, *names, **attrs)
+
+    def _initializer(self, name: str, array: np.ndarray | None, elem_type: int | None = None,
+                     dims: Sequence[int] | None = None) -> str:
+        """``elem_type`` and ``dims``: ``array`` holds the packed bytes of a tensor of that type
+        and shape (INT4)."""
         if name in self._initializer_names:
             raise ValueError(f"initializer {name!r} added twice")
         if name in self.store.written:  # already in the shared data file, from another graph
@@ -208,14 +293,19 @@ class GraphBuilder:
         narrowing = (_is_float(dtype) and _is_float(array.dtype)
                      and ml_dtypes.finfo(dtype).max < ml_dtypes.finfo(array.dtype).max)
         if nbytes < INLINE_LIMIT:
-            array = np.ascontiguousarray(array, dtype=dtype)
+            array = np.ascontiguousarray(array, dtype=dtype).reshape(np.shape(array))
             if narrowing:
                 _check_range(name, array, array)
-            tensor = numpy_helper.from_array(array, name)
+            if elem_type is None:
+                tensor = numpy_helper.from_array(array, name)
+            else:
+                tensor = TensorProto(name=name, data_type=elem_type, dims=list(dims),
+                                     raw_data=array.tobytes())
             self._initializers.append(tensor)
             self.store.written[name] = tensor  # another graph may reference it by name
             return name
-        tensor = TensorProto(name=name, data_type=DTYPES[dtype], dims=array.shape)
+        tensor = TensorProto(name=name, data_type=elem_type or DTYPES[dtype],
+                             dims=array.shape if dims is None else list(dims))
         offset = self._data.tell()
         align = ALLOCATION_GRANULARITY if nbytes >= ALIGN_THRESHOLD else 64
         if offset % align:
@@ -248,20 +338,104 @@ class GraphBuilder:
             self._constants[key] = self.initializer(name, array)
         return self._constants[key]
 
+    # -- QDQ ----------------------------------------------------------------------------
+    def float_tensors(self) -> dict[str, int]:
+        """{name: element type} of every float value a node computes or the graph takes (not
+        initializers, not the DequantizeLinear outputs of stored codes), by type inference."""
+        inferred = onnx.shape_inference.infer_shapes(self._model(), strict_mode=True).graph
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in (*inferred.input, *inferred.value_info, *inferred.output)}
+        dequantized = {n.output[0] for n in self._nodes if n.op_type == "DequantizeLinear"}
+        names = [i.name for i in self._inputs] + [o for n in self._nodes for o in n.output if o]
+        unknown = [n for n in names if n not in types]
+        if unknown:
+            raise RuntimeError(f"{self.name}: no type inferred for {unknown[:3]}")
+        return {n: types[n] for n in names
+                if types[n] in FLOAT_ELEM_TYPES and n not in dequantized}
+
+    def _moved(self) -> set[str]:
+        """Outputs of ops that only move values: quantized as their input, no range of their
+        own."""
+        return {o for n in self._nodes if n.op_type in SAME_AS_INPUT for o in n.output}
+
+    def _quantize_activations(self) -> None:
+        """A QuantizeLinear → DequantizeLinear pair on every float value the graph computes or
+        takes, with its calibrated range: between them the ops form QDQ node units, which an
+        HTP runs whole (the pairs on graph inputs and outputs stay on the CPU)."""
+        types, ranges, bits = self.float_tensors(), self.qdq.ranges, self.qdq.bits
+        moved = self._moved()
+        missing = [t for t in types if t not in ranges and t not in moved]
+        if missing:
+            raise RuntimeError(f"{self.name}: no calibrated range for {len(missing)} tensor(s) "
+                               f"such as {missing[:3]}")
+        outputs = {v.name for v in self._outputs}
+        params = dict(self._dequantized)  # value → (scale, zero point) it is quantized with
+
+        def pair(t, src, dst):
+            scale, zero = params[t]
+            s, z = f"{t}_scale", f"{t}_zero_point"  # this graph's own (ranges differ per graph)
+            self._initializers += [numpy_helper.from_array(scale, s),
+                                   numpy_helper.from_array(zero, z)]
+            q = f"{t}_QuantizeLinear_Output"
+            return [helper.make_node("QuantizeLinear", [src, s, z], [q], name=f"{t}/Q"),
+                    helper.make_node("DequantizeLinear", [q, s, z], [dst], name=f"{t}/DQ")]
+
+        nodes, renamed = [], {}
+        def quantize(t, producer=None):
+            if producer is not None and producer.op_type in SAME_AS_INPUT \
+                    and producer.input[0] in params:  # moves values: its input's parameters
+                params[t] = params[producer.input[0]]
+            else:
+                params[t] = activation_params(*ranges[t][:2], bits,
+                                              helper.tensor_dtype_to_np_dtype(types[t]))
+
+        for value in self._inputs:
+            if value.name in types:
+                quantize(value.name)
+                renamed[value.name] = f"{value.name}_DequantizeLinear_Output"
+                nodes += pair(value.name, value.name, renamed[value.name])
+        for node in self._nodes:
+            for k, out in enumerate(node.output):
+                if out in types:
+                    quantize(out, node)
+            node.input[:] = [renamed.get(i, i) for i in node.input]
+            nodes.append(node)
+            for k, out in enumerate(node.output):
+                if out not in types:
+                    continue
+                if out in outputs:  # the pair writes the graph output
+                    node.output[k] = f"{out}_QuantizeLinear_Input"
+                    nodes += pair(out, node.output[k], out)
+                else:
+                    renamed[out] = f"{out}_DequantizeLinear_Output"
+                    nodes += pair(out, out, renamed[out])
+        self._nodes = nodes
+
     # -- output --------------------------------------------------------------------------
-    def save(self, path: Path) -> onnx.ModelProto:
-        """Write the model file beside the data file (and close the data file unless shared)."""
+    def _model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
+                                  self._initializers)
+        opsets = [helper.make_opsetid(d, OPSETS[d]) for d in sorted(self._domains)]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
+                                 producer_name="builder")
+
+    def save(self, path: Path, expose: bool = False, log: int = logging.INFO) -> onnx.ModelProto:
+        """Write the model file beside the data file (and close the data file unless shared).
+        ``expose``: every float value the graph computes becomes an output too (calibration
+        reads them), but those of ops that only move values."""
         if self._own_store:
             self.store.close()
         else:
             self.store.flush()
-        graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
-                                  self._initializers)
-        opsets = [helper.make_opsetid(d, OPSETS[d]) for d in sorted(self._domains)]
-        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
-                                  producer_name="builder")
+        if self.qdq is not None:
+            self._quantize_activations()
+        if expose:
+            known = {v.name for v in (*self._inputs, *self._outputs)} | self._moved()
+            self._outputs += [helper.make_tensor_value_info(name, elem, None)
+                              for name, elem in self.float_tensors().items() if name not in known]
+        model = self._model()
         onnx.save_model(model, str(path))
-        logger.info("wrote %s: %d nodes, %d initializers, %.1f MB of weights", path.name,
+        logger.log(log, "wrote %s: %d nodes, %d initializers, %.1f MB of weights", path.name,
                     len(self._nodes), len(self._initializers),
                     self.data_path.stat().st_size / 1e6)
         return model
@@ -270,35 +444,3 @@ class GraphBuilder:
         if self._own_store:
             self.store.close()
 
-
-def quantize_io(path: Path, ranges: dict[str, tuple[float, float]]) -> None:
-    """Wrap the named graph inputs and outputs of a saved model in uint16 QuantizeLinear /
-    DequantizeLinear pairs with the given (min, max) ranges, so that the ops between them form
-    QDQ node units (an HTP runs those whole; the pairs at the graph's edge stay on the CPU)."""
-    model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
-    before, after, new_inits = [], [], []  # Q/DQ pairs for inputs (first) and outputs (last)
-    for name, (lo, hi) in sorted(ranges.items()):
-        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-        scale = np.float32(max(hi - lo, 1e-8) / 65535)
-        zero = np.uint16(np.clip(np.rint(-lo / scale), 0, 65535))
-        s, z = f"{name}/qdq/scale", f"{name}/qdq/zero_point"
-        new_inits += [numpy_helper.from_array(np.array(scale), s),
-                      numpy_helper.from_array(np.array(zero), z)]
-        is_input = any(v.name == name for v in g.input)
-        raw, q, dq = (name, f"{name}/qdq/q", f"{name}/qdq/dq") if is_input else \
-            (f"{name}/qdq/float", f"{name}/qdq/q", name)
-        if is_input:  # consumers read the dequantized value
-            for node in g.node:
-                node.input[:] = [dq if i == name else i for i in node.input]
-        else:  # the producer writes the float value, the pair writes the output
-            for node in g.node:
-                node.output[:] = [raw if o == name else o for o in node.output]
-        (before if is_input else after).extend([
-            helper.make_node("QuantizeLinear", [raw, s, z], [q], name=f"{name}/Q"),
-            helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{name}/DQ")])
-    nodes = before + list(g.node) + after
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(new_inits)
-    onnx.save_model(model, str(path))

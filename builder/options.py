@@ -115,12 +115,13 @@ class ExtraOptions:
     qnn_calibration_samples: int = _opt(
         24, "-e qnn, quantized (w8a16, w4a16, w8a8): how many calibration prompts to use.")
     qnn_calibration_steps: int = _opt(
-        16, "-e qnn, quantized (w8a16, w4a16, w8a8): greedy decode steps per prompt, "
-        "calibrating the decode graph on real trajectories (true, growing KV cache).")
+        16, "-e qnn, quantized (w8a16, w4a16, w8a8): tokens that follow each prompt, all but "
+        "the first fed one decode call at a time (the decode graph is calibrated on real text "
+        "with the true, growing KV cache).")
     qnn_calibration_method: str = _opt(
-        "minmax", "-e qnn, quantized: activation range estimator, with onnxruntime's "
-        "calibrators (percentile: 99.999%; entropy: KL-optimal threshold).",
-        choices=("minmax", "percentile", "entropy"))
+        "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
+        "at 99.999% on each side).",
+        choices=("minmax", "percentile"))
     qnn_epcontext: bool = _opt(
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
         "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")

@@ -20,14 +20,11 @@ from typing import Any
 from builder.config import DecoderConfig
 from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import ConfigError, OptionError
-from builder.graph import GraphBuilder, WeightStore
-from builder.models.static import (
-    build_embeddings, build_lm_head, build_transformer, check_lowered, kv_names,
-)
+from builder.graph import GraphBuilder, Qdq, WeightStore
+from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
 from builder.options import QDQ_PRECISIONS, BuildOptions, ExtraOptions
 from builder.package import generation, read_genai_config, token_ids, write_genai_config
 from builder.targets import TargetCaps
-from builder.weights import CheckpointReader
 
 logger = logging.getLogger(__name__)
 
@@ -91,29 +88,28 @@ def parts(prefill: int, context: int) -> list[tuple[str, Any, tuple]]:
             ("lm_head_iterator.onnx", build_lm_head, (1,))]
 
 
-def write_pipeline(out: Path, cls, config: DecoderConfig, options: BuildOptions,
-                   target: TargetCaps, weights: CheckpointReader, policy, float_dtype) -> None:
-    """Build every graph of the pipeline into ``out``, weights shared in one data file.
-    (``check_options`` has already passed.)"""
-    prefill, context = options.extra.qnn_prefill_length, options.extra.qnn_context_length
+def write_pipeline(out: Path, builder, float_dtype, qdq: tuple[int, dict] | None = None) -> None:
+    """Build every graph of the pipeline into ``out`` with ``builder`` (one builder, its
+    decisions logged once; one graph at a time), weights shared in one data file. ``qdq``:
+    (activation bits, {graph: calibrated ranges}) writes the transformer and lm_head graphs as
+    QDQ graphs. (``check_options`` and ``check_lowered`` have already passed.)"""
+    extra, target = builder.options.extra, builder.target
+    prefill, context = extra.qnn_prefill_length, extra.qnn_context_length
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
                 prefill, context)
     store = WeightStore(out / DATA_FILE)
-    builder = None
     try:
         for filename, build_part, args in parts(prefill, context):
-            gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=float_dtype,
-                              store=store)
-            if builder is None:
-                builder = cls(config, options, target, weights, gb, policy)
-                check_lowered(builder, target.name)
-            builder.gb = gb  # one builder (its decisions logged once), one graph at a time
+            stem = filename.removesuffix(".onnx")
+            quantized = qdq is not None and build_part is not build_embeddings
+            builder.gb = GraphBuilder(stem, float_dtype=float_dtype, store=store,
+                                      qdq=Qdq(qdq[0], qdq[1][stem]) if quantized else None)
             build_part(builder, *args)
-            check_ops(gb.save(out / filename), filename, target.name)
+            check_ops(builder.gb.save(out / filename), filename, target.name)
     finally:
         store.close()
-    weights.check_all_consumed(builder.ignored())
-    policy.check_exclusions()
+    builder.weights.check_all_consumed(builder.ignored())
+    builder.policy.check_exclusions()
 
 
 def check_ops(model, filename: str, target: str) -> None:

@@ -415,10 +415,10 @@ def w8a16_built(trained, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["qwen3", "phi3"])  # tied (embedding table) and untied lm_head
 def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, trained,
                                                             tmp_path):
-    """The manifest's accuracy report, recomputed here: the fp16 build's transformer graphs of
-    the same checkpoint with lm_head in float64 from the checkpoint (torch) greedy on the
-    held-out prompts, the w8a16 folder fed its tokens, and cosine, top-1 and KL computed with
-    torch."""
+    """The manifest's accuracy report, recomputed here: the held-out prompts, each continued by
+    the next prompts' tokens, through the fp32 -e qnn build's whole graphs with lm_head in
+    float64 from the checkpoint (torch), and through the w8a16 folder's whole graphs; cosine,
+    top-1 and KL computed with torch. (The report runs the same graphs one layer at a time.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -428,7 +428,7 @@ def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, t
     folder = w8a16_built["default", arch]
     report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
     ck = trained[arch][0]
-    fp16 = _qnn_build(ck, tmp_path / "fp16", "fp16", lengths="default")
+    fp32 = _qnn_build(ck, tmp_path / "fp32", "fp32", lengths="default")
     context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
     prompts = evaluation_prompts(ck, context)
     assert report["prompts"] == len(prompts) == 4 and report["steps"] == STEPS
@@ -441,12 +441,13 @@ def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, t
         if filename.startswith("lm_head"):
             hidden = torch.from_numpy(feeds["hidden_states"].astype(np.float64))
             return {"logits": (hidden @ weight.T).numpy()}
-        sess = sessions.setdefault(filename, session(fp16, filename))
+        sess = sessions.setdefault(filename, session(fp32, filename))
         return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
-    for ids in prompts:
-        ref = run_pipeline(fp16, ids, STEPS, runner=float_head)
-        got = run_pipeline(folder, ids, STEPS, forced=ref.tokens)
+    for i, ids in enumerate(prompts):
+        text = [t for p in prompts[i + 1:] + prompts[:i + 1] for t in p][:STEPS - 1] + [0]
+        ref = run_pipeline(fp32, ids, STEPS, forced=text, runner=float_head)
+        got = run_pipeline(folder, ids, STEPS, forced=text)
         for phase, rows in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
             expected[phase] += ref.step_logits[rows]
             actual[phase] += got.step_logits[rows]
@@ -461,14 +462,14 @@ def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, t
         print(f"{arch} {phase}: report {got}; here cosine {cos.mean().item():.6f} "
               f"(min {cos.min().item():.6f}), top-1 {top1:.3f}, KL {kl.mean().item():.3e}")
         assert got["positions"] == len(e) == 4 * (1 if phase == "prefill" else STEPS - 1)
-        # the fp16 build masks attention as float graphs do, the report's reference (the
-        # graphs calibration starts from) with the calibrated graphs' relative mask: the
-        # figures agree closely, not to the last digit (compare() itself: the test below)
+        # the fp32 build masks attention as float graphs do, the report's reference (the float
+        # layers calibration ran) with the calibrated graphs' relative mask: the figures agree
+        # closely, not to the last digit (compare() itself: the test below)
         assert abs(got["mean_cosine"] - cos.mean().item()) < 1e-5
         assert abs(got["min_cosine"] - cos.min().item()) < 1e-5
         assert got["top1_agreement"] == top1
         assert abs(got["mean_kl"] - kl.mean().item()) < 0.2 * kl.mean().item() + 1e-7
-        assert got["mean_cosine"] >= 0.999 and got["top1_agreement"] == 1.0  # clear winners
+        assert got["mean_cosine"] >= 0.999 and got["top1_agreement"] >= 0.9  # clear winners
 
 
 def test_accuracy_metrics_against_torch():
@@ -539,17 +540,13 @@ def test_w8a16_generates_through_genai_with_qnn(lengths, w8a16_built):
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_built, tmp_path,
                                                   monkeypatch):
-    """Calibrating the decode graph on one token with an empty KV cache (the naive method)
-    against calibrating it on real decode trajectories (ours): same prompts, same prefill
+    """Calibrating the decode graph on an empty KV cache (the naive method) against calibrating
+    it on real text with the sequence's own, growing cache (ours): same prompts, same prefill
     calibration, same quantizer; judged on the decode steps of the QDQ graphs (CPU EP) against
     the fp32 build."""
-    from builder.quant.calibration import quantize_pipeline
+    from builder.build import PipelineFolder
 
-    # (the module, not the function that builder/__init__ exports under the same name)
-    def naive_calibration(*args, **kwargs):
-        return quantize_pipeline(*args, decode_calibration="empty_cache", **kwargs)
-
-    monkeypatch.setattr(sys.modules["builder.build"], "quantize_pipeline", naive_calibration)
+    monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     ck, fp32 = trained[arch]
     naive = _qnn_build(ck, tmp_path / "empty_cache", "w8a16", lengths=lengths)
     prompt = PROMPTS[lengths]
@@ -647,12 +644,11 @@ def _activation_scales(folder, graph="iterator.onnx"):
 @pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("lengths", ["default"])
 @pytest.mark.parametrize("method, mean_cosine", [
-    ("percentile", {"small": 0.99, "default": 0.99}),
-    ("entropy", {"small": 0.97, "default": 0.95})])
+    ("percentile", {"small": 0.99, "default": 0.99})])
 def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8a16_built,
                                        tmp_path):
-    """percentile and entropy (onnxruntime's histogram calibrators, fed float32 histograms)
-    build, change the activation ranges against minmax, and keep the model's answers."""
+    """percentile (histograms cut at 99.999% on each side) builds, narrows the activation ranges
+    against minmax, never widens them, and keeps the model's answers."""
     ck, fp32 = trained["qwen3"]
     folder = _qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}",
                         lengths=lengths)
@@ -710,9 +706,11 @@ def test_calibration_options(checkpoints, tmp_path):
                 "qnn_calibration_samples=2", "qnn_calibration_steps=4",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"calibration \(minmax\): prefill graph on \d+ sequence\(s\) joined from 2 "
-                     r"prompts \(\d+ tokens, \d+ calls of 8\)", r.stderr), r.stderr[-3000:]
-    assert "decode graph on 2 greedy trajectories of 4 steps (6 tokens)" in r.stderr
+    assert re.search(r"calibration \(minmax\): \d+ layers, one at a time; prefill graph on \d+ "
+                     r"sequence\(s\) joined from 2 prompts \(\d+ tokens, \d+ calls of 8\)",
+                     r.stderr), r.stderr[-3000:]
+    assert re.search(r"decode graph on each continued by 3 tokens of text \(\d+ tokens\)",
+                     r.stderr), r.stderr[-3000:]
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o2"), "-e", "qnn",
                 "-p", "w8a16", "--extra_options", f"qnn_calibration={tmp_path / 'none.txt'}",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")

@@ -243,24 +243,46 @@ def test_shared_embeddings_true_false(checkpoints, tmp_path):
             assert (a.prefill_logits.argmax(-1) == b.prefill_logits.argmax(-1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("shape, block, qtype, symmetric, dtype", [
-    ((96, 40), 32, onnx.TensorProto.INT4, True, np.float32),
-    ((80, 24), 32, onnx.TensorProto.INT4, True, np.float32),   # K not a multiple of the block
-    ((64, 16), 16, onnx.TensorProto.UINT4, False, np.float32),
-    ((33, 7), 16, onnx.TensorProto.INT4, True, np.float32),     # an odd count of codes
-    ((64, 48), 32, onnx.TensorProto.INT8, True, np.float16),
+@pytest.mark.parametrize("shape, bits, block, conv", [
+    ((40, 96), 4, 32, False),
+    ((24, 80), 4, 32, False),    # K not a multiple of the block
+    ((7, 33), 4, 16, False),     # an odd count of codes
+    ((48, 64), 8, None, False),  # int8 per channel (w8a16)
+    ((40, 96), 4, None, True),   # int4 per channel on a 1x1 Conv
+    ((48, 64), 8, None, True),
 ])
-def test_blockwise_qdq_weights_identical_to_onnxruntime(shape, block, qtype, symmetric, dtype):
-    """The vectorized block-wise weight quantization the QNN calibration uses gives onnxruntime's
-    own initializer, byte for byte."""
+def test_qdq_weights_identical_to_onnxruntime(shape, bits, block, conv):
+    """The static QDQ graphs' weights (builder.quant.qdq) against onnxruntime's quantizer for
+    symmetric signed weights: the same scales and, stored, the same bytes."""
     from onnx import numpy_helper
     from onnxruntime.quantization import quant_utils
 
-    from builder.quant.calibration import blockwise_initializer
+    from builder.quant.qdq import pack_int4, quantize_weight
 
-    w = (np.random.default_rng(7).standard_normal(shape) * 0.2).astype(dtype)
-    zero_point, scale = quant_utils.compute_scale_zp_blocked(w, qtype, 0, block, symmetric)
-    args = (numpy_helper.from_array(w, "w"), qtype, zero_point, scale, 0, None, block)
-    ours = blockwise_initializer(quant_utils.quantize_onnx_initializer)(*args)
-    theirs = quant_utils.quantize_onnx_initializer(*args)
-    assert ours.SerializeToString() == theirs.SerializeToString()
+    qtype = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    w = (np.random.default_rng(7).standard_normal(shape) * 0.2).astype(np.float32)  # [N, K]
+    w[0, :3] = 0.0
+    if bits == 4 and not conv:
+        w[1] = 0.0  # an all-zero block
+    ours = quantize_weight(w, bits, block, conv)
+    if conv:
+        layout, axis = w.reshape(*shape, 1, 1), 0
+    else:
+        layout, axis = np.ascontiguousarray(w.T), 0 if block else 1
+    if block:
+        zero, scale = quant_utils.compute_scale_zp_blocked(layout, qtype, axis, block, True)
+    else:
+        pairs = [quant_utils.compute_data_quant_params(np.take(layout, c, axis=axis), qtype, True)
+                 for c in range(layout.shape[axis])]
+        zero = np.array([z for z, _ in pairs])
+        scale = np.array([s for _, s in pairs], np.float32)
+    assert not np.any(zero)
+    np.testing.assert_array_equal(ours.scales, scale.astype(np.float32).reshape(ours.scales.shape))
+    theirs = quant_utils.quantize_onnx_initializer(numpy_helper.from_array(layout, "w"), qtype,
+                                                   zero, scale, axis, None, block or 0)
+    codes = ours.codes
+    stored = pack_int4(codes) if bits == 4 else codes.astype(np.int8)
+    expected = theirs.raw_data or numpy_helper.to_array(theirs).astype(np.int8).tobytes()
+    assert stored.tobytes() == expected
+    np.testing.assert_allclose(ours.dequantize().reshape(layout.shape), layout,
+                               atol=float(scale.max()) / 2 + 1e-7)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 KV_TYPE = TensorProto.FLOAT16  # the KV cache is fp16 whatever the graph's float type
 INT32, INT64 = TensorProto.INT32, TensorProto.INT64
+TABLE_ROWS = 8192  # vocabulary rows quantized at a time
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
@@ -54,11 +55,18 @@ def int8_table(b: DecoderBuilder, role: R, name: str) -> tuple[str, str, str]:
     gb, names = b.gb, (f"{name}_int8", f"{name}_scale", f"{name}_zero_point")
     if names[0] in gb.store.written:
         return tuple(gb.initializer(n, None) for n in names)
-    w = b.weight(role).astype(np.float32)
-    scale = np.maximum(np.abs(w).max(axis=1), np.float32(1e-12)) / np.float32(127)
-    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    gb.initializer(names[0], np.ascontiguousarray(codes.T))
-    gb.initializer(names[1], scale.astype(np.float32))
+    w = b.weight(role)
+    codes = np.empty(w.shape[::-1], np.int8)          # [hidden, vocab]
+    scale = np.empty(w.shape[0], np.float32)
+    for start in range(0, w.shape[0], TABLE_ROWS):    # no fp32 copy of the whole table
+        rows = w[start:start + TABLE_ROWS].astype(np.float32)
+        s = np.maximum(np.abs(rows).max(axis=1), np.float32(1e-12)) / np.float32(127)
+        rows /= s[:, None]
+        codes[:, start:start + TABLE_ROWS] = np.clip(np.rint(rows, out=rows), -127, 127).T
+        scale[start:start + TABLE_ROWS] = s
+    del w
+    gb.initializer(names[0], codes)
+    gb.initializer(names[1], scale.astype(np.float32), quantize=False)  # DequantizeLinear's
     gb.initializer(names[2], np.zeros(scale.shape, np.int8))
     return names
 

@@ -144,9 +144,14 @@ def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
             oldest = gb.node("Sub", [inputs.queries, gb.constant(window, i32)], "window/Sub")
             visible = gb.node("And", [visible, gb.node("Greater", [inputs.rows, oldest],
                                                         "window/Greater")], "window/And")
-        lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
-        bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
-                                 gb.constant(lowest, np.float32)], "bias/Where")       # [S, C]
+        if mask_value == -1.0:  # visible - 1, in ops that quantize well: in a QDQ graph the
+            # HTP selects wrongly between two constants of their own quantization (Where)
+            shown = gb.node("Cast", [visible], "bias/Cast", to=gb.float_type)
+            bias = gb.node("Sub", [shown, gb.constant(1.0, np.float32)], "bias/Sub")  # [S, C]
+        else:
+            lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
+            bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
+                                     gb.constant(lowest, np.float32)], "bias/Where")   # [S, C]
         return gb.node("Reshape", [bias, gb.constant([1, 1, inputs.seq_len,
                                                       inputs.context_len])], "bias/Reshape")
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from builder.graph import MS_DOMAIN, GraphBuilder
 from builder.quant.base import QuantizedWeight
+from builder.quant.qdq import QdqWeight
 
 
 def quantized_initializers(gb: GraphBuilder, weight: QuantizedWeight, name: str) -> list[str]:
@@ -33,6 +34,9 @@ def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWe
     with gb.scope(name):
         if conv:
             y = conv1x1(gb, x, weight, weight_name)
+        elif isinstance(weight, QdqWeight):  # static QDQ graphs: DequantizeLinear → MatMul
+            stored = f"{weight_name}_quantized" in gb.store.written
+            y = gb.node("MatMul", [x, gb.weight(weight_name, None if stored else weight)])
         elif isinstance(weight, QuantizedWeight):
             y = matmul_nbits(gb, x, weight, quantized_initializers(gb, weight, weight_name),
                              accuracy_level)
@@ -54,10 +58,14 @@ def linear_transposed(gb: GraphBuilder, name: str, x: str, table: str) -> str:
                        alpha=1.0)
 
 
-def conv1x1(gb: GraphBuilder, x: str, weight: np.ndarray, weight_name: str) -> str:
+def conv1x1(gb: GraphBuilder, x: str, weight: np.ndarray | QdqWeight, weight_name: str) -> str:
     """[1, S, in] → Transpose → [1, in, 1, S] → Conv(W [out, in, 1, 1]) → back to [1, S, out]."""
-    out_features, in_features = weight.shape
-    w = gb.initializer(weight_name, weight.reshape(out_features, in_features, 1, 1))
+    if isinstance(weight, QdqWeight):
+        stored = f"{weight_name}_quantized" in gb.store.written
+        w = gb.weight(weight_name, None if stored else weight)
+    else:
+        out_features, in_features = weight.shape
+        w = gb.initializer(weight_name, weight.reshape(out_features, in_features, 1, 1))
     nchw = gb.node("Unsqueeze", [gb.node("Transpose", [x], perm=[0, 2, 1]), gb.constant([2])])
     y = gb.node("Conv", [nchw, w], "Conv", kernel_shape=[1, 1])
     return gb.node("Transpose", [gb.node("Squeeze", [y, gb.constant([2])])], "Transpose_1",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from builder.errors import OptionError, did_you_mean
 from builder.options import ExtraOptions, Precision
 from builder.quant.base import Quantizer
+from builder.quant.qdq import QdqQuantizer
 from builder.registry import Registry
 from builder.roles import TensorRole as R
 
@@ -54,6 +55,7 @@ class QuantPolicy:
     exclude: frozenset[str] = frozenset()
     quantize_embedding: bool = False
     quantize_matmul: bool = True
+    qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
     seen: set[str] = field(default_factory=set, compare=False, repr=False)
 
@@ -91,11 +93,21 @@ class QuantPolicy:
                     if policy.exclude else "")
         return policy
 
+    @classmethod
+    def static_qdq(cls, bits: int, block_size: int, conv: bool) -> QuantPolicy:
+        """Static (QNN) QDQ graphs: every layer projection at ``bits``, symmetric, int4
+        block-wise on MatMul and per channel on 1x1 Conv; embeddings and lm_head are the static
+        lowering's (int8 per channel)."""
+        return cls(bits=bits, algorithm="qdq", block_size=block_size, lm_head_bits=None,
+                   qdq_conv=conv)
+
     def bits_for(self, role: R, layer: int | None, node_name: str) -> int | None:
         """Bits for this weight, or None to keep it in float."""
         self.seen.add(node_name)
         if self.bits is None or node_name in self.exclude:
             return None
+        if self.qdq_conv is not None:
+            return self.bits if role in LINEAR_ROLES - {R.LM_HEAD} else None
         if role == R.EMBED:
             return self.bits if self.quantize_embedding else None
         if role not in LINEAR_ROLES or not self.quantize_matmul:
@@ -115,5 +127,7 @@ class QuantPolicy:
                               "packed projections q/k/v are one qkv_proj (see unpack_matmul)")
 
     def quantizer(self, bits: int) -> Quantizer:
+        if self.qdq_conv is not None:
+            return QdqQuantizer(bits, self.block_size, self.qdq_conv)
         cls = self.quantizers.get(self.algorithm)
         return cls(bits, self.block_size, self.symmetric)

@@ -1,15 +1,15 @@
 """What quantization cost: the calibrated QNN pipeline against the float one it was made from.
 
-Before calibration the float pipeline runs held-out prompts (``evaluation_prompts.txt``, none of
-them a calibration prompt) greedily; after it, the quantized pipeline runs the same prompts fed
-the float pipeline's tokens, so that both are compared at the same positions. Per position: the
+Held-out prompts (``evaluation_prompts.txt``, none of them a calibration prompt), each continued
+by the text that follows it, one token per decode call, run through the float layers (during
+calibration) and through the calibrated QDQ layers (after the build), one layer at a time
+(``builder.quant.stream``): both see the same tokens at the same positions. Per position: the
 cosine of the two logit vectors, whether their top-1 tokens agree, and the KL divergence of the
-quantized model's next-token distribution from the float one's (nats). The float model is the
-float transformer graphs the build wrote, with lm_head computed in fp32 from the checkpoint's
-weight (the build's lm_head graphs hold int8 weights from the start), so the figures include
-what lm_head's int8 weights cost. "prefill" is the logits
-of each prompt's last token (the prefill graph), "decode" those of the generated steps (the
-decode graph). The figures go into build_manifest.json and one log line.
+quantized model's next-token distribution from the float one's (nats). The float logits are
+lm_head in fp32 from the checkpoint's weight; the quantized ones the build's lm_head graphs, so
+the figures include what lm_head's int8 weights cost. "prefill" is the logits of each prompt's
+last token (the prefill graph), "decode" those of the decode calls (the decode graph). The
+figures go into build_manifest.json and one log line.
 """
 
 from __future__ import annotations
@@ -19,31 +19,36 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.quant.calibration import tokenize
-from builder.runner import PipelineRun, graph_runner, run_pipeline
+from builder.quant.calibration import continuation, tokenize
+from builder.quant.stream import PREFILL, Sequence, sequence
+from builder.runner import graph_runner
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_PROMPTS = Path(__file__).with_name("evaluation_prompts.txt")
 SAMPLES = 4   # held-out prompts
-STEPS = 8     # greedy steps each: 1 prefill position and 7 decode positions per prompt
+STEPS = 8     # logits per prompt: its last token's, then 7 decode calls'
 
 
 def evaluation_prompts(tokenizer_dir: Path, context: int) -> list[list[int]]:
     return tokenize(EVALUATION_PROMPTS, SAMPLES, tokenizer_dir, max(1, context - STEPS - 1))
 
 
-def reference(folder: Path, prompts: list[list[int]], lm_head: np.ndarray) -> list[PipelineRun]:
-    """The float model's greedy runs: the float transformer graphs the build wrote (run before
-    they are quantized) and lm_head in fp32 from the checkpoint's weight [vocab, hidden]."""
-    graphs = graph_runner(folder)
+def evaluation_sequences(tokenizer_dir: Path, context: int, window: int,
+                         pad: int) -> list[Sequence]:
+    """The held-out prompts, each continued by STEPS - 1 tokens of the text after it."""
+    ids = evaluation_prompts(tokenizer_dir, context)
+    return [sequence(p, continuation(ids, i, STEPS - 1), window, pad, False, False)
+            for i, p in enumerate(ids)]
 
-    def runner(filename, feeds):
-        if filename.startswith("lm_head"):
-            return {"logits": float_logits(feeds["hidden_states"], lm_head)}
-        return graphs(filename, feeds)
 
-    return [run_pipeline(folder, ids, STEPS, runner=runner) for ids in prompts]
+def compared_hidden(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
+    """(graph kind, the call's final hidden states, row) of each compared position: the prompt's
+    last token, then every decode call."""
+    prompt = sum(1 for c in s.calls if c.kind == PREFILL) * window - s.padding
+    last = (prompt - 1) // window
+    picked = [(PREFILL, s.hidden[last], (prompt - 1) % window)]
+    return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
 
 
 def float_logits(hidden: np.ndarray, weight: np.ndarray, rows: int = 8192) -> np.ndarray:
@@ -74,21 +79,28 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
 
 
-def accuracy_report(folder: Path, prompts: list[list[int]], float_runs: list[PipelineRun],
-                    label: str) -> dict:
-    """The quantized pipeline in ``folder`` against ``float_runs``, prefill and decode."""
-    quantized = [run_pipeline(folder, ids, STEPS, forced=ref.tokens)
-                 for ids, ref in zip(prompts, float_runs)]
+def accuracy_report(folder: Path, float_runs: list[Sequence], quantized: list[Sequence],
+                    window: int, lm_head: np.ndarray, label: str) -> dict:
+    """``quantized`` (final hidden states of the calibrated layers, lm_head from ``folder``'s
+    graphs) against ``float_runs`` (float layers, lm_head in fp32), prefill and decode."""
+    graphs = graph_runner(folder)
     phases = {}
     for phase, rows in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
-        expected = np.stack([x for r in float_runs for x in r.step_logits[rows]])
-        actual = np.stack([x for r in quantized for x in r.step_logits[rows]])
-        phases[phase] = compare(expected, actual)
-    report = {"against": "the float model: the transformer graphs the build wrote before "
-                         "calibration, lm_head in fp32 from the checkpoint",
-              "precision": label, "prompts": len(prompts), "steps": STEPS,
+        expected, actual = [], []
+        for f, q in zip(float_runs, quantized):
+            for (kind, h, row), (_, hq, _) in list(zip(compared_hidden(f, window),
+                                                       compared_hidden(q, window)))[rows]:
+                expected.append(h[0, row])
+                logits = graphs(f"lm_head_{kind}.onnx", {"hidden_states": hq})["logits"]
+                actual.append(logits[0, row].astype(np.float32))
+        phases[phase] = compare(float_logits(np.stack(expected)[None], lm_head)[0],
+                                np.stack(actual))
+    report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
+                         "from the checkpoint",
+              "precision": label, "prompts": len(float_runs), "steps": STEPS,
               "source": EVALUATION_PROMPTS.name, **phases}
-    logger.info("accuracy of %s against float on %d held-out prompts: %s", label, len(prompts),
+    logger.info("accuracy of %s against float on %d held-out prompts: %s", label,
+                len(float_runs),
                 "; ".join(f"{phase} cosine {m['mean_cosine']:.6f} (min {m['min_cosine']:.6f}), "
                           f"top-1 {100 * m['top1_agreement']:.1f}%, KL {m['mean_kl']:.2e}"
                           for phase, m in phases.items()))

@@ -1,0 +1,239 @@
+"""The static pipeline's transformer run one layer at a time over many token sequences.
+
+Calibration and the accuracy report need the model's activations on dozens of sequences, and a
+whole-model onnxruntime session holds every weight in fp32 (10 GB for a 0.6B model once the
+quantizer's copy is added). Here each layer is its own pair of graphs (prefill, S = P; decode,
+S = 1; ``build_transformer`` over ``range(i, i + 1)``), written by the same builder code as the
+shipped graphs into a work folder, run over every call of every sequence, and deleted: memory
+holds one layer's weights, the sequences' hidden states between layers and one sequence's KV
+buffer of that layer.
+
+A sequence is what onnxruntime-genai feeds one generation: its prompt in chunks of P (the last
+padded at its end), then one token per call; every call reads the KV rows the earlier ones wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from builder.graph import GraphBuilder, Qdq, WeightStore
+from builder.models.static import (
+    build_embeddings, build_lm_head, build_transformer, kv_names, layer_stream,
+)
+from builder.runner import session
+
+logger = logging.getLogger(__name__)
+
+PREFILL, DECODE = "context", "iterator"  # the shipped graphs' names, per kind of call
+PERCENTILE = 99.999
+BINS = 2048
+KV_DTYPE = np.float16  # the KV buffers (static.KV_TYPE)
+
+
+@dataclass
+class Call:
+    ids: list[int]    # the call's tokens: P (the last chunk padded) or 1
+    row: int          # past_seq_len: the KV row of the call's last token
+    kind: str         # PREFILL or DECODE
+    record: bool      # its activations count towards the calibrated ranges
+
+
+@dataclass
+class Sequence:
+    calls: list[Call]
+    padding: int = 0  # pad tokens at the end of the last prefill chunk
+    hidden: list[np.ndarray] = field(default_factory=list)  # per call, between layers
+
+
+def sequence(prompt: list[int], forced: list[int], window: int, pad: int,
+             record_prefill: bool, record_decode: bool) -> Sequence:
+    """``prompt`` prefilled in chunks of ``window``, then each ``forced`` token in its own decode
+    call (real text fed one token at a time: the decode graph sees the true, growing cache)."""
+    padded = -(-len(prompt) // window) * window
+    ids = list(prompt) + [pad] * (padded - len(prompt))
+    calls = [Call(ids[k:k + window], k + window - 1, PREFILL, record_prefill)
+             for k in range(0, padded, window)]
+    calls += [Call([t], len(prompt) + j, DECODE, record_decode) for j, t in enumerate(forced)]
+    return Sequence(calls, padded - len(prompt))
+
+
+class Ranges:
+    """The range of every float tensor, per graph kind: running min/max, or (percentile)
+    histograms that are re-binned as the range grows and cut at 99.999% on each side."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.minmax: dict[str, dict[str, list[float]]] = {}
+        self.histograms: dict[str, dict[str, _Histogram]] = {}
+
+    def add(self, kind: str, values: dict[str, np.ndarray]) -> None:
+        seen = self.minmax.setdefault(kind, {})
+        for name, a in values.items():
+            if a.dtype.kind != "f" or not a.size:
+                continue
+            lo, hi = minmax(a)
+            if name in seen:
+                seen[name][0], seen[name][1] = min(seen[name][0], lo), max(seen[name][1], hi)
+            else:
+                seen[name] = [lo, hi]
+            if self.method == "percentile":
+                self.histograms.setdefault(kind, {}).setdefault(name, _Histogram()).add(a, lo, hi)
+
+    def result(self, kind: str) -> dict[str, tuple[float, float]]:
+        if self.method == "percentile":
+            return {n: h.cut(PERCENTILE) for n, h in self.histograms.get(kind, {}).items()}
+        return {n: (lo, hi) for n, (lo, hi) in self.minmax.get(kind, {}).items()}
+
+
+def minmax(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a float array; fp16 through an order-preserving int16 view (numpy reduces
+    fp16 an element at a time: the KV buffers made this most of calibration's time)."""
+    if a.dtype != np.float16:
+        return float(a.min()), float(a.max())
+    x = a.view(np.int16)
+    key = x ^ ((x >> 15) & np.int16(0x7FFF))  # negative halves: order reversed back
+
+    def value(k):
+        k = np.int16(k)
+        return float(np.array(k ^ ((k >> 15) & np.int16(0x7FFF)), np.int16).view(np.float16))
+
+    return value(key.min()), value(key.max())
+
+
+class _Histogram:
+    def __init__(self) -> None:
+        self.counts: np.ndarray | None = None
+        self.lo = self.hi = 0.0
+
+    def add(self, a: np.ndarray, lo: float, hi: float) -> None:
+        if self.counts is None:
+            self.lo, self.hi = lo, hi if hi > lo else lo + 1e-12
+            self.counts = np.zeros(BINS, np.int64)
+        elif lo < self.lo or hi > self.hi:  # widen: old bins re-binned by their centres
+            edges = np.linspace(self.lo, self.hi, BINS + 1)
+            centres = (edges[:-1] + edges[1:]) / 2
+            self.lo, self.hi = min(lo, self.lo), max(hi, self.hi)
+            self.counts = np.histogram(centres, BINS, (self.lo, self.hi),
+                                       weights=self.counts)[0].astype(np.int64)
+        self.counts += np.histogram(a.astype(np.float32, copy=False), BINS,
+                                    (self.lo, self.hi))[0]
+
+    def cut(self, percentile: float) -> tuple[float, float]:
+        cdf = np.cumsum(self.counts) / max(1, self.counts.sum())
+        edges = np.linspace(self.lo, self.hi, BINS + 1)
+        tail = (100.0 - percentile) / 200.0
+        left = int(np.searchsorted(cdf, tail))
+        right = int(np.searchsorted(cdf, 1.0 - tail))
+        return float(edges[left]), float(edges[min(right + 1, BINS)])
+
+
+class LayerStream:
+    """Runs sequences through the pipeline's graphs one layer at a time.
+
+    ``builder``: a DecoderBuilder whose ``gb`` is replaced per graph (float weights for
+    calibration, the QDQ policy for the report); ``qdq``: activation bits and the per-kind
+    ranges, to run the calibrated QDQ graphs instead of the float ones."""
+
+    def __init__(self, builder, work: Path, prefill: int, context: int, float_dtype,
+                 qdq: tuple[int, dict[str, dict]] | None = None) -> None:
+        self.b, self.work = builder, work
+        self.prefill, self.context, self.float_dtype, self.qdq = prefill, context, float_dtype, qdq
+        c = builder.config
+        self.kv_shape = (1, c.num_key_value_heads, context, c.head_dim)
+        work.mkdir(parents=True, exist_ok=True)
+
+    def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
+               store: WeightStore) -> object:
+        qdq = None if self.qdq is None or kind is None else Qdq(self.qdq[0], self.qdq[1][kind])
+        gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
+                          store=store, qdq=qdq)
+        self.b.gb = gb
+        build(self.b)
+        gb.save(self.work / filename, expose=expose, log=logging.DEBUG)
+        return session(self.work, filename)
+
+    def embed(self, sequences: list[Sequence]) -> None:
+        """Every call's inputs_embeds, from the pipeline's own embeddings graph."""
+        store = WeightStore(self.work / "embeddings.data")
+        try:
+            sess = self._graph("embeddings.onnx", None, build_embeddings, False, store)
+        finally:
+            store.close()
+        for s in sequences:
+            s.hidden = [sess.run(None, {"input_ids": np.asarray([c.ids], np.int64)})[0]
+                        for c in s.calls]
+        del sess
+        self._clean()
+
+    def run(self, sequences: list[Sequence], ranges: Ranges | None = None,
+            desc: str = "layers", empty_cache: bool = False) -> None:
+        """Every layer over every call; each sequence's ``hidden`` ends as the final normed
+        hidden states. ``ranges``: widened by the recorded calls' graph inputs and every float
+        value the graphs compute. ``empty_cache`` (for comparison only): recorded decode calls
+        calibrate on an all-zero KV cache instead of the sequence's own."""
+        layers = self.b.config.num_hidden_layers
+        for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
+            store = WeightStore(self.work / "layer.data")
+            try:
+                sessions = {kind: self._graph(
+                    f"{kind}.onnx", kind,
+                    lambda b, s=s: build_transformer(b, s, self.context, range(layer, layer + 1)),
+                    ranges is not None, store) for kind, s in ((PREFILL, self.prefill),
+                                                               (DECODE, 1))}
+            finally:
+                store.close()
+            first = "inputs_embeds" if layer == 0 else layer_stream(layer)
+            last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
+            past_k, past_v, present_k, present_v = kv_names(layer)
+            for s in sequences:
+                kv = (np.zeros(self.kv_shape, KV_DTYPE), np.zeros(self.kv_shape, KV_DTYPE))
+                for i, call in enumerate(s.calls):
+                    feeds = {first: s.hidden[i], "past_seq_len": np.array([[call.row]], np.int32),
+                             "total_seq_len": np.array([self.context], np.int32),
+                             past_k: kv[0], past_v: kv[1]}
+                    sess = sessions[call.kind]
+                    names = [o.name for o in sess.get_outputs()]
+                    out = dict(zip(names, sess.run(None, feeds)))
+                    if ranges is not None and call.record:
+                        if empty_cache and call.kind == DECODE:
+                            zero = {past_k: kv[0] * 0, past_v: kv[1] * 0}
+                            naive = dict(zip(names, sess.run(None, {**feeds, **zero})))
+                            ranges.add(call.kind, {**feeds, **zero, **naive})
+                        else:
+                            ranges.add(call.kind, {**feeds, **out})
+                    s.hidden[i] = out[last]
+                    kv = (out[present_k], out[present_v])
+            del sessions
+            self._clean()
+
+    def lm_head(self, sequences: list[Sequence], ranges: Ranges) -> None:
+        """lm_head's graphs (as calibration writes them: int8 weights, float activations) on
+        every recorded call's final hidden states: the ranges of their input and logits."""
+        store = WeightStore(self.work / "lm_head.data")
+        try:
+            sessions = {kind: self._graph(f"lm_head_{kind}.onnx", None,
+                                          lambda b, s=s: build_lm_head(b, s), True, store)
+                        for kind, s in ((PREFILL, self.prefill), (DECODE, 1))}
+        finally:
+            store.close()
+        for s in sequences:
+            for call, hidden in zip(s.calls, s.hidden):
+                if call.record:
+                    sess = sessions[call.kind]
+                    out = sess.run(None, {"hidden_states": hidden})
+                    ranges.add(f"lm_head_{call.kind}",
+                               {"hidden_states": hidden,
+                                **dict(zip([o.name for o in sess.get_outputs()], out))})
+        del sessions
+        self._clean()
+
+    def _clean(self) -> None:
+        for path in self.work.iterdir():
+            path.unlink() if path.is_file() else shutil.rmtree(path)

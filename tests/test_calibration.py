@@ -1,0 +1,76 @@
+"""Layer-streamed calibration: memory bounded by one layer, and its parts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from checkpoints import make_checkpoint
+
+from builder import BuildOptions, ExecutionProvider, Precision, build
+from builder.options import ExtraOptions
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+def test_calibration_sessions_hold_one_layer(layers, tmp_path, monkeypatch):
+    """Every onnxruntime session calibration and the accuracy report open reads one layer's
+    weights (or the embeddings, or lm_head), whatever the number of layers: the data file each
+    session loads stays the size of one layer in fp32, and each layer is written once per pass."""
+    import builder.quant.stream as stream
+
+    ck = make_checkpoint(tmp_path / "ck", "qwen3", num_hidden_layers=layers)
+    opened = []
+
+    def session(folder, filename):
+        data = sorted(p for p in folder.iterdir() if p.suffix == ".data")
+        opened.append((filename, {p.name: p.stat().st_size for p in data}))
+        return real(folder, filename)
+
+    real = stream.session
+    monkeypatch.setattr(stream, "session", session)
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o",
+                             precision=Precision.W8A16, execution_provider=ExecutionProvider.QNN,
+                             extra=ExtraOptions.parse(["qnn_prefill_length=8",
+                                                       "qnn_context_length=64"])))
+    cfg = json.loads((ck / "config.json").read_text())
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    layer_fp32 = 4 * (h * hd * (2 * heads + 2 * kv) + 3 * h * i + 2 * h + 2 * hd)
+    layer_files = [sizes["layer.data"] for name, sizes in opened if "layer.data" in sizes]
+    # two passes (calibration, report) × two graphs (prefill, decode) per layer
+    assert len(layer_files) == 4 * layers
+    assert max(layer_files) <= 1.1 * layer_fp32 + 64 * 1024, (max(layer_files), layer_fp32)
+    assert min(layer_files) >= 0.25 * layer_fp32 * 0.9  # (the report's: quantized)
+    assert all(len(sizes) == 1 for _, sizes in opened)  # nothing else left in the work folder
+    assert not (out / ".work").exists()
+
+
+def test_continuation_is_the_following_text():
+    from builder.quant.calibration import continuation
+
+    ids = [[1, 2], [3, 4, 5], [6]]
+    assert continuation(ids, 0, 4) == [3, 4, 5, 6]
+    assert continuation(ids, 2, 3) == [1, 2, 3]
+    assert continuation([[7]], 0, 3) == [7, 7, 7]
+
+
+def test_percentile_ranges_against_numpy():
+    """The percentile estimator's histograms (re-binned as the range grows) cut where numpy's
+    percentile of all the values does, within a bin; minmax is exact."""
+    from builder.quant.stream import BINS, Ranges
+
+    rng = np.random.default_rng(3)
+    chunks = [rng.standard_normal(5000).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
+    chunks.append(np.array([40.0, -25.0], np.float32))  # outliers the percentile cuts
+    every = np.concatenate(chunks)
+    p, m = Ranges("percentile"), Ranges("minmax")
+    for c in chunks:
+        p.add("g", {"t": c})
+        m.add("g", {"t": c})
+    lo, hi = p.result("g")["t"]
+    width = (every.max() - every.min()) / BINS
+    assert abs(lo - np.percentile(every, 0.0005)) <= 2 * width
+    assert abs(hi - np.percentile(every, 99.9995)) <= 2 * width
+    assert hi < 20 and lo > -20
+    assert m.result("g")["t"] == (float(every.min()), float(every.max()))
