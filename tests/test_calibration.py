@@ -61,7 +61,7 @@ def test_percentile_ranges_against_numpy():
     from builder.quant.stream import BINS, Ranges
 
     rng = np.random.default_rng(3)
-    chunks = [rng.standard_normal(5000).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
+    chunks = [rng.standard_normal(200_000).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
     chunks.append(np.array([40.0, -25.0], np.float32))  # outliers the percentile cuts
     every = np.concatenate(chunks)
     p, m = Ranges("percentile"), Ranges("minmax")

@@ -633,8 +633,10 @@ def _activation_scales(folder, graph="iterator.onnx"):
     from onnx import numpy_helper
 
     m = onnx.load(str(folder / graph))
+    names = {i.name for i in m.graph.initializer}
     return {i.name: float(numpy_helper.to_array(i)) for i in m.graph.initializer
-            if i.name.endswith("_scale") and not i.dims and "weight" not in i.name}
+            if i.name.endswith("_scale") and not i.dims  # not a stored constant's
+            and i.name.removesuffix("_scale") + "_quantized" not in names}
 
 
 # measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
