@@ -115,9 +115,9 @@ class ExtraOptions:
     qnn_calibration_samples: int = _opt(
         24, "-e qnn, quantized (w8a16, w4a16, w8a8): how many calibration prompts to use.")
     qnn_calibration_steps: int = _opt(
-        16, "-e qnn, quantized (w8a16, w4a16, w8a8): tokens that follow each prompt, all but "
-        "the first fed one decode call at a time (the decode graph is calibrated on real text "
-        "with the true, growing KV cache).")
+        16, "-e qnn, quantized (w8a16, w4a16, w8a8): each prompt is continued by this many "
+        "tokens minus one of the text that follows it, one decode call each (the decode graph "
+        "is calibrated on real text with the true, growing KV cache).")
     qnn_calibration_method: str = _opt(
         "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
         "at 99.999% on each side).",
