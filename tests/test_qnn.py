@@ -641,9 +641,7 @@ def _activation_scales(folder, graph="iterator.onnx"):
 
 
 # measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
-# minmax 0.9999, percentile 0.9999 (0.9996 at the default lengths), entropy 0.992 (0.964 at the
-# default lengths; its 128 quantized bins suit 8-bit activations: for uint16 it clips ranges
-# that 16 bits could keep), top-1 100% for all three
+# minmax 0.9999, percentile 0.9999 (0.9996 at the default lengths), top-1 100% for both
 @pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("lengths", ["default"])
 @pytest.mark.parametrize("method, mean_cosine", [
