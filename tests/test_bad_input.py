@@ -395,7 +395,7 @@ def test_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "99.999%;" in text and "%%" not in text
+    assert "99.999% on each side" in text and "%%" not in text
     assert "{cpu,cuda,qnn}" in text and "dml" not in text and "webgpu" not in text
 
 
