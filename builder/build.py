@@ -164,11 +164,10 @@ class PipelineFolder(DecoderFolder):
                 s.hidden = embeddings  # the lookup is float: the same inputs_embeds
             stream = LayerStream(builder, work, prefill, context, float_type, (bits, ranges))
             stream.run(quantized, desc="accuracy report")
-            lm_head = weights.read(cls.weight_names[R.EMBED if config.tie_word_embeddings
-                                                    else R.LM_HEAD])
             weight_bits = 4 if o.precision in FOUR_BIT else 8
-            self.report = accuracy_report(out, held_out, quantized, prefill, lm_head,
-                                          f"w{weight_bits}a{bits}")
+            lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
+            self.report = accuracy_report(out, held_out, quantized, prefill,
+                                          weights.read(lm_head), f"w{weight_bits}a{bits}")
         work.rmdir()
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison

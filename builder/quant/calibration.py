@@ -3,11 +3,11 @@
 The float pipeline runs, one layer at a time (``builder.quant.stream``), over calibration
 sequences fed as onnxruntime-genai feeds them: prefill calls on prompts joined into sequences of
 two chunks of P, and decode calls on each prompt continued by the text that follows it, one
-token at a time, so that the decode graph sees the true, growing KV cache. Greedy trajectories would need the
-whole model at every step; a cache left empty gives ranges the model never sees in use (the
-tests measure both). Every float value the graphs compute gets its range (min/max, or the
-99.999% percentile), by the name the builder gives it; ``builder.pipeline`` then writes the QDQ
-graphs with them.
+token at a time, so that the decode graph sees the true, growing KV cache. Greedy trajectories
+would need the whole model at every step; a cache left empty gives ranges the model never sees
+in use (the tests measure both). Every float value the graphs compute gets its range (min/max,
+or the 99.999% percentile), by the name the builder gives it; ``builder.pipeline`` then writes
+the QDQ graphs with them.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from builder.quant.calibration import continuation, tokenize
-from builder.quant.stream import PREFILL, Sequence, sequence
-from builder.runner import graph_runner
+from builder.quant.stream import DECODE, PREFILL, Sequence, sequence
+from builder.runner import session
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +83,24 @@ def accuracy_report(folder: Path, float_runs: list[Sequence], quantized: list[Se
                     window: int, lm_head: np.ndarray, label: str) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head from ``folder``'s
     graphs) against ``float_runs`` (float layers, lm_head in fp32), prefill and decode."""
-    graphs = graph_runner(folder)
-    phases = {}
-    for phase, rows in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
-        expected, actual = [], []
-        for f, q in zip(float_runs, quantized):
-            for (kind, h, row), (_, hq, _) in list(zip(compared_hidden(f, window),
-                                                       compared_hidden(q, window)))[rows]:
-                expected.append(h[0, row])
-                logits = graphs(f"lm_head_{kind}.onnx", {"hidden_states": hq})["logits"]
-                actual.append(logits[0, row].astype(np.float32))
-        phases[phase] = compare(float_logits(np.stack(expected)[None], lm_head)[0],
-                                np.stack(actual))
+    rows = {"prefill": slice(0, 1), "decode": slice(1, None)}
+    picked = {phase: [pair for f, q in zip(float_runs, quantized)
+                      for pair in list(zip(compared_hidden(f, window),
+                                           compared_hidden(q, window)))[where]]
+              for phase, where in rows.items()}
+    expected = {phase: float_logits(np.stack([h[0, row] for (_, h, row), _ in pairs])[None],
+                                    lm_head)[0] for phase, pairs in picked.items()}
+    del lm_head  # (the caller keeps no reference: freed before the sessions load theirs)
+    actual = {phase: [None] * len(pairs) for phase, pairs in picked.items()}
+    for kind in (PREFILL, DECODE):  # one lm_head graph's session at a time (the table each)
+        sess = session(folder, f"lm_head_{kind}.onnx")
+        for phase, pairs in picked.items():
+            for i, (_, (k, hq, row)) in enumerate(pairs):
+                if k == kind:
+                    logits = sess.run(["logits"], {"hidden_states": hq})[0]
+                    actual[phase][i] = logits[0, row].astype(np.float32)
+        del sess
+    phases = {phase: compare(expected[phase], np.stack(actual[phase])) for phase in rows}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
                          "from the checkpoint",
               "precision": label, "prompts": len(float_runs), "steps": STEPS,

@@ -215,23 +215,22 @@ class LayerStream:
 
     def lm_head(self, sequences: list[Sequence], ranges: Ranges) -> None:
         """lm_head's graphs (as calibration writes them: int8 weights, float activations) on
-        every recorded call's final hidden states: the ranges of their input and logits."""
+        every recorded call's final hidden states: the ranges of their input and logits. One
+        graph's session at a time (each holds the vocabulary's table)."""
         store = WeightStore(self.work / "lm_head.data")
         try:
-            sessions = {kind: self._graph(f"lm_head_{kind}.onnx", None,
-                                          lambda b, s=s: build_lm_head(b, s), True, store)
-                        for kind, s in ((PREFILL, self.prefill), (DECODE, 1))}
+            for kind, length in ((PREFILL, self.prefill), (DECODE, 1)):
+                sess = self._graph(f"lm_head_{kind}.onnx", None,  # (the table written once)
+                                   lambda b: build_lm_head(b, length), True, store)
+                names = [o.name for o in sess.get_outputs()]
+                for s in sequences:
+                    for call, hidden in zip(s.calls, s.hidden):
+                        if call.record and call.kind == kind:
+                            out = dict(zip(names, sess.run(None, {"hidden_states": hidden})))
+                            ranges.add(f"lm_head_{kind}", {"hidden_states": hidden, **out})
+                del sess
         finally:
             store.close()
-        for s in sequences:
-            for call, hidden in zip(s.calls, s.hidden):
-                if call.record:
-                    sess = sessions[call.kind]
-                    out = sess.run(None, {"hidden_states": hidden})
-                    ranges.add(f"lm_head_{call.kind}",
-                               {"hidden_states": hidden,
-                                **dict(zip([o.name for o in sess.get_outputs()], out))})
-        del sessions
         self._clean()
 
     def _clean(self) -> None:
