@@ -250,11 +250,11 @@ class GraphBuilder:
                                             name=full, **attrs))
         return out
 
-    def weight(self, name: str, weight: QdqWeight | None) -> str:
-        """A projection's QDQ weight: codes, scales and zero points stored (``None``: already
-        stored by another graph of the folder), and the DequantizeLinear that reads them."""
+    def weight(self, name: str, weight: QdqWeight) -> str:
+        """A projection's QDQ weight: codes, scales and zero points stored (referenced when
+        another graph of the folder stored them), and the DequantizeLinear that reads them."""
         names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
-        if weight is None:
+        if names[0] in self.store.written:
             for n in names:
                 self._initializer(n, None)
             return self._dequantize(name, *names, **self.store.dq_attrs[name])

@@ -35,8 +35,7 @@ def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWe
         if conv:
             y = conv1x1(gb, x, weight, weight_name)
         elif isinstance(weight, QdqWeight):  # static QDQ graphs: DequantizeLinear → MatMul
-            stored = f"{weight_name}_quantized" in gb.store.written
-            y = gb.node("MatMul", [x, gb.weight(weight_name, None if stored else weight)])
+            y = gb.node("MatMul", [x, gb.weight(weight_name, weight)])
         elif isinstance(weight, QuantizedWeight):
             y = matmul_nbits(gb, x, weight, quantized_initializers(gb, weight, weight_name),
                              accuracy_level)
@@ -61,8 +60,7 @@ def linear_transposed(gb: GraphBuilder, name: str, x: str, table: str) -> str:
 def conv1x1(gb: GraphBuilder, x: str, weight: np.ndarray | QdqWeight, weight_name: str) -> str:
     """[1, S, in] → Transpose → [1, in, 1, S] → Conv(W [out, in, 1, 1]) → back to [1, S, out]."""
     if isinstance(weight, QdqWeight):
-        stored = f"{weight_name}_quantized" in gb.store.written
-        w = gb.weight(weight_name, None if stored else weight)
+        w = gb.weight(weight_name, weight)
     else:
         out_features, in_features = weight.shape
         w = gb.initializer(weight_name, weight.reshape(out_features, in_features, 1, 1))

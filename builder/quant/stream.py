@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from onnx import helper
 from tqdm.auto import tqdm
 
 from builder.graph import GraphBuilder, Qdq, WeightStore
 from builder.models.static import (
-    build_embeddings, build_lm_head, build_transformer, kv_names, layer_stream,
+    KV_TYPE, build_embeddings, build_lm_head, build_transformer, kv_names, layer_stream,
 )
 from builder.runner import session
 
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 PREFILL, DECODE = "context", "iterator"  # the shipped graphs' names, per kind of call
 PERCENTILE = 99.999
 BINS = 2048
-KV_DTYPE = np.float16  # the KV buffers (static.KV_TYPE)
 
 
 @dataclass
@@ -147,6 +147,7 @@ class LayerStream:
         self.prefill, self.context, self.float_dtype, self.qdq = prefill, context, float_dtype, qdq
         c = builder.config
         self.kv_shape = (1, c.num_key_value_heads, context, c.head_dim)
+        self.kv_dtype = helper.tensor_dtype_to_np_dtype(KV_TYPE)
         work.mkdir(parents=True, exist_ok=True)
 
     def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
@@ -193,7 +194,8 @@ class LayerStream:
             last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
             past_k, past_v, present_k, present_v = kv_names(layer)
             for s in sequences:
-                kv = (np.zeros(self.kv_shape, KV_DTYPE), np.zeros(self.kv_shape, KV_DTYPE))
+                kv = (np.zeros(self.kv_shape, self.kv_dtype), np.zeros(self.kv_shape,
+                                                                     self.kv_dtype))
                 for i, call in enumerate(s.calls):
                     feeds = {first: s.hidden[i], "past_seq_len": np.array([[call.row]], np.int32),
                              "total_seq_len": np.array([self.context], np.int32),
