@@ -55,6 +55,33 @@ def test_continuation_is_the_following_text():
     assert continuation([[7]], 0, 3) == [7, 7, 7]
 
 
+def test_steps_batch_calls_in_order():
+    """Calls of different sequences run together (decode calls coincide however many prefill
+    chunks a prompt has), each sequence's calls in order, recorded and unrecorded calls apart,
+    at most BATCH at a time, every call exactly once."""
+    from builder.quant.stream import BATCH, DECODE, PREFILL, sequence, steps
+
+    seqs = [sequence(list(range(n)), [7] * 5, 4, 0, False, True) for n in (3, 4, 9, 13)]
+    seqs += [sequence(list(range(8)), [], 4, 0, True, False) for _ in range(BATCH + 3)]
+    seqs += [sequence(list(range(5)), [7] * 2, 4, 0, False, False)]
+    plan = steps(seqs, by_record=True)
+    done = [(i, j) for _, _, batch in plan for i, j in batch]
+    assert sorted(done) == [(i, j) for i, s in enumerate(seqs) for j in range(len(s.calls))]
+    for i in range(len(seqs)):  # in order within each sequence
+        order = [j for k, j in done if k == i]
+        assert order == sorted(order)
+    for kind, record, batch in plan:
+        assert 0 < len(batch) <= BATCH
+        assert {(seqs[i].calls[j].kind, seqs[i].calls[j].record) for i, j in batch} == {
+            (kind, record)}
+    decode = [batch for kind, record, batch in plan if kind == DECODE and record]
+    assert len(decode) == 5 and all(len(b) == 4 for b in decode)  # the 4 prompts at once
+    prefill = [batch for kind, record, batch in plan if kind == PREFILL and record]
+    n = BATCH + 3  # sequences, each two chunks: two batches of even sizes, twice
+    assert [len(b) for b in prefill] == [(n + 1) // 2, n // 2] * 2
+    assert {record for _, record, _ in steps(seqs, by_record=False)} == {False}
+
+
 def test_percentile_ranges_against_numpy():
     """The percentile estimator's histograms (re-binned as the range grows) cut where numpy's
     percentile of all the values does, within a bin; minmax is exact."""

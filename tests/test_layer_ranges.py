@@ -18,7 +18,7 @@ from builder.weights import CheckpointReader
 S, C = 8, 32
 
 
-def _write(ck, out, ranges):
+def _write(ck, out, ranges, seq_len=S, batch=1):
     """One static fp16 transformer graph per layer range, weights in one shared data file."""
     out.mkdir()
     plugins = default_plugins()
@@ -35,7 +35,8 @@ def _write(ck, out, ranges):
         with CheckpointReader(ck) as weights:
             for i, layers in enumerate(ranges):
                 gb = GraphBuilder(f"part{i}", float_dtype=np.float16, store=store)
-                build_transformer(cls(config, options, target, weights, gb), S, C, layers)
+                build_transformer(cls(config, options, target, weights, gb), seq_len, C, layers,
+                                  batch)
                 gb.save(out / f"part{i}.onnx")
                 names.append(f"part{i}.onnx")
     finally:
@@ -92,3 +93,34 @@ def test_chained_layer_ranges_compute_the_whole_graph(arch, checkpoints, tmp_pat
 def test_layer_range_must_be_consecutive(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="not a consecutive range"):
         _write(checkpoints["llama"], tmp_path / "bad", [range(0, 5)])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "phi3"])
+@pytest.mark.parametrize("seq_len", [S, 1])
+def test_batched_graph_computes_each_call(arch, seq_len, checkpoints, tmp_path):
+    """Calibration's graphs take any batch: each row is the shipped (batch 1) graph's call
+    with that row's own past_seq_len and KV buffers."""
+    ck = checkpoints[arch]
+    config, single = _write(ck, tmp_path / "single", [None], seq_len)
+    _, batched = _write(ck, tmp_path / "batched", [None], seq_len, "batch")
+    graph = onnx.load(str(tmp_path / "batched" / batched[0]), load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    rng = np.random.default_rng(1)
+    layers, rows = config.num_hidden_layers, [seq_len - 1, seq_len + 6, C - 1]  # past_seq_len
+    kv = [1, config.num_key_value_heads, C, config.head_dim]
+    calls = [{"inputs_embeds": rng.normal(0, 1, (1, seq_len, config.hidden_size)
+                                          ).astype(np.float16),
+              "past_seq_len": np.array([[row]], np.int32),
+              "total_seq_len": np.array([C], np.int32),
+              **{n: rng.normal(0, 1, kv).astype(np.float16)
+                 for i in range(layers) for n in kv_names(i)[:2]}} for row in rows]
+    expected = [_run(tmp_path / "single", single, feeds) for feeds in calls]
+    together = {n: calls[0][n] if n == "total_seq_len" else np.concatenate([f[n] for f in calls])
+                for n in calls[0]}
+    got = _run(tmp_path / "batched", batched, together)
+    for name in ["hidden_states"] + [n for i in range(layers) for n in kv_names(i)[2:]]:
+        assert got[name].shape[0] == len(rows)
+        for r, want in enumerate(expected):
+            np.testing.assert_allclose(got[name][r:r + 1].astype(np.float32),
+                                       want[name].astype(np.float32), rtol=2e-3, atol=2e-3,
+                                       err_msg=f"{arch} S={seq_len} row {r}: {name}")

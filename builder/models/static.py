@@ -104,17 +104,18 @@ class StaticLowering:
             return gb.node("Mul", [rows, scales])
 
     def begin_transformer(self, seq_len: int, context_len: int, past_seq_len: str,
-                          layers: range) -> None:
-        """Per transformer graph: the KV buffers of its layers, the in-graph positions and
-        masks, the rotary tables (C positions)."""
+                          layers: range, batch: int | str = 1, rows: int | None = None) -> None:
+        """Per transformer graph: the KV buffers of its layers (``rows`` rows, default C), the
+        in-graph positions and masks, the rotary tables (C positions)."""
         b = self.b
         gb, c = b.gb, b.config
-        kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
+        rows = context_len if rows is None else rows
+        kv_shape = [batch, c.num_key_value_heads, rows, c.head_dim]
         self.past = {i: (gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
                          gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in layers}
         self.present: dict[int, tuple[str, str]] = {}
-        self.seq_len = seq_len
-        self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, context_len)
+        self.seq_len, self.batch = seq_len, batch
+        self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, rows, batch)
         self.masks: dict[int | None, str] = {}
         cache = rope_cache(c.rope, c.head_dim, context_len, c.max_position_embeddings)
         if cache.long is not None and context_len > cache.switch_length:
@@ -138,11 +139,11 @@ class StaticLowering:
     def attend(self, layer: int, q: str, k: str, v: str) -> str:
         """rotary at the call's positions → write k/v rows into the cache → attention over
         the whole cache."""
-        b, s = self.b, self.seq_len
+        b, s, batch = self.b, self.seq_len, self.batch
         c, gb = b.config, b.gb
         q, k = (rotary_decomposed(gb, f"{n}_rotary", t, *self.rope, self.inputs.positions,
                                   num_heads=h, head_dim=c.head_dim, rotary_dim=self.rotary_dim,
-                                  seq_len=s)
+                                  seq_len=s, batch=batch)
                 for n, t, h in (("q", q, c.num_attention_heads),
                                 ("k", k, c.num_key_value_heads)))
         past, kv_type = self.past[layer], KV_TYPE
@@ -151,12 +152,9 @@ class StaticLowering:
             kv_type = gb.float_type
             past = [gb.node("Cast", [p], f"{n}_cache/past/Cast", to=kv_type)
                     for n, p in zip("kv", past)]
-        keys = write_kv(gb, "k_cache", past[0],
-                        split_heads(gb, "k_heads", k, c.num_key_value_heads, c.head_dim, s),
-                        self.inputs, kv_type)
-        values = write_kv(gb, "v_cache", past[1],
-                          split_heads(gb, "v_heads", v, c.num_key_value_heads, c.head_dim, s),
-                          self.inputs, kv_type)
+        keys, values = (write_kv(gb, f"{n}_cache", p, split_heads(
+            gb, f"{n}_heads", t, c.num_key_value_heads, c.head_dim, s, batch), self.inputs,
+            kv_type) for n, p, t in zip("kv", past, (k, v)))
         self.present[layer] = (keys, values) if kv_type == KV_TYPE else tuple(
             gb.node("Cast", [t], f"{n}_cache/present/Cast", to=KV_TYPE)
             for n, t in zip("kv", (keys, values)))
@@ -166,7 +164,7 @@ class StaticLowering:
                                     kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                     seq_len=s, kv_type=kv_type, scale=b.attention_scale(),
                                     softcap=b.attention_softcap(),
-                                    relative_mask=quantized_precision(b))
+                                    relative_mask=quantized_precision(b), batch=batch)
 
     def lm_head_projection(self, x: str) -> str:
         """Float MatMul, or in quantized builds int8 per channel (DequantizeLinear → MatMul);
@@ -216,11 +214,12 @@ def build_embeddings(b: DecoderBuilder) -> None:
               [1, "sequence_length", c.hidden_size])
 
 
-def build_lm_head(b: DecoderBuilder, seq_len: int) -> None:
-    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]."""
+def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1) -> None:
+    """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]; ``batch``: B
+    instead of 1, or a name for any batch (calibration)."""
     gb, c = b.gb, b.config
-    h = gb.input("hidden_states", gb.float_type, [1, seq_len, c.hidden_size])
-    gb.output(b.lm_head(h), "logits", gb.float_type, [1, seq_len, c.vocab_size])
+    h = gb.input("hidden_states", gb.float_type, [batch, seq_len, c.hidden_size])
+    gb.output(b.lm_head(h), "logits", gb.float_type, [batch, seq_len, c.vocab_size])
 
 
 def layer_stream(layer: int) -> str:
@@ -229,26 +228,33 @@ def layer_stream(layer: int) -> str:
 
 
 def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
-                      layers: range | None = None) -> None:
+                      layers: range | None = None, batch: int | str = 1,
+                      rows: int | None = None) -> None:
     """inputs_embeds [1, S, hidden] + the KV buffers → hidden_states (after the final norm).
 
     ``layers``: a consecutive range of layers only, with the KV buffers of those layers. A range
     that does not start at 0 takes the stream entering its first layer
     (``hidden_states_layer_<start>``) instead of inputs_embeds; one that does not end at the
     last layer outputs the stream entering the next (``hidden_states_layer_<stop>``), without
-    the final norm. Chained in order, the ranges compute what the whole graph does."""
+    the final norm. Chained in order, the ranges compute what the whole graph does.
+
+    ``batch``: B calls at once instead of 1 (each with its own past_seq_len row and KV
+    buffers), or a name for any batch. ``rows``: KV buffers (and mask columns) of fewer rows
+    than C, for calls that reach no further (the rotary tables still span C). Calibration's
+    graphs use both: row by row the shipped graphs' math, and every value they compute but the
+    extra empty (masked, all-zero) rows of the full buffer."""
     gb, c = b.gb, b.config
     layers = range(c.num_hidden_layers) if layers is None else layers
     if not (0 <= layers.start < layers.stop <= c.num_hidden_layers and layers.step == 1):
         raise ValueError(f"layers {layers} is not a consecutive range of the model's "
                          f"{c.num_hidden_layers} layers")
-    hidden = [1, seq_len, c.hidden_size]
+    hidden = [batch, seq_len, c.hidden_size]
     first = "inputs_embeds" if layers.start == 0 else layer_stream(layers.start)
     x = gb.input(first, gb.float_type, hidden)
-    past_seq_len = gb.input("past_seq_len", INT32, [1, 1])
+    past_seq_len = gb.input("past_seq_len", INT32, [batch, 1])
     gb.input("total_seq_len", INT32, [1])  # required beside past_seq_len by the runtime; unused
     lowering = b.lowering
-    lowering.begin_transformer(seq_len, context_len, past_seq_len, layers)
+    lowering.begin_transformer(seq_len, context_len, past_seq_len, layers, batch, rows)
     residual = None
     for layer in layers:
         x, residual = b.decoder_layer(layer, x, residual)
@@ -258,7 +264,7 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
         if residual is not None:  # a norm that fuses the residual add left it separate
             x = gb.node("Add", [x, residual], f"/model/layers.{layers.stop}/stream/Add")
         gb.output(x, layer_stream(layers.stop), gb.float_type, hidden)
-    kv_shape = [1, c.num_key_value_heads, context_len, c.head_dim]
+    kv_shape = [batch, c.num_key_value_heads, context_len if rows is None else rows, c.head_dim]
     for i in layers:
         gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
         gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)

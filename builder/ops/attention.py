@@ -100,40 +100,59 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
 class StaticAttentionInputs:
     """What every layer of a static-shape graph needs, from the past_seq_len input alone."""
 
-    positions: str    # [1, S] int32: absolute position of each token (start + i)
+    positions: str    # [B, S] int32: absolute position of each token (start + i)
     rows: str         # [1, C] int32: 0 .. C-1
     queries: str      # [S, 1] int32: the positions as a column
     place: str        # [C, S] float one-hot: the new token i goes to cache row start + i
     keep: str         # [C, 1] float: 1 for cache rows this call does not write
+    # (batched: queries [B, 1, S, 1], place [B, 1, C, S], keep [B, 1, C, 1])
     seq_len: int
     context_len: int
+    batch: int | str = 1  # B (1 in the shipped graphs); a name: any batch
+
+
+def batch_dim(batch: int | str) -> int:
+    """The batch axis in a Reshape's shape: the number, or 0 (copy the input's) for any batch."""
+    return batch if isinstance(batch, int) else 0
 
 
 def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
-                            context_len: int) -> StaticAttentionInputs:
+                            context_len: int, batch: int | str = 1) -> StaticAttentionInputs:
     """The KV cache is one buffer of C rows where row = absolute position (onnxruntime-genai's
-    shared past/present buffer). past_seq_len [1, 1] int32 is the row of the call's last token,
+    shared past/present buffer). past_seq_len [B, 1] int32 is the row of the call's last token,
     so the call's tokens go to rows start .. start + S - 1 with start = past_seq_len + 1 - S.
-    Everything is int32 or float, as the HTP prefers."""
+    Everything is int32 or float, as the HTP prefers. The shipped graphs have B = 1;
+    calibration runs many calls at once through graphs of any batch (``batch`` a name), whose
+    per-row tensors gain a batch axis."""
     i32 = np.int32
     with gb.scope("/model/attn_mask"):
-        last = gb.node("Reshape", [past_seq_len, gb.constant([1])], "last/Reshape")
+        last = gb.node("Reshape", [past_seq_len, gb.constant([1] if batch == 1 else [0, 1])],
+                       "last/Reshape")                                          # [1] or [B, 1]
         start = gb.node("Sub", [last, gb.constant([seq_len - 1], i32)], "start/Sub")
         positions = gb.node("Add", [start, gb.constant(np.arange(seq_len)[None], i32)],
-                            "positions/Add")                                        # [1, S]
+                            "positions/Add")                                        # [B, S]
         rows = gb.constant(np.arange(context_len)[:, None], i32)                   # [C, 1]
         row_t = gb.node("Transpose", [rows], "rows/Transpose", perm=[1, 0])           # [1, C]
-        pos_t = gb.node("Transpose", [positions], "pos/Transpose", perm=[1, 0])       # [S, 1]
-        place = gb.node("Cast", [gb.node("Equal", [rows, positions], "place/Equal")],
-                        "place/Cast", to=gb.float_type)                              # [C, S]
-        written = gb.node("ReduceSum", [place, gb.constant([1])], "keep/ReduceSum", keepdims=1)
-        keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [C, 1]
-    return StaticAttentionInputs(positions, row_t, pos_t, place, keep, seq_len, context_len)
+        if batch == 1:
+            queries = gb.node("Transpose", [positions], "pos/Transpose", perm=[1, 0])  # [S, 1]
+            targets = positions                                                     # [1, S]
+        else:
+            queries = gb.node("Unsqueeze", [positions, gb.constant([1, 3])],
+                              "pos/Unsqueeze")                                # [B, 1, S, 1]
+            targets = gb.node("Unsqueeze", [positions, gb.constant([1, 2])],
+                              "place/Unsqueeze")                              # [B, 1, 1, S]
+        place = gb.node("Cast", [gb.node("Equal", [rows, targets], "place/Equal")],
+                        "place/Cast", to=gb.float_type)                       # [(B, 1,) C, S]
+        written = gb.node("ReduceSum", [place, gb.constant([1] if batch == 1 else [3])],
+                          "keep/ReduceSum", keepdims=1)
+        keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [.., C, 1]
+    return StaticAttentionInputs(positions, row_t, queries, place, keep, seq_len, context_len,
+                                 batch)
 
 
 def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
                           window: int | None = None, mask_value: float | None = None) -> str:
-    """[1, 1, S, C] additive mask: key row j is visible to the query at position p iff j <= p
+    """[B, 1, S, C] additive mask: key row j is visible to the query at position p iff j <= p
     (rows past a query's own position, later tokens or a prompt's trailing pads, stay masked)
     and, with a sliding ``window``, j > p - window. ``mask_value`` defaults to fp16's lowest;
     -1 makes it an indicator for ``decomposed_attention``'s ``relative_mask``."""
@@ -152,13 +171,13 @@ def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
             lowest = float(np.finfo(np.float16).min) if mask_value is None else mask_value
             bias = gb.node("Where", [visible, gb.constant(0.0, np.float32),
                                      gb.constant(lowest, np.float32)], "bias/Where")   # [S, C]
-        return gb.node("Reshape", [bias, gb.constant([1, 1, inputs.seq_len,
+        return gb.node("Reshape", [bias, gb.constant([batch_dim(inputs.batch), 1, inputs.seq_len,
                                                       inputs.context_len])], "bias/Reshape")
 
 
 def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAttentionInputs,
              kv_type: int) -> str:
-    """present = past with rows start .. start+S-1 replaced by ``new`` [1, kv, S, hd]: a
+    """present = past with rows start .. start+S-1 replaced by ``new`` [B, kv, S, hd]: a
     one-hot MatMul and a row mask (exact: each row sums one product with 1.0)."""
     with gb.scope(name):
         if kv_type != gb.float_type:
@@ -173,10 +192,11 @@ def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAtt
 
 
 def split_heads(gb: GraphBuilder, name: str, x: str, heads: int, head_dim: int,
-                seq_len: int) -> str:
-    """[1, S, heads*hd] → [1, heads, S, hd]."""
+                seq_len: int, batch: int | str = 1) -> str:
+    """[B, S, heads*hd] → [B, heads, S, hd]."""
     with gb.scope(name):
-        split = gb.node("Reshape", [x, gb.constant([1, seq_len, heads, head_dim])])
+        split = gb.node("Reshape", [x, gb.constant([batch_dim(batch), seq_len, heads,
+                                                    head_dim])])
         return gb.node("Transpose", [split], perm=[0, 2, 1, 3])
 
 
@@ -186,11 +206,12 @@ RELATIVE_MASK_MARGIN = 30.0  # exp(-30) ~ 1e-13: a masked key's weight, at most
 def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values: str,
                          bias: str, *, num_heads: int, kv_heads: int, head_dim: int,
                          seq_len: int, kv_type: int, scale: float,
-                         softcap: float | None = None, relative_mask: bool = False) -> str:
+                         softcap: float | None = None, relative_mask: bool = False,
+                         batch: int | str = 1) -> str:
     """Attention from MatMul/Softmax for static-shape targets (no GroupQueryAttention).
 
-    q [1, S, heads*hd] (rotated); keys and values [1, kv, T, hd], the whole cache with this
-    call's rows written; bias [1, 1, S, T]; ``scale`` on q·k, then ``softcap`` (None: none)
+    q [B, S, heads*hd] (rotated); keys and values [B, kv, T, hd], the whole cache with this
+    call's rows written; bias [B, 1, S, T]; ``scale`` on q·k, then ``softcap`` (None: none)
     as cap * tanh(scores / cap), before the mask. With ``relative_mask`` (calibrated QDQ
     graphs) ``bias`` is 0 / -1 and masked scores are pushed RELATIVE_MASK_MARGIN below their
     row's smallest score: a fixed mask small enough for uint16 activations (-50) leaves a key
@@ -202,13 +223,13 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
         keys ─ Transpose ─ [1, kv, hd, T] ───────── MatMul · scale + Tile(bias) ─ Softmax ─┐
         values [1, kv, T, hd] ───────────────────────────────────────────────────── MatMul
     """
-    groups = num_heads // kv_heads
+    groups, b = num_heads // kv_heads, batch_dim(batch)
     with gb.scope(name):
         if kv_type != gb.float_type:
             keys = gb.node("Cast", [keys], "k/Cast", to=gb.float_type)
             values = gb.node("Cast", [values], "v/Cast", to=gb.float_type)
-        qh = gb.node("Reshape", [split_heads(gb, "q", q, num_heads, head_dim, seq_len),
-                                 gb.constant([1, kv_heads, groups * seq_len, head_dim])],
+        qh = gb.node("Reshape", [split_heads(gb, "q", q, num_heads, head_dim, seq_len, batch),
+                                 gb.constant([b, kv_heads, groups * seq_len, head_dim])],
                      "q/Group")
         kt = gb.node("Transpose", [keys], "k/Transpose", perm=[0, 1, 3, 2])
         scores = gb.node("MatMul", [qh, kt], "scores/MatMul")
@@ -226,8 +247,8 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
         scores = gb.node("Add", [scores, bias], "scores/Add")
         probs = gb.node("Softmax", [scores], "Softmax", axis=-1)
         out = gb.node("MatMul", [probs, values], "out/MatMul")
-        out = gb.node("Reshape", [out, gb.constant([1, num_heads, seq_len, head_dim])],
+        out = gb.node("Reshape", [out, gb.constant([b, num_heads, seq_len, head_dim])],
                       "out/Ungroup")
         out = gb.node("Transpose", [out], "out/Transpose", perm=[0, 2, 1, 3])
-        return gb.node("Reshape", [out, gb.constant([1, seq_len, num_heads * head_dim])],
+        return gb.node("Reshape", [out, gb.constant([b, seq_len, num_heads * head_dim])],
                        "out/Reshape")

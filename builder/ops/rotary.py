@@ -127,12 +127,13 @@ def rotary(gb: GraphBuilder, name: str, x: str, cos: str, sin: str, positions: s
 
 def rotary_decomposed(gb: GraphBuilder, name: str, x: str, cos_cache: str, sin_cache: str,
                       positions: str, *, num_heads: int, head_dim: int, rotary_dim: int,
-                      seq_len: int) -> str:
-    """Rotate-half rotary from Gather/Slice/Mul/Add (int32 positions [1, S]), for targets that
-    take neither contrib rotary nor int64 position arithmetic (the HTP)."""
-    half = rotary_dim // 2
+                      seq_len: int, batch: int | str = 1) -> str:
+    """Rotate-half rotary from Gather/Slice/Mul/Add (int32 positions [B, S]), for targets that
+    take neither contrib rotary nor int64 position arithmetic (the HTP). ``batch``: B, or a
+    name for any batch."""
+    half, b = rotary_dim // 2, batch if isinstance(batch, int) else 0
     with gb.scope(name):
-        heads = gb.node("Reshape", [x, gb.constant([1, seq_len, num_heads, head_dim])])
+        heads = gb.node("Reshape", [x, gb.constant([b, seq_len, num_heads, head_dim])])
         cos = gb.node("Unsqueeze", [gb.node("Gather", [cos_cache, positions], "cos/Gather",
                                             axis=0), gb.constant([2])], "cos/Unsqueeze")
         sin = gb.node("Unsqueeze", [gb.node("Gather", [sin_cache, positions], "sin/Gather",
@@ -145,5 +146,5 @@ def rotary_decomposed(gb: GraphBuilder, name: str, x: str, cos_cache: str, sin_c
         second = gb.node("Add", [gb.node("Mul", [x2, cos], "Mul_3"),
                                  gb.node("Mul", [x1, sin], "Mul_4")])
         rotated = gb.node("Concat", [first, second, *parts[2:]], axis=-1)
-        return gb.node("Reshape", [rotated, gb.constant([1, seq_len, num_heads * head_dim])],
+        return gb.node("Reshape", [rotated, gb.constant([b, seq_len, num_heads * head_dim])],
                        "Reshape_1")

@@ -14,6 +14,7 @@ scales, rotary tables, constants) are stored the same way, over their own range.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from onnx import TensorProto
@@ -22,19 +23,51 @@ SIGNED = {8: (-127, 127, TensorProto.INT8), 4: (-8, 7, TensorProto.INT4)}
 UNSIGNED = {16: (65535, TensorProto.UINT16, np.uint16), 8: (255, TensorProto.UINT8, np.uint8)}
 
 
-@dataclass(frozen=True)
 class QdqWeight:
     """A projection's weight as DequantizeLinear reads it: codes in the node's layout (MatMul
-    [K, N]; Conv [N, K, 1, 1]), scales along ``axis`` (block-wise: [K / block, N])."""
-    codes: np.ndarray        # int8 (int4 codes are held one per int8 until stored)
-    scales: np.ndarray       # float32
-    bits: int
-    axis: int
-    block_size: int | None   # None: per channel
+    [K, N]; Conv [N, K, 1, 1]), scales along ``axis`` (block-wise: [K / block, N]).
+
+    From a Hugging Face [out, in] weight: for MatMul per channel on axis 1, or block-wise along
+    axis 0 with ``block_size``; for a 1x1 Conv (``conv``) per channel on axis 0. The codes are
+    computed when first read: a graph that references the codes another graph of the folder
+    already stored (prefill and decode share their weights) never quantizes the weight again."""
+
+    def __init__(self, weight: np.ndarray, bits: int, block_size: int | None = None,
+                 conv: bool = False) -> None:
+        self._weight, self.bits, self.conv = weight, bits, conv
+        self.block_size = None if conv else block_size
+        self.axis = 0 if conv or self.block_size else 1
 
     @property
     def elem_type(self) -> int:
         return SIGNED[self.bits][2]
+
+    @property
+    def codes(self) -> np.ndarray:  # int8 (int4 codes are held one per int8 until stored)
+        return self._quantized[0]
+
+    @property
+    def scales(self) -> np.ndarray:  # float32
+        return self._quantized[1]
+
+    @cached_property
+    def _quantized(self) -> tuple[np.ndarray, np.ndarray]:
+        w, bits, block_size = np.asarray(self._weight, np.float32), self.bits, self.block_size
+        self._weight = None  # released once quantized
+        if self.conv:
+            scale = _scales(np.abs(w).max(axis=1), bits)
+            return _codes(w, scale[:, None], bits).reshape(*w.shape, 1, 1), scale
+        w = np.ascontiguousarray(w.T)  # [K, N]
+        if not block_size:
+            scale = _scales(np.abs(w).max(axis=0), bits)
+            return _codes(w, scale[None, :], bits), scale
+        k, n = w.shape
+        blocks = -(-k // block_size)
+        padded = np.zeros((blocks * block_size, n), np.float32)
+        padded[:k] = w
+        absmax = np.abs(padded.reshape(blocks, block_size, n)).max(axis=1)  # [blocks, N]
+        scale = _scales(absmax, bits)
+        return _codes(w, np.repeat(scale, block_size, axis=0)[:k], bits), scale
 
     def dequantize(self) -> np.ndarray:
         s = self.scales
@@ -60,26 +93,8 @@ def _codes(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 
 def quantize_weight(weight: np.ndarray, bits: int, block_size: int | None,
                     conv: bool = False) -> QdqWeight:
-    """A Hugging Face [out, in] weight → QdqWeight for MatMul (``[in, out]``, per channel on axis
-    1 or block-wise along axis 0) or for a 1x1 Conv (``[out, in, 1, 1]``, per channel on axis
-    0). ``block_size`` applies to MatMul only."""
-    w = np.asarray(weight, np.float32)
-    if conv:
-        scale = _scales(np.abs(w).max(axis=1), bits)
-        codes = _codes(w, scale[:, None], bits)
-        return QdqWeight(codes.reshape(*w.shape, 1, 1), scale, bits, 0, None)
-    w = np.ascontiguousarray(w.T)  # [K, N]
-    if not block_size:
-        scale = _scales(np.abs(w).max(axis=0), bits)
-        return QdqWeight(_codes(w, scale[None, :], bits), scale, bits, 1, None)
-    k, n = w.shape
-    blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), np.float32)
-    padded[:k] = w
-    absmax = np.abs(padded.reshape(blocks, block_size, n)).max(axis=1)  # [blocks, N]
-    scale = _scales(absmax, bits)
-    codes = _codes(w, np.repeat(scale, block_size, axis=0)[:k], bits)
-    return QdqWeight(codes, scale, bits, 0, block_size)
+    """A Hugging Face [out, in] weight → QdqWeight (``block_size`` applies to MatMul only)."""
+    return QdqWeight(weight, bits, block_size, conv)
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:

@@ -15,8 +15,10 @@ padded at its end), then one token per call; every call reads the KV rows the ea
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 PREFILL, DECODE = "context", "iterator"  # the shipped graphs' names, per kind of call
 PERCENTILE = 99.999
 BINS = 2048
+BATCH = 8                 # calls run through a layer's graph at once
+LOGITS_BYTES = 64 << 20   # lm_head: logits of at most this size at once
 
 
 @dataclass
@@ -64,6 +68,29 @@ def sequence(prompt: list[int], forced: list[int], window: int, pad: int,
     return Sequence(calls, padded - len(prompt))
 
 
+def steps(sequences: list[Sequence], by_record: bool) -> list[tuple[str, bool, list]]:
+    """The order the calls run in, batched: (kind, recorded, [(sequence index, call index)]).
+    Step t runs every sequence's call t - (longest - its length): the sequences end together,
+    so their decode calls coincide (prompts of different lengths have different numbers of
+    prefill chunks). A step's calls are grouped by kind (and, with ``by_record``, by whether
+    they are recorded), each group in as few batches of at most BATCH as it takes, of even
+    sizes. A sequence's calls run in order: each reads the KV rows the earlier ones wrote."""
+    longest = max((len(s.calls) for s in sequences), default=0)
+    plan = []
+    for t in range(longest):
+        groups: dict[tuple[str, bool], list[tuple[int, int]]] = {}
+        for i, s in enumerate(sequences):
+            j = t - (longest - len(s.calls))
+            if j >= 0:
+                call = s.calls[j]
+                groups.setdefault((call.kind, call.record and by_record), []).append((i, j))
+        for (kind, record), calls in groups.items():
+            parts = -(-len(calls) // BATCH)
+            plan += [(kind, record, [calls[k] for k in part])
+                     for part in np.array_split(np.arange(len(calls)), parts)]
+    return plan
+
+
 class Ranges:
     """The range of every float tensor, per graph kind: running min/max, or (percentile)
     histograms that are re-binned as the range grows and cut at 99.999% on each side."""
@@ -72,13 +99,14 @@ class Ranges:
         self.method = method
         self.minmax: dict[str, dict[str, list[float]]] = {}
         self.histograms: dict[str, dict[str, _Histogram]] = {}
+        # numpy's reductions release the GIL: the arrays are reduced on every core at once
+        self.pool = ThreadPoolExecutor(os.cpu_count() or 1)
 
     def add(self, kind: str, values: dict[str, np.ndarray]) -> None:
+        arrays = [(n, a) for n, a in values.items() if a.dtype.kind == "f" and a.size]
         seen = self.minmax.setdefault(kind, {})
-        for name, a in values.items():
-            if a.dtype.kind != "f" or not a.size:
-                continue
-            lo, hi = minmax(a)
+        for (name, a), (lo, hi) in zip(arrays, self.pool.map(lambda item: minmax(item[1]),
+                                                             arrays)):
             if name in seen:
                 seen[name][0], seen[name][1] = min(seen[name][0], lo), max(seen[name][1], hi)
             else:
@@ -146,7 +174,7 @@ class LayerStream:
         self.b, self.work = builder, work
         self.prefill, self.context, self.float_dtype, self.qdq = prefill, context, float_dtype, qdq
         c = builder.config
-        self.kv_shape = (1, c.num_key_value_heads, context, c.head_dim)
+        self.kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
         self.kv_dtype = helper.tensor_dtype_to_np_dtype(KV_TYPE)
         work.mkdir(parents=True, exist_ok=True)
 
@@ -178,58 +206,76 @@ class LayerStream:
         """Every layer over every call; each sequence's ``hidden`` ends as the final normed
         hidden states. ``ranges``: widened by the recorded calls' graph inputs and every float
         value the graphs compute. ``empty_cache`` (for comparison only): recorded decode calls
-        calibrate on an all-zero KV cache instead of the sequence's own."""
+        calibrate on an all-zero KV cache instead of the sequence's own.
+
+        The layer's graphs take any batch: calls of different sequences run together (``steps``),
+        up to BATCH at a time, so the layer's weights are read once per batch, not per call.
+        Their KV buffers hold only the rows the sequences reach, and one empty row: every value
+        the full buffer's graph computes but more of the same zeros and masked columns, so the
+        minmax ranges (and the outputs, to within a masked key's e^-30 weight) are the same.
+        Percentile keeps all C rows (it counts the zeros)."""
         layers = self.b.config.num_hidden_layers
+        plan = steps(sequences, ranges is not None)
+        rows = self.context
+        if ranges is None or ranges.method == "minmax":  # (percentile counts every row's value)
+            rows = min(rows, max(c.row for s in sequences for c in s.calls) + 2)
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             store = WeightStore(self.work / "layer.data")
             try:
                 sessions = {kind: self._graph(
-                    f"{kind}.onnx", kind,
-                    lambda b, s=s: build_transformer(b, s, self.context, range(layer, layer + 1)),
-                    ranges is not None, store) for kind, s in ((PREFILL, self.prefill),
-                                                               (DECODE, 1))}
+                    f"{kind}.onnx", kind, lambda b, s=s: build_transformer(
+                        b, s, self.context, range(layer, layer + 1), "batch", rows),
+                    ranges is not None, store)
+                    for kind, s in ((PREFILL, self.prefill), (DECODE, 1))}
             finally:
                 store.close()
             first = "inputs_embeds" if layer == 0 else layer_stream(layer)
             last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
             past_k, past_v, present_k, present_v = kv_names(layer)
-            for s in sequences:
-                kv = (np.zeros(self.kv_shape, self.kv_dtype), np.zeros(self.kv_shape,
-                                                                     self.kv_dtype))
-                for i, call in enumerate(s.calls):
-                    feeds = {first: s.hidden[i], "past_seq_len": np.array([[call.row]], np.int32),
-                             "total_seq_len": np.array([self.context], np.int32),
-                             past_k: kv[0], past_v: kv[1]}
-                    sess = sessions[call.kind]
-                    names = [o.name for o in sess.get_outputs()]
-                    out = dict(zip(names, sess.run(None, feeds)))
-                    if ranges is not None and call.record:
-                        if empty_cache and call.kind == DECODE:
-                            zero = {past_k: kv[0] * 0, past_v: kv[1] * 0}
-                            naive = dict(zip(names, sess.run(None, {**feeds, **zero})))
-                            ranges.add(call.kind, {**feeds, **zero, **naive})
-                        else:
-                            ranges.add(call.kind, {**feeds, **out})
-                    s.hidden[i] = out[last]
-                    kv = (out[present_k], out[present_v])
-            del sessions
+            kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), self.kv_dtype)
+                  for _ in "kv"]
+            for kind, record, batch in plan:  # batch: [(sequence index, call index)]
+                members = [i for i, _ in batch]
+                feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
+                         "past_seq_len": np.array([[sequences[i].calls[j].row]
+                                                   for i, j in batch], np.int32),
+                         "total_seq_len": np.array([self.context], np.int32),
+                         past_k: kv[0][members], past_v: kv[1][members]}
+                sess = sessions[kind]
+                names = [o.name for o in sess.get_outputs()]
+                out = dict(zip(names, sess.run(None, feeds)))
+                if record:
+                    seen, fed = out, feeds
+                    if empty_cache and kind == DECODE:
+                        fed = {**feeds, past_k: feeds[past_k] * 0, past_v: feeds[past_v] * 0}
+                        seen = dict(zip(names, sess.run(None, fed)))
+                    ranges.add(kind, {**fed, **seen})
+                for r, (i, j) in enumerate(batch):
+                    sequences[i].hidden[j] = out[last][r:r + 1].copy()
+                kv[0][members], kv[1][members] = out[present_k], out[present_v]
+                out = feeds = seen = fed = None  # memory holds one batch's values at a time
+            del sessions, kv
             self._clean()
 
     def lm_head(self, sequences: list[Sequence], ranges: Ranges) -> None:
         """lm_head's graphs (as calibration writes them: int8 weights, float activations) on
         every recorded call's final hidden states: the ranges of their input and logits. One
-        graph's session at a time (each holds the vocabulary's table)."""
+        graph's session at a time (each holds the vocabulary's table), calls batched up to
+        LOGITS_BYTES of logits."""
         store = WeightStore(self.work / "lm_head.data")
+        vocab = self.b.config.vocab_size
         try:
             for kind, length in ((PREFILL, self.prefill), (DECODE, 1)):
                 sess = self._graph(f"lm_head_{kind}.onnx", None,  # (the table written once)
-                                   lambda b: build_lm_head(b, length), True, store)
+                                   lambda b: build_lm_head(b, length, "batch"), True, store)
                 names = [o.name for o in sess.get_outputs()]
-                for s in sequences:
-                    for call, hidden in zip(s.calls, s.hidden):
-                        if call.record and call.kind == kind:
-                            out = dict(zip(names, sess.run(None, {"hidden_states": hidden})))
-                            ranges.add(f"lm_head_{kind}", {"hidden_states": hidden, **out})
+                hidden = [h for s in sequences for call, h in zip(s.calls, s.hidden)
+                          if call.record and call.kind == kind]
+                size = max(1, min(BATCH, LOGITS_BYTES // (length * vocab * 4)))
+                for k in range(0, len(hidden), size):
+                    feeds = {"hidden_states": np.concatenate(hidden[k:k + size])}
+                    out = dict(zip(names, sess.run(None, feeds)))
+                    ranges.add(f"lm_head_{kind}", {**feeds, **out})
                 del sess
         finally:
             store.close()
