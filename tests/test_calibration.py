@@ -46,6 +46,46 @@ def test_calibration_sessions_hold_one_layer(layers, tmp_path, monkeypatch):
     assert not (out / ".work").exists()
 
 
+def _scales(folder):
+    import onnx
+
+    out = {}
+    for graph in ("context", "iterator", "lm_head_context", "lm_head_iterator"):
+        model = onnx.load(str(folder / f"{graph}.onnx"))
+        out.update({(graph, t.name): onnx.numpy_helper.to_array(t)
+                    for t in model.graph.initializer if t.name.endswith("_scale")})
+    return out
+
+
+def test_batched_calibration_matches_one_call_at_a_time(tmp_path, monkeypatch):
+    """Calibration runs the calls of many sequences at once over only the KV rows they reach;
+    one call at a time over all C rows (as the shipped graphs run) gives the same ranges, hence
+    the same scales, and the same accuracy report, at the default P and C."""
+    import builder.quant.stream as stream
+
+    ck = make_checkpoint(tmp_path / "ck", "qwen3", trained=True)
+
+    def build_to(name):
+        return build(BuildOptions(model_name=str(ck), output=tmp_path / name,
+                                  precision=Precision.W8A16,
+                                  execution_provider=ExecutionProvider.QNN))
+
+    batched = build_to("batched")
+    monkeypatch.setattr(stream, "BATCH", 1)
+    monkeypatch.setattr(stream, "buffer_rows", lambda sequences, context, method: context)
+    single = build_to("single")
+    ours, reference = _scales(batched), _scales(single)
+    assert ours.keys() == reference.keys() and len(ours) > 100
+    for key, want in reference.items():
+        np.testing.assert_allclose(ours[key], want, rtol=1e-5, err_msg=str(key))
+    report = {n: json.loads((f / "build_manifest.json").read_text())["accuracy"]
+              for n, f in (("batched", batched), ("single", single))}
+    for phase in ("prefill", "decode"):
+        for figure in ("mean_cosine", "top1_agreement", "mean_kl"):
+            assert report["batched"][phase][figure] == pytest.approx(
+                report["single"][phase][figure], rel=1e-4, abs=1e-6), (phase, figure)
+
+
 def test_continuation_is_the_following_text():
     from builder.quant.calibration import continuation
 

@@ -91,6 +91,14 @@ def steps(sequences: list[Sequence], by_record: bool) -> list[tuple[str, bool, l
     return plan
 
 
+def buffer_rows(sequences: list[Sequence], context: int, method: str | None) -> int:
+    """KV buffer rows for calibration's graphs: those the sequences reach and one empty row
+    (see ``LayerStream.run``); all C for percentile, which counts every row's value."""
+    if method == "percentile":
+        return context
+    return min(context, max(c.row for s in sequences for c in s.calls) + 2)
+
+
 class Ranges:
     """The range of every float tensor, per graph kind: running min/max, or (percentile)
     histograms that are re-binned as the range grows and cut at 99.999% on each side."""
@@ -216,9 +224,7 @@ class LayerStream:
         Percentile keeps all C rows (it counts the zeros)."""
         layers = self.b.config.num_hidden_layers
         plan = steps(sequences, ranges is not None)
-        rows = self.context
-        if ranges is None or ranges.method == "minmax":  # (percentile counts every row's value)
-            rows = min(rows, max(c.row for s in sequences for c in s.calls) + 2)
+        rows = buffer_rows(sequences, self.context, None if ranges is None else ranges.method)
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             store = WeightStore(self.work / "layer.data")
             try:
