@@ -154,7 +154,7 @@ class CheckpointReader:
                 array = handle.get_tensor(name)
         except Exception as e:
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
-        bad = nonfinite(array)
+        bad = 0 if name in self._consumed else nonfinite(array)  # checked at its first read
         if bad:
             raise WeightError(f"tensor {name!r} in {shard.name} holds {bad} NaN or infinite "
                               f"value(s) of {array.size}: the checkpoint is damaged, and a model "
