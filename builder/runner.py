@@ -44,12 +44,14 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
                  forced: list[int] | None = None, runner=None) -> PipelineRun:
     """Drive a static decoder-pipeline folder as onnxruntime-genai does: the prompt in chunks of
     P (the last padded at its end), past_seq_len = row of each call's last token, one shared KV
-    buffer per layer, then one token per step. ``runner(filename, feeds) -> outputs`` runs one
-    graph (default: onnxruntime's CPU EP)."""
+    buffer per layer, then one token per step. Each call runs the stages of genai_config.json in
+    order (those marked for the prompt, or for token generation), each fed by name from the
+    call's inputs and the earlier stages' outputs; the presents become the next call's pasts.
+    ``runner(filename, feeds) -> outputs`` runs one graph (default: onnxruntime's CPU EP)."""
     cfg = read_genai_config(Path(model_dir))["model"]
     dec = cfg["decoder"]
     window, context = dec["sliding_window"]["window_size"], cfg["context_length"]
-    stages = {name: spec for s in dec["pipeline"] for name, spec in s.items()}
+    stages = [spec for s in dec["pipeline"] for spec in s.values()]
     run = runner or graph_runner(model_dir)
 
     layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
@@ -57,16 +59,16 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
              for i in range(layers) for kind in ("key", "value")}
 
     def call(ids, last_row, phase):
-        emb = run(stages["embeddings"]["filename"], {"input_ids": np.asarray([ids], np.int64)})
-        name = "context" if phase == "prompt" else "iterator"
-        feeds = {"inputs_embeds": emb["inputs_embeds"],
-                 "past_seq_len": np.array([[last_row]], np.int32),
-                 "total_seq_len": np.array([context], np.int32), **cache}
-        out = run(stages[name]["filename"], feeds)
-        for key in list(cache):
-            cache[key] = out[key.replace("past_", "present_")]
-        head = run(stages[f"lm_head_{name}"]["filename"], {"hidden_states": out["hidden_states"]})
-        return head["logits"][0]
+        values = {"input_ids": np.asarray([ids], np.int64),
+                  "past_seq_len": np.array([[last_row]], np.int32),
+                  "total_seq_len": np.array([context], np.int32), **cache}
+        for spec in stages:
+            if spec["run_on_prompt" if phase == "prompt" else "run_on_token_gen"]:
+                out = run(spec["filename"], {name: values[name] for name in spec["inputs"]})
+                values.update((name, out[name]) for name in spec["outputs"])
+        for key in cache:
+            cache[key] = values[key.replace("past_", "present_")]
+        return values["logits"][0]
 
     pad = cfg["pad_token_id"]
     padded = -(-len(prompt) // window) * window
