@@ -166,7 +166,7 @@ class PipelineFolder(DecoderFolder):
             stream.run(quantized, desc="accuracy report")
             weight_bits = 4 if o.precision in FOUR_BIT else 8
             lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
-            self.report = accuracy_report(out, held_out, quantized, prefill,
+            self.report = accuracy_report(stream.logits, held_out, quantized, prefill,
                                           weights.read(lm_head), f"w{weight_bits}a{bits}")
         work.rmdir()
 

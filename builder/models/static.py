@@ -48,14 +48,19 @@ def quantized_precision(b: DecoderBuilder) -> bool:
     return b.options.precision in QDQ_PRECISIONS
 
 
-def int8_table(b: DecoderBuilder, role: R, name: str) -> tuple[str, str, str]:
+def int8_table(b: DecoderBuilder, role: R, name: str,
+               vocab: range | None = None) -> tuple[str, str, str]:
     """A [vocab, hidden] table stored as lm_head's MatMul weight: int8 [hidden, vocab],
     symmetric per vocab column (per output channel). Returns the initializer names of codes,
-    scales and zero points; stored once in the shared data file, whichever graph comes first."""
-    gb, names = b.gb, (f"{name}_int8", f"{name}_scale", f"{name}_zero_point")
+    scales and zero points; stored once in the shared data file, whichever graph comes first.
+    ``vocab``: those rows only (their own names; each row's codes and scale as in the whole)."""
+    tag = "" if vocab is None else f"_{vocab.start}_{vocab.stop}"
+    gb, names = b.gb, (f"{name}_int8{tag}", f"{name}_scale{tag}", f"{name}_zero_point{tag}")
     if names[0] in gb.store.written:
         return tuple(gb.initializer(n, None) for n in names)
     w = b.weight(role)
+    if vocab is not None:
+        w = w[vocab.start:vocab.stop]
     codes = np.empty(w.shape[::-1], np.int8)          # [hidden, vocab]
     scale = np.empty(w.shape[0], np.float32)
     for start in range(0, w.shape[0], TABLE_ROWS):    # no fp32 copy of the whole table
@@ -81,6 +86,7 @@ class StaticLowering:
     (norms, projections, MLP, the architecture's hooks) is the builder's own code."""
 
     takes_packed_qkv = False  # q, k and v are split before rotary
+    vocab: range | None = None  # lm_head over these vocabulary rows only (build_lm_head)
 
     def __init__(self, builder: DecoderBuilder) -> None:
         self.b = builder
@@ -174,10 +180,13 @@ class StaticLowering:
         gb, c = b.gb, b.config
         role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
         if not quantized_precision(b):
+            if self.vocab is not None:
+                raise ValueError("a vocabulary slice of lm_head is for calibrated builds only")
             return linear(gb, "/lm_head", x, b.weight(role), b.weight_name(R.LM_HEAD))
         name = b.weight_name(R.EMBED if b.extra.shared_embeddings else R.LM_HEAD)
         with gb.scope("/lm_head"):
-            return gb.node("MatMul", [x, dequantized(gb, *int8_table(b, role, name))])
+            return gb.node("MatMul", [x, dequantized(gb, *int8_table(b, role, name,
+                                                                     self.vocab))])
 
 
 # DecoderBuilder methods the static graphs never call: an architecture that overrides one
@@ -214,12 +223,21 @@ def build_embeddings(b: DecoderBuilder) -> None:
               [1, "sequence_length", c.hidden_size])
 
 
-def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1) -> None:
+def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1,
+                  vocab: range | None = None) -> None:
     """hidden_states [1, S, hidden] (already normed) → logits [1, S, vocab]; ``batch``: B
-    instead of 1, or a name for any batch (calibration)."""
+    instead of 1, or a name for any batch; ``vocab``: the logits of those rows of the
+    vocabulary only (calibrated builds: calibration and the accuracy report run lm_head a slice
+    at a time, since onnxruntime dequantizes the whole int8 table to fp32 at every call)."""
     gb, c = b.gb, b.config
     h = gb.input("hidden_states", gb.float_type, [batch, seq_len, c.hidden_size])
-    gb.output(b.lm_head(h), "logits", gb.float_type, [batch, seq_len, c.vocab_size])
+    b.lowering.vocab = vocab
+    try:
+        logits = b.lm_head(h)
+    finally:
+        b.lowering.vocab = None
+    gb.output(logits, "logits", gb.float_type,
+              [batch, seq_len, c.vocab_size if vocab is None else len(vocab)])
 
 
 def layer_stream(layer: int) -> str:

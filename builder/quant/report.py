@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.quant.calibration import continuation, tokenize
-from builder.quant.stream import DECODE, PREFILL, Sequence, sequence
-from builder.runner import session
+from builder.quant.stream import PREFILL, Sequence, sequence
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +78,12 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
 
 
-def accuracy_report(folder: Path, float_runs: list[Sequence], quantized: list[Sequence],
+def accuracy_report(head, float_runs: list[Sequence], quantized: list[Sequence],
                     window: int, lm_head: np.ndarray, label: str) -> dict:
-    """``quantized`` (final hidden states of the calibrated layers, lm_head from ``folder``'s
-    graphs) against ``float_runs`` (float layers, lm_head in fp32), prefill and decode."""
+    """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
+    calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
+    vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32), prefill and
+    decode."""
     rows = {"prefill": slice(0, 1), "decode": slice(1, None)}
     picked = {phase: [pair for f, q in zip(float_runs, quantized)
                       for pair in list(zip(compared_hidden(f, window),
@@ -91,16 +92,10 @@ def accuracy_report(folder: Path, float_runs: list[Sequence], quantized: list[Se
     expected = {phase: float_logits(np.stack([h[0, row] for (_, h, row), _ in pairs])[None],
                                     lm_head)[0] for phase, pairs in picked.items()}
     del lm_head  # (the caller keeps no reference: freed before the sessions load theirs)
-    actual = {phase: [None] * len(pairs) for phase, pairs in picked.items()}
-    for kind in (PREFILL, DECODE):  # one lm_head graph's session at a time (the table each)
-        sess = session(folder, f"lm_head_{kind}.onnx")
-        for phase, pairs in picked.items():
-            for i, (_, (k, hq, row)) in enumerate(pairs):
-                if k == kind:
-                    logits = sess.run(["logits"], {"hidden_states": hq})[0]
-                    actual[phase][i] = logits[0, row].astype(np.float32)
-        del sess
-    phases = {phase: compare(expected[phase], np.stack(actual[phase])) for phase in rows}
+    every = head([q for pairs in picked.values() for _, q in pairs])
+    count = len(picked["prefill"])
+    actual = {"prefill": every[:count], "decode": every[count:]}
+    phases = {phase: compare(expected[phase], actual[phase]) for phase in rows}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
                          "from the checkpoint",
               "precision": label, "prompts": len(float_runs), "steps": STEPS,

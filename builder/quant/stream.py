@@ -39,6 +39,7 @@ PERCENTILE = 99.999
 BINS = 2048
 BATCH = 8                 # calls run through a layer's graph at once
 LOGITS_BYTES = 64 << 20   # lm_head: logits of at most this size at once
+VOCAB_ROWS = 32768        # lm_head: vocabulary rows per graph (see _lm_head_graphs)
 
 
 @dataclass
@@ -263,29 +264,55 @@ class LayerStream:
             del sessions, kv
             self._clean()
 
+    def _lm_head_graphs(self, expose: bool):
+        """(vocabulary rows, graph kind, S, session) of lm_head's graphs over each slice of
+        VOCAB_ROWS rows of the vocabulary, one session at a time: onnxruntime dequantizes a
+        graph's int8 table to fp32 at every call, which for the whole vocabulary would be the
+        build's largest allocation (hidden x vocab x 4 bytes: 2.5 GB at hidden 4096). Int8 scales
+        are per vocabulary row and the logits' Q/DQ is per tensor, so a slice computes exactly
+        its columns of the whole graph's logits (calibrated: float activations; the report's
+        stream: the QDQ graphs)."""
+        vocab = self.b.config.vocab_size
+        for start in range(0, vocab, VOCAB_ROWS):
+            rows = range(start, min(vocab, start + VOCAB_ROWS))
+            store = WeightStore(self.work / "lm_head.data")
+            try:
+                for kind, length in ((PREFILL, self.prefill), (DECODE, 1)):
+                    sess = self._graph(f"lm_head_{kind}.onnx", f"lm_head_{kind}",
+                                       lambda b: build_lm_head(b, length, "batch", rows), expose,
+                                       store)  # (the slice's table written once)
+                    yield rows, kind, length, sess
+                    del sess
+            finally:
+                store.close()
+            self._clean()
+
     def lm_head(self, sequences: list[Sequence], ranges: Ranges) -> None:
         """lm_head's graphs (as calibration writes them: int8 weights, float activations) on
-        every recorded call's final hidden states: the ranges of their input and logits. One
-        graph's session at a time (each holds the vocabulary's table), calls batched up to
-        LOGITS_BYTES of logits."""
-        store = WeightStore(self.work / "lm_head.data")
-        vocab = self.b.config.vocab_size
-        try:
-            for kind, length in ((PREFILL, self.prefill), (DECODE, 1)):
-                sess = self._graph(f"lm_head_{kind}.onnx", None,  # (the table written once)
-                                   lambda b: build_lm_head(b, length, "batch"), True, store)
-                names = [o.name for o in sess.get_outputs()]
-                hidden = [h for s in sequences for call, h in zip(s.calls, s.hidden)
-                          if call.record and call.kind == kind]
-                size = max(1, min(BATCH, LOGITS_BYTES // (length * vocab * 4)))
-                for k in range(0, len(hidden), size):
-                    feeds = {"hidden_states": np.concatenate(hidden[k:k + size])}
-                    out = dict(zip(names, sess.run(None, feeds)))
-                    ranges.add(f"lm_head_{kind}", {**feeds, **out})
-                del sess
-        finally:
-            store.close()
-        self._clean()
+        every recorded call's final hidden states: the ranges of their input and logits, calls
+        batched up to LOGITS_BYTES of logits."""
+        for rows, kind, length, sess in self._lm_head_graphs(True):
+            names = [o.name for o in sess.get_outputs()]
+            hidden = [h for s in sequences for call, h in zip(s.calls, s.hidden)
+                      if call.record and call.kind == kind]
+            size = max(1, min(BATCH, LOGITS_BYTES // (length * len(rows) * 4)))
+            for k in range(0, len(hidden), size):
+                feeds = {"hidden_states": np.concatenate(hidden[k:k + size])}
+                out = dict(zip(names, sess.run(None, feeds)))
+                ranges.add(f"lm_head_{kind}", {**feeds, **out})
+            del sess  # before the next graph's session loads its table
+
+    def logits(self, picked: list[tuple[str, np.ndarray, int]]) -> np.ndarray:
+        """lm_head's logits [len(picked), vocab] in fp32 at each (graph kind, final hidden
+        states [1, S, hidden], row), through this stream's lm_head graphs."""
+        out = np.empty((len(picked), self.b.config.vocab_size), np.float32)
+        for rows, kind, _, sess in self._lm_head_graphs(False):
+            for i, (k, hidden, row) in enumerate(picked):
+                if k == kind:
+                    logits = sess.run(["logits"], {"hidden_states": hidden})[0]
+                    out[i, rows.start:rows.stop] = logits[0, row]
+            del sess  # before the next graph's session loads its table
+        return out
 
     def _clean(self) -> None:
         for path in self.work.iterdir():
