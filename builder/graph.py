@@ -53,6 +53,12 @@ SAME_AS_INPUT = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsquee
                            "Slice", "Tile", "Expand", "Flatten", "Identity"})
 
 
+def batch_dim(batch: int | str) -> int:
+    """The batch axis in a Reshape's shape: the number, or 0 (copy the input's) for a graph of
+    any batch (``batch`` a dimension name)."""
+    return batch if isinstance(batch, int) else 0
+
+
 @dataclasses.dataclass
 class Qdq:
     """What makes a GraphBuilder write a calibrated QDQ graph: unsigned ``bits``-bit activations

@@ -263,6 +263,7 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
     extra empty (masked, all-zero) rows of the full buffer."""
     gb, c = b.gb, b.config
     layers = range(c.num_hidden_layers) if layers is None else layers
+    rows = context_len if rows is None else rows
     if not (0 <= layers.start < layers.stop <= c.num_hidden_layers and layers.step == 1):
         raise ValueError(f"layers {layers} is not a consecutive range of the model's "
                          f"{c.num_hidden_layers} layers")
@@ -282,7 +283,7 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
         if residual is not None:  # a norm that fuses the residual add left it separate
             x = gb.node("Add", [x, residual], f"/model/layers.{layers.stop}/stream/Add")
         gb.output(x, layer_stream(layers.stop), gb.float_type, hidden)
-    kv_shape = [batch, c.num_key_value_heads, context_len if rows is None else rows, c.head_dim]
+    kv_shape = [batch, c.num_key_value_heads, rows, c.head_dim]
     for i in layers:
         gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
         gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from builder.graph import MS_DOMAIN, GraphBuilder
+from builder.graph import MS_DOMAIN, GraphBuilder, batch_dim
 from builder.ops.softcap import softcap as softcap_op
 
 
@@ -109,11 +109,6 @@ class StaticAttentionInputs:
     seq_len: int
     context_len: int
     batch: int | str = 1  # B (1 in the shipped graphs); a name: any batch
-
-
-def batch_dim(batch: int | str) -> int:
-    """The batch axis in a Reshape's shape: the number, or 0 (copy the input's) for any batch."""
-    return batch if isinstance(batch, int) else 0
 
 
 def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,

@@ -14,7 +14,7 @@ import numpy as np
 
 from builder.config import RopeConfig
 from builder.errors import ConfigError
-from builder.graph import GraphBuilder
+from builder.graph import GraphBuilder, batch_dim
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def rotary_decomposed(gb: GraphBuilder, name: str, x: str, cos_cache: str, sin_c
     """Rotate-half rotary from Gather/Slice/Mul/Add (int32 positions [B, S]), for targets that
     take neither contrib rotary nor int64 position arithmetic (the HTP). ``batch``: B, or a
     name for any batch."""
-    half, b = rotary_dim // 2, batch if isinstance(batch, int) else 0
+    half, b = rotary_dim // 2, batch_dim(batch)
     with gb.scope(name):
         heads = gb.node("Reshape", [x, gb.constant([b, seq_len, num_heads, head_dim])])
         cos = gb.node("Unsqueeze", [gb.node("Gather", [cos_cache, positions], "cos/Gather",

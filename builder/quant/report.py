@@ -15,6 +15,7 @@ figures go into build_manifest.json and one log line.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,9 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
 
 
-def accuracy_report(head, float_runs: list[Sequence], quantized: list[Sequence],
-                    window: int, lm_head: np.ndarray, label: str) -> dict:
+def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
+                    quantized: list[Sequence], window: int, lm_head: np.ndarray,
+                    label: str) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
     calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
     vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32), prefill and

@@ -299,7 +299,8 @@ class LayerStream:
             for k in range(0, len(hidden), size):
                 feeds = {"hidden_states": np.concatenate(hidden[k:k + size])}
                 out = dict(zip(names, sess.run(None, feeds)))
-                ranges.add(f"lm_head_{kind}", {**feeds, **out})
+                # (the input is the same for every slice: its range counted once)
+                ranges.add(f"lm_head_{kind}", {**feeds, **out} if rows.start == 0 else out)
             del sess  # before the next graph's session loads its table
 
     def logits(self, picked: list[tuple[str, np.ndarray, int]]) -> np.ndarray:
