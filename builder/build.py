@@ -167,7 +167,7 @@ class PipelineFolder(DecoderFolder):
             weight_bits = 4 if o.precision in FOUR_BIT else 8
             lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
             self.report = accuracy_report(stream.logits, held_out, quantized, prefill,
-                                          weights.read(lm_head), f"w{weight_bits}a{bits}")
+                                          weights.rows(lm_head), f"w{weight_bits}a{bits}")
         work.rmdir()
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
@@ -36,6 +37,9 @@ def nonfinite(array: np.ndarray) -> int:
                for i in range(0, flat.size, CHECK_ELEMENTS))
 
 
+SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+
+
 class CheckpointReader:
     """Reads tensors by name from a folder of ``*.safetensors`` files, tracking what was used."""
 
@@ -45,8 +49,11 @@ class CheckpointReader:
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
         self._consumed: set[str] = set()
+        self._checked: set[tuple[str, int, int]] = set()  # (name, first row, end row) read
+        self._offsets: dict[str, int] = {}  # name -> byte offset of its data in its shard
         self._index: dict[str, str] | None = None
         for shard in self._shards():
+            self._offsets.update(self._data_offsets(shard))
             with self._open(shard) as handle:
                 for name in handle.keys():
                     if name in self._where:
@@ -97,6 +104,19 @@ class CheckpointReader:
         return handle
 
     @staticmethod
+    def _data_offsets(shard: Path) -> dict[str, int]:
+        """Where each tensor's bytes start in ``shard`` (the safetensors header's data_offsets,
+        counted from the end of the header)."""
+        try:
+            with open(shard, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            return {k: 8 + header_len + int(v["data_offsets"][0])
+                    for k, v in header.items() if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return {}  # _open names what is wrong with the file
+
+    @staticmethod
     def _check_size(shard: Path) -> None:
         """Catch truncated files at open time: the data section must cover every tensor."""
         with open(shard, "rb") as f:
@@ -137,9 +157,7 @@ class CheckpointReader:
                               f"{did_you_mean(name, self._where)}")
         return self._where[name]
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Read one float tensor in its stored dtype (bf16, fp16 or fp32), checking its shape;
-        marks it consumed."""
+    def _checked_float(self, name: str, shape: tuple[int, ...] | None) -> Path:
         shard = self._locate(name)
         dtype = self.dtype(name)
         if dtype not in FLOAT_DTYPES:
@@ -149,18 +167,57 @@ class CheckpointReader:
         if shape is not None and actual != tuple(shape):
             raise WeightError(f"tensor {name!r} in {shard.name} has shape {list(actual)}; the "
                               f"config implies {list(shape)}")
+        return shard
+
+    def _check_finite(self, name: str, array: np.ndarray, start: int, stop: int) -> None:
+        """NaN/inf are looked for at a tensor's (or a row range's) first read only: each weight
+        is read several times in a QNN build."""
+        if (name, 0, self.shape(name)[0]) in self._checked or (name, start, stop) in self._checked:
+            return
+        bad = nonfinite(array)
+        if bad:
+            raise WeightError(f"tensor {name!r} in {self._where[name].name} holds {bad} NaN or "
+                              f"infinite value(s) of {array.size}: the checkpoint is damaged, and "
+                              "a model built from it would compute NaN")
+        self._checked.add((name, start, stop))
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Read one float tensor in its stored dtype (bf16, fp16 or fp32), checking its shape;
+        marks it consumed."""
+        shard = self._checked_float(name, shape)
         try:
             with safe_open(str(shard), framework="numpy") as handle:
                 array = handle.get_tensor(name)
         except Exception as e:
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
-        bad = 0 if name in self._consumed else nonfinite(array)  # checked at its first read
-        if bad:
-            raise WeightError(f"tensor {name!r} in {shard.name} holds {bad} NaN or infinite "
-                              f"value(s) of {array.size}: the checkpoint is damaged, and a model "
-                              "built from it would compute NaN")
+        self._check_finite(name, array, 0, array.shape[0] if array.ndim else 0)
         self._consumed.add(name)
-        logger.debug("read %s %s %s from %s", name, dtype, list(actual), shard.name)
+        logger.debug("read %s %s %s from %s", name, self.dtype(name), list(array.shape),
+                     shard.name)
+        return array
+
+    def rows(self, name: str, shape: tuple[int, ...] | None = None) -> Rows:
+        """A float tensor (checked as ``read`` checks it) whose rows are read on indexing: a
+        vocabulary table a slice at a time, never whole in memory."""
+        shard = self._checked_float(name, shape)
+        self._consumed.add(name)
+        return Rows(self, name, shard)
+
+    def _read_rows(self, name: str, shard: Path, start: int, stop: int) -> np.ndarray:
+        shape = self.shape(name)
+        dtype = np.dtype(SAFETENSORS_DTYPES[self.dtype(name)])
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        array = np.empty((stop - start, *shape[1:]), dtype)
+        try:
+            with open(shard, "rb") as f:
+                f.seek(self._offsets[name] + start * row)
+                got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        except OSError as e:
+            raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
+        if got != array.nbytes:
+            raise WeightError(f"{shard}: tensor {name!r} rows {start}:{stop} cut short")
+        self._check_finite(name, array, start, stop)
+        logger.debug("read %s rows %d:%d from %s", name, start, stop, shard.name)
         return array
 
     def unused(self, ignored: tuple[str, ...] = ()) -> list[str]:
@@ -182,3 +239,22 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+class Rows:
+    """A checkpoint tensor read a range of rows at a time: ``rows[a:b]`` reads rows a to b of
+    the file (``shape``, ``dtype`` and ``len`` as the array's)."""
+
+    def __init__(self, reader: CheckpointReader, name: str, shard: Path) -> None:
+        self.reader, self.name, self.shard = reader, name, shard
+        self.shape = reader.shape(name)
+        self.dtype = np.dtype(SAFETENSORS_DTYPES[reader.dtype(name)])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("Rows reads a contiguous range of rows: rows[start:stop]")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.reader._read_rows(self.name, self.shard, start, max(start, stop))

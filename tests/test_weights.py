@@ -108,3 +108,29 @@ def test_garbage_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
     with pytest.raises(WeightError, match="model.safetensors: not a readable safetensors file"):
         CheckpointReader(tmp_path)
+
+
+def test_rows_read_only_the_rows_asked_for(tmp_path):
+    """A table read a range of rows at a time: the same values as the whole read, every dtype,
+    in a shard after another tensor (offsets from the header), NaN found in the rows read."""
+    a = np.arange(40 * 3, dtype=np.float32).reshape(40, 3) / 7
+    bad = a.copy()
+    bad[33, 1] = np.nan
+    ck = _write(tmp_path / "ck", {"first": np.ones((5, 2), np.float16),
+                                  "bf16": a.astype(ml_dtypes.bfloat16),
+                                  "f16": a.astype(np.float16), "f32": a, "bad": bad})
+    with CheckpointReader(ck) as r:
+        for name in ("bf16", "f16", "f32"):
+            whole, rows = r.read(name), r.rows(name, (40, 3))
+            assert rows.shape == (40, 3) and len(rows) == 40 and rows.dtype == whole.dtype
+            for part in (slice(0, 1), slice(7, 19), slice(32, None), slice(40, 50)):
+                got = rows[part]
+                assert got.dtype == whole.dtype and got.shape == whole[part].shape
+                assert np.array_equal(got.astype(np.float32), whole[part].astype(np.float32))
+        with pytest.raises(WeightError, match="shape"):
+            r.rows("f32", (41, 3))
+        table = r.rows("bad")
+        assert np.isfinite(table[0:33]).all()   # the NaN is not in these rows
+        with pytest.raises(WeightError, match="'bad'.*1 NaN"):
+            table[30:40]
+        assert "bad" not in r.unused()

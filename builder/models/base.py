@@ -29,7 +29,7 @@ from builder.ops import linear, rms_norm, skip_rms_norm, softcap, swiglu
 from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
-from builder.weights import CheckpointReader
+from builder.weights import CheckpointReader, Rows
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,10 @@ class DecoderBuilder:
     def weight(self, role: R, layer: int | None = None) -> np.ndarray:
         """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
         return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
+
+    def weight_rows(self, role: R) -> Rows:
+        """A table (embeddings, lm_head) read a range of rows at a time: ``rows[a:b]``."""
+        return self.weights.rows(self.weight_name(role), self.expected_shape(role))
 
     def quantize(self, role: R, layer: int | None, weight: np.ndarray,
                  node: str) -> np.ndarray | QuantizedWeight:

@@ -58,7 +58,7 @@ def int8_table(b: DecoderBuilder, role: R, name: str,
     gb, names = b.gb, (f"{name}_int8{tag}", f"{name}_scale{tag}", f"{name}_zero_point{tag}")
     if names[0] in gb.store.written:
         return tuple(gb.initializer(n, None) for n in names)
-    w = b.weight(role)
+    w = b.weight_rows(role)  # the whole table is never in memory in its stored dtype
     if vocab is not None:
         w = w[vocab.start:vocab.stop]
     codes = np.empty(w.shape[::-1], np.int8)          # [hidden, vocab]

@@ -22,6 +22,7 @@ import numpy as np
 
 from builder.quant.calibration import continuation, tokenize
 from builder.quant.stream import PREFILL, Sequence, sequence
+from builder.weights import Rows
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,10 @@ def compared_hidden(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int
     return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
 
 
-def float_logits(hidden: np.ndarray, weight: np.ndarray, rows: int = 8192) -> np.ndarray:
+def float_logits(hidden: np.ndarray, weight: np.ndarray | Rows,
+                 rows: int = 8192) -> np.ndarray:
     """hidden [1, S, H] times weight [V, H] transposed, in fp32, a slice of the vocabulary at a
-    time (no fp32 copy of the whole table)."""
+    time (no fp32 copy of the whole table; from the checkpoint, a slice read at a time)."""
     h = hidden[0].astype(np.float32)
     out = np.empty((h.shape[0], weight.shape[0]), np.float32)
     for start in range(0, weight.shape[0], rows):
@@ -80,7 +82,7 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 
 
 def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
-                    quantized: list[Sequence], window: int, lm_head: np.ndarray,
+                    quantized: list[Sequence], window: int, lm_head: np.ndarray | Rows,
                     label: str) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
     calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
@@ -93,7 +95,6 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
               for phase, where in rows.items()}
     expected = {phase: float_logits(np.stack([h[0, row] for (_, h, row), _ in pairs])[None],
                                     lm_head)[0] for phase, pairs in picked.items()}
-    del lm_head  # (the caller keeps no reference: freed before the sessions load theirs)
     every = head([q for pairs in picked.values() for _, q in pairs])
     count = len(picked["prefill"])
     actual = {"prefill": every[:count], "decode": every[count:]}
