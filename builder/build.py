@@ -19,7 +19,8 @@ from builder.options import (
 )
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
-from builder.pipeline import check_options, compile_pipeline, genai_pipeline_config, write_pipeline
+from builder.pipeline import (check_options, compile_pipeline, genai_pipeline_config,
+                              resolve_splits, write_pipeline)
 from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
@@ -93,7 +94,7 @@ class DecoderFolder:
         self.options, self.target = options, target
         self.report: dict | None = None  # quantized QNN builds: the accuracy report
 
-    def check(self, config: DecoderConfig) -> None:
+    def check(self, config: DecoderConfig, cls) -> None:
         pass
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
@@ -124,8 +125,9 @@ class PipelineFolder(DecoderFolder):
     (``builder.pipeline``), calibrated when -p is a QDQ precision, compiled to EPContext
     models when asked."""
 
-    def check(self, config: DecoderConfig) -> None:
+    def check(self, config: DecoderConfig, cls) -> None:
         check_options(self.options, config)
+        resolve_splits(self.options, config, cls)
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
         o = self.options
@@ -218,7 +220,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
                     target.name)
         config = _fewer_layers(config, options.extra.num_hidden_layers)
         folder = folder_for(options, target)
-        folder.check(config)
+        folder.check(config, cls)
         policy = folder.policy(config, plugins)
 
         weight_files: list[Path] = []

@@ -122,6 +122,10 @@ class ExtraOptions:
         "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
         "at 99.999% on each side).",
         choices=("minmax", "percentile"))
+    qnn_num_splits: int | str = _opt(
+        "auto", "-e qnn: the transformer as N consecutive layer ranges, each a prefill and a "
+        "decode graph of its own (its own context on the HTP); auto: the fewest that keep each "
+        "part's weights under 1 GiB.")
     qnn_epcontext: bool = _opt(
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
         "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")
@@ -167,6 +171,8 @@ _FALSE = {"false", "0", "no", "off"}
 
 def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
     kind = str(f.type)
+    if f.default == "auto" and raw == "auto":  # an integer option that the build may choose
+        return raw
     try:
         if kind.startswith("bool"):
             if raw.lower() not in _TRUE | _FALSE:
@@ -174,6 +180,8 @@ def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
             value: Any = raw.lower() in _TRUE
         elif kind.startswith("int"):
             value = int(raw)
+            if f.default == "auto" and value < 1:
+                raise ValueError("expected auto or a positive integer")
         elif kind.startswith("tuple"):
             value = tuple(part.strip() for part in raw.split(",") if part.strip())
         else:

@@ -5,6 +5,11 @@
     lm_head_context.onnx / _iterator  hidden_states → logits, S = P / 1
     model.data                        every weight, stored once and shared by all graphs
 
+Split in N parts (``qnn_num_splits``), the transformer is context_<k>.onnx / iterator_<k>.onnx
+for k = 0..N-1: consecutive layer ranges, each with the KV buffers of its own layers, chained
+by the residual stream (``hidden_states_layer_<first layer of the next part>``); a part's two
+graphs share its weights.
+
 The runtime feeds prompts in chunks of P (the last one padded at its end with pad_token_id),
 then one token per step; past_seq_len tells each call where its tokens go in the KV buffers.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,12 @@ from builder.config import DecoderConfig
 from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import ConfigError, OptionError
 from builder.graph import GraphBuilder, Qdq, WeightStore
-from builder.models.static import build_embeddings, build_lm_head, build_transformer, kv_names
-from builder.options import QDQ_PRECISIONS, BuildOptions, ExtraOptions
+from builder.models.static import (build_embeddings, build_lm_head, build_transformer, kv_names,
+                                   layer_stream)
+from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExtraOptions, Precision
 from builder.package import generation, read_genai_config, token_ids, write_genai_config
+from builder.quant.policy import LINEAR_ROLES
+from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
 
 logger = logging.getLogger(__name__)
@@ -80,12 +90,119 @@ def resolve_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, 
     return p, c
 
 
-def parts(prefill: int, context: int) -> list[tuple[str, Any, tuple]]:
-    return [("embeddings.onnx", build_embeddings, ()),
-            ("context.onnx", build_transformer, (prefill, context)),
-            ("iterator.onnx", build_transformer, (1, context)),
-            ("lm_head_context.onnx", build_lm_head, (prefill,)),
-            ("lm_head_iterator.onnx", build_lm_head, (1,))]
+# How large one part may be. A QNN HTP context lives in the NPU's 32-bit address space:
+# about 3.75 GB per session, which also holds the KV buffers, the graph's activations and the
+# spill-fill buffer (Qualcomm's QNN HTP backend docs, "HTP session & artifact usage
+# guidelines", as quoted in github.com/powerserve-project/PowerServe/issues/6), and
+# onnxruntime's QNN EP maintainers split models above 3.5 GB in two for that reason ("because
+# of QNN PD memory limitation", github.com/microsoft/onnxruntime/pull/20930). A part's prefill
+# and decode graphs are compiled into a context each (builder.epcontext), each holding the
+# part's weights, and an embedded context binary must stay inside its .onnx file's 2 GiB
+# protobuf limit. 1 GiB of weights per part keeps both graphs and their buffers inside one
+# session's space with room to spare; it gives the part counts Qualcomm's AI Hub ships
+# (Llama-3-8B at w4a16 in 5 parts).
+PART_WEIGHT_LIMIT = 1 << 30
+
+
+def layer_weight_bytes(shapes: list[tuple[R, tuple[int, ...]]], precision: Precision,
+                       block_size: int, conv: bool) -> int:
+    """What one layer's weights take in model.data: projections at the precision's weight bits
+    (plus fp32 scales: per block of ``block_size`` for int4 on MatMul, per output channel
+    otherwise), other tensors at 16 bits (QDQ builds store them as uint16 codes; fp16) or 32."""
+    total = 0
+    for role, shape in shapes:
+        n = math.prod(shape)
+        if precision in QDQ_PRECISIONS and role in LINEAR_ROLES:
+            bits = 4 if precision in FOUR_BIT else 8
+            scales = n // block_size if bits == 4 and not conv else shape[0]
+            total += n * bits // 8 + 4 * scales
+        else:
+            total += n * (4 if precision == Precision.FP32 else 2)
+    return total
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.{0 if n >= 2**30 else 2}f} MiB"
+
+
+def layer_ranges(layers: int, splits: int) -> list[range]:
+    """``layers`` layers as ``splits`` consecutive ranges, their sizes within one of each
+    other (the first ones the larger)."""
+    size, more = divmod(layers, splits)
+    bounds = [0]
+    for k in range(splits):
+        bounds.append(bounds[-1] + size + (k < more))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def resolve_splits(options: BuildOptions, config: DecoderConfig, cls) -> list[range]:
+    """The transformer's parts: ``qnn_num_splits`` layer ranges, or for auto the fewest whose
+    weights each stay under PART_WEIGHT_LIMIT (logged with the sizes). The count is written
+    back into ``options`` (the manifest shows what was built)."""
+    x, layers = options.extra, config.num_hidden_layers
+    per_layer = [layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
+                                    x.int4_block_size, x.qnn_linear == "conv")
+                 for i in range(layers)]
+
+    def largest(ranges):
+        return max(sum(per_layer[i] for i in r) for r in ranges)
+
+    if x.qnn_num_splits == "auto":
+        splits = next((n for n in range(1, layers + 1)
+                       if largest(layer_ranges(layers, n)) <= PART_WEIGHT_LIMIT), None)
+        if splits is None:
+            raise OptionError(f"one layer's weights take {mib(max(per_layer))} at -p "
+                              f"{options.precision}, more than the {mib(PART_WEIGHT_LIMIT)} one "
+                              "QNN context is given: set qnn_num_splits to the number of parts "
+                              "you want")
+        why = (f"auto: the fewest that keep each part's weights under "
+               f"{mib(PART_WEIGHT_LIMIT)}, what one HTP context is given")
+    else:
+        splits = int(x.qnn_num_splits)
+        if splits > layers:
+            raise OptionError(f"qnn_num_splits={splits} is more parts than the model's "
+                              f"{layers} layers: give at most {layers}")
+        why = "qnn_num_splits"
+    ranges = layer_ranges(layers, splits)
+    logger.info("transformer in %d part(s) of %s layers, at most %s of weights each (%s; %s "
+                "in all)", splits, "/".join(str(len(r)) for r in ranges),
+                mib(largest(ranges)), why, mib(sum(per_layer)))
+    object.__setattr__(options, "extra", dataclasses.replace(x, qnn_num_splits=splits))
+    return ranges
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One graph of the pipeline: its file, how it is built, and which calibrated ranges it
+    takes (its kind: every part's prefill graph takes the "context" ranges, and so on); a
+    transformer graph's layers."""
+    filename: str
+    build: Any
+    args: tuple
+    kind: str
+    layers: range | None = None
+
+    @property
+    def stem(self) -> str:
+        return self.filename.removesuffix(".onnx")
+
+
+def stages(prefill: int, context: int, splits: list[range]) -> list[Stage]:
+    """The graphs in the order the runtime runs them."""
+    out = [Stage("embeddings.onnx", build_embeddings, (), "embeddings")]
+    for k, layers in enumerate(splits):
+        tag = "" if len(splits) == 1 else f"_{k}"
+        out += [Stage(f"context{tag}.onnx", build_transformer, (prefill, context, layers),
+                     "context", layers),
+                Stage(f"iterator{tag}.onnx", build_transformer, (1, context, layers),
+                     "iterator", layers)]
+    return out + [Stage("lm_head_context.onnx", build_lm_head, (prefill,), "lm_head_context"),
+                  Stage("lm_head_iterator.onnx", build_lm_head, (1,), "lm_head_iterator")]
+
+
+def transformer_splits(options: BuildOptions, config: DecoderConfig) -> list[range]:
+    """The resolved parts (after ``resolve_splits``)."""
+    return layer_ranges(config.num_hidden_layers, int(options.extra.qnn_num_splits))
 
 
 def write_pipeline(out: Path, builder, float_dtype, qdq: tuple[int, dict] | None = None) -> None:
@@ -99,13 +216,12 @@ def write_pipeline(out: Path, builder, float_dtype, qdq: tuple[int, dict] | None
                 prefill, context)
     store = WeightStore(out / DATA_FILE)
     try:
-        for filename, build_part, args in parts(prefill, context):
-            stem = filename.removesuffix(".onnx")
-            quantized = qdq is not None and build_part is not build_embeddings
-            builder.gb = GraphBuilder(stem, float_dtype=float_dtype, store=store,
-                                      qdq=Qdq(qdq[0], qdq[1][stem]) if quantized else None)
-            build_part(builder, *args)
-            check_ops(builder.gb.save(out / filename), filename, target.name)
+        for stage in stages(prefill, context, transformer_splits(builder.options, builder.config)):
+            quantized = qdq is not None and stage.build is not build_embeddings
+            builder.gb = GraphBuilder(stage.stem, float_dtype=float_dtype, store=store,
+                                      qdq=Qdq(qdq[0], qdq[1][stage.kind]) if quantized else None)
+            stage.build(builder, *stage.args)
+            check_ops(builder.gb.save(out / stage.filename), stage.filename, target.name)
     finally:
         store.close()
     builder.weights.check_all_consumed(builder.ignored())
@@ -124,18 +240,18 @@ def check_ops(model, filename: str, target: str) -> None:
 
 
 def compile_pipeline(out: Path, options: BuildOptions) -> None:
-    """qnn_epcontext=true: compile the QNN graphs in their final (calibrated) form, then point
-    genai_config.json at the compiled models."""
-    compile_contexts(out, list(QNN_GRAPHS), qnn_options(options))
+    """qnn_epcontext=true: compile the QNN graphs (every graph but the embeddings) in their
+    final (calibrated) form, each into a context of its own, then point genai_config.json at
+    the compiled models."""
     genai = read_genai_config(out)
+    graphs = [spec["filename"] for stage in genai["model"]["decoder"]["pipeline"]
+              for spec in stage.values() if spec["filename"] != "embeddings.onnx"]
+    compile_contexts(out, graphs, qnn_options(options))
     for stage in genai["model"]["decoder"]["pipeline"]:
         for spec in stage.values():
-            if spec["filename"] in QNN_GRAPHS:
+            if spec["filename"] in graphs:
                 spec["filename"] = compiled_name(spec["filename"])
     write_genai_config(out, genai)
-
-
-QNN_GRAPHS = ("context.onnx", "iterator.onnx", "lm_head_context.onnx", "lm_head_iterator.onnx")
 
 
 def qnn_options(options: BuildOptions) -> dict[str, str]:
@@ -148,16 +264,25 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
     """genai_config.json for the pipeline written by write_pipeline."""
     x = options.extra
     prefill, context = x.qnn_prefill_length, x.qnn_context_length
-    layers = range(config.num_hidden_layers)
-    kv_in = [n for i in layers for n in kv_names(i)[:2]]
-    kv_out = [n for i in layers for n in kv_names(i)[2:]]
     qnn = {"qnn": qnn_options(options)}
-    transformer_inputs = ["inputs_embeds", "past_seq_len", "total_seq_len", *kv_in]
-    transformer_outputs = ["hidden_states", *kv_out]
 
     def stage(filename, inputs, outputs, prompt, token, **more):
         return {"filename": filename, "inputs": inputs, "outputs": outputs,
                 "run_on_prompt": prompt, "run_on_token_gen": token, **more}
+
+    def transformer(part: Stage) -> dict:
+        layers, last = part.layers, config.num_hidden_layers
+        first = "inputs_embeds" if layers.start == 0 else layer_stream(layers.start)
+        then = "hidden_states" if layers.stop == last else layer_stream(layers.stop)
+        inputs = [first, "past_seq_len", "total_seq_len",
+                  *(n for i in layers for n in kv_names(i)[:2])]
+        outputs = [then, *(n for i in layers for n in kv_names(i)[2:])]
+        return {part.stem: stage(part.filename, inputs, outputs, part.kind == "context",
+                                 part.kind == "iterator")}
+
+    transformers = [transformer(p) for p in stages(prefill, context,
+                                                  transformer_splits(options, config))
+                    if p.layers is not None]
 
     bos, eos, pad = token_ids(config, generation(source))
     return {
@@ -185,10 +310,7 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
                         "embeddings.onnx", ["input_ids"], ["inputs_embeds"], True, True,
                         session_options={"log_id": "onnxruntime-genai.embeddings",
                                          "provider_options": []})},
-                    {"context": stage("context.onnx", transformer_inputs, transformer_outputs,
-                                      True, False)},
-                    {"iterator": stage("iterator.onnx", transformer_inputs, transformer_outputs,
-                                       False, True)},
+                    *transformers,
                     {"lm_head_context": stage("lm_head_context.onnx", ["hidden_states"],
                                               ["logits"], True, False, is_lm_head=True)},
                     {"lm_head_iterator": stage("lm_head_iterator.onnx", ["hidden_states"],

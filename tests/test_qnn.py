@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,29 +17,14 @@ from builder.errors import OptionError
 from builder.options import ExecutionProvider, Precision
 from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_on_qnn
 from conftest import run_cli
+from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, genai, genai_sequence,
+                         graph_feeds, one_data_file_without_dead_bytes, only_graph_io_on_cpu,
+                         qnn_build)
 
 pytest.importorskip("onnxruntime_qnn", reason="the QNN tests need onnxruntime-qnn")
-ARCHS = ["qwen3", "llama", "phi3"]
-P, C = 8, 64  # the small lengths; "default" builds set neither (P = 64, C = 512)
-DEFAULT_P = ExtraOptions().qnn_prefill_length
-LENGTHS = ["small", "default"]
-# prompts longer than P: a two-chunk prefill at either length
-PROMPTS = {"small": [int(t) for t in np.random.default_rng(21).integers(3, 256, 13)],
-           "default": [int(t) for t in np.random.default_rng(22).integers(3, 256, 70)]}
-PROMPT = PROMPTS["small"]
-
-
-def _qnn_build(ck, out, precision="fp16", *extra, lengths="small"):
-    given = [f"qnn_prefill_length={P}", f"qnn_context_length={C}"] if lengths == "small" else []
-    return build(BuildOptions(
-        model_name=str(ck), output=out, precision=Precision(precision),
-        execution_provider=ExecutionProvider.QNN,
-        extra=ExtraOptions.parse([*given, *extra])))
-
-
 @pytest.fixture(scope="session")  # session: kept when other modules run between
 def qnn_built(checkpoints, tmp_path_factory):
-    return {(lengths, arch): _qnn_build(checkpoints[arch],
+    return {(lengths, arch): qnn_build(checkpoints[arch],
                                         tmp_path_factory.mktemp("qnn") / arch, lengths=lengths)
             for lengths in LENGTHS for arch in ARCHS}
 
@@ -80,33 +63,13 @@ def test_lengths_that_do_not_fit_name_the_option(options, message, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _feeds(folder, graph, rng):
-    """Random inputs for one graph of the pipeline, at a mid-context position."""
-    import onnx
-
-    m = onnx.load(str(folder / graph), load_external_data=False)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in m.graph.input}
-    feeds = {}
-    for v in m.graph.input:
-        shape = shapes[v.name]
-        if v.name == "past_seq_len":  # rows 20 .. 20 + S - 1
-            feeds[v.name] = np.array([[20 + shapes["inputs_embeds"][1] - 1]], np.int32)
-        elif v.name == "total_seq_len":
-            feeds[v.name] = np.array([shapes["past_key_0"][2]], np.int32)
-        else:
-            dtype = np.float16 if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
-                else np.float32
-            feeds[v.name] = (rng.standard_normal(shape) * 0.5).astype(dtype)
-    return feeds
-
-
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("graph", ["context.onnx", "iterator.onnx", "lm_head_context.onnx",
                                    "lm_head_iterator.onnx"])
 def test_every_node_placed_on_qnn(arch, graph, lengths, qnn_built):
     folder = qnn_built[lengths, arch]
-    run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
+    run = run_on_qnn(folder / graph, graph_feeds(folder, graph, np.random.default_rng(0)))
     assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}, run.placed
 
 
@@ -135,7 +98,7 @@ def test_htp_matches_the_cpu_ep_on_the_same_graphs(arch, prefill, precision, che
     default), over a two-chunk prefill and 16 steps: whatever the HTP computes differently
     shows here, apart from the model's own accuracy. At P = 64 (the default) Qwen3's keys used
     to be wrong on the HTP (a rank-4 RmsNorm: see DecoderBuilder.head_norm)."""
-    folder = _qnn_build(checkpoints[arch], tmp_path / "o", precision,
+    folder = qnn_build(checkpoints[arch], tmp_path / "o", precision,
                         f"qnn_prefill_length={prefill}", lengths="default")
     prompt = [int(t) for t in np.random.default_rng(prefill).integers(3, 256, prefill * 3 // 2)]
     on_cpu = run_pipeline(folder, prompt, 17)
@@ -161,7 +124,7 @@ def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, lengths, qn
     graphs run at fp16 precision on the HTP."""
     prompt = PROMPTS[lengths]
     folder = (qnn_built[lengths, arch] if precision == "fp16" and not extra
-              else _qnn_build(checkpoints[arch], tmp_path / "o", precision, *extra,
+              else qnn_build(checkpoints[arch], tmp_path / "o", precision, *extra,
                               lengths=lengths))
     if extra:  # every projection really is a Conv, and every node still runs on QNN
         import onnx
@@ -170,7 +133,7 @@ def test_qnn_accuracy_against_fp32_cpu_build(arch, precision, extra, lengths, qn
                                             load_external_data=False).graph.node]
         assert ops.count("Conv") == 7 * 3 and "MatMul" in ops  # attention's MatMuls remain
         for graph in ("context.onnx", "iterator.onnx"):
-            run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
+            run = run_on_qnn(folder / graph, graph_feeds(folder, graph, np.random.default_rng(0)))
             assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}
     # Fed the CPU decoder's greedy path, the HTP picks the same token at every step, unless the
     # fp32 reference itself is a near-tie that fp16 error can flip...
@@ -205,48 +168,6 @@ def test_pipeline_on_cpu_matches_qnn_graph_semantics(lengths, qnn_built, built):
     assert min(_cosines(run.step_logits, ref)) >= 0.9999
 
 
-_GENAI = r"""
-import json, sys
-import numpy as np, onnxruntime_genai as og
-model_dir, prompt, new, mode = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-if mode == "qnn":
-    import onnxruntime_qnn
-    og.register_execution_provider_library("QNNExecutionProvider",
-                                           onnxruntime_qnn.get_library_path())
-    model = og.Model(model_dir)
-else:
-    config = og.Config(model_dir)
-    config.clear_providers()
-    model = og.Model(config)
-params = og.GeneratorParams(model)
-params.set_search_options(max_length=int(sys.argv[5]), do_sample=False)
-gen = og.Generator(model, params)
-gen.append_tokens(np.array([prompt], np.int32))
-while not gen.is_done():
-    gen.generate_next_token()
-print(json.dumps([int(t) for t in gen.get_sequence(0)]))
-"""
-
-
-def _genai(folder, prompt, max_length, mode):
-    r = subprocess.run([sys.executable, "-c", _GENAI, str(folder), json.dumps(prompt), "0", mode,
-                        str(max_length)], capture_output=True, text=True, timeout=600)
-    return r
-
-
-def _genai_sequence(folder, mode="qnn", new_tokens=24, prompt=PROMPT):
-    """onnxruntime-genai's whole sequence for ``prompt``, and the ids it generated after the
-    prompt and the pads it keeps (the prompt goes in chunks of P, the last padded at its end:
-    max_length must exceed that padded length)."""
-    window = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"][
-        "sliding_window"]["window_size"]
-    padded = -(-len(prompt) // window) * window
-    r = _genai(folder, prompt, padded + new_tokens, mode)
-    assert r.returncode == 0, r.stderr[-2000:]
-    sequence = json.loads(r.stdout.strip().splitlines()[-1])
-    return sequence, sequence[padded:]
-
-
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("mode", ["qnn", "cpu"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -255,7 +176,7 @@ def test_genai_generates_like_the_cpu_decoder(arch, mode, lengths, qnn_built, bu
     than P): exactly the ids of our own pipeline run on that EP, and the CPU decoder build's
     greedy ids up to a near-tie that fp16 may flip."""
     prompt, folder = PROMPTS[lengths], qnn_built[lengths, arch]
-    sequence, generated = _genai_sequence(folder, mode, prompt=prompt)
+    sequence, generated = genai_sequence(folder, mode, prompt=prompt)
     assert sequence[:len(prompt)] == prompt
     assert len(generated) >= 16
     runner = run_pipeline_on_qnn if mode == "qnn" else run_pipeline
@@ -269,7 +190,7 @@ def test_genai_generates_like_the_cpu_decoder(arch, mode, lengths, qnn_built, bu
 
 
 def test_prompt_longer_than_context_is_refused(qnn_built):
-    r = _genai(qnn_built["small", "qwen3"], PROMPT * 6, C, "cpu")  # 78 tokens > C = 64
+    r = genai(qnn_built["small", "qwen3"], PROMPT * 6, C, "cpu")  # 78 tokens > C = 64
     assert r.returncode != 0
     assert "exceeds max length (64)" in r.stderr
 
@@ -293,7 +214,7 @@ def test_unknown_qnn_option(tmp_path, checkpoints):
 
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_epcontext_folder_gives_the_same_tokens(lengths, checkpoints, qnn_built, tmp_path):
-    out = _qnn_build(checkpoints["qwen3"], tmp_path / "ctx", "fp16", "qnn_epcontext=true",
+    out = qnn_build(checkpoints["qwen3"], tmp_path / "ctx", "fp16", "qnn_epcontext=true",
                      lengths=lengths)
     stages = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["pipeline"]
     files = [spec["filename"] for stage in stages for spec in stage.values()]
@@ -303,8 +224,8 @@ def test_epcontext_folder_gives_the_same_tokens(lengths, checkpoints, qnn_built,
 
     ctx = onnx.load(str(out / "context_ctx.onnx"))
     assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
-    compiled = _genai_sequence(out, prompt=PROMPTS[lengths])
-    assert compiled == _genai_sequence(qnn_built[lengths, "qwen3"], prompt=PROMPTS[lengths])
+    compiled = genai_sequence(out, prompt=PROMPTS[lengths])
+    assert compiled == genai_sequence(qnn_built[lengths, "qwen3"], prompt=PROMPTS[lengths])
 
 
 @pytest.mark.xdist_group("trained")
@@ -316,7 +237,7 @@ def test_epcontext_of_a_quantized_folder(lengths, trained, tmp_path):
     import onnx
 
     ck, _ = trained["qwen3"]
-    out = _qnn_build(ck, tmp_path / "ctx", "w4a16", "shared_embeddings=true",
+    out = qnn_build(ck, tmp_path / "ctx", "w4a16", "shared_embeddings=true",
                      "qnn_epcontext=true", lengths=lengths)
     for graph in ("context_ctx.onnx", "iterator_ctx.onnx", "lm_head_context_ctx.onnx",
                   "lm_head_iterator_ctx.onnx"):
@@ -324,7 +245,7 @@ def test_epcontext_of_a_quantized_folder(lengths, trained, tmp_path):
         assert ops.count("EPContext") == 1 and "QuantizeLinear" in ops, ops
         assert set(ops) == {"EPContext", "QuantizeLinear", "DequantizeLinear"}, ops
     prompt = PROMPTS[lengths]
-    generated = _genai_sequence(out, prompt=prompt)[1]
+    generated = genai_sequence(out, prompt=prompt)[1]
     assert len(generated) >= 16
     assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
 
@@ -337,24 +258,6 @@ def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_
                     f"qnn_prefill_length={P}", f"qnn_context_length={C}")
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert not (tmp_path / "o").exists()
-
-
-def _one_data_file_without_dead_bytes(folder):
-    """After calibration every graph reads model.data, which holds each referenced tensor once
-    and nothing else (the float weights the quantizer replaced are gone)."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    assert sorted(p.name for p in folder.glob("*.data")) == ["model.data"]
-    spans = set()
-    for graph in folder.glob("*.onnx"):
-        for t in onnx.load(str(graph), load_external_data=False).graph.initializer:
-            if uses_external_data(t):
-                info = ExternalDataInfo(t)
-                assert info.location == "model.data"
-                spans.add((info.offset, info.length))
-    used = sum(length for _, length in spans)
-    assert used <= (folder / "model.data").stat().st_size < used + 64 * len(spans)
 
 
 @pytest.mark.parametrize("lengths", ["default"])
@@ -381,13 +284,13 @@ def test_mission_command(lengths, checkpoints, tmp_path):
         assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [64, 256]
         tables[graph] = {e.key: e.value for e in table.external_data}
     assert len({(t["location"], t["offset"]) for t in tables.values()}) == 1  # stored once
-    _one_data_file_without_dead_bytes(out)
+    one_data_file_without_dead_bytes(out)
     for graph in ("lm_head_context.onnx", "lm_head_iterator.onnx"):
-        run = run_on_qnn(out / graph, _feeds(out, graph, np.random.default_rng(0)))
+        run = run_on_qnn(out / graph, graph_feeds(out, graph, np.random.default_rng(0)))
         assert run.cpu_nodes == ["QuantizeLinear (hidden_states/Q)",
                                  "DequantizeLinear (logits/DQ)"], run.cpu_nodes
     prompt = PROMPTS[lengths]
-    generated = _genai_sequence(out, prompt=prompt)[1]
+    generated = genai_sequence(out, prompt=prompt)[1]
     assert len(generated) >= 16
     assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
 
@@ -407,7 +310,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="session")  # session: kept when other modules run between
 def w8a16_built(trained, tmp_path_factory):
-    return {(lengths, arch): _qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16",
+    return {(lengths, arch): qnn_build(ck, tmp_path_factory.mktemp("w8a16") / arch, "w8a16",
                                         lengths=lengths)
             for lengths in LENGTHS for arch, (ck, _) in trained.items()}
 
@@ -429,7 +332,7 @@ def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, t
     folder = w8a16_built["default", arch]
     report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
     ck = trained[arch][0]
-    fp32 = _qnn_build(ck, tmp_path / "fp32", "fp32", lengths="default")
+    fp32 = qnn_build(ck, tmp_path / "fp32", "fp32", lengths="default")
     context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
     prompts = evaluation_prompts(ck, context)
     assert report["prompts"] == len(prompts) == 4 and report["steps"] == STEPS
@@ -496,19 +399,6 @@ def test_accuracy_metrics_against_torch():
     assert 0 < got["top1_agreement"] < 1 and got["mean_kl"] > 0.01  # a test that can fail
 
 
-def _only_graph_io_on_cpu(folder):
-    """Every node of the prefill and decode graphs on QNN, in one partition, but the graph-I/O
-    Quantize/Dequantize."""
-    for graph in ("context.onnx", "iterator.onnx"):
-        run = run_on_qnn(folder / graph, _feeds(folder, graph, np.random.default_rng(0)))
-        assert set(run.placed) == {"QNNExecutionProvider", "CPUExecutionProvider"}
-        assert run.placed["QNNExecutionProvider"] == 1  # one partition: everything else
-        assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
-        layers = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"][
-            "num_hidden_layers"]
-        assert len(run.cpu_nodes) == 4 * layers + 2  # KV in and out per layer, embeds, hidden
-
-
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("arch", ARCHS)
@@ -517,8 +407,8 @@ def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     fp32 CPU build over a two-chunk prefill and 16 decode steps on the CPU's greedy path, on a
     checkpoint whose logits have clear winners."""
     folder = w8a16_built[lengths, arch]
-    _only_graph_io_on_cpu(folder)
-    _one_data_file_without_dead_bytes(folder)
+    only_graph_io_on_cpu(folder)
+    one_data_file_without_dead_bytes(folder)
     ref, greedy, _, cos, err, ours = _against_cpu(folder, trained[arch][1],
                                                   prompt=PROMPTS[lengths])
     top1 = float(np.mean(np.array(ours) == greedy))
@@ -532,7 +422,7 @@ def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
 @pytest.mark.parametrize("lengths", LENGTHS)
 def test_w8a16_generates_through_genai_with_qnn(lengths, w8a16_built):
     prompt, folder = PROMPTS[lengths], w8a16_built[lengths, "qwen3"]
-    generated = _genai_sequence(folder, prompt=prompt)[1]
+    generated = genai_sequence(folder, prompt=prompt)[1]
     assert generated == run_pipeline_on_qnn(folder, prompt, len(generated)).tokens
 
 
@@ -549,7 +439,7 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
 
     monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     ck, fp32 = trained[arch]
-    naive = _qnn_build(ck, tmp_path / "empty_cache", "w8a16", lengths=lengths)
+    naive = qnn_build(ck, tmp_path / "empty_cache", "w8a16", lengths=lengths)
     prompt = PROMPTS[lengths]
     cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
@@ -585,7 +475,7 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     import onnx
 
     ck, fp32 = trained[arch]
-    folder = _qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}", lengths=lengths)
+    folder = qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}", lengths=lengths)
     m = onnx.load(str(folder / "iterator.onnx"), load_external_data=False)
     producers = {n.output[0]: n for n in m.graph.node}
     inits = {i.name: i for i in m.graph.initializer}
@@ -597,7 +487,7 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         assert attrs.get("block_size") == (32 if linear == "matmul" else None), attrs
-    _only_graph_io_on_cpu(folder)
+    only_graph_io_on_cpu(folder)
     prompt = PROMPTS[lengths]
     cpu = run_decoder(fp32, np.array([prompt]), steps=16)
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
@@ -616,9 +506,9 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
 
 @pytest.mark.parametrize("lengths", ["default"])
 def test_w8a8_builds_and_runs_on_qnn(lengths, checkpoints, built, tmp_path):
-    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8", lengths=lengths)
+    folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8", lengths=lengths)
     prompt = PROMPTS[lengths]
-    run = run_on_qnn(folder / "iterator.onnx", _feeds(folder, "iterator.onnx",
+    run = run_on_qnn(folder / "iterator.onnx", graph_feeds(folder, "iterator.onnx",
                                                        np.random.default_rng(0)))
     assert run.placed["QNNExecutionProvider"] == 1
     assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
@@ -651,7 +541,7 @@ def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8
     """percentile (histograms cut at 99.999% on each side) builds, narrows the activation ranges
     against minmax, never widens them, and keeps the model's answers."""
     ck, fp32 = trained["qwen3"]
-    folder = _qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}",
+    folder = qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}",
                         lengths=lengths)
     prompt = PROMPTS[lengths]
     ours = _activation_scales(folder)
@@ -683,7 +573,7 @@ def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):
     that the HTP requantized wrongly."""
     prompts = tmp_path / "short.txt"
     prompts.write_text("Hi.\nYes.\nNo way.\n")
-    folder = _qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a16",
+    folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a16",
                         f"qnn_calibration={prompts}")
     for graph in ("context.onnx", "iterator.onnx"):
         scales = _activation_scales(folder, graph)

@@ -121,16 +121,17 @@ class DecoderBuilder:
             raise ConfigError(f"config.json: num_hidden_layers={layers}, but the checkpoint "
                               f"holds only {len(w.names())} tensors")
         for layer in range(layers):
-            if not any(f.format(i=layer) in w for f in per_layer):
+            if not any(f.format(i=layer, e=0) in w for f in per_layer):
                 raise ConfigError(f"config.json: num_hidden_layers={layers}, but the "
                                   f"checkpoint has no tensors of layer {layer} (such as "
-                                  f"{per_layer[0].format(i=layer)!r})")
+                                  f"{per_layer[0].format(i=layer, e=0)!r})")
         for role, template in self.weight_names.items():
             for layer in range(c.num_hidden_layers) if "{i}" in template else [None]:
-                name = self.weight_name(role, layer)
-                if name in w and w.shape(name) != self.expected_shape(role):
-                    raise WeightError(f"tensor {name!r} has shape {list(w.shape(name))}; the "
-                                      f"config implies {list(self.expected_shape(role))}")
+                for e in self.experts(layer) if "{e}" in template else [None]:
+                    name = self.weight_name(role, layer, e)
+                    if name in w and w.shape(name) != self.expected_shape(role):
+                        raise WeightError(f"tensor {name!r} has shape {list(w.shape(name))}; "
+                                          f"the config implies {list(self.expected_shape(role))}")
 
     def _shared_embeddings(self) -> bool:
         asked = self.extra.shared_embeddings
@@ -159,7 +160,11 @@ class DecoderBuilder:
 
     # -- weights -------------------------------------------------------------------------
     def expected_shape(self, role: R) -> tuple[int, ...]:
-        c = self.config
+        return self.role_shape(self.config, role)
+
+    @classmethod
+    def role_shape(cls, c: DecoderConfig, role: R) -> tuple[int, ...]:
+        """A role's tensor shape as ``c`` implies it (the checkpoint must agree)."""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         h, i = c.hidden_size, c.intermediate_size
         return {
@@ -171,12 +176,36 @@ class DecoderBuilder:
             R.GATE: (i, h), R.UP: (i, h), R.DOWN: (h, i), R.GATE_UP: (2 * i, h),
         }[role]
 
-    def weight_name(self, role: R, layer: int | None = None) -> str:
-        return self.weight_names[role].format(i=layer)
+    @classmethod
+    def layer_weight_shapes(cls, c: DecoderConfig, layer: int) -> list[tuple[R, tuple[int, ...]]]:
+        """(role, shape) of one layer's weights, from config.json alone: how a static
+        pipeline sizes its parts before any weight is read (``builder.pipeline``). The
+        projections and norms; an architecture whose layers hold other weights (experts)
+        lists them here."""
+        roles = [R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN, R.ATTN_NORM, R.MLP_NORM]
+        roles += [R.Q_NORM, R.K_NORM] if cls.qk_norm else []
+        return [(role, cls.role_shape(c, role)) for role in roles]
 
-    def weight(self, role: R, layer: int | None = None) -> np.ndarray:
+    def weight_name(self, role: R, layer: int | None = None, expert: int | None = None) -> str:
+        return self.weight_names[role].format(i=layer, e=expert)
+
+    def weight(self, role: R, layer: int | None = None, expert: int | None = None) -> np.ndarray:
         """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
-        return self.weights.read(self.weight_name(role, layer), self.expected_shape(role))
+        return self.weights.read(self.weight_name(role, layer, expert), self.expected_shape(role))
+
+    def experts(self, layer: int) -> range:
+        """The experts of ``layer`` (none: a dense layer)."""
+        return range(0)
+
+    def layer_weight_names(self, layer: int) -> list[str]:
+        """Every name the templates give ``layer``, each expert's included."""
+        names = []
+        for template in self.weight_names.values():
+            if "{e}" in template:
+                names += [template.format(i=layer, e=e) for e in self.experts(layer)]
+            elif "{i}" in template:
+                names.append(template.format(i=layer))
+        return names
 
     def weight_rows(self, role: R) -> Rows:
         """A table (embeddings, lm_head) read a range of rows at a time: ``rows[a:b]``."""
@@ -237,7 +266,7 @@ class DecoderBuilder:
         first_unbuilt = c.num_hidden_layers
         for layer in range(first_unbuilt, c.extra.get("checkpoint_num_hidden_layers",
                                                       first_unbuilt)):
-            names += [f.format(i=layer) for f in self.weight_names.values() if "{i}" in f]
+            names += self.layer_weight_names(layer)
         return tuple(names)
 
     # -- the model's math, stated once; every target lowers it ---------------------------
