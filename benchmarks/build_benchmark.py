@@ -1,7 +1,11 @@
 """Build speed and memory: our builder against onnxruntime-genai's, same checkpoint, same run.
 
     python benchmarks/build_benchmark.py [--model qwen3-0.6b|qwen3-1.7b|qwen3-4b|qwen3-8b|
-                                          llama-3.2-1b] [--runs 1] [--work DIR]
+                                          llama-3.2-1b|qwen3-30b-a3b-4l] [--runs 1] [--work DIR]
+
+qwen3-30b-a3b-4l is Qwen3-30B-A3B's full width (128 experts of 768, top 8) with 4 of its 48
+layers; the cases int4-rtn-2l / int4-rtn-4l build 2 and 4 of them, whose difference is the
+time and memory of one layer (the projection to 48 layers is printed).
 
 Writes a random bf16 checkpoint with the exact config of the named model (numpy only, seeded),
 then builds it with ``python -m builder`` and, when it is importable, with
@@ -43,6 +47,16 @@ CONFIGS = {
        for name, h, i, n, heads, tied in (("qwen3-1.7b", 2048, 6144, 28, 16, True),
                                           ("qwen3-4b", 2560, 9728, 36, 32, True),
                                           ("qwen3-8b", 4096, 12288, 36, 32, False))},
+    "qwen3-30b-a3b-4l": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "num_hidden_layers": 4, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,
+        "torch_dtype": "bfloat16"},
     "llama-3.2-1b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
         "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -56,6 +70,9 @@ CONFIGS = {
 }
 
 
+FULL_LAYERS = {"qwen3-30b-a3b-4l": 48}  # the real model's depth, for the projection
+
+
 def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
@@ -65,10 +82,18 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
             p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i)})
-        if c["model_type"] == "qwen3":
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
+        if "num_experts" in c:
+            mi = c["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (c["num_experts"], h)
+            for e in range(c["num_experts"]):
+                shapes.update({p + f"mlp.experts.{e}.gate_proj.weight": (mi, h),
+                               p + f"mlp.experts.{e}.up_proj.weight": (mi, h),
+                               p + f"mlp.experts.{e}.down_proj.weight": (h, mi)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                           p + "mlp.down_proj.weight": (h, i)})
+        if c["model_type"].startswith("qwen3"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
     if not c["tie_word_embeddings"]:
@@ -84,25 +109,29 @@ def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) 
         return
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    shapes = tensor_shapes(config)
+    shards: list[list[str]] = [[]]  # names per shard, planned from the shapes
     size = 0
-    for name, shape in tensor_shapes(config).items():
-        if len(shape) == 1:
-            t = np.ones(shape, np.float32)
-        else:
-            t = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-        t = t.astype(ml_dtypes.bfloat16)
-        if size + t.nbytes > shard_bytes and shards[-1]:
-            shards.append({})
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if size + nbytes > shard_bytes and shards[-1]:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
+        shards[-1].append(name)
+        size += nbytes
     weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
+    for k, names in enumerate(shards):  # one shard in memory at a time
+        shard = {}
+        for name in names:
+            shape = shapes[name]
+            t = (np.ones(shape, np.float32) if len(shape) == 1 else
+                 rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
+            shard[name] = t.astype(ml_dtypes.bfloat16)
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
         total += sum(t.nbytes for t in shard.values())
+        del shard
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -155,6 +184,11 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-w8a16": (["-p", "w8a16", "-e", "qnn"], None),
     "qnn-int4-shared": (["-p", "int4", "-e", "qnn", "--extra_options", "shared_embeddings=true"],
                         None),
+    # the first 2 or 4 layers only (per-layer figures of a cut checkpoint)
+    "int4-rtn-2l": (["-p", "int4", "--extra_options", "int4_algo_config=rtn",
+                     "num_hidden_layers=2"], None),
+    "int4-rtn-4l": (["-p", "int4", "--extra_options", "int4_algo_config=rtn",
+                     "num_hidden_layers=4"], None),
 }
 
 
@@ -240,6 +274,18 @@ def main() -> None:
               f"{ratio('wall_s')} | {o['peak_rss_mb']:.0f} | {a.get('peak_rss_mb', 0):.0f} | "
               f"{o['peak_rss_mb'] / a['peak_rss_mb'] if a else float('nan'):.2f} | "
               f"{o['bytes'] / 1e6:.1f} | {a.get('bytes', 0) / 1e6:.1f} |")
+    by_case = {case: o for case, run, o, _ in rows if run == 0}
+    if "int4-rtn-2l" in by_case and "int4-rtn-4l" in by_case:
+        two, four = by_case["int4-rtn-2l"], by_case["int4-rtn-4l"]
+        per_s = (four["wall_s"] - two["wall_s"]) / 2
+        per_mb = (four["peak_rss_mb"] - two["peak_rss_mb"]) / 2
+        per_bytes = (four["bytes"] - two["bytes"]) / 2
+        full = FULL_LAYERS.get(args.model, CONFIGS[args.model]["num_hidden_layers"])
+        print(f"\nper layer: {per_s:.1f} s, peak RSS {per_mb:+.0f} MB, {per_bytes / 1e6:.0f} MB "
+              f"written; {full} layers projected: {two['wall_s'] + (full - 2) * per_s:.0f} s, "
+              f"{(two['bytes'] + (full - 2) * per_bytes) / 1e9:.1f} GB, peak RSS "
+              f"{two['peak_rss_mb'] + (full - 2) * max(per_mb, 0):.0f} MB if it grew by that "
+              "much per layer")
     if args.speed:
         print("\n| case | ours prefill tok/s | anchor prefill tok/s | ours decode tok/s | "
               "anchor decode tok/s |")

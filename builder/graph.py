@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -310,19 +311,48 @@ class GraphBuilder:
             self._initializers.append(tensor)
             self.store.written[name] = tensor  # another graph may reference it by name
             return name
-        tensor = TensorProto(name=name, data_type=elem_type or DTYPES[dtype],
-                             dims=array.shape if dims is None else list(dims))
+        rows = max(1, CHUNK_BYTES // max(1, nbytes // max(1, array.shape[0])))
+        chunks = (array[start:start + rows] for start in range(0, max(1, array.shape[0]), rows))
+        return self._external(name, elem_type or DTYPES[dtype], dtype,
+                              array.shape if dims is None else list(dims), nbytes, chunks,
+                              narrowing, array)
+
+    def stacked_initializer(self, name: str, shape: Sequence[int], dtype,
+                            parts: Iterator[np.ndarray]) -> str:
+        """A [count, ...] tensor written to the data file one part at a time, as ``parts``
+        yields them (each [...] or [k, ...]; float ones stored as ``float_dtype``): a stack of
+        expert weights, each read and quantized on demand, never whole in memory."""
+        if name in self._initializer_names or name in self.store.written:
+            raise ValueError(f"initializer {name!r} added twice")
+        source = np.dtype(dtype)
+        dtype = self.float_dtype if _is_float(source) else source
+        if dtype not in DTYPES:
+            raise TypeError(f"initializer {name!r}: unsupported dtype {source}")
+        self._initializer_names.add(name)
+        narrowing = (_is_float(dtype) and _is_float(source)
+                     and ml_dtypes.finfo(dtype).max < ml_dtypes.finfo(source).max)
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self._external(name, DTYPES[dtype], dtype, list(shape), nbytes, parts, narrowing,
+                              None)
+
+    def _external(self, name: str, elem_type: int, dtype: np.dtype, dims: Sequence[int],
+                  nbytes: int, chunks, narrowing: bool, source: np.ndarray | None) -> str:
+        """Write ``chunks`` (consecutive slices of the tensor) to the data file, aligned, and
+        reference them; checks that they add up to ``nbytes``."""
+        tensor = TensorProto(name=name, data_type=elem_type, dims=list(dims))
         offset = self._data.tell()
         align = ALLOCATION_GRANULARITY if nbytes >= ALIGN_THRESHOLD else 64
         if offset % align:
             self.store.write(b"\0" * (align - offset % align))
             offset = self._data.tell()
-        rows = max(1, CHUNK_BYTES // max(1, nbytes // max(1, array.shape[0])))
-        for start in range(0, max(1, array.shape[0]), rows):
-            chunk = np.ascontiguousarray(array[start:start + rows], dtype=dtype)
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk, dtype=dtype)
             if narrowing:
-                _check_range(name, chunk, array)
+                _check_range(name, chunk, chunk if source is None else source)
             self.store.write(chunk.reshape(-1).view(np.uint8).data)
+        if self._data.tell() - offset != nbytes:
+            raise ValueError(f"initializer {name!r}: {self._data.tell() - offset} bytes written "
+                             f"for a tensor of {nbytes}")
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
                            ("length", str(nbytes))):

@@ -147,10 +147,31 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+# The oldest onnxruntime known to run an op as builder writes it (ops not listed: any release
+# the other graphs need). Measured: 1.23.2 runs MoE with interleaved SwiGLU experts and refuses
+# QMoE's block-wise attributes ("Unrecognized attribute"), which 1.24 takes.
+MIN_ONNXRUNTIME = {("com.microsoft", "MoE"): "1.23", ("com.microsoft", "QMoE"): "1.24"}
+
+
+def requirements(out: Path) -> dict[str, str]:
+    """{"onnxruntime": ">=X"} when a graph of the folder uses an op of MIN_ONNXRUNTIME."""
+    import onnx
+
+    versions = {MIN_ONNXRUNTIME[n.domain, n.op_type]
+                for graph in sorted(out.glob("*.onnx"))
+                for n in onnx.load(str(graph), load_external_data=False).graph.node
+                if (n.domain, n.op_type) in MIN_ONNXRUNTIME}
+    if not versions:
+        return {}
+    return {"onnxruntime": ">=" + max(versions, key=lambda v: tuple(map(int, v.split("."))))}
+
+
 def write_manifest(out: Path, options: BuildOptions, source: Source, weight_files: list[Path],
                    stages: list[dict], accuracy: dict | None = None) -> None:
+    needs = requirements(out)
     manifest = {
         "options": options.to_json(),
+        **({"requires": needs} if needs else {}),
         "versions": _versions(),
         "checkpoint": {
             "path": str(source.path),

@@ -24,5 +24,10 @@ class TensorRole(enum.StrEnum):
     UP = "up"
     GATE_UP = "gate_up"
     DOWN = "down"
+    # mixture of experts: the router, and each expert's gated MLP (templates name "{e}")
+    ROUTER = "router"
+    EXPERT_GATE = "expert_gate"
+    EXPERT_UP = "expert_up"
+    EXPERT_DOWN = "expert_down"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"

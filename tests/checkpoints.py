@@ -49,6 +49,25 @@ TINY = {
         original_max_position_embeddings=16, sliding_window=None,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(16)],
                       "long_factor": [1.5 + 0.4 * i for i in range(16)]}),
+    # Qwen3-MoE: 8 experts, top 2 renormalized; layer 2 dense (mlp_only_layers)
+    "qwen3_moe": dict(
+        arch="Qwen3MoeForCausalLM", config="Qwen3MoeConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2],
+        tie_word_embeddings=False, max_position_embeddings=1024),
+    # every other layer sparse (decoder_sparse_step 2), top 3 not renormalized
+    "qwen3_moe_step2": dict(
+        arch="Qwen3MoeForCausalLM", config="Qwen3MoeConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=6,
+        num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
+        tie_word_embeddings=True, max_position_embeddings=1024),
+    "mixtral": dict(
+        arch="MixtralForCausalLM", config="MixtralConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+        max_position_embeddings=1024, sliding_window=None),
     # Phi-4-mini's shape: partial rotary (48 of 64 dims), tied embeddings, LongRoPE.
     "phi4mini": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
@@ -112,7 +131,7 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
     else:
         with torch.no_grad():  # larger than default init: logits with larger margins
             for p in model.parameters():
-                if p.dim() == 2:
+                if p.dim() >= 2:  # (3: the experts of MoE models, stacked)
                     p.normal_(0.0, 0.08)
     model = model.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)

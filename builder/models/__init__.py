@@ -6,10 +6,13 @@ from __future__ import annotations
 from builder.hookspecs import hookimpl
 from builder.models.base import DecoderBuilder
 from builder.models.llama import LlamaBuilder
+from builder.models.mixtral import MixtralBuilder
 from builder.models.phi3 import Phi3Builder
 from builder.models.qwen3 import Qwen3Builder
+from builder.models.qwen3_moe import Qwen3MoeBuilder
 
-__all__ = ["DecoderBuilder", "LlamaBuilder", "Phi3Builder", "Qwen3Builder"]
+__all__ = ["DecoderBuilder", "LlamaBuilder", "MixtralBuilder", "Phi3Builder", "Qwen3Builder",
+           "Qwen3MoeBuilder"]
 
 
 @hookimpl
@@ -17,3 +20,5 @@ def register_architectures(register):
     register(LlamaBuilder)
     register(Qwen3Builder)
     register(Phi3Builder)
+    register(Qwen3MoeBuilder)
+    register(MixtralBuilder)

@@ -11,6 +11,7 @@ from builder.ops.attention import (
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
 from builder.ops.mlp import swiglu
+from builder.ops.moe import interleave, moe
 from builder.ops.norms import rms_norm, skip_rms_norm
 from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
 from builder.ops.softcap import softcap
@@ -18,7 +19,8 @@ from builder.ops.softcap import softcap
 __all__ = [
     "AttentionInputs", "RopeCache", "StaticAttentionInputs", "attention_inputs",
     "decomposed_attention", "embedding", "embedding_quantized", "group_query_attention",
-    "linear", "linear_transposed", "matmul_nbits", "position_ids", "quantized_initializers",
+    "interleave", "linear", "linear_transposed", "matmul_nbits", "moe", "position_ids",
+    "quantized_initializers",
     "rms_norm", "rope_cache", "rotary", "rotary_decomposed", "skip_rms_norm", "softcap",
     "split_heads", "static_attention_inputs", "static_attention_mask", "swiglu", "write_kv",
 ]

@@ -28,8 +28,9 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "k_quant_last": ("k_quant", True, False),
     "k_quant_mixed": ("k_quant", True, True),
 }
-LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD}
-MIXED_ROLES = {R.QKV, R.V, R.DOWN}
+LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
+                R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float
+MIXED_ROLES = {R.QKV, R.V, R.DOWN}  # (not the experts: 8-bit QMoE is inexact, see ops.moe)
 
 
 def mixed_layers(num_layers: int) -> frozenset[int]:

@@ -1,0 +1,25 @@
+"""Mixtral: mirrors Hugging Face ``MixtralForCausalLM`` (Mixtral-8x7B, 8x22B).
+
+The Mistral block whose every MLP is ``num_local_experts`` experts of ``intermediate_size``
+(``w1`` gate, ``w3`` up, ``w2`` down), the top ``num_experts_per_tok`` per token, their softmax
+weights always renormalized over the k.
+"""
+
+from __future__ import annotations
+
+from builder.models.base import LLAMA_WEIGHT_NAMES
+from builder.models.moe import MoeBuilder
+from builder.roles import TensorRole as R
+
+
+class MixtralBuilder(MoeBuilder):
+    architectures = ("MixtralForCausalLM",)
+    experts_fields = ("num_local_experts",)
+    expert_size_field = None
+    weight_names = {
+        **{r: n for r, n in LLAMA_WEIGHT_NAMES.items() if r not in (R.GATE, R.UP, R.DOWN)},
+        R.ROUTER: "model.layers.{i}.block_sparse_moe.gate.weight",
+        R.EXPERT_GATE: "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+        R.EXPERT_UP: "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+        R.EXPERT_DOWN: "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+    }

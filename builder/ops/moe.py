@@ -1,0 +1,76 @@
+"""Mixture of experts: onnxruntime's com.microsoft MoE (float experts) and QMoE (int4/int8).
+
+The router's raw logits go in as ``router_probs``: the kernel takes the softmax over every
+expert, picks the top k and (``normalize_routing_weights=1``) renormalizes their weights to sum
+to 1; each picked expert computes down(silu(gate(x)) * up(x)) and the outputs are summed with
+those weights. Facts of onnxruntime 1.32's CPU kernels that fix the layout (its op schema, and
+the tests against transformers):
+
+- gate and up are one fused FC1 whose rows interleave them (``swiglu_fusion=1``: gate row j,
+  then up row j); the CPU kernels take no separate FC3.
+- SwiGLU is G * sigmoid(alpha * G) * (L + beta): ``activation_alpha=1``, ``activation_beta=0``
+  give the standard silu(gate) * up.
+- QMoE weights are [experts, N, K * bits / 8], the codes of each row packed along K as
+  MatMulNBits packs them, with scales [experts, N, K / block_size] (block-wise) and the default
+  zero point 2^(bits-1) when none is given, which is what a symmetric quantizer writes.
+- QMoE renormalizes the top-k weights whatever ``normalize_routing_weights`` says (also when
+  ``router_weights`` is given); MoE honours it. Without renormalization (Qwen3-MoE's
+  ``norm_topk_prob=false``) QMoE's output is therefore multiplied by the top k's share of the
+  softmax, computed beside it: the same sum, exactly.
+- 8-bit QMoE computes about 1% off its own dequantized weights (a 6.5e-3 error on outputs of
+  0.5, with or without explicit zero points, any accuracy_level), where 4-bit is exact: the
+  builder refuses 8-bit experts (``builder.models.moe``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from builder.graph import GraphBuilder
+
+MS_DOMAIN = "com.microsoft"
+
+
+def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """[I, K] gate and up → [2I, K] with gate row j at 2j and up row j at 2j + 1."""
+    out = np.empty((2 * gate.shape[0], *gate.shape[1:]), gate.dtype)
+    out[0::2], out[1::2] = gate, up
+    return out
+
+
+def moe(gb: GraphBuilder, name: str, x: str, router_logits: str, fc1: list[str],
+        fc2: list[str], *, k: int, normalize: bool, quantized: tuple[int, int, int] | None = None,
+        accuracy_level: int = 0) -> str:
+    """``x`` [B, S, hidden] and the router's logits [B, S, experts] → [B, S, hidden].
+
+    ``fc1`` / ``fc2``: initializer names of the fused gate/up and of down: [weights] for float
+    experts; [codes, scales] or [codes, scales, zero points] for ``quantized`` = (fc1 bits, fc2
+    bits, block size)."""
+    with gb.scope(name):
+        # router_probs is [tokens, experts]
+        experts_logits = gb.node("Flatten", [router_logits], "router/Flatten", axis=2)
+        attrs = dict(k=k, normalize_routing_weights=int(normalize), activation_type="swiglu",
+                     swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+        if quantized is None:
+            inputs = [x, experts_logits, fc1[0], "", fc2[0]]
+            return gb.node("MoE", inputs, "MoE", domain=MS_DOMAIN, **attrs)
+        bits1, bits2, block = quantized
+        attrs["normalize_routing_weights"] = 1  # what QMoE does in any case (above)
+        zp1 = fc1[2] if len(fc1) > 2 else ""
+        zp2 = fc2[2] if len(fc2) > 2 else ""
+        inputs = [x, experts_logits, fc1[0], fc1[1], "", fc2[0], fc2[1], "", "", "", "",
+                  zp1, zp2]
+        while inputs[-1] == "":
+            inputs.pop()
+        extra = {} if bits1 == bits2 else dict(fc1_expert_weight_bits=bits1,
+                                               fc2_expert_weight_bits=bits2)
+        out = gb.node("QMoE", inputs, "QMoE", domain=MS_DOMAIN, expert_weight_bits=bits1,
+                      block_size=block, accuracy_level=accuracy_level, **attrs, **extra)
+        if normalize:
+            return out
+        with gb.scope("top_k_share"):  # Σ of the k largest softmax weights, [B, S, 1]
+            probs = gb.node("Softmax", [router_logits], axis=-1)
+            top = gb.node("TopK", [probs, gb.constant([k])], outputs=2, axis=-1)[0]
+            share = gb.node("ReduceSum", [top, gb.constant([-1])], keepdims=1)
+        return gb.node("Mul", [out, share], "unnormalized/Mul")
+
