@@ -95,7 +95,7 @@ class DecoderFolder:
         self.report: dict | None = None  # quantized QNN builds: the accuracy report
 
     def check(self, config: DecoderConfig, cls) -> None:
-        pass
+        self.cls = cls
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
         o = self.options
@@ -114,7 +114,8 @@ class DecoderFolder:
                 gb.close()
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
-        return genai_config(config, self.target, source, self.options.extra)
+        return genai_config(config, self.target, source, self.options.extra,
+                            self.cls.genai_model_type)
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         pass
@@ -126,6 +127,7 @@ class PipelineFolder(DecoderFolder):
     models when asked."""
 
     def check(self, config: DecoderConfig, cls) -> None:
+        super().check(config, cls)
         check_options(self.options, config)
         resolve_splits(self.options, config, cls)
 

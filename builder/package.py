@@ -61,7 +61,8 @@ def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int
 
 
 def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
-                 extra: ExtraOptions | None = None) -> dict[str, Any]:
+                 extra: ExtraOptions | None = None,
+                 model_type: str | None = None) -> dict[str, Any]:
     """onnxruntime-genai's decoder description of the model we wrote."""
     extra = extra or ExtraOptions()
     gen = generation(source)
@@ -98,7 +99,7 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": config.model_type,
+            "type": model_type or config.model_type,
             "vocab_size": config.vocab_size,
         },
         "search": {

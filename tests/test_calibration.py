@@ -120,6 +120,10 @@ def test_steps_batch_calls_in_order():
     n = BATCH + 3  # sequences, each two chunks: two batches of even sizes, twice
     assert [len(b) for b in prefill] == [(n + 1) // 2, n // 2] * 2
     assert {record for _, record, _ in steps(seqs, by_record=False)} == {False}
+    # calls of 64 tokens: at most BATCH_TOKENS // 64 = 4 at once, in batches of even sizes
+    wide = [sequence(list(range(64)), [7], 64, 0, True, True) for _ in range(9)]
+    assert [len(b) for kind, _, b in steps(wide, True) if kind == PREFILL] == [3, 3, 3]
+    assert [len(b) for kind, _, b in steps(wide, True) if kind == DECODE] == [5, 4]
 
 
 def test_percentile_ranges_against_numpy():

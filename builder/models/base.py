@@ -75,6 +75,9 @@ class DecoderBuilder:
     weight_names: ClassVar[Mapping[R, str]] = LLAMA_WEIGHT_NAMES
     ignored_weights: ClassVar[tuple[str, ...]] = ("*.rotary_emb.inv_freq",)
     qk_norm: ClassVar[bool] = False      # per-head RMSNorm on q and k before rotary
+    # genai_config.json's model type, where onnxruntime-genai does not know the checkpoint's
+    # model_type but runs the graph as this one (None: the checkpoint's)
+    genai_model_type: ClassVar[str | None] = None
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
                  weights: CheckpointReader, gb: GraphBuilder,

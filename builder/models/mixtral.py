@@ -16,6 +16,7 @@ class MixtralBuilder(MoeBuilder):
     architectures = ("MixtralForCausalLM",)
     experts_fields = ("num_local_experts",)
     expert_size_field = None
+    genai_model_type = "mistral"  # onnxruntime-genai knows no mixtral; the experts are in the graph
     weight_names = {
         **{r: n for r, n in LLAMA_WEIGHT_NAMES.items() if r not in (R.GATE, R.UP, R.DOWN)},
         R.ROUTER: "model.layers.{i}.block_sparse_moe.gate.weight",

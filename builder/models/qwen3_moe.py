@@ -17,6 +17,7 @@ from builder.roles import TensorRole as R
 class Qwen3MoeBuilder(MoeBuilder):
     architectures = ("Qwen3MoeForCausalLM",)
     qk_norm = True
+    genai_model_type = "qwen3"  # onnxruntime-genai knows no qwen3_moe; the experts are in the graph
     weight_names = {
         **LLAMA_WEIGHT_NAMES,
         R.ROUTER: "model.layers.{i}.mlp.gate.weight",

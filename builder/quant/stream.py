@@ -38,6 +38,8 @@ PREFILL, DECODE = "context", "iterator"  # the shipped graphs' names, per kind o
 PERCENTILE = 99.999
 BINS = 2048
 BATCH = 8                 # calls run through a layer's graph at once
+BATCH_TOKENS = 256        # and at most this many tokens: every value of a prefill batch is
+                          # exposed, about 600 MB at batch 8 x 64 tokens of a 4B layer
 LOGITS_BYTES = 64 << 20   # lm_head: logits of at most this size at once
 VOCAB_ROWS = 32768        # lm_head: vocabulary rows per graph (see _lm_head_graphs)
 
@@ -74,8 +76,9 @@ def steps(sequences: list[Sequence], by_record: bool) -> list[tuple[str, bool, l
     Step t runs every sequence's call t - (longest - its length): the sequences end together,
     so their decode calls coincide (prompts of different lengths have different numbers of
     prefill chunks). A step's calls are grouped by kind (and, with ``by_record``, by whether
-    they are recorded), each group in as few batches of at most BATCH as it takes, of even
-    sizes. A sequence's calls run in order: each reads the KV rows the earlier ones wrote."""
+    they are recorded), each group in as few batches of at most BATCH calls and BATCH_TOKENS
+    tokens as it takes, of even sizes. A sequence's calls run in order: each reads the KV rows
+    the earlier ones wrote."""
     longest = max((len(s.calls) for s in sequences), default=0)
     plan = []
     for t in range(longest):
@@ -86,7 +89,9 @@ def steps(sequences: list[Sequence], by_record: bool) -> list[tuple[str, bool, l
                 call = s.calls[j]
                 groups.setdefault((call.kind, call.record and by_record), []).append((i, j))
         for (kind, record), calls in groups.items():
-            parts = -(-len(calls) // BATCH)
+            i, j = calls[0]
+            most = max(1, min(BATCH, BATCH_TOKENS // len(sequences[i].calls[j].ids)))
+            parts = -(-len(calls) // most)
             plan += [(kind, record, [calls[k] for k in part])
                      for part in np.array_split(np.arange(len(calls)), parts)]
     return plan
@@ -187,14 +192,18 @@ class LayerStream:
         self.kv_dtype = helper.tensor_dtype_to_np_dtype(KV_TYPE)
         work.mkdir(parents=True, exist_ok=True)
 
-    def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
-               store: WeightStore) -> object:
+    def _write(self, filename: str, kind: str | None, build: Callable, expose: bool,
+               store: WeightStore) -> None:
         qdq = None if self.qdq is None or kind is None else Qdq(self.qdq[0], self.qdq[1][kind])
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
                           store=store, qdq=qdq)
         self.b.gb = gb
         build(self.b)
         gb.save(self.work / filename, expose=expose, log=logging.DEBUG)
+
+    def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
+               store: WeightStore) -> object:
+        self._write(filename, kind, build, expose, store)
         return session(self.work, filename)
 
     def embed(self, sequences: list[Sequence]) -> None:
@@ -224,18 +233,20 @@ class LayerStream:
         minmax ranges (and the outputs, to within a masked key's e^-30 weight) are the same.
         Percentile keeps all C rows (it counts the zeros)."""
         layers = self.b.config.num_hidden_layers
-        plan = steps(sequences, ranges is not None)
+        # every prefill call before every decode call: a sequence's calls stay in order, and
+        # one session (one copy of the layer's weights) is loaded at a time
+        plan = sorted(steps(sequences, ranges is not None), key=lambda step: step[0] != PREFILL)
         rows = buffer_rows(sequences, self.context, None if ranges is None else ranges.method)
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             store = WeightStore(self.work / "layer.data")
             try:
-                sessions = {kind: self._graph(
-                    f"{kind}.onnx", kind, lambda b, s=s: build_transformer(
+                for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
+                    self._write(f"{kind}.onnx", kind, lambda b, s=s: build_transformer(
                         b, s, self.context, range(layer, layer + 1), "batch", rows),
-                    ranges is not None, store)
-                    for kind, s in ((PREFILL, self.prefill), (DECODE, 1))}
+                        ranges is not None, store)
             finally:
                 store.close()
+            sess = loaded = None
             first = "inputs_embeds" if layer == 0 else layer_stream(layer)
             last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
             past_k, past_v, present_k, present_v = kv_names(layer)
@@ -248,7 +259,9 @@ class LayerStream:
                                                    for i, j in batch], np.int32),
                          "total_seq_len": np.array([self.context], np.int32),
                          past_k: kv[0][members], past_v: kv[1][members]}
-                sess = sessions[kind]
+                if kind != loaded:
+                    sess = None  # the other kind's session freed before this one loads
+                    sess, loaded = session(self.work, f"{kind}.onnx"), kind
                 names = [o.name for o in sess.get_outputs()]
                 out = dict(zip(names, sess.run(None, feeds)))
                 if record:
@@ -261,7 +274,8 @@ class LayerStream:
                     sequences[i].hidden[j] = out[last][r:r + 1].copy()
                 kv[0][members], kv[1][members] = out[present_k], out[present_v]
                 out = feeds = seen = fed = None  # memory holds one batch's values at a time
-            del sessions, kv
+            sess = None  # freed before the next layer's load
+            del kv
             self._clean()
 
     def _lm_head_graphs(self, expose: bool):
