@@ -148,20 +148,26 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
-# The oldest onnxruntime known to run an op as builder writes it (ops not listed: any release
-# the other graphs need). Measured: 1.23.2 runs MoE with interleaved SwiGLU experts and refuses
-# QMoE's block-wise attributes ("Unrecognized attribute"), which 1.24 takes.
-MIN_ONNXRUNTIME = {("com.microsoft", "MoE"): "1.23", ("com.microsoft", "QMoE"): "1.24"}
+# The oldest onnxruntime known to run an op (or one of its attributes) as builder writes it;
+# ops not listed run on any release the other graphs need. Measured with onnxruntime's CPU
+# wheels: 1.23.2 runs MoE with interleaved SwiGLU experts but refuses QMoE's block-wise
+# attributes, which 1.24.4 takes; QMoE's accuracy_level is refused up to 1.30.0 and taken by
+# 1.31.0 ("Unrecognized attribute").
+MIN_ONNXRUNTIME = {("com.microsoft", "MoE", None): "1.23",
+                   ("com.microsoft", "QMoE", None): "1.24",
+                   ("com.microsoft", "QMoE", "accuracy_level"): "1.31"}
 
 
 def requirements(out: Path) -> dict[str, str]:
     """{"onnxruntime": ">=X"} when a graph of the folder uses an op of MIN_ONNXRUNTIME."""
     import onnx
 
-    versions = {MIN_ONNXRUNTIME[n.domain, n.op_type]
+    versions = {MIN_ONNXRUNTIME[key]
                 for graph in sorted(out.glob("*.onnx"))
                 for n in onnx.load(str(graph), load_external_data=False).graph.node
-                if (n.domain, n.op_type) in MIN_ONNXRUNTIME}
+                for key in [(n.domain, n.op_type, None),
+                            *((n.domain, n.op_type, a.name) for a in n.attribute)]
+                if key in MIN_ONNXRUNTIME}
     if not versions:
         return {}
     return {"onnxruntime": ">=" + max(versions, key=lambda v: tuple(map(int, v.split("."))))}

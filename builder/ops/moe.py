@@ -64,8 +64,10 @@ def moe(gb: GraphBuilder, name: str, x: str, router_logits: str, fc1: list[str],
             inputs.pop()
         extra = {} if bits1 == bits2 else dict(fc1_expert_weight_bits=bits1,
                                                fc2_expert_weight_bits=bits2)
+        if accuracy_level:  # (0, the default, is left out: onnxruntime < 1.31 refuses it)
+            extra["accuracy_level"] = accuracy_level
         out = gb.node("QMoE", inputs, "QMoE", domain=MS_DOMAIN, expert_weight_bits=bits1,
-                      block_size=block, accuracy_level=accuracy_level, **attrs, **extra)
+                      block_size=block, **attrs, **extra)
         if normalize:
             return out
         with gb.scope("top_k_share"):  # Σ of the k largest softmax weights, [B, S, 1]
