@@ -107,15 +107,16 @@ PART_WEIGHT_LIMIT = 1 << 30
 def layer_weight_bytes(shapes: list[tuple[R, tuple[int, ...]]], precision: Precision,
                        block_size: int, conv: bool) -> int:
     """What one layer's weights take in model.data: projections at the precision's weight bits
-    (plus fp32 scales: per block of ``block_size`` for int4 on MatMul, per output channel
-    otherwise), other tensors at 16 bits (QDQ builds store them as uint16 codes; fp16) or 32."""
+    (plus an fp32 scale and a zero point of the weight's bits per block of ``block_size`` for
+    int4 on MatMul, per output channel otherwise), other tensors at 16 bits (QDQ builds store
+    them as uint16 codes; fp16) or 32."""
     total = 0
     for role, shape in shapes:
         n = math.prod(shape)
         if precision in QDQ_PRECISIONS and role in LINEAR_ROLES:
             bits = 4 if precision in FOUR_BIT else 8
             scales = n // block_size if bits == 4 and not conv else shape[0]
-            total += n * bits // 8 + 4 * scales
+            total += (n + scales) * bits // 8 + 4 * scales
         else:
             total += n * (4 if precision == Precision.FP32 else 2)
     return total

@@ -148,12 +148,13 @@ SHAPES = {"4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers
 
 
 @pytest.mark.parametrize("shape", ["4B", "8B"])
-@pytest.mark.parametrize("precision, weight_bytes", [("w4a16", 0.5 + 4 / 32), ("w8a16", 1.0),
+@pytest.mark.parametrize("precision, weight_bytes", [("w4a16", 0.5 + 4.5 / 32), ("w8a16", 1.0),
                                                      ("fp16", 2.0)])
 def test_auto_counts_parts_from_the_weights(shape, precision, weight_bytes, caplog):
     """auto: the fewest equal layer ranges whose weights each stay under the limit, counted
-    here by hand from the shapes (int4: half a byte per weight and an fp32 scale per block of
-    32; int8: a byte, per-channel scales a rounding error here; norms at 16 bits)."""
+    here by hand from the shapes (int4: half a byte per weight, an fp32 scale and an int4 zero
+    point per block of 32; int8: a byte, per-channel scales a rounding error here; norms at 16
+    bits)."""
     c = SHAPES[shape]
     h, i, q = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"] * 128
     kv = c["num_key_value_heads"] * 128
