@@ -140,7 +140,7 @@ class DecoderConfig:
             layer_types = tuple(layer_types)
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
-            "partial_rotary_factor", "use_sliding_window"}
+            "partial_rotary_factor", "use_sliding_window", "hidden_activation"}
         return cls(
             architecture=archs[0],
             model_type=model_type,
@@ -155,7 +155,7 @@ class DecoderConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             rope=RopeConfig.from_hf(d),
-            hidden_act=d.get("hidden_act") or "silu",
+            hidden_act=_activation(d, source),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             bos_token_id=d.get("bos_token_id"),
@@ -176,7 +176,17 @@ _SIZES = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embedding
 _POSITIVE = ("rms_norm_eps", "rope_theta")
 _FRACTION = ("partial_rotary_factor",)
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
-_STRINGS = ("hidden_act",)
+_STRINGS = ("hidden_act", "hidden_activation")
+
+
+def _activation(d: dict[str, Any], source: str) -> str:
+    """The MLP's activation: ``hidden_activation`` where a config has it (Gemma's), else
+    ``hidden_act``; both given and different is refused, never one of them dropped."""
+    act, activation = d.get("hidden_act"), d.get("hidden_activation")
+    if act is not None and activation is not None and act != activation:
+        raise ConfigError(f"{source}: hidden_act={act!r} and hidden_activation={activation!r} "
+                          "disagree")
+    return activation or act or "silu"
 _OBJECTS = ("rope_scaling", "rope_parameters")
 _TOKEN_IDS = ("bos_token_id", "pad_token_id")
 

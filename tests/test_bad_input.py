@@ -277,6 +277,12 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
     ("rope_scaling", {"rope_type": "llama3", "factor": "8"}, "rope_scaling.factor has the "
                                                               "wrong type: '8'"),
     ("model_type", _DELETE, "'model_type' must name the model family"),
+    # a field that changes the math is read or refused, never dropped (Gemma's key)
+    ("hidden_activation", "gelu_pytorch_tanh", "hidden_act='silu' and "
+                                               "hidden_activation='gelu_pytorch_tanh' disagree"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported yet"),
+    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}},
+     "rope_parameters.full_attention has the wrong type"),
 ])
 def test_config_field_types(capsys, tmp_path, copy_checkpoint, llama_checkpoint, key, value,
                             needle):

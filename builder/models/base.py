@@ -106,7 +106,8 @@ class DecoderBuilder:
         """Refuse configs this builder cannot express, before anything is written."""
         c = self.config
         if c.hidden_act not in ("silu", "swish"):
-            raise ConfigError(f"hidden_act {c.hidden_act!r} is not supported yet (silu only)")
+            raise ConfigError(f"config.json: hidden_act {c.hidden_act!r} is not supported yet "
+                              "(silu only)")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
