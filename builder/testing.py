@@ -1,6 +1,8 @@
-"""Helpers for tests of the core and of plugins: run a built decoder with onnxruntime.
+"""Helpers for tests of the core and of plugins: run a built decoder with onnxruntime, and the
+transformers references to compare it with (``hf_model``, ``hf_logits``, ``hf_greedy``).
 
-Nothing here imports torch or transformers; reference outputs are the caller's business.
+torch and transformers are imported by those three functions only, when called: they stay
+test-only dependencies.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import numpy as np
 from builder.package import read_genai_config
 from builder.runner import PipelineRun, run_pipeline, session
 
-__all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "max_abs_diff", "run_decoder",
-           "run_on_qnn", "run_pipeline", "run_pipeline_on_qnn", "session"]
+__all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "hf_greedy", "hf_logits",
+           "hf_model", "max_abs_diff", "run_decoder", "run_on_qnn", "run_pipeline",
+           "run_pipeline_on_qnn", "session"]
 
 
 @dataclass
@@ -199,3 +202,65 @@ def run_pipeline_on_qnn(model_dir: Path, prompt: list[int], steps: int,
             raise RuntimeError(f"QNN pipeline failed ({r.returncode}):\n{r.stderr[-3000:]}")
         data = np.load(out)
         return PipelineRun(list(data["logits"]), [int(t) for t in data["tokens"]])
+
+
+# -- the transformers references (torch imported when called) ------------------------------
+def hf_model(folder: Path, **config_overrides):
+    """transformers' model of a checkpoint folder, fp32, eager attention, in eval mode."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", **config_overrides)
+    return model.eval()
+
+
+def hf_logits(folder: Path | None, tokens: np.ndarray, mask: np.ndarray, prompt_len: int,
+              num_hidden_layers: int | None = None, model=None) -> np.ndarray:
+    """Logits [B, T, V]: a prefill of ``prompt_len`` tokens, then one cached step per token, with
+    positions from the mask, as generate() computes them. Stepping matters for LongRoPE, whose
+    tables depend on the length reached by each forward call. ``model``: an already loaded
+    (possibly modified) transformers model instead of ``folder``'s."""
+    import torch
+
+    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    model = model if model is not None else hf_model(folder, **kwargs)
+    ids = torch.from_numpy(np.asarray(tokens, np.int64))
+    m = torch.from_numpy(np.asarray(mask, np.int64))
+    pos = (m.cumsum(-1) - 1).clamp(min=0)
+    out, cache = [], None
+    bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
+    with torch.no_grad():
+        for a, b in bounds:
+            r = model(input_ids=ids[:, a:b], attention_mask=m[:, :b], position_ids=pos[:, a:b],
+                      past_key_values=cache, use_cache=True)
+            cache = r.past_key_values
+            out.append(r.logits)
+    return torch.cat(out, dim=1).numpy()
+
+
+def hf_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' generate(), greedy.
+
+    Under LongRoPE, Phi-3's generate() throws the KV cache away once the sequence crosses the
+    original context and re-runs the whole prefix with the long tables; an exported decoder (ours
+    and onnxruntime-genai's) keeps its cache. For those checkpoints the reference is therefore a
+    greedy loop over the model's own cached forward, which is what the exported graph computes.
+    """
+    import torch
+
+    model = hf_model(folder)
+    ids = torch.tensor([prompt])
+    if "longrope" not in (folder / "config.json").read_text():
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return out[0].tolist()
+    tokens, cache, feed = list(prompt), None, ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            r = model(input_ids=feed, past_key_values=cache, use_cache=True)
+            cache = r.past_key_values
+            tokens.append(int(r.logits[0, -1].argmax()))
+            feed = torch.tensor([[tokens[-1]]])
+    return tokens

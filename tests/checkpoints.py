@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
+
+from builder.testing import hf_greedy, hf_logits, hf_model  # noqa: F401  (the tests' imports)
 
 VOCAB = 256
 
@@ -138,59 +139,6 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
     model.save_pretrained(folder, max_shard_size="100KB" if shard else "10GB")
     make_tokenizer(folder)
     return folder
-
-
-def hf_model(folder: Path, **config_overrides):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager", **config_overrides)
-    return model.eval()
-
-
-def hf_logits(folder: Path | None, tokens: np.ndarray, mask: np.ndarray, prompt_len: int,
-              num_hidden_layers: int | None = None, model=None) -> np.ndarray:
-    """Logits [B, T, V]: a prefill of ``prompt_len`` tokens, then one cached step per token, with
-    positions from the mask, as generate() computes them. Stepping matters for LongRoPE, whose
-    tables depend on the length reached by each forward call. ``model``: an already loaded
-    (possibly modified) transformers model instead of ``folder``'s."""
-    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
-    model = model if model is not None else hf_model(folder, **kwargs)
-    ids = torch.from_numpy(np.asarray(tokens, np.int64))
-    m = torch.from_numpy(np.asarray(mask, np.int64))
-    pos = (m.cumsum(-1) - 1).clamp(min=0)
-    out, cache = [], None
-    bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, ids.shape[1])]
-    with torch.no_grad():
-        for a, b in bounds:
-            r = model(input_ids=ids[:, a:b], attention_mask=m[:, :b], position_ids=pos[:, a:b],
-                      past_key_values=cache, use_cache=True)
-            cache = r.past_key_values
-            out.append(r.logits)
-    return torch.cat(out, dim=1).numpy()
-
-
-def hf_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """transformers' generate(), greedy.
-
-    Under LongRoPE, Phi-3's generate() throws the KV cache away once the sequence crosses the
-    original context and re-runs the whole prefix with the long tables; an exported decoder (ours
-    and onnxruntime-genai's) keeps its cache. For those checkpoints the reference is therefore a
-    greedy loop over the model's own cached forward, which is what the exported graph computes.
-    """
-    model = hf_model(folder)
-    ids = torch.tensor([prompt])
-    if "longrope" not in (folder / "config.json").read_text():
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        return out[0].tolist()
-    tokens, cache, feed = list(prompt), None, ids
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            r = model(input_ids=feed, past_key_values=cache, use_cache=True)
-            cache = r.past_key_values
-            tokens.append(int(r.logits[0, -1].argmax()))
-            feed = torch.tensor([[tokens[-1]]])
-    return tokens
 
 
 def config_of(folder: Path) -> dict:

@@ -13,7 +13,7 @@ import transformers
 
 from builder import BuildOptions, build
 from builder.plugins import load_plugins
-from builder.testing import genai_greedy, max_abs_diff, run_decoder
+from builder.testing import genai_greedy, hf_greedy, hf_logits, max_abs_diff, run_decoder
 
 
 @pytest.fixture(scope="session")  # session: kept when other modules run between
@@ -41,18 +41,12 @@ def test_parity_with_transformers(qwen2_checkpoint, tmp_path):
     out = build(BuildOptions(model_name=str(qwen2_checkpoint), output=tmp_path / "out"))
     ids = np.random.default_rng(0).integers(3, 256, (1, 10))
     run = run_decoder(out, ids, steps=8)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        qwen2_checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(run.tokens)).logits.numpy()
+    ref = hf_logits(qwen2_checkpoint, run.tokens, run.attention_mask, 10)  # prefill, then steps
     assert max_abs_diff(run.prefill_logits, ref[:, :10]) <= 1e-4
     for j, step in enumerate(run.step_logits):
         assert max_abs_diff(step, ref[:, 10 + j]) <= 1e-4
     prompt = [int(t) for t in ids[0]]
-    with torch.no_grad():
-        greedy = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
-                             min_new_tokens=8)[0].tolist()
-    assert genai_greedy(out, prompt, 8) == greedy
+    assert genai_greedy(out, prompt, 8) == hf_greedy(qwen2_checkpoint, prompt, 8)
 
 
 def test_cli_builds_with_the_plugin(qwen2_checkpoint, tmp_path):
