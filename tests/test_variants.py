@@ -196,3 +196,23 @@ def test_config_only(checkpoints, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "build_manifest.json", "genai_config.json", "generation_config.json", "tokenizer.json",
         "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_gelu_mlps_match_transformers(act, tmp_path):
+    """GeGLU MLPs (hidden_act gelu, erf; gelu_pytorch_tanh, the tanh approximation), fp32
+    against transformers eager; the activation matters (the silu build of the same weights is
+    far off)."""
+    from checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "llama", hidden_act=act)
+    run = run_decoder(_build(ck, tmp_path / act), IDS, steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT)[0]
+    diff = max_abs_diff(_all_logits(run), ref)
+    print(f"llama hidden_act={act}: max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "hidden_act": "silu"}))
+    silu = run_decoder(_build(ck, tmp_path / "silu"), IDS, steps=STEPS,
+                       forced=run.tokens[:, PROMPT:])
+    assert max_abs_diff(_all_logits(silu), ref) > 1e-2

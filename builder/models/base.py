@@ -33,6 +33,11 @@ from builder.weights import CheckpointReader, Rows
 
 logger = logging.getLogger(__name__)
 
+# transformers' activation names → the MLP emitter's (gelu_new and gelu_pytorch_tanh are both
+# the tanh approximation)
+HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh"}
+
 LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
     R.EMBED: "model.embed_tokens.weight",
     R.ATTN_NORM: "model.layers.{i}.input_layernorm.weight",
@@ -105,9 +110,9 @@ class DecoderBuilder:
     def check_supported(self) -> None:
         """Refuse configs this builder cannot express, before anything is written."""
         c = self.config
-        if c.hidden_act not in ("silu", "swish"):
+        if c.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"config.json: hidden_act {c.hidden_act!r} is not supported yet "
-                              "(silu only)")
+                              f"({', '.join(HIDDEN_ACTS)})")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
@@ -274,6 +279,10 @@ class DecoderBuilder:
         return tuple(names)
 
     # -- the model's math, stated once; every target lowers it ---------------------------
+    def mlp_activation(self) -> str:
+        """The gated MLP's activation (``builder.ops.mlp.ACTIVATIONS``), from hidden_act."""
+        return HIDDEN_ACTS[self.config.hidden_act]
+
     def embedding_multiplier(self) -> float | None:
         """Factor on the looked-up embeddings (Gemma: sqrt(hidden_size)); None: none."""
         return None
@@ -398,11 +407,12 @@ class DecoderBuilder:
             fused = names[0].replace("gate_proj", "gate_up_proj")
             return swiglu(self.gb, "mlp", x, None, None, q(R.DOWN, down, "down_proj"), names,
                           gate_up=(q(R.GATE_UP, gate_up, "gate_up_proj"), fused),
-                          accuracy_level=level, conv=self.conv_projections)
+                          accuracy_level=level, conv=self.conv_projections,
+                          activation=self.mlp_activation())
         gate, up, down = self.mlp_weights(layer)
         return swiglu(self.gb, "mlp", x, q(R.GATE, gate, "gate_proj"), q(R.UP, up, "up_proj"),
                       q(R.DOWN, down, "down_proj"), names, accuracy_level=level,
-                      conv=self.conv_projections)
+                      conv=self.conv_projections, activation=self.mlp_activation())
 
     def lm_head(self, x: str) -> str:
         """The projection to the vocabulary (lowered per target), then the final soft-cap."""

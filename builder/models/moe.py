@@ -82,6 +82,9 @@ class MoeBuilder(LlamaBuilder):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config.json: {key} must be a positive integer, got "
                                   f"{value!r}")
+        if self.mlp_activation() != "silu":
+            raise ConfigError(f"config.json: hidden_act {c.hidden_act!r}: onnxruntime's MoE "
+                              "experts are SwiGLU (silu) only here")
         if self.top_k() > self.num_experts(c):
             raise ConfigError(f"config.json: num_experts_per_tok={self.top_k()} is more than "
                               f"the {self.num_experts(c)} experts")

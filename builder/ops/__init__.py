@@ -10,14 +10,14 @@ from builder.ops.attention import (
 )
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
-from builder.ops.mlp import swiglu
+from builder.ops.mlp import ACTIVATIONS, activate, swiglu
 from builder.ops.moe import interleave, moe
 from builder.ops.norms import rms_norm, skip_rms_norm
 from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
 from builder.ops.softcap import softcap
 
 __all__ = [
-    "AttentionInputs", "RopeCache", "StaticAttentionInputs", "attention_inputs",
+    "ACTIVATIONS", "AttentionInputs", "activate", "RopeCache", "StaticAttentionInputs", "attention_inputs",
     "decomposed_attention", "embedding", "embedding_quantized", "group_query_attention",
     "interleave", "linear", "linear_transposed", "matmul_nbits", "moe", "position_ids",
     "quantized_initializers",

@@ -11,11 +11,25 @@ from builder.quant.base import QuantizedWeight
 Weight = np.ndarray | QuantizedWeight
 
 
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def activate(gb: GraphBuilder, x: str, activation: str) -> str:
+    """silu (Sigmoid + Mul), gelu (erf) or gelu_tanh (the tanh approximation), as standard ONNX
+    ops."""
+    with gb.scope("act_fn"):
+        if activation == "silu":
+            return gb.node("Mul", [x, gb.node("Sigmoid", [x])])
+        if activation in ("gelu", "gelu_tanh"):
+            return gb.node("Gelu", [x], approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"activation {activation!r}: one of {', '.join(ACTIVATIONS)}")
+
+
 def swiglu(gb: GraphBuilder, name: str, x: str, gate: Weight | None, up: Weight | None,
            down: Weight, names: tuple[str, str, str],
            gate_up: tuple[Weight, str] | None = None, accuracy_level: int = 4,
-           conv: bool = False) -> str:
-    """down(silu(gate(x)) * up(x)), the Llama MLP; SiLU as Sigmoid + Mul.
+           conv: bool = False, activation: str = "silu") -> str:
+    """down(act(gate(x)) * up(x)), the gated MLP (Llama's: SiLU; GeGLU with gelu / gelu_tanh).
 
     With ``gate_up`` = (weight [2 * intermediate, in], name), gate and up are one MatMul and a
     Split instead of two MatMuls.
@@ -30,8 +44,6 @@ def swiglu(gb: GraphBuilder, name: str, x: str, gate: Weight | None, up: Weight 
                            accuracy_level=accuracy_level, conv=conv)
             with gb.scope("gate_up_proj"):
                 g, u = gb.node("Split", [fused], outputs=2, axis=-1, num_outputs=2)
-        with gb.scope("act_fn"):
-            act = gb.node("Mul", [g, gb.node("Sigmoid", [g])])
-        h = gb.node("Mul", [act, u])
+        h = gb.node("Mul", [activate(gb, g, activation), u])
         return linear(gb, "down_proj", h, down, names[2], accuracy_level=accuracy_level,
                       conv=conv)
