@@ -17,10 +17,10 @@ from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rota
 from builder.ops.softcap import softcap
 
 __all__ = [
-    "ACTIVATIONS", "AttentionInputs", "activate", "RopeCache", "StaticAttentionInputs", "attention_inputs",
-    "decomposed_attention", "embedding", "embedding_quantized", "group_query_attention",
-    "interleave", "linear", "linear_transposed", "matmul_nbits", "moe", "position_ids",
-    "quantized_initializers",
-    "rms_norm", "rope_cache", "rotary", "rotary_decomposed", "skip_rms_norm", "softcap",
-    "split_heads", "static_attention_inputs", "static_attention_mask", "swiglu", "write_kv",
+    "ACTIVATIONS", "AttentionInputs", "RopeCache", "StaticAttentionInputs", "activate",
+    "attention_inputs", "decomposed_attention", "embedding", "embedding_quantized",
+    "group_query_attention", "interleave", "linear", "linear_transposed", "matmul_nbits", "moe",
+    "position_ids", "quantized_initializers", "rms_norm", "rope_cache", "rotary",
+    "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
+    "static_attention_mask", "swiglu", "write_kv",
 ]
