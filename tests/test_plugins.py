@@ -92,3 +92,42 @@ def test_unknown_hook_is_refused():
     bad = types.SimpleNamespace(register_widgets=hookimpl(lambda register: None))
     with pytest.raises(PluginError, match="register_widgets"):
         load_plugins([("bad", bad)], entry_points=False)
+
+
+def test_a_hook_override_accepts_what_the_base_would_refuse(tmp_path):
+    """check_supported asks the hooks: an architecture that maps its own activation name in
+    mlp_activation builds (the base alone refuses the name), and computes what the built-in
+    name for that activation computes."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from builder import BuildOptions, build
+    from builder.errors import ConfigError
+    from builder.testing import max_abs_diff, run_decoder
+    from checkpoints import make_checkpoint
+
+    class MyGelu(LlamaBuilder):
+        architectures = ("MyGeluForCausalLM",)
+
+        def mlp_activation(self):
+            return "gelu_tanh" if self.config.hidden_act == "my_gelu" else super().mlp_activation()
+
+    plugins = load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                             register(MyGelu)))])
+    ck = make_checkpoint(tmp_path / "ck", "llama", hidden_act="gelu_pytorch_tanh")
+    mine = shutil.copytree(ck, tmp_path / "mine")
+    config = json.loads((mine / "config.json").read_text())
+    (mine / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["MyGeluForCausalLM"], "hidden_act": "my_gelu"}))
+    ids = np.arange(3, 13)[None]
+    ours = run_decoder(build(BuildOptions(model_name=str(mine), output=tmp_path / "o"), plugins),
+                       ids, steps=3)
+    builtin = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "b")), ids,
+                          steps=3)
+    assert max_abs_diff(ours.prefill_logits, builtin.prefill_logits) == 0.0
+    (mine / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["LlamaForCausalLM"], "hidden_act": "my_gelu"}))
+    with pytest.raises(ConfigError, match="hidden_act 'my_gelu' is not supported yet"):
+        build(BuildOptions(model_name=str(mine), output=tmp_path / "r"))

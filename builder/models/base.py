@@ -25,7 +25,7 @@ from builder.config import DecoderConfig
 from builder.errors import ConfigError, WeightError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
-from builder.ops import linear, rms_norm, skip_rms_norm, softcap, swiglu
+from builder.ops import ACTIVATIONS, linear, rms_norm, skip_rms_norm, softcap, swiglu
 from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
@@ -108,11 +108,14 @@ class DecoderBuilder:
 
     # -- decisions -----------------------------------------------------------------------
     def check_supported(self) -> None:
-        """Refuse configs this builder cannot express, before anything is written."""
+        """Refuse configs this builder cannot express, before anything is written. What the
+        hooks decide (the MLP's activation) is checked through them, so that an architecture
+        that overrides a hook to accept more is not refused here first."""
         c = self.config
-        if c.hidden_act not in HIDDEN_ACTS:
-            raise ConfigError(f"config.json: hidden_act {c.hidden_act!r} is not supported yet "
-                              f"({', '.join(HIDDEN_ACTS)})")
+        activation = self.mlp_activation()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"{type(self).__name__}.mlp_activation gives {activation!r}, "
+                              f"which no MLP emitter has ({', '.join(ACTIVATIONS)})")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
@@ -280,8 +283,13 @@ class DecoderBuilder:
 
     # -- the model's math, stated once; every target lowers it ---------------------------
     def mlp_activation(self) -> str:
-        """The gated MLP's activation (``builder.ops.mlp.ACTIVATIONS``), from hidden_act."""
-        return HIDDEN_ACTS[self.config.hidden_act]
+        """The gated MLP's activation (one of ``builder.ops.ACTIVATIONS``), from hidden_act;
+        an architecture with another name for one of them maps it here."""
+        act = self.config.hidden_act
+        if act not in HIDDEN_ACTS:
+            raise ConfigError(f"config.json: hidden_act {act!r} is not supported yet "
+                              f"({', '.join(HIDDEN_ACTS)})")
+        return HIDDEN_ACTS[act]
 
     def embedding_multiplier(self) -> float | None:
         """Factor on the looked-up embeddings (Gemma: sqrt(hidden_size)); None: none."""
