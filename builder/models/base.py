@@ -326,26 +326,41 @@ class DecoderBuilder:
             return self.gb.node("Mul", [h, self.gb.constant(multiplier, np.float32)])
 
     def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str | None]:
-        """Pre-norm block; returns (the block's output, the residual stream to add to it), or
-        (the block's output with its residual added, None) where norms do not fuse adds."""
-        gb, eps = self.gb, self.config.rms_norm_eps
+        """Pre-norm block, composed of steps an architecture overrides one at a time:
+        ``pre_norm`` (input_layernorm) → ``attention`` → ``attention_output`` → ``pre_norm``
+        (the residual add, then the MLP's norm) → ``mlp`` → ``mlp_output``. Returns (the
+        block's output, the residual stream to add to it), or (the block's output with its
+        residual added, None) where norms do not fuse adds."""
+        gb = self.gb
         with gb.scope(f"/model/layers.{layer}"):
-            w, name = self.weight(R.ATTN_NORM, layer), self.weight_name(R.ATTN_NORM, layer)
+            h, residual = self.pre_norm(layer, "input_layernorm", R.ATTN_NORM, x, residual)
+            a = self.attention_output(layer, self.attention(layer, h))
+            h, residual = self.pre_norm(layer, "post_attention_layernorm", R.MLP_NORM, a,
+                                        residual, "attn_residual/Add")
+            m = self.mlp_output(layer, self.mlp(layer, h))
             if not self.target.skip_norm:  # residual adds stay separate from the norms
-                h = rms_norm(gb, "input_layernorm", x, w, name, eps)
-                x = gb.node("Add", [x, self.attention(layer, h)], "attn_residual/Add")
-                h = rms_norm(gb, "post_attention_layernorm", x, self.weight(R.MLP_NORM, layer),
-                             self.weight_name(R.MLP_NORM, layer), eps)
-                return gb.node("Add", [x, self.mlp(layer, h)], "mlp_residual/Add"), None
-            if residual is None:
-                h, residual = rms_norm(gb, "input_layernorm", x, w, name, eps), x
-            else:
-                h, residual = skip_rms_norm(gb, "input_layernorm", x, residual, w, name, eps)
-            a = self.attention(layer, h)
-            h, residual = skip_rms_norm(gb, "post_attention_layernorm", a, residual,
-                                        self.weight(R.MLP_NORM, layer),
-                                        self.weight_name(R.MLP_NORM, layer), eps)
-            return self.mlp(layer, h), residual
+                return gb.node("Add", [residual, m], "mlp_residual/Add"), None
+            return m, residual
+
+    def pre_norm(self, layer: int, name: str, role: R, x: str, residual: str | None,
+                 add: str = "residual/Add") -> tuple[str, str]:
+        """(RMSNorm of the stream, the stream): the stream is ``x`` plus ``residual`` (when
+        there is one); fused into one SkipSimplifiedLayerNormalization where the target has it,
+        else an Add named ``add`` and the norm."""
+        gb, eps = self.gb, self.config.rms_norm_eps
+        w, weight_name = self.weight(role, layer), self.weight_name(role, layer)
+        if residual is not None and self.target.skip_norm:
+            return skip_rms_norm(gb, name, x, residual, w, weight_name, eps)
+        stream = x if residual is None else gb.node("Add", [residual, x], add)
+        return rms_norm(gb, name, stream, w, weight_name, eps), stream
+
+    def attention_output(self, layer: int, a: str) -> str:
+        """The attention block's output before the residual add (Gemma: a norm); as is."""
+        return a
+
+    def mlp_output(self, layer: int, m: str) -> str:
+        """The MLP block's output before the residual add (Gemma: a norm); as is."""
+        return m
 
     def final_norm(self, x: str, residual: str | None) -> str:
         """The last residual add (when still pending) and the final RMSNorm."""
