@@ -131,3 +131,59 @@ def test_a_hook_override_accepts_what_the_base_would_refuse(tmp_path):
         {**config, "architectures": ["LlamaForCausalLM"], "hidden_act": "my_gelu"}))
     with pytest.raises(ConfigError, match="hidden_act 'my_gelu' is not supported yet"):
         build(BuildOptions(model_name=str(mine), output=tmp_path / "r"))
+
+
+def test_an_architecture_declares_roles_of_its_own(tmp_path):
+    """A plugin names a tensor role of its own (a string key of weight_names, its shape from
+    role_shape) and uses it in a decoder-layer step: the tensors are read and counted as used,
+    those of layers not built (num_hidden_layers) are ignored, and a role without a shape is
+    one clear error."""
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from builder import BuildOptions, ExtraOptions, build
+    from builder.errors import ConfigError
+    from builder.models.base import LLAMA_WEIGHT_NAMES
+    from builder.ops import rms_norm
+    from checkpoints import make_checkpoint
+
+    class PostNorm(LlamaBuilder):
+        architectures = ("LlamaForCausalLM",)
+        weight_names = {**LLAMA_WEIGHT_NAMES,
+                        "post_attn_norm": "model.layers.{i}.post_attn_norm.weight"}
+
+        @classmethod
+        def role_shape(cls, c, role):
+            return (c.hidden_size,) if role == "post_attn_norm" else super().role_shape(c, role)
+
+        def attention_output(self, layer, a):
+            return rms_norm(self.gb, "post_attn_norm", a, self.weight("post_attn_norm", layer),
+                            self.weight_name("post_attn_norm", layer), self.config.rms_norm_eps)
+
+    ck = make_checkpoint(tmp_path / "ck", "llama")
+    tensors = load_file(ck / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.post_attn_norm.weight"] = tensors[
+            f"model.layers.{i}.input_layernorm.weight"].clone()
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+
+    def plugins(cls):
+        return load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                              register(cls, replace=True)))])
+
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"), plugins(PostNorm))
+    names = {n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False)
+             .graph.node}
+    assert {"/model/layers.0/post_attn_norm/RMSNormalization",
+            "/model/layers.1/post_attn_norm/RMSNormalization"} <= names
+    build(BuildOptions(model_name=str(ck), output=tmp_path / "one",
+                       extra=ExtraOptions.parse(["num_hidden_layers=1"])), plugins(PostNorm))
+
+    class NoShape(PostNorm):
+        @classmethod
+        def role_shape(cls, c, role):
+            return LlamaBuilder.role_shape.__func__(cls, c, role)
+
+    with pytest.raises(ConfigError, match="NoShape.weight_names has role 'post_attn_norm', "
+                                          "whose shape NoShape.role_shape does not give"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "x"), plugins(NoShape))

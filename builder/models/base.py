@@ -175,18 +175,24 @@ class DecoderBuilder:
         return self.role_shape(self.config, role)
 
     @classmethod
-    def role_shape(cls, c: DecoderConfig, role: R) -> tuple[int, ...]:
-        """A role's tensor shape as ``c`` implies it (the checkpoint must agree)."""
+    def role_shape(cls, c: DecoderConfig, role: R | str) -> tuple[int, ...]:
+        """A role's tensor shape as ``c`` implies it (the checkpoint must agree). An
+        architecture may name roles of its own (plain strings, as keys of ``weight_names``):
+        it gives their shapes by overriding this."""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         h, i = c.hidden_size, c.intermediate_size
-        return {
+        shapes = {
             R.EMBED: (c.vocab_size, h), R.LM_HEAD: (c.vocab_size, h),
             R.ATTN_NORM: (h,), R.MLP_NORM: (h,), R.FINAL_NORM: (h,),
             R.Q: (q, h), R.K: (kv, h), R.V: (kv, h), R.O: (h, q), R.QKV: (q + 2 * kv, h),
             R.Q_BIAS: (q,), R.K_BIAS: (kv,), R.V_BIAS: (kv,), R.O_BIAS: (h,),
             R.Q_NORM: (c.head_dim,), R.K_NORM: (c.head_dim,),
             R.GATE: (i, h), R.UP: (i, h), R.DOWN: (h, i), R.GATE_UP: (2 * i, h),
-        }[role]
+        }
+        if role not in shapes:
+            raise ConfigError(f"{cls.__name__}.weight_names has role {role!r}, whose shape "
+                              f"{cls.__name__}.role_shape does not give")
+        return shapes[role]
 
     @classmethod
     def layer_weight_shapes(cls, c: DecoderConfig, layer: int) -> list[tuple[R, tuple[int, ...]]]:
