@@ -280,7 +280,7 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
     # a field that changes the math is read or refused, never dropped (Gemma's key)
     ("hidden_activation", "gelu_pytorch_tanh", "hidden_act='silu' and "
                                                "hidden_activation='gelu_pytorch_tanh' disagree"),
-    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported yet"),
+    ("hidden_act", "relu2", "hidden_act 'relu2' is not supported yet"),
     ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}},
      "rope_parameters.full_attention has the wrong type"),
 ])
