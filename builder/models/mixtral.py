@@ -8,7 +8,7 @@ weights always renormalized over the k.
 from __future__ import annotations
 
 from builder.models.base import LLAMA_WEIGHT_NAMES
-from builder.models.moe import MoeBuilder
+from builder.models.moe import MoeBuilder, expert_weight_names
 from builder.roles import TensorRole as R
 
 
@@ -19,8 +19,5 @@ class MixtralBuilder(MoeBuilder):
     genai_model_type = "mistral"  # onnxruntime-genai knows no mixtral; the experts are in the graph
     weight_names = {
         **{r: n for r, n in LLAMA_WEIGHT_NAMES.items() if r not in (R.GATE, R.UP, R.DOWN)},
-        R.ROUTER: "model.layers.{i}.block_sparse_moe.gate.weight",
-        R.EXPERT_GATE: "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
-        R.EXPERT_UP: "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
-        R.EXPERT_DOWN: "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+        **expert_weight_names("block_sparse_moe", "w1", "w3", "w2"),
     }

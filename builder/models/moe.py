@@ -26,6 +26,15 @@ from builder.weights import SAFETENSORS_DTYPES
 logger = logging.getLogger(__name__)
 
 
+def expert_weight_names(block: str, gate: str, up: str, down: str) -> dict[R, str]:
+    """The router and expert name templates of a sparse MLP at ``model.layers.{i}.<block>``:
+    its router ``gate``, and each expert's ``experts.{e}.<gate|up|down>`` projections."""
+    prefix = f"model.layers.{{i}}.{block}"
+    return {R.ROUTER: f"{prefix}.gate.weight",
+            **{role: f"{prefix}.experts.{{e}}.{name}.weight" for role, name in (
+                (R.EXPERT_GATE, gate), (R.EXPERT_UP, up), (R.EXPERT_DOWN, down))}}
+
+
 class MoeBuilder(LlamaBuilder):
     """Subclasses name their config fields and add ROUTER / EXPERT_* name templates."""
 

@@ -10,21 +10,15 @@ from __future__ import annotations
 
 from builder.errors import ConfigError
 from builder.models.base import LLAMA_WEIGHT_NAMES
-from builder.models.moe import MoeBuilder
-from builder.roles import TensorRole as R
+from builder.models.moe import MoeBuilder, expert_weight_names
 
 
 class Qwen3MoeBuilder(MoeBuilder):
     architectures = ("Qwen3MoeForCausalLM",)
     qk_norm = True
     genai_model_type = "qwen3"  # onnxruntime-genai knows no qwen3_moe; the experts are in the graph
-    weight_names = {
-        **LLAMA_WEIGHT_NAMES,
-        R.ROUTER: "model.layers.{i}.mlp.gate.weight",
-        R.EXPERT_GATE: "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
-        R.EXPERT_UP: "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-        R.EXPERT_DOWN: "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
-    }
+    weight_names = {**LLAMA_WEIGHT_NAMES,
+                    **expert_weight_names("mlp", "gate_proj", "up_proj", "down_proj")}
 
     def check_supported(self) -> None:
         x = self.config.extra
