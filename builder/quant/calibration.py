@@ -1,13 +1,13 @@
 """Calibrated static quantization (w8a16, w4a16, w8a8) of the QNN pipeline: the ranges.
 
 The float pipeline runs, one layer at a time (``builder.quant.stream``), over calibration
-sequences fed as onnxruntime-genai feeds them: prefill calls on prompts joined into sequences of
-two chunks of P, and decode calls on each prompt continued by the text that follows it, one
-token at a time, so that the decode graph sees the true, growing KV cache. Greedy trajectories
-would need the whole model at every step; a cache left empty gives ranges the model never sees
-in use (the tests measure both). Every float value the graphs compute gets its range (min/max,
-or the 99.999% percentile), by the name the builder gives it; ``builder.pipeline`` then writes
-the QDQ graphs with them.
+sequences fed as onnxruntime-genai feeds them: each prompt in chunks of P, continued by the text
+that follows it one token at a time, so that the decode graph sees the true, growing KV cache
+(prompts of one chunk or less are also joined into sequences of two chunks, so that prefill
+calls see a past). Greedy trajectories would need the whole model at every step; a cache left
+empty gives ranges the model never sees in use (the tests measure both). Every float value the
+graphs compute gets its range (min/max, or the 99.999% percentile), by the name the builder
+gives it; ``builder.pipeline`` then writes the QDQ graphs with them.
 """
 
 from __future__ import annotations
@@ -109,21 +109,26 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
     window, context = stream.prefill, stream.context
     steps = extra.qnn_calibration_steps
     ids = prompts(extra, tokenizer_dir, context)
-    spans = joined(ids, window, max(1, context - steps - 1))
-    sequences = [sequence(tokens, [], window, pad, True, False) for tokens, _ in spans]
-    # each prompt again, continued by the text that follows it: decode at the short contexts
-    # of single prompts (decoding only after the joined sequences, at 2P rows and more, left
-    # short-context decode clipped: w8a16 decode cosine 0.994 against 0.9994)
-    sequences += [sequence(p, continuation(ids, i, steps - 1), window, pad, False, True)
-                  for i, p in enumerate(ids)]
-    calls = sum(-(-len(tokens) // window) for tokens, _ in spans)
+    # each prompt, prefilled as at run time (its last chunk padded) and continued by the text
+    # that follows it: decode at the short contexts of single prompts (decoding only after
+    # joined sequences, at 2P rows and more, left short-context decode clipped: w8a16 decode
+    # cosine 0.994 against 0.9994)
+    sequences = [sequence(p, continuation(ids, i, steps - 1), window, pad, True, True)
+                 for i, p in enumerate(ids)]
+    # prompts of one chunk or less never prefill with a past: those are also joined into
+    # two-chunk sequences (a prompt longer than P already calls with its earlier chunks cached)
+    short = [p for p in ids if len(p) <= window]
+    spans = joined(short, window, max(1, context - steps - 1)) if short else []
+    sequences += [sequence(tokens, [], window, pad, True, False) for tokens, _ in spans]
+    calls = sum(-(-len(t) // window) for t in ids) + sum(-(-len(t) // window) for t, _ in spans)
     layers = stream.b.config.num_hidden_layers
-    logger.info("calibration (%s): %d layers, one at a time; prefill graph on %d sequence(s) "
-                "joined from %d prompts (%d tokens, %d calls of %d); decode graph on the %d "
-                "prompts, each continued by %d tokens of the text after it (%d tokens)%s",
-                extra.qnn_calibration_method, layers, len(spans), len(ids),
-                sum(len(t) for t, _ in spans), calls, window, len(ids), steps - 1,
-                len(ids) * (steps - 1), ", on an empty cache" if empty_cache else "")
+    logger.info("calibration (%s): %d layers, one at a time; prefill graph on the %d prompts "
+                "and %d sequence(s) joined from the %d of one chunk or less (%d tokens, %d calls "
+                "of %d); decode graph on the %d prompts, each continued by %d tokens of the text "
+                "after it (%d tokens)%s",
+                extra.qnn_calibration_method, layers, len(ids), len(spans), len(short),
+                sum(map(len, ids)) + sum(len(t) for t, _ in spans), calls, window, len(ids),
+                steps - 1, len(ids) * (steps - 1), ", on an empty cache" if empty_cache else "")
     ranges = Ranges(extra.qnn_calibration_method)
     everything = sequences + held_out
     stream.embed(everything)
