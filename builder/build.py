@@ -170,8 +170,10 @@ class PipelineFolder(DecoderFolder):
             stream.run(quantized, desc="accuracy report")
             weight_bits = 4 if o.precision in FOUR_BIT else 8
             lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
+            finish = LayerStream(builder, work, prefill, context, float_type).final_logits
             self.report = accuracy_report(stream.logits, held_out, quantized, prefill,
-                                          weights.rows(lm_head), f"w{weight_bits}a{bits}")
+                                          weights.rows(lm_head), f"w{weight_bits}a{bits}",
+                                          finish)
         work.rmdir()
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison

@@ -31,12 +31,25 @@ class _Parser(argparse.ArgumentParser):
         return known
 
 
+def _options_help() -> str:
+    """The built-in extra options and those of the plugins that load (a plugin that fails to
+    load is reported when a build runs, not here)."""
+    from builder.plugins import default_plugins
+
+    try:
+        options = default_plugins().options
+    except BuilderError:
+        return options_help()
+    return options_help(plugin_options=[(options.owner(n), options.get(n))
+                                        for n in options.names()])
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m builder",
         description="Build an ONNX Runtime model folder from a Hugging Face decoder checkpoint "
                     "(safetensors + config.json).",
-        epilog=options_help(),  # raw: argparse formats no % in a raw epilog
+        epilog=_options_help(),  # raw: argparse formats no % in a raw epilog
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model_name", help="hub id (org/name) or local folder")
     p.add_argument("-i", "--input", type=Path, help="local checkpoint folder (overrides -m)")

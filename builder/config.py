@@ -13,6 +13,7 @@ from builder.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads")
 
@@ -26,6 +27,36 @@ class RopeConfig:
     type: str = "default"
     partial_rotary_factor: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def by_layer_type(cls, d: dict[str, Any], source: str) -> dict[str, RopeConfig]:
+        """transformers 5's ``rope_parameters`` keyed by layer type (Gemma 3: local and global
+        layers rotate differently): one RopeConfig per type; {} when the config has one for
+        every layer."""
+        params = d.get("rope_parameters")
+        if not isinstance(params, dict) or not any(isinstance(v, dict) for v in params.values()):
+            return {}
+        kinds = set(LAYER_TYPES)
+        if not set(params) <= kinds or not all(isinstance(v, dict) for v in params.values()):
+            raise ConfigError(f"{source}: rope_parameters must be one set of parameters or one "
+                              f"per layer type ({', '.join(LAYER_TYPES)}), got "
+                              f"{_short(params)}")
+        if d.get("rope_scaling"):
+            raise ConfigError(f"{source}: rope_scaling beside rope_parameters by layer type: "
+                              "say which layers it scales inside rope_parameters")
+        types = d.get("layer_types") or []
+        missing = sorted({t for t in types if t not in params})
+        if missing:
+            raise ConfigError(f"{source}: rope_parameters has no entry for layer type(s) "
+                              f"{', '.join(missing)} that layer_types uses")
+        ropes = {}
+        for kind, sub in params.items():
+            rope = cls.from_hf({**d, "rope_parameters": sub})
+            if rope.type in ("longrope", "su"):
+                raise ConfigError(f"{source}: rope_parameters.{kind}: LongRoPE per layer type "
+                                  "is not supported")
+            ropes[kind] = rope
+        return ropes
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
@@ -69,7 +100,38 @@ class DecoderConfig:
     # per-layer attention kinds ("full_attention" | "sliding_attention"); None: every layer
     # uses sliding_window (Mistral, Phi-3)
     layer_types: tuple[str, ...] | None = None
+    # rotary parameters per layer type (transformers 5's rope_parameters keyed by layer type);
+    # {}: ``rope`` for every layer
+    layer_ropes: dict[str, RopeConfig] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def number(self, key: str, default: float | None = None) -> float | None:
+        """A numeric field of config.json that only some architectures have (Gemma's
+        ``query_pre_attn_scalar``): its value, or ``default`` when absent or null; anything but
+        a finite positive number is refused, naming the field."""
+        value = self.extra.get(key)
+        if value is None:
+            return default
+        if not _number(value) or value <= 0:
+            raise ConfigError(f"config.json: {key} must be a positive number, got "
+                              f"{_short(value)}")
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        """A true/false field of config.json that only some architectures have: its value, or
+        ``default`` when absent or null; anything but true or false is refused."""
+        value = self.extra.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"config.json: {key} must be true or false, got {_short(value)}")
+        return value
+
+    def rope_of(self, layer: int) -> RopeConfig:
+        """The rotary parameters of ``layer``: its layer type's, or the one set."""
+        if self.layer_ropes:
+            return self.layer_ropes[self.layer_types[layer]]
+        return self.rope
 
     def window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` as Hugging Face applies it: with ``layer_types``, only
@@ -131,13 +193,17 @@ class DecoderConfig:
             window = None  # the window never binds: plain causal attention
         layer_types = d.get("layer_types")
         if layer_types is not None:
-            kinds = ("full_attention", "sliding_attention")
+            kinds = LAYER_TYPES
             if (not isinstance(layer_types, list) or len(layer_types) < d["num_hidden_layers"]
                     or any(t not in kinds for t in layer_types)):
                 raise ConfigError(f"{source}: layer_types must list one of {', '.join(kinds)} "
                                   f"for each of the {d['num_hidden_layers']} layers, got "
                                   f"{_short(layer_types)}")
             layer_types = tuple(layer_types)
+        layer_ropes = RopeConfig.by_layer_type(d, source)
+        if layer_ropes and layer_types is None:
+            raise ConfigError(f"{source}: rope_parameters is given per layer type, but "
+                              "layer_types is not given")
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
             "partial_rotary_factor", "use_sliding_window", "hidden_activation"}
@@ -154,7 +220,9 @@ class DecoderConfig:
             max_position_embeddings=max_pos,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            rope=RopeConfig.from_hf(d),
+            rope=(layer_ropes.get("full_attention") or next(iter(layer_ropes.values()))
+                  if layer_ropes else RopeConfig.from_hf(d)),
+            layer_ropes=layer_ropes,
             hidden_act=_activation(d, source),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
@@ -239,15 +307,22 @@ def check_types(d: dict[str, Any], source: str) -> None:
             continue
         if not isinstance(d[key], dict):
             raise bad(key, "an object (or null)")
-        for name, value in d[key].items():
-            if name in ("rope_type", "type"):
-                ok = isinstance(value, str)
-            elif name in _POSITIVE:
-                ok = _number(value) and value > 0
-            elif isinstance(value, list):
-                ok = all(_number(x) for x in value)
-            else:
-                ok = value is None or isinstance(value, bool) or _number(value)
-            if not ok:
-                raise ConfigError(f"{source}: {key}.{name} has the wrong type: "
-                                  f"{_short(value)}")
+        nested = [(f"{key}.{kind}", sub) for kind, sub in d[key].items()
+                  if kind in LAYER_TYPES and isinstance(sub, dict)]
+        for name, params in nested or [(key, d[key])]:
+            _check_rope_params(name, params, source)
+
+
+def _check_rope_params(key: str, params: dict[str, Any], source: str) -> None:
+    """Each rotary parameter has the type transformers gives it."""
+    for name, value in params.items():
+        if name in ("rope_type", "type"):
+            ok = isinstance(value, str)
+        elif name in _POSITIVE:
+            ok = _number(value) and value > 0
+        elif isinstance(value, list):
+            ok = all(_number(x) for x in value)
+        else:
+            ok = value is None or isinstance(value, bool) or _number(value)
+        if not ok:
+            raise ConfigError(f"{source}: {key}.{name} has the wrong type: {_short(value)}")

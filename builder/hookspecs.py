@@ -37,3 +37,14 @@ def register_targets(register):
     ``register(target, replace=False)`` files a ``TargetCaps`` instance under ``target.name``, the
     value of ``-e/--execution_provider`` that selects it.
     """
+
+
+@hookspec
+def register_options(register):
+    """Register extra options of the plugin's own.
+
+    ``register(option, replace=False)`` files a ``builder.PluginOption`` (name, default, help,
+    choices) under its name: ``--extra_options name=value`` then parses and validates it like a
+    built-in option, --help lists it, and a builder reads it with ``self.extra.plugin(name)``.
+    A built-in option's name, or one another plugin declared, is an error.
+    """

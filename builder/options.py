@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,24 @@ def _opt(default: Any, help: str, *, choices: tuple = (), implemented: bool = Tr
     return field(default=default, metadata={
         "help": help, "choices": choices, "implemented": implemented,
         "aliases": aliases, "inverse_aliases": inverse_aliases})
+
+
+@dataclass(frozen=True)
+class PluginOption:
+    """An extra option a plugin declares (hook ``register_options``): parsed, validated and
+    listed in --help like the built-in ones; an architecture reads its value with
+    ``self.extra.plugin(name)``. ``default``'s type (bool, int, float or str) is the option's
+    type."""
+
+    name: str
+    default: bool | int | float | str
+    help: str
+    choices: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, (bool, int, float, str)):
+            raise TypeError(f"plugin option {self.name!r}: default must be a bool, int, float "
+                            f"or str, got {type(self.default).__name__}")
 
 
 @dataclass(frozen=True)
@@ -130,18 +150,41 @@ class ExtraOptions:
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
         "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")
 
-    @classmethod
-    def catalogue(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))
+    # the values of the loaded plugins' own options (PluginOption), every one declared: (name,
+    # value) pairs; read with ``plugin(name)``
+    plugin_values: tuple[tuple[str, Any], ...] = field(default=(), metadata={"plugin": True})
+
+    def plugin(self, name: str) -> Any:
+        """The value of a plugin's own option ``name`` (its default when not given)."""
+        values = dict(self.plugin_values)
+        if name not in values:
+            raise OptionError(f"extra option {name!r} is not declared by any loaded plugin "
+                              "(a plugin declares its options in the register_options hook)")
+        return values[name]
 
     @classmethod
-    def parse(cls, items: list[str] | None) -> ExtraOptions:
-        """Parse ``["key=value", ...]``; raise OptionError for unknown keys and bad values."""
-        by_name: dict[str, tuple[dataclasses.Field, bool]] = {}
-        for f in dataclasses.fields(cls):
-            by_name[f.name] = (f, False)
-            by_name.update({a: (f, False) for a in f.metadata["aliases"]})
-            by_name.update({a: (f, True) for a in f.metadata["inverse_aliases"]})
+    def catalogue(cls) -> list[dataclasses.Field]:
+        """The built-in options (a plugin's are PluginOption)."""
+        return [f for f in dataclasses.fields(cls) if not f.metadata.get("plugin")]
+
+    @classmethod
+    def parse(cls, items: list[str] | None,
+              plugin_options: Iterable[PluginOption] | None = None) -> ExtraOptions:
+        """Parse ``["key=value", ...]``; raise OptionError for unknown keys and bad values.
+        ``plugin_options``: the options the loaded plugins declare (default: those of the
+        entry-point plugins)."""
+        if plugin_options is None:
+            from builder.plugins import default_plugins
+
+            plugin_options = default_plugins().options.values()
+        declared = {o.name: o for o in plugin_options}
+        by_name: dict[str, tuple[Option, bool]] = {}
+        for f in cls.catalogue():
+            option = Option.of(f)
+            by_name[f.name] = (option, False)
+            by_name.update({a: (option, False) for a in f.metadata["aliases"]})
+            by_name.update({a: (option, True) for a in f.metadata["inverse_aliases"]})
+        by_name.update({name: (Option.of_plugin(o), False) for name, o in declared.items()})
         values: dict[str, Any] = {}
         for item in items or []:
             key, sep, raw = item.partition("=")
@@ -151,26 +194,47 @@ class ExtraOptions:
             if key not in by_name:
                 raise OptionError(f"unknown extra option {key!r}{did_you_mean(key, by_name)}; "
                                   "see --help for the list")
-            f, inverse = by_name[key]
-            value = _coerce(f, key, raw.strip())
+            option, inverse = by_name[key]
+            value = _coerce(option, key, raw.strip())
             if inverse:
                 value = not value
-            if f.name in values and values[f.name] != value:
-                raise OptionError(f"extra option {f.name!r} given twice with different values")
-            values[f.name] = value
+            if option.name in values and values[option.name] != value:
+                raise OptionError(f"extra option {option.name!r} given twice with different "
+                                  "values")
+            values[option.name] = value
         for name in values:
-            f = by_name[name][0]
-            if not f.metadata["implemented"]:
+            if not by_name[name][0].implemented:
                 raise OptionError(f"extra option {name!r} is not supported yet")
-        return cls(**values)
+        plugin = tuple((name, values.pop(name, o.default)) for name, o in sorted(declared.items()))
+        return cls(**values, plugin_values=plugin)
+
+
+@dataclass(frozen=True)
+class Option:
+    """What parsing needs of an option, built-in (a field of ExtraOptions) or a plugin's."""
+
+    name: str
+    kind: str        # the type's name: bool, int, float, str, tuple
+    default: Any
+    choices: tuple
+    implemented: bool = True
+
+    @classmethod
+    def of(cls, f: dataclasses.Field) -> Option:
+        return cls(f.name, str(f.type), f.default, f.metadata["choices"],
+                   f.metadata["implemented"])
+
+    @classmethod
+    def of_plugin(cls, o: PluginOption) -> Option:
+        return cls(o.name, type(o.default).__name__, o.default, o.choices)
 
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
-    kind = str(f.type)
+def _coerce(f: Option, key: str, raw: str) -> Any:
+    kind = f.kind
     if f.default == "auto" and raw == "auto":  # an integer option that the build may choose
         return raw
     try:
@@ -182,13 +246,17 @@ def _coerce(f: dataclasses.Field, key: str, raw: str) -> Any:
             value = int(raw)
             if f.default == "auto" and value < 1:
                 raise ValueError("expected auto or a positive integer")
+        elif kind == "float":
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
         elif kind.startswith("tuple"):
             value = tuple(part.strip() for part in raw.split(",") if part.strip())
         else:
             value = raw
     except ValueError as e:
         raise OptionError(f"extra option {key}={raw!r}: {e}") from None
-    choices = f.metadata["choices"]
+    choices = f.choices
     if choices and value not in choices:
         shown = ", ".join(str(c) for c in choices)
         hint = did_you_mean(str(value), [str(c) for c in choices])
@@ -245,7 +313,8 @@ class BuildOptions:
             raise OptionError("give a model with -m/--model_name (hub id or folder) or -i/--input")
 
     def to_json(self) -> dict[str, Any]:
-        extra = {f.name: getattr(self.extra, f.name) for f in dataclasses.fields(self.extra)}
+        extra = {f.name: getattr(self.extra, f.name) for f in self.extra.catalogue()}
+        extra.update(self.extra.plugin_values)
         if extra.get("hf_token"):
             extra["hf_token"] = "***"
         return {
@@ -257,17 +326,23 @@ class BuildOptions:
         }
 
 
-def options_help(catalogue: type[ExtraOptions] = ExtraOptions) -> str:
-    """The extra options catalogue as text, for --help."""
+def options_help(catalogue: type[ExtraOptions] = ExtraOptions,
+                 plugin_options: Iterable[tuple[str, PluginOption]] = ()) -> str:
+    """The extra options catalogue as text, for --help; ``plugin_options``: (plugin, option)
+    pairs, listed after the built-in ones with the plugin that declares each."""
     lines = ["extra options (--extra_options KEY=VALUE ...):"]
     for f in catalogue.catalogue():
         names = ", ".join((f.name, *f.metadata["aliases"]))
         if f.metadata["inverse_aliases"]:
             names += f" (inverse: {', '.join(f.metadata['inverse_aliases'])})"
         default = f.default if not isinstance(f.default, tuple) else ",".join(f.default) or "none"
-        choices = f.metadata["choices"]
-        extra = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
-        todo = "" if f.metadata["implemented"] else " (not supported yet)"
-        lines.append(f"  {names} = {default}{extra}{todo}")
-        lines.append(f"      {f.metadata['help']}")
+        lines += _help_entry(names, default, f.metadata["choices"], f.metadata["help"],
+                             "" if f.metadata["implemented"] else " (not supported yet)")
+    for plugin, o in plugin_options:
+        lines += _help_entry(o.name, o.default, o.choices, o.help, f" (plugin {plugin})")
     return "\n".join(lines)
+
+
+def _help_entry(names: str, default: Any, choices: tuple, text: str, note: str) -> list[str]:
+    shown = f" [{' | '.join(str(c) for c in choices)}]" if choices else ""
+    return [f"  {names} = {default}{shown}{note}", f"      {text}"]

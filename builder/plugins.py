@@ -18,6 +18,7 @@ import pluggy
 
 from builder import hookspecs
 from builder.errors import PluginError
+from builder.options import ExtraOptions, PluginOption
 from builder.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Plugins:
     quantizers: Registry
     targets: Registry
     loaded: tuple[str, ...]
+    options: Registry  # PluginOption by name: the plugins' own extra options
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -78,14 +80,28 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), *,
         quantizers=Registry("quantizer", lambda cls: (cls.name,)),
         targets=Registry("target", lambda target: (target.name,)),
         loaded=tuple(name for name, _ in plugins),
+        options=Registry("extra option", _option_names),
     )
     for hook, registry in ((pm.hook.register_architectures, result.architectures),
                            (pm.hook.register_quantizers, result.quantizers),
-                           (pm.hook.register_targets, result.targets)):
+                           (pm.hook.register_targets, result.targets),
+                           (pm.hook.register_options, result.options)):
         for impl in hook.get_hookimpls():  # in registration order: built-ins first
             impl.function(register=functools.partial(_register, registry, impl.plugin_name))
     logger.debug("plugins loaded: %s", ", ".join(result.loaded) or "none")
     return result
+
+
+def _option_names(option: PluginOption) -> tuple[str]:
+    """A plugin option's name, checked against the built-in options' names and aliases."""
+    if not isinstance(option, PluginOption):
+        raise PluginError(f"register_options: expected a builder.PluginOption, got {option!r}")
+    builtin = {n for f in ExtraOptions.catalogue()
+               for n in (f.name, *f.metadata["aliases"], *f.metadata["inverse_aliases"])}
+    if option.name in builtin:
+        raise PluginError(f"extra option {option.name!r} is built in; a plugin's option needs "
+                          "a name of its own")
+    return (option.name,)
 
 
 def _register(registry: Registry, owner: str, item, replace: bool = False) -> None:

@@ -34,6 +34,9 @@ class Registry(Generic[T]):
     def owner(self, name: str) -> str:
         return self._owners[name]
 
+    def values(self) -> list[T]:
+        return [self._items[name] for name in self.names()]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

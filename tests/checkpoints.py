@@ -77,6 +77,50 @@ TINY = {
         original_max_position_embeddings=16, sliding_window=None,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(24)],
                       "long_factor": [1.5 + 0.2 * i for i in range(24)]}),
+    # The architectures that state their differences in builder/models, each with its
+    # distinguishing features switched on so that they bind on the tests' 12-token prompts
+    # (``vectors``: biases and norm weights random too, else a zero bias or a unit norm weight
+    # would hide them). tests/test_architectures.py shows each feature moves transformers'
+    # logits.
+    "qwen2": dict(
+        arch="Qwen2ForCausalLM", config="Qwen2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, max_position_embeddings=1024, vectors=True),
+    # alternating local (8-token window) and global layers, both soft-caps binding,
+    # query_pre_attn_scalar != head_dim
+    "gemma2": dict(
+        arch="Gemma2ForCausalLM", config="Gemma2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, query_pre_attn_scalar=20, sliding_window=8, attn_logit_softcapping=2.0,
+        final_logit_softcapping=4.0, tie_word_embeddings=True, max_position_embeddings=1024,
+        vectors=True),
+    # local layers with their own rotary base, q/k norms, query_pre_attn_scalar != head_dim
+    "gemma3": dict(
+        arch="Gemma3ForCausalLM", config="Gemma3TextConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, query_pre_attn_scalar=48, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                     "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                            "factor": 4.0}},
+        tie_word_embeddings=True, max_position_embeddings=1024, vectors=True),
+    "smollm3": dict(
+        arch="SmolLM3ForCausalLM", config="SmolLM3Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        no_rope_layers=[1, 0, 1], tie_word_embeddings=True, max_position_embeddings=1024,
+        vectors=True),
+    # Granite 3.x's multipliers
+    "granite": dict(
+        arch="GraniteForCausalLM", config="GraniteConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        embedding_multiplier=12.0, attention_multiplier=0.03, residual_multiplier=0.5,
+        logits_scaling=4.0, tie_word_embeddings=True, max_position_embeddings=1024,
+        vectors=True),
+    "olmo2": dict(
+        arch="Olmo2ForCausalLM", config="Olmo2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, max_position_embeddings=1024, vectors=True),
 }
 
 
@@ -121,6 +165,7 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
     spec = dict(TINY[name])
     spec.update(overrides)
     arch, config_name = spec.pop("arch"), spec.pop("config")
+    vectors = spec.pop("vectors", False)
     spec.setdefault("bos_token_id", 1)
     spec.setdefault("eos_token_id", 2)
     spec.setdefault("pad_token_id", 0)
@@ -134,6 +179,8 @@ def make_checkpoint(folder: Path, name: str, *, seed: int = 0, shard: bool = Fal
             for p in model.parameters():
                 if p.dim() >= 2:  # (3: the experts of MoE models, stacked)
                     p.normal_(0.0, 0.08)
+                elif vectors:  # biases and norm weights around their initial values
+                    p.add_(torch.randn_like(p) * 0.3)
     model = model.to(torch.bfloat16)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size="100KB" if shard else "10GB")

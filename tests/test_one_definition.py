@@ -175,13 +175,27 @@ def test_a_method_without_a_static_lowering_is_named(hooked, tmp_path):
     assert not (tmp_path / "qnn").exists()
 
 
-def test_a_hook_without_a_quantized_lowering_is_named(hooked, tmp_path):
-    """A final logit soft-cap in a calibrated QNN build (its lm_head graph quantizes only its
-    input and output) is refused by name, before anything is written."""
-    with pytest.raises(ConfigError, match=r"HookedQwen3\.final_logit_softcap has no lowering "
-                                          r"for -e qnn -p w8a16 yet"):
-        _build(hooked, tmp_path / "qnn", HookedQwen3, "qnn", "w8a16")
-    assert not (tmp_path / "qnn").exists()
+def test_every_hook_in_a_calibrated_qnn_build(hooked, reference, tmp_path):
+    """w8a16 at the defaults: every hook's ops (the final soft-cap inside the calibrated lm_head
+    graphs too) are quantized and placed on QNN but the graph-I/O Q/DQ, the model stays the
+    modified transformers' on its greedy path, and the accuracy report's fp32 reference has the
+    soft-cap too (its KL is small: a reference without it would be another distribution)."""
+    from qnn_helpers import only_graph_io_on_cpu, run_on_qnn, graph_feeds
+
+    tokens, logits = reference
+    out = _build(hooked, tmp_path / "qnn", HookedQwen3, "qnn", "w8a16")
+    only_graph_io_on_cpu(out)
+    for graph in ("lm_head_context.onnx", "lm_head_iterator.onnx"):
+        run = run_on_qnn(out / graph, graph_feeds(out, graph, np.random.default_rng(0)))
+        assert [n.split()[0] for n in run.cpu_nodes] == ["QuantizeLinear", "DequantizeLinear"]
+    run = run_pipeline(out, PROMPT, STEPS + 1, forced=_forced(tokens))
+    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in zip(run.step_logits, logits)]
+    report = json.loads((out / "build_manifest.json").read_text())["accuracy"]
+    print(f"hooked qwen3 w8a16 vs transformers: min cosine {min(cos):.5f}; report {report}")
+    assert min(cos) >= 0.99
+    assert [int(x.argmax()) for x in run.step_logits[:-1]] == tokens[len(PROMPT):]
+    assert report["decode"]["mean_kl"] < 0.05 and report["decode"]["mean_cosine"] >= 0.99
 
 
 def test_a_contrib_op_in_a_static_graph_is_named(hooked, tmp_path):

@@ -12,6 +12,7 @@ from builder.errors import PluginError
 from builder.models import LlamaBuilder
 from builder.plugins import load_plugins
 from builder.targets import TargetCaps
+from conftest import ROOT
 
 
 def _plugin(**hooks):
@@ -56,6 +57,36 @@ def test_hook_register_targets():
     npu = TargetCaps(name="my_npu", precisions=())
     plugins = load_plugins([("t", _plugin(register_targets=lambda register: register(npu)))])
     assert plugins.targets.get("my_npu") is npu and "cpu" in plugins.targets
+
+
+def test_hook_register_options():
+    """A plugin's own option: typed by its default, validated like a built-in one, listed in
+    --help with the plugin that declares it, read with ExtraOptions.plugin; a built-in name is
+    refused, and so is an option no loaded plugin declares."""
+    from builder import ExtraOptions, PluginOption
+    from builder.errors import OptionError
+    from builder.options import options_help
+
+    option = PluginOption("mine_level", 2, "How much.", choices=(1, 2, 3))
+    plugins = load_plugins([("mine", _plugin(register_options=lambda register:
+                                             register(option)))])
+    assert plugins.options.get("mine_level") is option
+    declared = plugins.options.values()
+    assert ExtraOptions.parse(["mine_level=3"], declared).plugin("mine_level") == 3
+    assert ExtraOptions.parse([], declared).plugin("mine_level") == 2  # the default
+    with pytest.raises(OptionError, match=r"extra option mine_level='5' is not one of: 1, 2, 3"):
+        ExtraOptions.parse(["mine_level=5"], declared)
+    with pytest.raises(OptionError, match=r"extra option mine_level='x': invalid literal"):
+        ExtraOptions.parse(["mine_level=x"], declared)
+    with pytest.raises(OptionError, match=r"unknown extra option 'mine_level'"):
+        ExtraOptions.parse(["mine_level=3"], [])
+    with pytest.raises(OptionError, match=r"extra option 'mine_level' is not declared"):
+        ExtraOptions.parse([], []).plugin("mine_level")
+    help_text = options_help(plugin_options=[("mine", option)])
+    assert "  mine_level = 2 [1 | 2 | 3] (plugin mine)\n      How much." in help_text
+    with pytest.raises(PluginError, match=r"extra option 'shared_embeddings' is built in"):
+        load_plugins([("bad", _plugin(register_options=lambda register: register(
+            PluginOption("shared_embeddings", True, "clash"))))])
 
 
 def test_every_hookspec_has_a_test():
@@ -187,3 +218,84 @@ def test_an_architecture_declares_roles_of_its_own(tmp_path):
     with pytest.raises(ConfigError, match="NoShape.weight_names has role 'post_attn_norm', "
                                           "whose shape NoShape.role_shape does not give"):
         build(BuildOptions(model_name=str(ck), output=tmp_path / "x"), plugins(NoShape))
+
+
+TUTORIAL = ROOT / "plugins" / "builder-seed-oss" / "README.md"
+PUBLIC = {"builder", "builder.models", "builder.ops", "numpy"}
+
+
+def test_the_tutorials_plugin_installed_as_a_package(tmp_path):
+    """The tutorial's second example (a norm, an activation and an option of its own), as its
+    reader would ship it: a package of its own, installed, found through its entry point,
+    importing builder's public API only; built by the CLI and checked against transformers'
+    Llama carrying the same norm (a hook) and squared-ReLU MLP."""
+    import ast
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from builder.testing import hf_logits, hf_model, max_abs_diff, run_decoder
+    from checkpoints import make_checkpoint
+
+    text = TUTORIAL.read_text().split("## A second example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    assert imported <= PUBLIC, imported - PUBLIC
+    package = tmp_path / "pkg"
+    (package / "builder_tutorial").mkdir(parents=True)
+    (package / "builder_tutorial" / "__init__.py").write_text(code)
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"'
+        '\n[project]\nname = "builder-tutorial"\nversion = "0.1"\n'
+        '[project.entry-points.builder]\ntutorial = "builder_tutorial"\n'
+        '[tool.setuptools]\npackages = ["builder_tutorial"]\n')
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(site), str(package)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+    ck = make_checkpoint(tmp_path / "ck", "llama", hidden_act="relu2")
+    tensors = load_file(ck / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        tensors[f"model.layers.{i}.post_feedforward_layernorm.weight"] = (
+            1 + 0.3 * torch.randn(128, generator=g)).to(torch.bfloat16)
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config,
+                                                "architectures": ["TutorialForCausalLM"]}))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path)
+
+    r = cli("--help")
+    assert "tutorial_relu2 = mul [mul | pow] (plugin tutorial)" in r.stdout
+    r = cli("-m", str(ck), "-o", str(tmp_path / "bad"), "--extra_options", "tutorial_relu2=cube")
+    assert r.returncode == 2 and "tutorial_relu2='cube' is not one of: mul, pow" in r.stderr
+    model = hf_model(ck)
+    for layer, i in zip(model.model.layers, range(2)):
+        norm = LlamaRMSNorm(128, eps=config["rms_norm_eps"])
+        norm.weight.data = tensors[f"model.layers.{i}.post_feedforward_layernorm.weight"].float()
+        layer.mlp.register_forward_hook(lambda m, inputs, out, norm=norm: norm(out))
+    ids = np.random.default_rng(0).integers(3, 256, (1, 10))
+    for way in ("mul", "pow"):
+        out = tmp_path / way
+        r = cli("-m", str(ck), "-o", str(out), "--extra_options", f"tutorial_relu2={way}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "TutorialBuilder (tutorial)" in r.stderr
+        run = run_decoder(out, ids, steps=6)
+        ref = hf_logits(None, run.tokens, run.attention_mask, 10, model=model)
+        ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+        assert max_abs_diff(ours, ref) <= 1e-4, way

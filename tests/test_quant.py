@@ -198,7 +198,10 @@ def _dequantized_reference(ck, onnx_folder):
 @pytest.mark.parametrize("arch, precision, algo, ops", [
     ("qwen3", "int4", "rtn_last", "MatMul"), ("llama", "int4", "k_quant", "MatMul"),
     ("qwen3", "int8", "default", "MatMul"), ("mistral", "int4", "rtn", "MatMul,Gather"),
-    ("llama", "int8", "k_quant_mixed", "MatMul,Gather")])
+    ("llama", "int8", "k_quant_mixed", "MatMul,Gather"), ("qwen2", "int4", "rtn", "MatMul"),
+    ("gemma2", "int4", "rtn", "MatMul"), ("gemma3", "int4", "k_quant", "MatMul"),
+    ("smollm3", "int4", "rtn", "MatMul"), ("granite", "int4", "rtn", "MatMul"),
+    ("olmo2", "int4", "rtn", "MatMul,Gather")])
 def test_quantized_graph_matches_dequantized_reference(arch, precision, algo, ops, checkpoints,
                                                        tmp_path):
     """accuracy_level=1 (fp32 activations): the graph must compute exactly transformers with our

@@ -64,7 +64,8 @@ def test_phi3_unpacked_splits_the_fused_checkpoint_tensor(checkpoints, tmp_path)
 FP16_TOL = 3e-2  # logits of scale ~3; fp16 weights, activations and KV cache
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "phi3", "phi4mini", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "phi3", "phi4mini", "qwen3_moe", "mixtral",
+                                  "qwen2", "gemma2", "gemma3", "smollm3", "granite", "olmo2"])
 @pytest.mark.parametrize("ep", ["cpu", "cuda"])
 def test_fp16_runs_on_cpu_close_to_transformers(arch, ep, checkpoints, tmp_path):
     """fp16 graphs (the cpu one, and the cuda one, which onnxruntime's CPU EP also runs)

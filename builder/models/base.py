@@ -2,9 +2,11 @@
 
 A model is ``embedding → layers → final norm → lm_head``. An architecture states its
 differences once, smallest first: a class flag (``qk_norm``), a weight-name table or a weight
-override (``attention_weights``, ``mlp_weights``), a math hook (``embedding_multiplier``,
-``attention_scale``, ``attention_softcap``, ``final_logit_softcap``, ``sliding_window``), and
-only then a method override of the dataflow (``attention``, ``mlp``, ``decoder_layer``).
+override (``attention_weights``, ``mlp_weights``), a math hook (``mlp_activation``,
+``embedding_multiplier``, ``attention_scale``, ``attention_softcap``, ``final_logit_softcap``,
+``rope``, ``sliding_window``), a step of the layer (``pre_norm``, ``attention_output``,
+``mlp_output``, ``head_norm``), and only then a method override of the dataflow
+(``attention``, ``mlp``, ``decoder_layer``).
 
 Every target runs this same code. What must differ between targets (the graph's inputs and
 outputs, rotary + KV cache + attention, the embedding lookup, lm_head's projection) is written
@@ -21,11 +23,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from builder.config import DecoderConfig
+from builder.config import DecoderConfig, RopeConfig
 from builder.errors import ConfigError, WeightError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
 from builder.ops import ACTIVATIONS, linear, rms_norm, skip_rms_norm, softcap, swiglu
+from builder.ops.mlp import Activation
 from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
@@ -113,9 +116,10 @@ class DecoderBuilder:
         that overrides a hook to accept more is not refused here first."""
         c = self.config
         activation = self.mlp_activation()
-        if activation not in ACTIVATIONS:
+        if not callable(activation) and activation not in ACTIVATIONS:
             raise ConfigError(f"{type(self).__name__}.mlp_activation gives {activation!r}, "
-                              f"which no MLP emitter has ({', '.join(ACTIVATIONS)})")
+                              f"which no MLP emitter has ({', '.join(ACTIVATIONS)}; or give a "
+                              "function that writes it)")
         if c.mlp_bias:
             raise ConfigError("mlp_bias=true is not supported yet")
         if self.target.attention == "gqa" and c.head_dim % 16:
@@ -200,8 +204,11 @@ class DecoderBuilder:
         pipeline sizes its parts before any weight is read (``builder.pipeline``). The
         projections and norms; an architecture whose layers hold other weights (experts)
         lists them here."""
-        roles = [R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN, R.ATTN_NORM, R.MLP_NORM]
+        roles = [R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN]
+        roles += [r for r in (R.ATTN_NORM, R.MLP_NORM) if r in cls.weight_names]
         roles += [R.Q_NORM, R.K_NORM] if cls.qk_norm else []
+        roles += [r for r, name in cls.weight_names.items()  # an architecture's own roles
+                  if not isinstance(r, R) and "{i}" in name]
         return [(role, cls.role_shape(c, role)) for role in roles]
 
     def weight_name(self, role: R, layer: int | None = None, expert: int | None = None) -> str:
@@ -288,9 +295,10 @@ class DecoderBuilder:
         return tuple(names)
 
     # -- the model's math, stated once; every target lowers it ---------------------------
-    def mlp_activation(self) -> str:
-        """The gated MLP's activation (one of ``builder.ops.ACTIVATIONS``), from hidden_act;
-        an architecture with another name for one of them maps it here."""
+    def mlp_activation(self) -> Activation:
+        """The gated MLP's activation, from hidden_act: one of ``builder.ops.ACTIVATIONS``, or
+        a function ``(gb, x) -> output`` that writes one of an architecture's own (standard
+        ONNX ops: every target runs it)."""
         act = self.config.hidden_act
         if act not in HIDDEN_ACTS:
             raise ConfigError(f"config.json: hidden_act {act!r} is not supported yet "
@@ -312,6 +320,11 @@ class DecoderBuilder:
     def final_logit_softcap(self) -> float | None:
         """Logits become cap * tanh(logits / cap); None: none."""
         return None
+
+    def rope(self, layer: int) -> RopeConfig | None:
+        """The rotary embedding of ``layer`` (its layer type's where the config gives one per
+        type); None: the layer's attention has no rotary (SmolLM3's NoPE layers)."""
+        return self.config.rope_of(layer)
 
     def sliding_window(self, layer: int) -> int | None:
         """Each query of ``layer`` sees itself and window - 1 earlier keys; None: all of them."""
@@ -359,6 +372,12 @@ class DecoderBuilder:
             return skip_rms_norm(gb, name, x, residual, w, weight_name, eps)
         stream = x if residual is None else gb.node("Add", [residual, x], add)
         return rms_norm(gb, name, stream, w, weight_name, eps), stream
+
+    def norm(self, name: str, x: str, role: R | str, layer: int | None = None) -> str:
+        """RMSNorm of ``x`` with the weight of ``role`` (a norm of an architecture's own, such
+        as Gemma's after attention, is one line of ``attention_output``)."""
+        return rms_norm(self.gb, name, x, self.weight(role, layer),
+                        self.weight_name(role, layer), self.config.rms_norm_eps)
 
     def attention_output(self, layer: int, a: str) -> str:
         """The attention block's output before the residual add (Gemma: a norm); as is."""
@@ -444,7 +463,12 @@ class DecoderBuilder:
                       conv=self.conv_projections, activation=self.mlp_activation())
 
     def lm_head(self, x: str) -> str:
-        """The projection to the vocabulary (lowered per target), then the final soft-cap."""
-        logits = self.lowering.lm_head_projection(x)
+        """The projection to the vocabulary (lowered per target), then ``logits``."""
+        return self.logits(self.lowering.lm_head_projection(x))
+
+    def logits(self, x: str) -> str:
+        """The final logits from lm_head's projection: soft-capped where
+        ``final_logit_softcap`` says; an architecture that scales them (Granite) overrides
+        this. (The accuracy report runs it on its fp32 reference logits too.)"""
         cap = self.final_logit_softcap()
-        return logits if cap is None else softcap(self.gb, "/lm_head/softcap", logits, cap)
+        return x if cap is None else softcap(self.gb, "/lm_head/softcap", x, cap)

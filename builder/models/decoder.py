@@ -24,6 +24,8 @@ from builder.ops import (
     AttentionInputs, attention_inputs, embedding, embedding_quantized, group_query_attention,
     linear_transposed, matmul_nbits, position_ids, quantized_initializers, rope_cache, rotary,
 )
+from builder.ops.rotary import LONGROPE, RopeTables
+from builder.config import RopeConfig
 from builder.quant import QuantizedWeight
 from builder.roles import TensorRole as R
 
@@ -37,7 +39,7 @@ INT64 = TensorProto.INT64
 class DecoderLowering:
     def __init__(self, builder: DecoderBuilder) -> None:
         self.b = builder
-        self.explicit_rotary = False  # set by rotary_tables() for LongRoPE
+        self.explicit_rotary = False  # LongRoPE: see rotary_tables()
         self._table = None
 
     @property
@@ -61,7 +63,9 @@ class DecoderLowering:
                      for i in range(c.num_hidden_layers)]
         self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
                                                              b.target.attention_mask)
-        self.rope = self.rotary_tables()
+        ropes = [b.rope(layer) for layer in range(c.num_hidden_layers)]
+        self.explicit_rotary = any(r is not None and r.type in LONGROPE for r in ropes)
+        self.ropes = RopeTables(ropes, self.rotary_tables)
         self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 
         h = tokens if x.exclude_embeds else b.embedding(tokens)
@@ -86,32 +90,32 @@ class DecoderLowering:
         b.weights.check_all_consumed(b.ignored())
         b.policy.check_exclusions()
 
-    def rotary_tables(self) -> tuple[str, str]:
-        """cos/sin caches; with LongRoPE, an If picks the long tables past the switch length.
+    def rotary_tables(self, rope: RopeConfig, suffix: str) -> tuple[str, str, int]:
+        """(cos cache, sin cache, rotary dims) of ``rope``; with LongRoPE, an If picks the
+        long tables past the switch length.
 
         LongRoPE also sets ``explicit_rotary``: a switch of tables is not shift-invariant (cached
         keys keep the short rotation), so a left-padded row must be rotated at its true
         positions, which GroupQueryAttention's fused rotary does not take in the prompt.
         """
         c, gb = self.b.config, self.b.gb
-        cache = rope_cache(c.rope, c.head_dim, c.max_position_embeddings)
-        self.rotary_dim = cache.rotary_dim
-        self.explicit_rotary = cache.long is not None
-        cos, sin = gb.initializer("cos_cache", cache.cos), gb.initializer("sin_cache", cache.sin)
+        cache = rope_cache(rope, c.head_dim, c.max_position_embeddings)
+        cos = gb.initializer(f"cos_cache{suffix}", cache.cos)
+        sin = gb.initializer(f"sin_cache{suffix}", cache.sin)
         if cache.long is None:
-            logger.info("rotary: fused into GroupQueryAttention (%d of %d dims)",
-                        cache.rotary_dim, c.head_dim)
-            return cos, sin
+            logger.info("rotary%s: fused into GroupQueryAttention (%d of %d dims, theta %g)",
+                        suffix, cache.rotary_dim, c.head_dim, rope.theta)
+            return cos, sin, cache.rotary_dim
         logger.info("rotary: LongRoPE, long factors beyond %d tokens; RotaryEmbedding ops with "
                     "positions from the attention mask", cache.switch_length)
-        cos_l = gb.initializer("cos_cache_long", cache.long[0])
-        sin_l = gb.initializer("sin_cache_long", cache.long[1])
+        cos_l = gb.initializer(f"cos_cache_long{suffix}", cache.long[0])
+        sin_l = gb.initializer(f"sin_cache_long{suffix}", cache.long[1])
         with gb.scope("/model/rotary"):
             longer = gb.node("Greater", [self.attn_inputs.total_length,
                                          gb.constant(cache.switch_length, np.int32)])
             shapes = [["positions", cache.rotary_dim // 2]] * 2
             cos, sin = gb.if_("If", longer, [cos_l, sin_l], [cos, sin], gb.float_type, shapes)
-        return cos, sin
+        return cos, sin, cache.rotary_dim
 
     def embedding_table(self) -> str | tuple[QuantizedWeight, list[str]]:
         """The embedding table, stored on first use (by the lookup or a shared lm_head): a float
@@ -138,17 +142,20 @@ class DecoderLowering:
         """[RotaryEmbedding under LongRoPE] → GroupQueryAttention (rotary fused otherwise)."""
         b = self.b
         c, gb = b.config, b.gb
-        if self.explicit_rotary:
-            q, k = (rotary(gb, f"{n}_rotary", t, *self.rope, self.positions, num_heads=h,
-                           rotary_dim=self.rotary_dim)
+        tables = self.ropes(b.rope(layer))  # None: a layer without rotary
+        cos, sin, dims = tables or ("", "", 0)
+        if self.explicit_rotary and tables:
+            q, k = (rotary(gb, f"{n}_rotary", t, cos, sin, self.positions, num_heads=h,
+                           rotary_dim=dims)
                     for n, t, h in (("q", q, c.num_attention_heads),
                                     ("k", k, c.num_key_value_heads)))
         return group_query_attention(
             gb, "GroupQueryAttention", q, k, v, self.past[layer],
             (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
-            *self.rope, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+            cos, sin, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
             scale=b.attention_scale(), softcap=b.attention_softcap(),
-            window=b.sliding_window(layer), do_rotary=not self.explicit_rotary)
+            window=b.sliding_window(layer),
+            do_rotary=tables is not None and not self.explicit_rotary)
 
     def lm_head_projection(self, x: str) -> str:
         b = self.b

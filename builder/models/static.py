@@ -17,16 +17,19 @@ single-graph decoder. A builder method these graphs never call is refused (``che
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto
 
+from builder.config import RopeConfig
 from builder.errors import ConfigError
 from builder.ops import (
     decomposed_attention, embedding, linear, rope_cache, rotary_decomposed, split_heads,
     static_attention_inputs, static_attention_mask, write_kv,
 )
+from builder.ops.rotary import RopeTables
 from builder.options import QDQ_PRECISIONS
 from builder.roles import TensorRole as R
 
@@ -123,14 +126,21 @@ class StaticLowering:
         self.seq_len, self.batch = seq_len, batch
         self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, rows, batch)
         self.masks: dict[int | None, str] = {}
-        cache = rope_cache(c.rope, c.head_dim, context_len, c.max_position_embeddings)
+        self.ropes = RopeTables((b.rope(layer) for layer in layers),
+                                functools.partial(self.rotary_tables, context_len))
+
+    def rotary_tables(self, context_len: int, rope: RopeConfig,
+                      suffix: str) -> tuple[str, str, int]:
+        """(cos cache, sin cache, rotary dims) of ``rope`` over C positions."""
+        b = self.b
+        gb, c = b.gb, b.config
+        cache = rope_cache(rope, c.head_dim, context_len, c.max_position_embeddings)
         if cache.long is not None and context_len > cache.switch_length:
             raise ConfigError(f"LongRoPE beyond {cache.switch_length} tokens needs a run-time "
                               f"switch of tables, which static graphs cannot take: choose "
                               f"qnn_context_length <= {cache.switch_length}")
-        self.rotary_dim = cache.rotary_dim
-        self.rope = (gb.initializer("cos_cache", cache.cos),
-                     gb.initializer("sin_cache", cache.sin))
+        return (gb.initializer(f"cos_cache{suffix}", cache.cos),
+                gb.initializer(f"sin_cache{suffix}", cache.sin), cache.rotary_dim)
 
     def mask(self, window: int | None) -> str:
         """The additive mask for a window (None: causal only), made once per graph. A
@@ -147,11 +157,14 @@ class StaticLowering:
         the whole cache."""
         b, s, batch = self.b, self.seq_len, self.batch
         c, gb = b.config, b.gb
-        q, k = (rotary_decomposed(gb, f"{n}_rotary", t, *self.rope, self.inputs.positions,
-                                  num_heads=h, head_dim=c.head_dim, rotary_dim=self.rotary_dim,
-                                  seq_len=s, batch=batch)
-                for n, t, h in (("q", q, c.num_attention_heads),
-                                ("k", k, c.num_key_value_heads)))
+        tables = self.ropes(b.rope(layer))  # None: a layer without rotary
+        if tables is not None:
+            cos, sin, dims = tables
+            q, k = (rotary_decomposed(gb, f"{n}_rotary", t, cos, sin, self.inputs.positions,
+                                      num_heads=h, head_dim=c.head_dim, rotary_dim=dims,
+                                      seq_len=s, batch=batch)
+                    for n, t, h in (("q", q, c.num_attention_heads),
+                                    ("k", k, c.num_key_value_heads)))
         past, kv_type = self.past[layer], KV_TYPE
         if quantized_precision(b):  # the cache update in the float type: onnxruntime's CPU EP
             # quantizes fp16 13x slower than fp32 (calibration and the accuracy report run it)
@@ -206,13 +219,6 @@ def check_lowered(b: DecoderBuilder, target: str) -> None:
         if getattr(type(b), name) is not getattr(DecoderBuilder, name):
             raise ConfigError(f"{owner(name)}.{name} overrides {what}, which -e {target} "
                               f"does not use: it has no lowering for -e {target} yet")
-    if quantized_precision(b) and b.final_logit_softcap() is not None:
-        # calibration puts uint16 Q/DQ pairs on lm_head's input and output only: a soft-cap
-        # between its int8 MatMul and the logits would leave the MatMul in float, its weights
-        # dequantized on the CPU at every call
-        raise ConfigError(f"{owner('final_logit_softcap')}.final_logit_softcap has no lowering "
-                          f"for -e {target} -p {b.options.precision} yet (a soft-cap inside "
-                          f"the calibrated lm_head graph); -p fp16 builds it")
 
 
 def build_embeddings(b: DecoderBuilder) -> None:
@@ -238,6 +244,18 @@ def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1,
         b.lowering.vocab = None
     gb.output(logits, "logits", gb.float_type,
               [batch, seq_len, c.vocab_size if vocab is None else len(vocab)])
+
+
+def build_logits(b: DecoderBuilder) -> None:
+    """projected [1, N, vocab] → logits: the builder's ``logits`` step alone (Gemma 2's
+    soft-cap, Granite's scaling), for logits projected outside a graph (the accuracy report's
+    fp32 reference)."""
+    gb, c = b.gb, b.config
+    x = gb.input("projected", gb.float_type, [1, "rows", c.vocab_size])
+    logits = b.logits(x)
+    if logits == x:
+        logits = gb.node("Identity", [x], "/lm_head/Identity")
+    gb.output(logits, "logits", gb.float_type, [1, "rows", c.vocab_size])
 
 
 def layer_stream(layer: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from builder.graph import GraphBuilder
@@ -14,10 +16,15 @@ Weight = np.ndarray | QuantizedWeight
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
-def activate(gb: GraphBuilder, x: str, activation: str) -> str:
+Activation = str | Callable[[GraphBuilder, str], str]
+
+
+def activate(gb: GraphBuilder, x: str, activation: Activation) -> str:
     """silu (Sigmoid + Mul), gelu (erf) or gelu_tanh (the tanh approximation), as standard ONNX
-    ops."""
+    ops; or a function ``(gb, x) -> output`` that writes an activation of a plugin's own."""
     with gb.scope("act_fn"):
+        if callable(activation):
+            return activation(gb, x)
         if activation == "silu":
             return gb.node("Mul", [x, gb.node("Sigmoid", [x])])
         if activation in ("gelu", "gelu_tanh"):
@@ -28,7 +35,7 @@ def activate(gb: GraphBuilder, x: str, activation: str) -> str:
 def swiglu(gb: GraphBuilder, name: str, x: str, gate: Weight | None, up: Weight | None,
            down: Weight, names: tuple[str, str, str],
            gate_up: tuple[Weight, str] | None = None, accuracy_level: int = 4,
-           conv: bool = False, activation: str = "silu") -> str:
+           conv: bool = False, activation: Activation = "silu") -> str:
     """down(act(gate(x)) * up(x)), the gated MLP (Llama's: SiLU; GeGLU with gelu / gelu_tanh).
 
     With ``gate_up`` = (weight [2 * intermediate, in], name), gate and up are one MatMul and a

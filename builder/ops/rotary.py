@@ -8,7 +8,9 @@ frequencies (float32 arithmetic), and handed to the attention op as initializers
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -102,6 +104,26 @@ def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int,
     if scaler is not None:
         inv_freq = scaler(inv_freq, rope.params)
     return RopeCache(*_tables(inv_freq, max_positions), rotary_dim)
+
+
+T = TypeVar("T")
+
+
+class RopeTables(Generic[T]):
+    """What ``make(rope, suffix)`` gives once per distinct rotary config among ``ropes`` (the
+    layers', in order; None: a layer without rotary), the first with suffix "" and the next
+    "_1", "_2": one set of tables serves every layer that rotates alike (Gemma 3's local and
+    global layers differ)."""
+
+    def __init__(self, ropes: Iterable[RopeConfig | None],
+                 make: Callable[[RopeConfig, str], T]) -> None:
+        self.made: list[tuple[RopeConfig, T]] = []
+        for rope in ropes:
+            if rope is not None and all(r != rope for r, _ in self.made):
+                self.made.append((rope, make(rope, f"_{len(self.made)}" if self.made else "")))
+
+    def __call__(self, rope: RopeConfig | None) -> T | None:
+        return None if rope is None else next(t for r, t in self.made if r == rope)
 
 
 def position_ids(gb: GraphBuilder, tokens: str, attention_mask: str) -> str:

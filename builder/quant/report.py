@@ -6,8 +6,9 @@ calibration) and through the calibrated QDQ layers (after the build), one layer 
 (``builder.quant.stream``): both see the same tokens at the same positions. Per position: the
 cosine of the two logit vectors, whether their top-1 tokens agree, and the KL divergence of the
 quantized model's next-token distribution from the float one's (nats). The float logits are
-lm_head in fp32 from the checkpoint's weight; the quantized ones the build's lm_head graphs, so
-the figures include what lm_head's int8 weights cost. "prefill" is the logits of each prompt's
+lm_head in fp32 from the checkpoint's weight (then the architecture's own step after it, such as
+a soft-cap); the quantized ones the build's lm_head graphs, so the figures include what
+lm_head's int8 weights cost. "prefill" is the logits of each prompt's
 last token (the prefill graph), "decode" those of the decode calls (the decode graph). The
 figures go into build_manifest.json and one log line.
 """
@@ -83,11 +84,12 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 
 def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
                     quantized: list[Sequence], window: int, lm_head: np.ndarray | Rows,
-                    label: str) -> dict:
+                    label: str, finish: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
     calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
-    vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32), prefill and
-    decode."""
+    vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32, then
+    ``finish``: the builder's own step after the projection, ``LayerStream.final_logits``),
+    prefill and decode."""
     rows = {"prefill": slice(0, 1), "decode": slice(1, None)}
     picked = {phase: [pair for f, q in zip(float_runs, quantized)
                       for pair in list(zip(compared_hidden(f, window),
@@ -95,12 +97,15 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
               for phase, where in rows.items()}
     expected = {phase: float_logits(np.stack([h[0, row] for (_, h, row), _ in pairs])[None],
                                     lm_head)[0] for phase, pairs in picked.items()}
+    if finish is not None:
+        expected = {phase: finish(logits) for phase, logits in expected.items()}
     every = head([q for pairs in picked.values() for _, q in pairs])
     count = len(picked["prefill"])
     actual = {"prefill": every[:count], "decode": every[count:]}
     phases = {phase: compare(expected[phase], actual[phase]) for phase in rows}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
-                         "from the checkpoint",
+                         "from the checkpoint" + (" and the architecture's final logits step"
+                                                  if finish is not None else ""),
               "precision": label, "prompts": len(float_runs), "steps": STEPS,
               "source": EVALUATION_PROMPTS.name, **phases}
     logger.info("accuracy of %s against float on %d held-out prompts: %s", label,

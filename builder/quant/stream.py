@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from builder.graph import GraphBuilder, Qdq, WeightStore
 from builder.models.static import (
-    KV_TYPE, build_embeddings, build_lm_head, build_transformer, kv_names, layer_stream,
+    KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
+    layer_stream,
 )
 from builder.runner import session
 
@@ -327,6 +328,20 @@ class LayerStream:
                     logits = sess.run(["logits"], {"hidden_states": hidden})[0]
                     out[i, rows.start:rows.stop] = logits[0, row]
             del sess  # before the next graph's session loads its table
+        return out
+
+    def final_logits(self, projected: np.ndarray) -> np.ndarray:
+        """The builder's ``logits`` step (Gemma 2's soft-cap, Granite's scaling) on [N, vocab]
+        logits projected outside a graph (the report's fp32 reference), through a graph of that
+        step alone: the same definition as the shipped lm_head graphs'."""
+        store = WeightStore(self.work / "logits.data")
+        try:
+            sess = self._graph("logits.onnx", None, build_logits, False, store)
+        finally:
+            store.close()
+        out = sess.run(["logits"], {"projected": projected[None].astype(np.float32)})[0][0]
+        del sess
+        self._clean()
         return out
 
     def _clean(self) -> None:

@@ -1,12 +1,13 @@
-"""builder plugin adding Qwen2ForCausalLM (entry point ``qwen2`` in the ``builder`` group)."""
+"""builder plugin adding SeedOssForCausalLM (entry point ``seed_oss`` in the ``builder``
+group)."""
 
 from builder import hookimpl
 
-from builder_qwen2.qwen2 import Qwen2Builder
+from builder_seed_oss.seed_oss import SeedOssBuilder
 
-__all__ = ["Qwen2Builder"]
+__all__ = ["SeedOssBuilder"]
 
 
 @hookimpl
 def register_architectures(register):
-    register(Qwen2Builder)
+    register(SeedOssBuilder)

@@ -1,8 +1,10 @@
-"""Qwen2: mirrors Hugging Face ``Qwen2ForCausalLM``.
+"""Seed-OSS: mirrors Hugging Face ``SeedOssForCausalLM`` (ByteDance-Seed/Seed-OSS-36B).
 
-The Llama block with biases on the q, k and v projections (not on o_proj), and no q/k norm.
-Only the weights differ from Llama, so the only override is ``attention_biases``; the base class
-packs q/k/v (and their biases) into one projection in front of GroupQueryAttention.
+The Llama block with the attention's biases under two switches: ``attention_bias`` for the q,
+k and v projections and ``attention_out_bias`` for o_proj (Llama's one ``attention_bias`` covers
+all four). Only the weights differ from Llama, so the only override is ``attention_biases``;
+the base class packs q/k/v and their biases into one projection. onnxruntime-genai does not
+know the ``seed_oss`` model type, and runs the graph as a Llama one.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from builder import TensorRole
 from builder.models import LlamaBuilder
 
 
-class Qwen2Builder(LlamaBuilder):
-    architectures = ("Qwen2ForCausalLM",)
+class SeedOssBuilder(LlamaBuilder):
+    architectures = ("SeedOssForCausalLM",)
+    genai_model_type = "llama"
 
     def attention_biases(self, layer):
-        q, k, v = (self.weight(role, layer) for role in
-                   (TensorRole.Q_BIAS, TensorRole.K_BIAS, TensorRole.V_BIAS))
-        return q, k, v, None  # o_proj has no bias
+        c = self.config
+        qkv = (TensorRole.Q_BIAS, TensorRole.K_BIAS, TensorRole.V_BIAS)
+        q, k, v = (self.weight(role, layer) if c.attention_bias else None for role in qkv)
+        out = c.flag("attention_out_bias")  # config.json fields only Seed-OSS has: c.flag, c.number
+        return q, k, v, self.weight(TensorRole.O_BIAS, layer) if out else None

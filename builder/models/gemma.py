@@ -1,0 +1,86 @@
+"""Gemma 2 and Gemma 3 (text): mirror Hugging Face ``Gemma2ForCausalLM`` and
+``Gemma3ForCausalLM``.
+
+The Llama block with: embeddings times sqrt(hidden_size); RMSNorms that scale by (1 + weight);
+a norm on the attention's and on the MLP's output (before each residual add) beside the
+pre-norms; a GELU-tanh MLP (``hidden_activation``); attention scaled by
+query_pre_attn_scalar ** -0.5; sliding-window and global layers (``layer_types``). Gemma 2
+soft-caps the attention scores and the final logits; Gemma 3 norms q and k per head and rotates
+its local and global layers differently (``rope_parameters`` by layer type, or an older
+config's ``rope_local_base_freq``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from builder.config import DecoderConfig
+from builder.models.base import LLAMA_WEIGHT_NAMES
+from builder.models.llama import LlamaBuilder
+from builder.roles import TensorRole as R
+
+POST_ATTN, POST_MLP = "post_attention_norm", "post_feedforward_norm"
+
+
+class Gemma2Builder(LlamaBuilder):
+    architectures = ("Gemma2ForCausalLM",)
+    weight_names = {
+        **LLAMA_WEIGHT_NAMES,
+        R.MLP_NORM: "model.layers.{i}.pre_feedforward_layernorm.weight",
+        POST_ATTN: "model.layers.{i}.post_attention_layernorm.weight",
+        POST_MLP: "model.layers.{i}.post_feedforward_layernorm.weight",
+    }
+    norms = (R.ATTN_NORM, R.MLP_NORM, R.FINAL_NORM, R.Q_NORM, R.K_NORM, POST_ATTN, POST_MLP)
+
+    @classmethod
+    def role_shape(cls, c: DecoderConfig, role: R | str) -> tuple[int, ...]:
+        return (c.hidden_size,) if role in (POST_ATTN, POST_MLP) else super().role_shape(c, role)
+
+    def weight(self, role, layer=None, expert=None) -> np.ndarray:
+        w = super().weight(role, layer, expert)  # Gemma's norms scale by 1 + weight, in fp32
+        return 1.0 + w.astype(np.float32) if role in self.norms else w
+
+    def embedding_multiplier(self) -> float:
+        return math.sqrt(self.config.hidden_size)
+
+    def attention_scale(self) -> float:
+        return self.config.number("query_pre_attn_scalar", self.config.head_dim) ** -0.5
+
+    def attention_softcap(self) -> float | None:
+        return self.config.number("attn_logit_softcapping")
+
+    def final_logit_softcap(self) -> float | None:
+        return self.config.number("final_logit_softcapping")
+
+    def attention_output(self, layer: int, a: str) -> str:
+        return self.norm("post_attention_norm", a, POST_ATTN, layer)
+
+    def mlp_output(self, layer: int, m: str) -> str:
+        return self.norm("post_feedforward_layernorm", m, POST_MLP, layer)
+
+
+class Gemma3Config(DecoderConfig):
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+        """Configs written before transformers 5 give the global layers' rotary as rope_theta
+        and rope_scaling, and the local layers' base as rope_local_base_freq: the same as
+        rope_parameters by layer type."""
+        local = d.get("rope_local_base_freq")
+        if local is not None and not d.get("rope_parameters"):
+            scaling = d.get("rope_scaling") or {}
+            full = {"rope_theta": d.get("rope_theta", 10000.0)}
+            full.update(scaling if isinstance(scaling, dict) else {"rope_scaling": scaling})
+            d = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_local_base_freq")}
+            d["rope_parameters"] = {"sliding_attention": {"rope_type": "default",
+                                                          "rope_theta": local},
+                                    "full_attention": full}
+        return super().from_hf(d, source)
+
+
+class Gemma3Builder(Gemma2Builder):
+    architectures = ("Gemma3ForCausalLM",)
+    config_class = Gemma3Config
+    qk_norm = True

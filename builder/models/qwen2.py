@@ -1,0 +1,18 @@
+"""Qwen2 and Qwen2.5: mirror Hugging Face ``Qwen2ForCausalLM``.
+
+The Llama block with biases on the q, k and v projections (not on o_proj) whatever
+``attention_bias`` says (transformers' Qwen2 has them always); the base class packs q/k/v and
+their biases into one projection.
+"""
+
+from __future__ import annotations
+
+from builder.models.llama import LlamaBuilder
+from builder.roles import TensorRole as R
+
+
+class Qwen2Builder(LlamaBuilder):
+    architectures = ("Qwen2ForCausalLM",)
+
+    def attention_biases(self, layer: int):
+        return (*(self.weight(r, layer) for r in (R.Q_BIAS, R.K_BIAS, R.V_BIAS)), None)

@@ -1,0 +1,180 @@
+"""The architectures that state only their differences (builder/models: Qwen2, Gemma 2,
+Gemma 3, SmolLM3, Granite, OLMo 2): each distinguishing feature matters on the tiny checkpoint
+(transformers' logits move without it), the config fields they read are parsed or refused, and
+every target builds them through the one definition. fp32 parity against transformers (prefill,
+decode, left-padded batch, genai generation) is in test_parity, int4 in test_quant."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from builder.testing import max_abs_diff, run_decoder, run_pipeline
+from checkpoints import TINY, hf_logits, hf_model
+from conftest import run_cli
+from qnn_helpers import only_graph_io_on_cpu, qnn_build
+
+NEW = ["qwen2", "gemma2", "gemma3", "smollm3", "granite", "olmo2"]
+PROMPT_LEN, STEPS = 12, 6
+IDS = np.random.default_rng(7).integers(3, 256, (1, PROMPT_LEN + STEPS))
+
+# (architecture, feature): what switches it off in transformers, as config.json changes or
+# modules replaced by nn.Identity (names under model.model.layers.<i>)
+FEATURES = {
+    ("qwen2", "q/k/v biases"): {"zero": ["self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                         "self_attn.v_proj.bias"]},
+    ("gemma2", "attention soft-cap"): {"config": {"attn_logit_softcapping": None}},
+    ("gemma2", "final soft-cap"): {"config": {"final_logit_softcapping": None}},
+    ("gemma2", "query_pre_attn_scalar"): {"config": {"query_pre_attn_scalar": 32}},
+    ("gemma2", "sliding window"): {"config": {"sliding_window": 1000}},
+    ("gemma2", "post-attention norm"): {"identity": ["post_attention_layernorm"]},
+    ("gemma2", "post-feed-forward norm"): {"identity": ["post_feedforward_layernorm"]},
+    ("gemma2", "gelu_tanh"): {"config": {"hidden_activation": "silu"}},
+    ("gemma3", "local rotary"): {"config": {"rope_parameters": {
+        kind: {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0}
+        for kind in ("sliding_attention", "full_attention")}}},
+    ("gemma3", "query_pre_attn_scalar"): {"config": {"query_pre_attn_scalar": 32}},
+    ("gemma3", "q/k norm"): {"identity": ["self_attn.q_norm", "self_attn.k_norm"]},
+    ("gemma3", "sliding window"): {"config": {"sliding_window": 1000}},
+    ("smollm3", "NoPE layer"): {"config": {"no_rope_layers": [1, 1, 1]}},
+    ("granite", "embedding_multiplier"): {"config": {"embedding_multiplier": 1.0}},
+    ("granite", "attention_multiplier"): {"config": {"attention_multiplier": 16 ** -0.5}},
+    ("granite", "residual_multiplier"): {"config": {"residual_multiplier": 1.0}},
+    ("granite", "logits_scaling"): {"config": {"logits_scaling": 1.0}},
+    ("olmo2", "q/k norm"): {"identity": ["self_attn.q_norm", "self_attn.k_norm"]},
+    ("olmo2", "post-attention norm"): {"identity": ["post_attention_layernorm"]},
+    ("olmo2", "post-feed-forward norm"): {"identity": ["post_feedforward_layernorm"]},
+}
+
+
+def _logits(folder, model=None):
+    return hf_logits(folder, IDS, np.ones_like(IDS), PROMPT_LEN, model=model)
+
+
+@pytest.mark.parametrize("arch, feature", list(FEATURES), ids=[f"{a}-{f}" for a, f in FEATURES])
+def test_each_feature_moves_transformers_logits(arch, feature, checkpoints):
+    """Switched off in transformers, the feature changes the tiny checkpoint's logits: a build
+    that dropped it would fail parity."""
+    ck, off = checkpoints[arch], FEATURES[arch, feature]
+    model = hf_model(ck, **off.get("config", {}))
+    for layer in model.model.layers:
+        for name in off.get("identity", []):
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, torch.nn.Identity())
+        for name in off.get("zero", []):
+            torch.nn.init.zeros_(layer.get_parameter(name))
+    moved = max_abs_diff(_logits(ck, model), _logits(ck))
+    print(f"{arch} without {feature}: logits move by {moved:.3f}")
+    assert moved > 1e-2
+
+
+def test_every_new_architecture_has_its_features_listed():
+    assert {a for a, _ in FEATURES} == set(NEW) and set(NEW) <= set(TINY)
+
+
+def _edited(src, tmp_path, **changes):
+    import shutil
+
+    dst = tmp_path / "ck"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+GEMMA3_TYPES = TINY["gemma3"]["layer_types"]
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("gemma2", {"hidden_activation": "relu2"}, "hidden_act 'relu2' is not supported yet"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_theta": 10.0},
+                                    "chunked_attention": {"rope_theta": 10.0}}},
+     "rope_parameters must be one set of parameters or one per layer type"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_theta": 10.0}}},
+     "rope_parameters has no entry for layer type(s) sliding_attention"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "longrope"},
+                                    "full_attention": {"rope_theta": 10.0}}},
+     "rope_parameters.sliding_attention: LongRoPE per layer type is not supported"),
+    ("gemma3", {"layer_types": ["chunked_attention"] * 4},
+     "layer_types must list one of full_attention, sliding_attention"),
+    ("gemma3", {"query_pre_attn_scalar": "big"},
+     "query_pre_attn_scalar must be a positive number"),
+    ("gemma2", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be a positive"),
+    ("smollm3", {"no_rope_layers": [1, 2, 1]}, "no_rope_layers must list 0 or 1 for each"),
+    ("granite", {"residual_multiplier": "half"}, "residual_multiplier must be a positive"),
+])
+def test_config_fields_are_parsed_or_refused(arch, changes, message, checkpoints, tmp_path):
+    """A config field that changes the math, with a value the builder does not support: one
+    error line naming it, exit 2, nothing written."""
+    ck = _edited(checkpoints[arch], tmp_path, **changes)
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma3_config_before_transformers_5(checkpoints, built, tmp_path):
+    """An older Gemma 3 config.json (rope_theta and rope_scaling for the global layers,
+    rope_local_base_freq for the local ones) builds the same model as rope_parameters by layer
+    type."""
+    params = TINY["gemma3"]["rope_parameters"]
+    full = params["full_attention"]
+    ck = _edited(checkpoints["gemma3"], tmp_path, rope_parameters=None,
+                 rope_theta=full["rope_theta"], rope_scaling={"rope_type": "linear",
+                                                              "factor": full["factor"]},
+                 rope_local_base_freq=params["sliding_attention"]["rope_theta"])
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    old, new = (run_decoder(f, IDS[:, :PROMPT_LEN], steps=STEPS)
+                for f in (tmp_path / "out", built["gemma3"]))
+    assert max_abs_diff(old.prefill_logits, new.prefill_logits) == 0
+    assert (old.tokens == new.tokens).all()
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_qnn_fp16_at_the_defaults_on_the_htp(arch, checkpoints, built, tmp_path):
+    """-e qnn -p fp16 at the default P = 64, C = 512: the CPU EP pipeline against the fp32 CPU
+    decoder (one definition, two lowerings), and the HTP simulator against the CPU EP on the
+    same graphs."""
+    pytest.importorskip("onnxruntime_qnn")
+    from builder.testing import run_pipeline_on_qnn
+
+    folder = qnn_build(checkpoints[arch], tmp_path / "o", "fp16", lengths="default")
+    prompt = [int(t) for t in np.random.default_rng(11).integers(3, 256, 96)]  # two chunks
+    cpu = run_decoder(built[arch], np.array([prompt]), steps=15)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    on_cpu = run_pipeline(folder, prompt, 16, forced=greedy)
+    on_qnn = run_pipeline_on_qnn(folder, prompt, 16, forced=greedy)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(on_cpu.step_logits, ref))
+    cos = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in zip(on_qnn.step_logits, on_cpu.step_logits)]
+    print(f"{arch} -e qnn -p fp16: CPU EP vs fp32 decoder max abs {err:.4f}; HTP vs CPU EP min "
+          f"cosine {min(cos):.6f}")
+    assert err <= 3e-2
+    assert [int(x.argmax()) for x in on_cpu.step_logits] == greedy
+    assert min(cos) >= 0.999
+
+
+# measured on these random checkpoints: w8a16 0.9993-0.99997, w8a8 0.992-0.9997, w4a16
+# 0.92-0.9996 (int4 blocks of 32 on random 0.08-std weights; a wrong graph gives ~0.1-0.5)
+@pytest.mark.parametrize("precision, cosine", [("w8a16", 0.999), ("w4a16", 0.9),
+                                               ("w8a8", 0.99)])
+@pytest.mark.parametrize("arch", NEW)
+def test_qnn_quantized_at_the_defaults(arch, precision, cosine, checkpoints, tmp_path):
+    """-e qnn -p w8a16 / w4a16 / w8a8 at the defaults: everything on QNN but the graph-I/O
+    Q/DQ, and the build's accuracy report close to the float model (random weights, no clear
+    winners: cosine only)."""
+    pytest.importorskip("onnxruntime_qnn")
+    folder = qnn_build(checkpoints[arch], tmp_path / "o", precision, lengths="default")
+    only_graph_io_on_cpu(folder)
+    report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
+    print(f"{arch} {precision} report: " + "; ".join(
+        f"{p} cosine {report[p]['mean_cosine']:.5f}, KL {report[p]['mean_kl']:.2e}"
+        for p in ("prefill", "decode")))
+    for phase in ("prefill", "decode"):
+        assert report[phase]["mean_cosine"] >= cosine
