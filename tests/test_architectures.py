@@ -21,8 +21,9 @@ NEW = ["qwen2", "gemma2", "gemma3", "smollm3", "granite", "olmo2"]
 PROMPT_LEN, STEPS = 12, 6
 IDS = np.random.default_rng(7).integers(3, 256, (1, PROMPT_LEN + STEPS))
 
-# (architecture, feature): what switches it off in transformers, as config.json changes or
-# modules replaced by nn.Identity (names under model.model.layers.<i>)
+# (architecture, feature): what switches it off in transformers: config.json changes, modules
+# replaced by nn.Identity or parameters zeroed (names under model.model.layers.<i>), every
+# RMSNorm's weight less one (Gemma's (1 + w) read as w), or the embeddings times a factor
 FEATURES = {
     ("qwen2", "q/k/v biases"): {"zero": ["self_attn.q_proj.bias", "self_attn.k_proj.bias",
                                          "self_attn.v_proj.bias"]},
@@ -33,6 +34,10 @@ FEATURES = {
     ("gemma2", "post-attention norm"): {"identity": ["post_attention_layernorm"]},
     ("gemma2", "post-feed-forward norm"): {"identity": ["post_feedforward_layernorm"]},
     ("gemma2", "gelu_tanh"): {"config": {"hidden_activation": "silu"}},
+    ("gemma2", "(1 + w) norms"): {"norms_minus_one": True},
+    ("gemma2", "embedding scale"): {"embedding_times": 64 ** -0.5},
+    ("gemma3", "(1 + w) norms"): {"norms_minus_one": True},
+    ("gemma3", "embedding scale"): {"embedding_times": 64 ** -0.5},
     ("gemma3", "local rotary"): {"config": {"rope_parameters": {
         kind: {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 4.0}
         for kind in ("sliding_attention", "full_attention")}}},
@@ -66,6 +71,15 @@ def test_each_feature_moves_transformers_logits(arch, feature, checkpoints):
             setattr(layer.get_submodule(parent), child, torch.nn.Identity())
         for name in off.get("zero", []):
             torch.nn.init.zeros_(layer.get_parameter(name))
+    if off.get("norms_minus_one"):
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert norms
+        with torch.no_grad():
+            for norm in norms:
+                norm.weight -= 1
+    if "embedding_times" in off:
+        model.model.embed_tokens.register_forward_hook(
+            lambda m, inputs, out: out * off["embedding_times"])
     moved = max_abs_diff(_logits(ck, model), _logits(ck))
     print(f"{arch} without {feature}: logits move by {moved:.3f}")
     assert moved > 1e-2
