@@ -120,6 +120,8 @@ GEMMA3_TYPES = TINY["gemma3"]["layer_types"]
     ("gemma2", {"attn_logit_softcapping": -1}, "attn_logit_softcapping must be a positive"),
     ("smollm3", {"no_rope_layers": [1, 2, 1]}, "no_rope_layers must list 0 or 1 for each"),
     ("granite", {"residual_multiplier": "half"}, "residual_multiplier must be a positive"),
+    ("gemma3", {"use_bidirectional_attention": True},
+     "use_bidirectional_attention=true (attention that sees later tokens"),
 ])
 def test_config_fields_are_parsed_or_refused(arch, changes, message, checkpoints, tmp_path):
     """A config field that changes the math, with a value the builder does not support: one
@@ -192,3 +194,26 @@ def test_qnn_quantized_at_the_defaults(arch, precision, cosine, checkpoints, tmp
         for p in ("prefill", "decode")))
     for phase in ("prefill", "decode"):
         assert report[phase]["mean_cosine"] >= cosine
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_window_without_layer_types(arch, tmp_path):
+    """A config from before transformers 5 (use_sliding_window, no layer_types): the window
+    binds only from max_window_layers on, as transformers fills layer_types."""
+    from builder import BuildOptions, build
+    from checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", arch, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1)
+    config = json.loads((ck / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    assert config.pop("layer_types") == ["full_attention"] + ["sliding_attention"] * (layers - 1)
+    (ck / "config.json").write_text(json.dumps(config))
+    run = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "o")),
+                      IDS[:, :PROMPT_LEN], steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+    every = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN,
+                      model=hf_model(ck, layer_types=["sliding_attention"] * layers))
+    assert max_abs_diff(every, ref) > 1e-2  # windowing layer 0 too would be another model

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from builder.config import DecoderConfig
+from builder.errors import ConfigError
 from builder.models.base import LLAMA_WEIGHT_NAMES
 from builder.models.llama import LlamaBuilder
 from builder.roles import TensorRole as R
@@ -38,6 +39,12 @@ class Gemma2Builder(LlamaBuilder):
     @classmethod
     def role_shape(cls, c: DecoderConfig, role: R | str) -> tuple[int, ...]:
         return (c.hidden_size,) if role in (POST_ATTN, POST_MLP) else super().role_shape(c, role)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.config.flag("use_bidirectional_attention"):
+            raise ConfigError("config.json: use_bidirectional_attention=true (attention that "
+                              "sees later tokens, for embedding models) is not supported")
 
     def weight(self, role, layer=None, expert=None) -> np.ndarray:
         w = super().weight(role, layer, expert)  # Gemma's norms scale by 1 + weight, in fp32

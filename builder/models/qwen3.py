@@ -8,8 +8,10 @@ lm_head to embed_tokens, which the base class handles from ``tie_word_embeddings
 from __future__ import annotations
 
 from builder.models.llama import LlamaBuilder
+from builder.models.qwen2 import Qwen2Builder
 
 
 class Qwen3Builder(LlamaBuilder):
     architectures = ("Qwen3ForCausalLM",)
     qk_norm = True
+    sliding_window = Qwen2Builder.sliding_window  # max_window_layers, as Qwen2
