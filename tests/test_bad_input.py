@@ -282,7 +282,11 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
                                                "hidden_activation='gelu_pytorch_tanh' disagree"),
     ("hidden_act", "relu2", "hidden_act 'relu2' is not supported yet"),
     ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6}},
-     "rope_parameters.full_attention has the wrong type"),
+     "rope_parameters is given per layer type, but layer_types is not given"),
+    ("rope_parameters", {"rope_theta": {"value": 1e6}},
+     "rope_parameters.rope_theta has the wrong type"),
+    ("rope_parameters", {"full_attention": {"rope_theta": "big"}},
+     "rope_parameters.full_attention.rope_theta has the wrong type"),
 ])
 def test_config_field_types(capsys, tmp_path, copy_checkpoint, llama_checkpoint, key, value,
                             needle):

@@ -57,7 +57,7 @@ def test_aliases():
 
 
 def test_every_option_has_help():
-    for f in dataclasses.fields(ExtraOptions):
+    for f in ExtraOptions.catalogue():
         assert f.metadata["help"].strip(), f.name
         assert f.name in options_help()
 
