@@ -131,10 +131,13 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
                 steps - 1, len(ids) * (steps - 1), ", on an empty cache" if empty_cache else "")
     ranges = Ranges(extra.qnn_calibration_method)
     everything = sequences + held_out
-    stream.embed(everything)
-    embeddings = [list(s.hidden) for s in held_out]
-    stream.run(everything, ranges, desc="calibrating", empty_cache=empty_cache)
-    stream.lm_head(sequences, ranges)
+    try:
+        stream.embed(everything)
+        embeddings = [list(s.hidden) for s in held_out]
+        stream.run(everything, ranges, desc="calibrating", empty_cache=empty_cache)
+        stream.lm_head(sequences, ranges)
+    finally:
+        ranges.close()
     result = {graph: ranges.result(graph) for graph in GRAPHS}
     logger.info("lm_head: int8 per-channel weights, uint16 activations (%s)",
                 ", ".join(f"{graph} {name} in [{lo:.4g}, {hi:.4g}]"

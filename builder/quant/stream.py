@@ -129,6 +129,10 @@ class Ranges:
             if self.method == "percentile":
                 self.histograms.setdefault(kind, {}).setdefault(name, _Histogram()).add(a, lo, hi)
 
+    def close(self) -> None:
+        """Stop the reducing threads (the ranges stay readable)."""
+        self.pool.shutdown()
+
     def result(self, kind: str) -> dict[str, tuple[float, float]]:
         if self.method == "percentile":
             return {n: h.cut(PERCENTILE) for n, h in self.histograms.get(kind, {}).items()}
