@@ -90,12 +90,14 @@ def test_every_new_architecture_has_its_features_listed():
 
 
 def _edited(src, tmp_path, **changes):
+    """A copy of checkpoint ``src`` whose config.json has ``changes`` (None: key removed)."""
     import shutil
 
     dst = tmp_path / "ck"
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
     config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
@@ -133,22 +135,32 @@ def test_config_fields_are_parsed_or_refused(arch, changes, message, checkpoints
     assert not (tmp_path / "out").exists()
 
 
-def test_gemma3_config_before_transformers_5(checkpoints, built, tmp_path):
-    """An older Gemma 3 config.json (rope_theta and rope_scaling for the global layers,
-    rope_local_base_freq for the local ones) builds the same model as rope_parameters by layer
-    type."""
-    params = TINY["gemma3"]["rope_parameters"]
-    full = params["full_attention"]
-    ck = _edited(checkpoints["gemma3"], tmp_path, rope_parameters=None,
-                 rope_theta=full["rope_theta"], rope_scaling={"rope_type": "linear",
-                                                              "factor": full["factor"]},
-                 rope_local_base_freq=params["sliding_attention"]["rope_theta"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_config_before_transformers_5(arch, checkpoints, built, tmp_path):
+    """An older Gemma config.json builds the same model as transformers 5's: no layer_types
+    (every sliding_window_pattern-th layer global: 2 by default for Gemma 2; this Gemma 3's
+    pattern is 3), and Gemma 3's rotary as rope_theta and rope_scaling for the global layers
+    and rope_local_base_freq for the local ones instead of rope_parameters by layer type."""
+    changes = {"layer_types": None}
+    if arch == "gemma3":
+        params = TINY["gemma3"]["rope_parameters"]
+        full = params["full_attention"]
+        changes.update(rope_parameters=None, sliding_window_pattern=3,
+                       rope_theta=full["rope_theta"],
+                       rope_scaling={"rope_type": "linear", "factor": full["factor"]},
+                       rope_local_base_freq=params["sliding_attention"]["rope_theta"])
+    ck = _edited(checkpoints[arch], tmp_path, **changes)
     r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
     old, new = (run_decoder(f, IDS[:, :PROMPT_LEN], steps=STEPS)
-                for f in (tmp_path / "out", built["gemma3"]))
+                for f in (tmp_path / "out", built[arch]))
     assert max_abs_diff(old.prefill_logits, new.prefill_logits) == 0
     assert (old.tokens == new.tokens).all()
+    wrong = _edited(checkpoints[arch], tmp_path / "w", **{**changes, "sliding_window_pattern": 4})
+    r = run_cli("-m", str(wrong), "-o", str(tmp_path / "wrong"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = run_decoder(tmp_path / "wrong", IDS[:, :PROMPT_LEN], steps=STEPS)
+    assert max_abs_diff(other.prefill_logits, new.prefill_logits) > 1e-2  # the pattern binds
 
 
 @pytest.mark.parametrize("arch", NEW)

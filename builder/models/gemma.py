@@ -4,7 +4,8 @@
 The Llama block with: embeddings times sqrt(hidden_size); RMSNorms that scale by (1 + weight);
 a norm on the attention's and on the MLP's output (before each residual add) beside the
 pre-norms; a GELU-tanh MLP (``hidden_activation``); attention scaled by
-query_pre_attn_scalar ** -0.5; sliding-window and global layers (``layer_types``). Gemma 2
+query_pre_attn_scalar ** -0.5; sliding-window and global layers (``layer_types``; in configs
+written before transformers 5, every ``sliding_window_pattern``-th layer global). Gemma 2
 soft-caps the attention scores and the final logits; Gemma 3 norms q and k per head and rotates
 its local and global layers differently (``rope_parameters`` by layer type, or an older
 config's ``rope_local_base_freq``).
@@ -26,8 +27,44 @@ from builder.roles import TensorRole as R
 POST_ATTN, POST_MLP = "post_attention_norm", "post_feedforward_norm"
 
 
+class Gemma2Config(DecoderConfig):
+    pattern = 2  # without layer_types: every pattern-th layer global, the others local
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+        """Configs written before transformers 5 have no layer_types: transformers fills them
+        in, every ``sliding_window_pattern``-th layer global (Gemma 2: every other one)."""
+        if d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
+            every = d.get("sliding_window_pattern", cls.pattern)
+            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+                raise ConfigError(f"{source}: sliding_window_pattern must be a positive "
+                                  f"integer, got {every!r}")
+            d = {**d, "layer_types": ["sliding_attention" if (i + 1) % every else
+                                      "full_attention" for i in range(d["num_hidden_layers"])]}
+        return super().from_hf(d, source)
+
+
+class Gemma3Config(Gemma2Config):
+    pattern = 6
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+        """Configs written before transformers 5 give the global layers' rotary as rope_theta
+        and rope_scaling, and the local layers' base as rope_local_base_freq (defaults: 1e6
+        and 1e4, as transformers has them): rope_parameters by layer type."""
+        if not isinstance(d.get("rope_parameters"), dict):
+            scaling = d.get("rope_scaling") or {}
+            full = {"rope_type": "default", "rope_theta": d.get("rope_theta", 1e6)}
+            full.update(scaling if isinstance(scaling, dict) else {"rope_scaling": scaling})
+            local = {"rope_type": "default", "rope_theta": d.get("rope_local_base_freq", 1e4)}
+            d = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_local_base_freq")}
+            d["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
+        return super().from_hf(d, source)
+
+
 class Gemma2Builder(LlamaBuilder):
     architectures = ("Gemma2ForCausalLM",)
+    config_class = Gemma2Config
     weight_names = {
         **LLAMA_WEIGHT_NAMES,
         R.MLP_NORM: "model.layers.{i}.pre_feedforward_layernorm.weight",
@@ -67,24 +104,6 @@ class Gemma2Builder(LlamaBuilder):
 
     def mlp_output(self, layer: int, m: str) -> str:
         return self.norm("post_feedforward_layernorm", m, POST_MLP, layer)
-
-
-class Gemma3Config(DecoderConfig):
-    @classmethod
-    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
-        """Configs written before transformers 5 give the global layers' rotary as rope_theta
-        and rope_scaling, and the local layers' base as rope_local_base_freq: the same as
-        rope_parameters by layer type."""
-        local = d.get("rope_local_base_freq")
-        if local is not None and not d.get("rope_parameters"):
-            scaling = d.get("rope_scaling") or {}
-            full = {"rope_theta": d.get("rope_theta", 10000.0)}
-            full.update(scaling if isinstance(scaling, dict) else {"rope_scaling": scaling})
-            d = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_local_base_freq")}
-            d["rope_parameters"] = {"sliding_attention": {"rope_type": "default",
-                                                          "rope_theta": local},
-                                    "full_attention": full}
-        return super().from_hf(d, source)
 
 
 class Gemma3Builder(Gemma2Builder):
