@@ -196,6 +196,7 @@ def folder_for(options: BuildOptions, target: TargetCaps) -> DecoderFolder:
 def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     """Build the model folder ``options.output``; returns its path."""
     plugins = plugins or default_plugins()
+    options = with_plugin_defaults(options, plugins)
     meter = StageMeter()
     target = _target(options, plugins)  # flag errors first: nothing fetched, nothing written
     try:
@@ -206,6 +207,18 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
                           f"{Path(options.output).absolute()}; nothing was written") from None
     logger.info("model folder ready: %s", options.output)
     return Path(options.output)
+
+
+def with_plugin_defaults(options: BuildOptions, plugins: Plugins) -> BuildOptions:
+    """``options`` with the defaults of the options ``plugins`` declare and ``options.extra``
+    lacks (parsed against other plugins than those of this build)."""
+    given = dict(options.extra.plugin_values)
+    missing = tuple((o.name, o.default) for o in plugins.options.values() if o.name not in given)
+    if not missing:
+        return options
+    extra = dataclasses.replace(options.extra,
+                                plugin_values=options.extra.plugin_values + missing)
+    return dataclasses.replace(options, extra=extra)
 
 
 def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,

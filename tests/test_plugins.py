@@ -89,6 +89,34 @@ def test_hook_register_options():
             PluginOption("shared_embeddings", True, "clash"))))])
 
 
+def test_a_plugin_option_read_by_its_architecture(tmp_path):
+    """The builder reads its plugin's option: the value given, or the default when the options
+    were parsed without that plugin (a library caller passing its own plugins to build)."""
+    from builder import BuildOptions, ExtraOptions, PluginOption, build
+    from checkpoints import make_checkpoint
+
+    seen = []
+
+    class Reads(LlamaBuilder):
+        architectures = ("LlamaForCausalLM",)
+
+        def attention_scale(self):
+            seen.append(self.extra.plugin("reads_scale"))
+            return seen[-1]
+
+    option = PluginOption("reads_scale", 0.25, "The attention scale.")
+    plugins = load_plugins([("reads", _plugin(
+        register_architectures=lambda register: register(Reads, replace=True),
+        register_options=lambda register: register(option)))])
+    ck = make_checkpoint(tmp_path / "ck", "llama")
+    for items, declared, value in ((["reads_scale=0.5"], plugins.options.values(), 0.5),
+                                   ([], [], 0.25)):
+        seen.clear()
+        build(BuildOptions(model_name=str(ck), output=tmp_path / f"o{value}",
+                           extra=ExtraOptions.parse(items, declared)), plugins)
+        assert seen and set(seen) == {value}
+
+
 def test_every_hookspec_has_a_test():
     specs = {n for n in dir(hookspecs) if n.startswith("register_")}
     tested = {n.removeprefix("test_hook_") for n in globals() if n.startswith("test_hook_")}
