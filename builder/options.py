@@ -54,7 +54,7 @@ class PluginOption:
     """An extra option a plugin declares (hook ``register_options``): parsed, validated and
     listed in --help like the built-in ones; an architecture reads its value with
     ``self.extra.plugin(name)``. ``default``'s type (bool, int, float or str) is the option's
-    type."""
+    type; an int without ``choices`` must be positive, as the built-in ones."""
 
     name: str
     default: bool | int | float | str
