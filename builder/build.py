@@ -230,8 +230,9 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
                              options.extra.hf_token, weights=not options.extra.config_only)
         config = DecoderConfig.from_file(checkpoint_file(source.path, "config.json"))
         cls = _architecture(config, plugins)
-        if cls.config_class is not DecoderConfig:
-            config = cls.config_class.from_file(checkpoint_file(source.path, "config.json"))
+        if cls.config_class is not DecoderConfig or cls.config_defaults:
+            config = cls.config_class.from_file(checkpoint_file(source.path, "config.json"),
+                                                cls.config_defaults)
         logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                     plugins.architectures.owner(config.architecture), options.precision,
                     target.name)

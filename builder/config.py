@@ -141,7 +141,10 @@ class DecoderConfig:
         return self.sliding_window
 
     @classmethod
-    def from_file(cls, path: Path) -> DecoderConfig:
+    def from_file(cls, path: Path, defaults: dict[str, Any] | None = None) -> DecoderConfig:
+        """``defaults``: the values an architecture's transformers config class gives the keys
+        that config.json leaves out (Gemma: tie_word_embeddings true); a key given, even as
+        null, is the file's."""
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
         try:
@@ -150,7 +153,7 @@ class DecoderConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_hf(d, source=str(path))
+        return cls.from_hf({**(defaults or {}), **d}, source=str(path))
 
     @classmethod
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:

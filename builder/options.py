@@ -65,6 +65,12 @@ class PluginOption:
         if not isinstance(self.default, (bool, int, float, str)):
             raise TypeError(f"plugin option {self.name!r}: default must be a bool, int, float "
                             f"or str, got {type(self.default).__name__}")
+        if self.choices and self.default not in self.choices:
+            raise ValueError(f"plugin option {self.name!r}: default {self.default!r} is not "
+                             f"one of its choices {self.choices!r}")
+        if (type(self.default) is int and not self.choices and self.default < 1):
+            raise ValueError(f"plugin option {self.name!r}: an int option without choices is "
+                             f"a positive integer, but its default is {self.default}")
 
 
 @dataclass(frozen=True)

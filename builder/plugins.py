@@ -87,7 +87,13 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), *,
                            (pm.hook.register_targets, result.targets),
                            (pm.hook.register_options, result.options)):
         for impl in hook.get_hookimpls():  # in registration order: built-ins first
-            impl.function(register=functools.partial(_register, registry, impl.plugin_name))
+            try:
+                impl.function(register=functools.partial(_register, registry, impl.plugin_name))
+            except PluginError:
+                raise
+            except Exception as e:  # a plugin's own bug, named (the CLI prints one line)
+                raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook.name}: "
+                                  f"{type(e).__name__}: {e}") from e
     logger.debug("plugins loaded: %s", ", ".join(result.loaded) or "none")
     return result
 

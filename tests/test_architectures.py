@@ -208,27 +208,82 @@ def test_qnn_quantized_at_the_defaults(arch, precision, cosine, checkpoints, tmp
         assert report[phase]["mean_cosine"] >= cosine
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_qwen_window_without_layer_types(arch, tmp_path):
+@pytest.mark.parametrize("arch, first", [("qwen2", 1), ("qwen3", 1), ("qwen2", 0)])
+def test_qwen_window_without_layer_types(arch, first, tmp_path):
     """A config from before transformers 5 (use_sliding_window, no layer_types): the window
-    binds only from max_window_layers on, as transformers fills layer_types."""
+    binds only from max_window_layers on (0: every layer), as transformers fills
+    layer_types."""
     from builder import BuildOptions, build
     from checkpoints import make_checkpoint
 
     ck = make_checkpoint(tmp_path / "ck", arch, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=1)
+                         max_window_layers=first)
     config = json.loads((ck / "config.json").read_text())
     layers = config["num_hidden_layers"]
-    assert config.pop("layer_types") == ["full_attention"] + ["sliding_attention"] * (layers - 1)
+    assert config.pop("layer_types") == (["full_attention"] * first
+                                         + ["sliding_attention"] * (layers - first))
     (ck / "config.json").write_text(json.dumps(config))
     run = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "o")),
                       IDS[:, :PROMPT_LEN], steps=STEPS)
     ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
     ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
     assert max_abs_diff(ours, ref) <= 1e-4
-    every = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN,
-                      model=hf_model(ck, layer_types=["sliding_attention"] * layers))
-    assert max_abs_diff(every, ref) > 1e-2  # windowing layer 0 too would be another model
+    if first:
+        every = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN,
+                          model=hf_model(ck, layer_types=["sliding_attention"] * layers))
+        assert max_abs_diff(every, ref) > 1e-2  # windowing layer 0 too: another model
+
+
+def test_smollm3_window_without_layer_types(tmp_path):
+    """SmolLM3 without layer_types: only its NoPE layers take the sliding window, as
+    transformers fills layer_types."""
+    from builder import BuildOptions, build
+    from checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "smollm3", use_sliding_window=True, sliding_window=4)
+    config = json.loads((ck / "config.json").read_text())
+    assert config.pop("layer_types") == ["full_attention", "sliding_attention", "full_attention"]
+    (ck / "config.json").write_text(json.dumps(config))
+    run = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "o")),
+                      IDS[:, :PROMPT_LEN], steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+
+
+# keys a released config.json may leave out, whose transformers default is not builder's
+# generic one (and differs from the tiny checkpoint's value, so the default binds)
+LEFT_OUT = [("gemma2", "tie_word_embeddings"), ("gemma3", "tie_word_embeddings"),
+            ("smollm3", "tie_word_embeddings"), ("gemma2", "attn_logit_softcapping"),
+            ("gemma2", "final_logit_softcapping"), ("gemma2", "query_pre_attn_scalar"),
+            ("gemma3", "query_pre_attn_scalar"), ("granite", "attention_multiplier"),
+            ("olmo2", "rms_norm_eps")]
+
+
+@pytest.mark.parametrize("arch, key", LEFT_OUT, ids=[f"{a}-{k}" for a, k in LEFT_OUT])
+def test_defaults_of_keys_left_out(arch, key, checkpoints, tmp_path):
+    """config.json without ``key``: the build takes transformers' default for the
+    architecture, as transformers does (fp32 against transformers on the same folder)."""
+    ck = _edited(checkpoints[arch], tmp_path, **{key: None})
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = run_decoder(tmp_path / "out", IDS[:, :PROMPT_LEN], steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("precision", ["fp32", "w8a16"])
+def test_gemma3_in_parts_keeps_each_layers_rotary(precision, checkpoints, tmp_path):
+    """-e qnn in two parts: the second starts at a global layer, whose rotary table must stay
+    the global one although that part meets it first (the parts share one data file)."""
+    unsplit = qnn_build(checkpoints["gemma3"], tmp_path / "one", precision)
+    split = qnn_build(checkpoints["gemma3"], tmp_path / "two", precision, "qnn_num_splits=2")
+    assert (split / "context_1.onnx").is_file()
+    prompt = [int(t) for t in IDS[0, :PROMPT_LEN]]
+    one, two = (run_pipeline(f, prompt, STEPS) for f in (unsplit, split))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(one.step_logits, two.step_logits))
+    assert diff <= 1e-4 if precision == "fp32" else diff <= 0.05
 
 
 TRAINED = ["gemma2", "gemma3", "smollm3"]  # those that train to clear winners in 250 steps (the

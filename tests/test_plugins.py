@@ -84,6 +84,10 @@ def test_hook_register_options():
         ExtraOptions.parse([], []).plugin("mine_level")
     help_text = options_help(plugin_options=[("mine", option)])
     assert "  mine_level = 2 [1 | 2 | 3] (plugin mine)\n      How much." in help_text
+    with pytest.raises(PluginError, match=r"plugin 'bad' failed in register_options: "
+                                          r"ValueError: .*an int option without choices"):
+        load_plugins([("bad", _plugin(register_options=lambda register: register(
+            PluginOption("bad_level", 0, "not positive"))))])
     with pytest.raises(PluginError, match=r"extra option 'shared_embeddings' is built in"):
         load_plugins([("bad", _plugin(register_options=lambda register: register(
             PluginOption("shared_embeddings", True, "clash"))))])

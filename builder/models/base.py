@@ -80,6 +80,9 @@ class DecoderBuilder:
 
     architectures: ClassVar[tuple[str, ...]] = ()
     config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+    # what transformers' config class of the architecture gives the keys config.json leaves out,
+    # where that differs from builder's defaults (Llama's)
+    config_defaults: ClassVar[dict] = {}
     weight_names: ClassVar[Mapping[R, str]] = LLAMA_WEIGHT_NAMES
     ignored_weights: ClassVar[tuple[str, ...]] = ("*.rotary_emb.inv_freq",)
     qk_norm: ClassVar[bool] = False      # per-head RMSNorm on q and k before rotary

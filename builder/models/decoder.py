@@ -65,7 +65,7 @@ class DecoderLowering:
                                                              b.target.attention_mask)
         ropes = [b.rope(layer) for layer in range(c.num_hidden_layers)]
         self.explicit_rotary = any(r is not None and r.type in LONGROPE for r in ropes)
-        self.ropes = RopeTables(ropes, self.rotary_tables)
+        self.ropes = RopeTables(ropes, self.rotary_tables, range(c.num_hidden_layers))
         self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 
         h = tokens if x.exclude_embeds else b.embedding(tokens)

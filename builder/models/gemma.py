@@ -52,6 +52,15 @@ class Gemma3Config(Gemma2Config):
         """Configs written before transformers 5 give the global layers' rotary as rope_theta
         and rope_scaling, and the local layers' base as rope_local_base_freq (defaults: 1e6
         and 1e4, as transformers has them): rope_parameters by layer type."""
+        params = d.get("rope_parameters")
+        if isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()):
+            local, full = params.get("sliding_attention"), params.get("full_attention")
+            d = {**d, "rope_parameters": {
+                **params,  # (a layer type that is neither is refused by DecoderConfig)
+                **({"sliding_attention": {"rope_theta": d.get("rope_local_base_freq", 1e4),
+                                          **local}} if local is not None else {}),
+                **({"full_attention": {"rope_theta": d.get("rope_theta", 1e6), **full}}
+                   if full is not None else {})}}
         if not isinstance(d.get("rope_parameters"), dict):
             scaling = d.get("rope_scaling") or {}
             full = {"rope_type": "default", "rope_theta": d.get("rope_theta", 1e6)}
@@ -65,6 +74,10 @@ class Gemma3Config(Gemma2Config):
 class Gemma2Builder(LlamaBuilder):
     architectures = ("Gemma2ForCausalLM",)
     config_class = Gemma2Config
+    config_defaults = {"tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
+                       "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096,
+                       "max_position_embeddings": 8192, "attn_logit_softcapping": 50.0,
+                       "final_logit_softcapping": 30.0}
     weight_names = {
         **LLAMA_WEIGHT_NAMES,
         R.MLP_NORM: "model.layers.{i}.pre_feedforward_layernorm.weight",
@@ -109,4 +122,6 @@ class Gemma2Builder(LlamaBuilder):
 class Gemma3Builder(Gemma2Builder):
     architectures = ("Gemma3ForCausalLM",)
     config_class = Gemma3Config
+    config_defaults = {**Gemma2Builder.config_defaults, "max_position_embeddings": 131072,
+                       "attn_logit_softcapping": None, "final_logit_softcapping": None}
     qk_norm = True

@@ -21,7 +21,7 @@ class GraniteBuilder(LlamaBuilder):
         return None if m == 1.0 else m
 
     def attention_scale(self) -> float:
-        return self.config.number("attention_multiplier", super().attention_scale())
+        return self.config.number("attention_multiplier", 1.0)  # (transformers' default)
 
     def attention_output(self, layer: int, a: str) -> str:
         return self.times(a, "residual_multiplier")

@@ -19,6 +19,7 @@ POST_ATTN, POST_MLP = "post_attention_norm", "post_feedforward_norm"
 class Olmo2Builder(LlamaBuilder):
     architectures = ("Olmo2ForCausalLM",)
     genai_model_type = "olmo"
+    config_defaults = {"rms_norm_eps": 1e-5}
     qk_norm = True
     weight_names = {
         **{r: n for r, n in LLAMA_WEIGHT_NAMES.items() if r not in (R.ATTN_NORM, R.MLP_NORM)},

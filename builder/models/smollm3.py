@@ -2,7 +2,8 @@
 
 The Llama block, but some layers' attention has no rotary at all (NoPE): ``no_rope_layers``
 has a 1 for each layer that rotates and a 0 for each that does not (by default every
-``no_rope_layer_interval``-th layer, 4, is NoPE, as transformers fills it).
+``no_rope_layer_interval``-th layer, 4, is NoPE, as transformers fills it). Without
+``layer_types``, only the NoPE layers take the sliding window (when ``use_sliding_window``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from builder.models.llama import LlamaBuilder
 
 class SmolLM3Builder(LlamaBuilder):
     architectures = ("SmolLM3ForCausalLM",)
+    config_defaults = {"tie_word_embeddings": True, "use_sliding_window": False,
+                       "max_position_embeddings": 32768}
 
     def rope(self, layer: int) -> RopeConfig | None:
         c = self.config
@@ -26,3 +29,8 @@ class SmolLM3Builder(LlamaBuilder):
             raise ConfigError(f"config.json: no_rope_layers must list 0 or 1 for each of the "
                               f"{c.num_hidden_layers} layers, got {flags!r:.80}")
         return super().rope(layer) if flags[layer] else None
+
+    def sliding_window(self, layer: int) -> int | None:
+        if self.config.layer_types is None and self.rope(layer) is not None:
+            return None  # as transformers fills layer_types: only NoPE layers slide
+        return super().sliding_window(layer)

@@ -126,8 +126,8 @@ class StaticLowering:
         self.seq_len, self.batch = seq_len, batch
         self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, rows, batch)
         self.masks: dict[int | None, str] = {}
-        self.ropes = RopeTables((b.rope(layer) for layer in layers),
-                                functools.partial(self.rotary_tables, context_len))
+        self.ropes = RopeTables([b.rope(layer) for layer in range(c.num_hidden_layers)],
+                                functools.partial(self.rotary_tables, context_len), layers)
 
     def rotary_tables(self, context_len: int, rope: RopeConfig,
                       suffix: str) -> tuple[str, str, int]:

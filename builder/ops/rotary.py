@@ -110,20 +110,30 @@ T = TypeVar("T")
 
 
 class RopeTables(Generic[T]):
-    """What ``make(rope, suffix)`` gives once per distinct rotary config among ``ropes`` (the
-    layers', in order; None: a layer without rotary), the first with suffix "" and the next
-    "_1", "_2": one set of tables serves every layer that rotates alike (Gemma 3's local and
-    global layers differ)."""
+    """What ``make(rope, suffix)`` gives once per distinct rotary config of the model: ``ropes``
+    are every layer's (None: a layer without rotary), and the k-th distinct one in layer order
+    gets suffix "" (k = 0) or "_k", so that a name means the same table in every graph of a
+    pipeline (its parts share one data file); one set of tables serves every layer that rotates
+    alike (Gemma 3's local and global layers differ). Made for the ropes of ``layers`` now,
+    in layer order."""
 
-    def __init__(self, ropes: Iterable[RopeConfig | None],
-                 make: Callable[[RopeConfig, str], T]) -> None:
-        self.made: list[tuple[RopeConfig, T]] = []
+    def __init__(self, ropes: list[RopeConfig | None], make: Callable[[RopeConfig, str], T],
+                 layers: Iterable[int]) -> None:
+        self.ropes, self.distinct = ropes, []
         for rope in ropes:
-            if rope is not None and all(r != rope for r, _ in self.made):
-                self.made.append((rope, make(rope, f"_{len(self.made)}" if self.made else "")))
+            if rope is not None and all(r != rope for r in self.distinct):
+                self.distinct.append(rope)
+        self.make, self.made = make, {}
+        for layer in layers:
+            self(ropes[layer])
 
     def __call__(self, rope: RopeConfig | None) -> T | None:
-        return None if rope is None else next(t for r, t in self.made if r == rope)
+        if rope is None:
+            return None
+        k = next(k for k, r in enumerate(self.distinct) if r == rope)
+        if k not in self.made:
+            self.made[k] = self.make(rope, f"_{k}" if k else "")
+        return self.made[k]
 
 
 def position_ids(gb: GraphBuilder, tokens: str, attention_mask: str) -> str:

@@ -16,6 +16,7 @@ from builder.models import LlamaBuilder
 class SeedOssBuilder(LlamaBuilder):
     architectures = ("SeedOssForCausalLM",)
     genai_model_type = "llama"
+    config_defaults = {"attention_bias": True}  # transformers' SeedOssConfig has q/k/v biases
 
     def attention_biases(self, layer):
         c = self.config
