@@ -55,6 +55,15 @@ FEATURES = {
 }
 
 
+def _parity(ck, folder):
+    """(max abs logit difference against transformers over a prefill and STEPS decode steps,
+    the run, transformers' logits)."""
+    run = run_decoder(folder, IDS[:, :PROMPT_LEN], steps=STEPS)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    return max_abs_diff(ours, ref), run, ref
+
+
 def _logits(folder, model=None):
     return hf_logits(folder, IDS, np.ones_like(IDS), PROMPT_LEN, model=model)
 
@@ -223,11 +232,8 @@ def test_qwen_window_without_layer_types(arch, first, tmp_path):
     assert config.pop("layer_types") == (["full_attention"] * first
                                          + ["sliding_attention"] * (layers - first))
     (ck / "config.json").write_text(json.dumps(config))
-    run = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "o")),
-                      IDS[:, :PROMPT_LEN], steps=STEPS)
-    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
-    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
-    assert max_abs_diff(ours, ref) <= 1e-4
+    diff, run, ref = _parity(ck, build(BuildOptions(model_name=str(ck), output=tmp_path / "o")))
+    assert diff <= 1e-4
     if first:
         every = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN,
                           model=hf_model(ck, layer_types=["sliding_attention"] * layers))
@@ -244,11 +250,7 @@ def test_smollm3_window_without_layer_types(tmp_path):
     config = json.loads((ck / "config.json").read_text())
     assert config.pop("layer_types") == ["full_attention", "sliding_attention", "full_attention"]
     (ck / "config.json").write_text(json.dumps(config))
-    run = run_decoder(build(BuildOptions(model_name=str(ck), output=tmp_path / "o")),
-                      IDS[:, :PROMPT_LEN], steps=STEPS)
-    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
-    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
-    assert max_abs_diff(ours, ref) <= 1e-4
+    assert _parity(ck, build(BuildOptions(model_name=str(ck), output=tmp_path / "o")))[0] <= 1e-4
 
 
 # keys a released config.json may leave out, whose transformers default is not builder's
@@ -267,10 +269,7 @@ def test_defaults_of_keys_left_out(arch, key, checkpoints, tmp_path):
     ck = _edited(checkpoints[arch], tmp_path, **{key: None})
     r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-2000:]
-    run = run_decoder(tmp_path / "out", IDS[:, :PROMPT_LEN], steps=STEPS)
-    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
-    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
-    assert max_abs_diff(ours, ref) <= 1e-4
+    assert _parity(ck, tmp_path / "out")[0] <= 1e-4
 
 
 @pytest.mark.parametrize("precision", ["fp32", "w8a16"])
