@@ -16,6 +16,12 @@ from builder.testing import hf_greedy, hf_logits, hf_model  # noqa: F401  (the t
 
 VOCAB = 256
 
+# The tests run in two xdist workers on two cores: torch's default of one thread per core in each
+# worker oversubscribes them, and training (train_previous_token) then ran 20x slower or worse
+# whenever both workers trained at once (measured: a tiny Gemma 3 trains in 11 s with one thread
+# each, and had not finished after 120 s with the default)
+torch.set_num_threads(1)
+
 # One entry per architecture and variant the tests build. head_dim is a multiple of 16, which
 # GroupQueryAttention on CPU requires; max_position_embeddings leaves room for the QNN defaults
 # (C = 512). The shipped example keeps 256, where C follows max_position_embeddings.
