@@ -53,21 +53,18 @@ class Gemma3Config(Gemma2Config):
         and rope_scaling, and the local layers' base as rope_local_base_freq (defaults: 1e6
         and 1e4, as transformers has them): rope_parameters by layer type."""
         params = d.get("rope_parameters")
-        if isinstance(params, dict) and all(isinstance(v, dict) for v in params.values()):
-            local, full = params.get("sliding_attention"), params.get("full_attention")
-            d = {**d, "rope_parameters": {
-                **params,  # (a layer type that is neither is refused by DecoderConfig)
-                **({"sliding_attention": {"rope_theta": d.get("rope_local_base_freq", 1e4),
-                                          **local}} if local is not None else {}),
-                **({"full_attention": {"rope_theta": d.get("rope_theta", 1e6), **full}}
-                   if full is not None else {})}}
-        if not isinstance(d.get("rope_parameters"), dict):
+        if not isinstance(params, dict):  # older config: rope_scaling is the global layers'
             scaling = d.get("rope_scaling") or {}
-            full = {"rope_type": "default", "rope_theta": d.get("rope_theta", 1e6)}
-            full.update(scaling if isinstance(scaling, dict) else {"rope_scaling": scaling})
-            local = {"rope_type": "default", "rope_theta": d.get("rope_local_base_freq", 1e4)}
-            d = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_local_base_freq")}
-            d["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
+            params = {"sliding_attention": {"rope_type": "default"},
+                      "full_attention": {"rope_type": "default", **(
+                          scaling if isinstance(scaling, dict) else {"rope_scaling": scaling})}}
+            d = {k: v for k, v in d.items() if k != "rope_scaling"}
+        if all(isinstance(v, dict) for v in params.values()):  # each type's theta, if unsaid
+            thetas = {"sliding_attention": d.get("rope_local_base_freq", 1e4),
+                      "full_attention": d.get("rope_theta", 1e6)}
+            params = {kind: {"rope_theta": thetas[kind], **sub} if kind in thetas else sub
+                      for kind, sub in params.items()}  # (another type: refused later)
+        d = {**d, "rope_parameters": params}
         return super().from_hf(d, source)
 
 
