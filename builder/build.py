@@ -12,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from builder.config import DecoderConfig
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
-from builder.graph import GraphBuilder
+from builder.graph import Calibrated, GraphBuilder
 from builder.metrics import StageMeter
 from builder.options import (
     FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
@@ -158,15 +158,15 @@ class PipelineFolder(DecoderFolder):
             held_out = evaluation_sequences(source, context, prefill, pad)
             calibration = calibrate(LayerStream(builder, work, prefill, context, float_type),
                                     o.extra, source, pad, held_out, empty_cache=self.empty_cache)
-            ranges = calibration.ranges
+            activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
         builder.policy = policy
         with meter("graph"):
-            write_pipeline(out, builder, float_type, (bits, ranges))
+            write_pipeline(out, builder, float_type, activations)
         with meter("report"):
             quantized = evaluation_sequences(source, context, prefill, pad)
             for s, embeddings in zip(quantized, calibration.embeddings):
                 s.hidden = embeddings  # the lookup is float: the same inputs_embeds
-            stream = LayerStream(builder, work, prefill, context, float_type, (bits, ranges))
+            stream = LayerStream(builder, work, prefill, context, float_type, activations)
             stream.run(quantized, desc="accuracy report")
             weight_bits = 4 if o.precision in FOUR_BIT else 8
             lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
@@ -177,6 +177,19 @@ class PipelineFolder(DecoderFolder):
         work.rmdir()
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison
+
+    def headroom(self, bits: int) -> float:
+        """qnn_calibration_headroom, resolved (2 for 16-bit activations, 1 for 8-bit: see
+        ``Calibrated``), logged and written back into the options for the manifest."""
+        o = self.options
+        headroom = o.extra.qnn_calibration_headroom
+        if headroom is None:
+            headroom = 2.0 if bits == 16 else 1.0
+            object.__setattr__(o, "extra", dataclasses.replace(
+                o.extra, qnn_calibration_headroom=headroom))
+        logger.info("activation ranges: as calibrated, the MLP's widened %gx around 0 "
+                    "(qnn_calibration_headroom; its Sigmoid as calibrated)", headroom)
+        return headroom
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_pipeline_config(config, self.options, self.target, source)

@@ -148,6 +148,10 @@ class ExtraOptions:
         "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
         "at 99.999% on each side).",
         choices=("minmax", "percentile"))
+    qnn_calibration_headroom: float | None = _opt(
+        None, "-e qnn, quantized: the calibrated ranges of the MLP's activations are widened by "
+        "this factor (at least 1), so that tokens the calibration prompts did not hold are not "
+        "clipped; default 2 with 16-bit activations (w8a16, w4a16), 1 with 8-bit (w8a8).")
     qnn_num_splits: int | str = _opt(
         "auto", "-e qnn: the transformer as N consecutive layer ranges, each a prefill and a "
         "decode graph of its own (its own context on the HTP); auto: the fewest that keep each "
@@ -252,7 +256,7 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
             value = int(raw)
             if f.default == "auto" and value < 1:
                 raise ValueError("expected auto or a positive integer")
-        elif kind == "float":
+        elif kind.startswith("float"):
             value = float(raw)
             if not math.isfinite(value):
                 raise ValueError("expected a finite number")
@@ -269,6 +273,9 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
         raise OptionError(f"extra option {key}={raw!r} is not one of: {shown}{hint}")
     if kind.startswith("int") and value < 1 and not choices:
         raise OptionError(f"extra option {key}={raw!r} must be a positive integer")
+    if f.name == "qnn_calibration_headroom" and value < 1:
+        raise OptionError(f"extra option {key}={raw!r} must be at least 1 (a range is widened, "
+                          "never narrowed: narrower ranges clip)")
     if f.name == "filename" and (not value.endswith(".onnx") or "/" in value or "\\" in value):
         raise OptionError(f"extra option filename={raw!r} must be a plain file name ending in "
                           ".onnx")
@@ -276,7 +283,7 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
 
 
 QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_steps",
-                 "qnn_calibration_method")
+                 "qnn_calibration_method", "qnn_calibration_headroom")
 
 
 def not_applicable(name: str, precision: Precision, static_shapes: bool,

@@ -27,7 +27,7 @@ from typing import Any
 from builder.config import DecoderConfig
 from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import ConfigError, OptionError
-from builder.graph import GraphBuilder, Qdq, WeightStore
+from builder.graph import Calibrated, GraphBuilder, WeightStore
 from builder.models.static import (build_embeddings, build_lm_head, build_transformer, kv_names,
                                    layer_stream)
 from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExtraOptions, Precision
@@ -206,11 +206,10 @@ def transformer_splits(options: BuildOptions, config: DecoderConfig) -> list[ran
     return layer_ranges(config.num_hidden_layers, int(options.extra.qnn_num_splits))
 
 
-def write_pipeline(out: Path, builder, float_dtype, qdq: tuple[int, dict] | None = None) -> None:
+def write_pipeline(out: Path, builder, float_dtype, qdq: Calibrated | None = None) -> None:
     """Build every graph of the pipeline into ``out`` with ``builder`` (one builder, its
     decisions logged once; one graph at a time), weights shared in one data file. ``qdq``:
-    (activation bits, {graph: calibrated ranges}) writes the transformer and lm_head graphs as
-    QDQ graphs. (``check_options`` and ``check_lowered`` have already passed.)"""
+    the calibrated activations: the transformer and lm_head graphs are written as QDQ graphs. (``check_options`` and ``check_lowered`` have already passed.)"""
     extra, target = builder.options.extra, builder.target
     prefill, context = extra.qnn_prefill_length, extra.qnn_context_length
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
@@ -220,7 +219,7 @@ def write_pipeline(out: Path, builder, float_dtype, qdq: tuple[int, dict] | None
         for stage in stages(prefill, context, transformer_splits(builder.options, builder.config)):
             quantized = qdq is not None and stage.build is not build_embeddings
             builder.gb = GraphBuilder(stage.stem, float_dtype=float_dtype, store=store,
-                                      qdq=Qdq(qdq[0], qdq[1][stage.kind]) if quantized else None)
+                                      qdq=qdq.graph(stage.kind) if quantized else None)
             stage.build(builder, *stage.args)
             check_ops(builder.gb.save(out / stage.filename), stage.filename, target.name)
     finally:

@@ -30,6 +30,9 @@ def test_booleans(value, expected):
     ("int4_algo_config=k_qant", "did you mean 'k_quant'"),
     ("int4_block_size=abc", "invalid literal"),
     ("num_hidden_layers=0", "positive integer"),
+    ("qnn_calibration_headroom=0.5", "must be at least 1"),
+    ("qnn_calibration_headroom=wide", "could not convert"),
+    ("qnn_calibration_headroom=inf", "expected a finite number"),
 ])
 def test_bad_items(item, message):
     with pytest.raises(OptionError, match=message):

@@ -566,6 +566,42 @@ def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8
     assert top1 >= 0.95
 
 
+@pytest.mark.xdist_group("trained")
+def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
+    """qnn_calibration_headroom (default 2 at 16-bit activations) against the calibrated ranges
+    as they are (1): the MLP's activation scales twice as large (not its Sigmoid's), every
+    other scale the same, and on the fp32 CPU build's greedy path from a prompt of random
+    tokens (many of which the English calibration text never holds) no decode step loses its
+    logits: with the ranges as calibrated, one token's layer-0 MLP product was clipped
+    (measured on the CPU EP: min step cosine 0.9943 against 0.9993 with the headroom, mean
+    0.99947 against 0.99986; on the HTP 0.9946 against 0.9993)."""
+    ck, fp32 = trained["qwen3"]
+    tight = qnn_build(ck, tmp_path / "o", "w8a16", "qnn_calibration_headroom=1",
+                      lengths="default")
+    wide = w8a16_built["default", "qwen3"]
+    for graph in ("context.onnx", "iterator.onnx", "lm_head_iterator.onnx"):
+        got, calibrated = _activation_scales(wide, graph), _activation_scales(tight, graph)
+        assert got.keys() == calibrated.keys()
+        wider = [n for n in got if "/mlp/" in n and "/Sigmoid/" not in n]
+        assert wider or graph.startswith("lm_head")
+        for name, scale in got.items():
+            ratio = 2.0 if name in wider else 1.0
+            # (rel: the KV buffers' scales are fp16, subnormal at 16 bits)
+            assert scale == pytest.approx(calibrated[name] * ratio, rel=3e-3), name
+    prompt = PROMPTS["default"]
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    cos = {name: _cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
+           for name, folder in (("headroom 2", wide), ("headroom 1", tight))}
+    print("qwen3 w8a16 on the CPU EP: " + "; ".join(
+        f"{name}: mean cosine {np.mean(c):.5f} (min {min(c):.5f})" for name, c in cos.items()))
+    assert min(cos["headroom 2"]) >= 0.999 and np.mean(cos["headroom 2"]) >= 0.9998
+    assert min(cos["headroom 2"]) - min(cos["headroom 1"]) >= 0.002
+    manifest = json.loads((wide / "build_manifest.json").read_text())
+    assert manifest["options"]["extra_options"]["qnn_calibration_headroom"] == 2.0
+
+
 def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):
     """Prompts shorter than P still calibrate the prefill graph on calls with earlier chunks in
     the KV cache (they are joined into two-chunk sequences): no activation of the calibrated

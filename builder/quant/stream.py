@@ -26,7 +26,7 @@ import numpy as np
 from onnx import helper
 from tqdm.auto import tqdm
 
-from builder.graph import GraphBuilder, Qdq, WeightStore
+from builder.graph import Calibrated, GraphBuilder, WeightStore
 from builder.models.static import (
     KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
     layer_stream,
@@ -185,11 +185,11 @@ class LayerStream:
     """Runs sequences through the pipeline's graphs one layer at a time.
 
     ``builder``: a DecoderBuilder whose ``gb`` is replaced per graph (float weights for
-    calibration, the QDQ policy for the report); ``qdq``: activation bits and the per-kind
-    ranges, to run the calibrated QDQ graphs instead of the float ones."""
+    calibration, the QDQ policy for the report); ``qdq``: the calibrated activations, to run the
+    calibrated QDQ graphs instead of the float ones."""
 
     def __init__(self, builder, work: Path, prefill: int, context: int, float_dtype,
-                 qdq: tuple[int, dict[str, dict]] | None = None) -> None:
+                 qdq: Calibrated | None = None) -> None:
         self.b, self.work = builder, work
         self.prefill, self.context, self.float_dtype, self.qdq = prefill, context, float_dtype, qdq
         c = builder.config
@@ -199,7 +199,7 @@ class LayerStream:
 
     def _write(self, filename: str, kind: str | None, build: Callable, expose: bool,
                store: WeightStore) -> None:
-        qdq = None if self.qdq is None or kind is None else Qdq(self.qdq[0], self.qdq[1][kind])
+        qdq = None if self.qdq is None or kind is None else self.qdq.graph(kind)
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
                           store=store, qdq=qdq)
         self.b.gb = gb
