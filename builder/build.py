@@ -26,8 +26,10 @@ from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate
-from builder.quant.report import accuracy_report, evaluation_sequences
-from builder.quant.stream import LayerStream
+from builder.quant.report import accuracy_report, evaluation_sequences, float_head
+from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
+                                       summarize, tensor_figures)
+from builder.quant.stream import LayerStream, TensorStats
 from builder.roles import TensorRole as R
 from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
@@ -93,6 +95,7 @@ class DecoderFolder:
     def __init__(self, options: BuildOptions, target: TargetCaps) -> None:
         self.options, self.target = options, target
         self.report: dict | None = None  # quantized QNN builds: the accuracy report
+        self.sensitivity: dict | None = None  # and where its error comes from
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -154,10 +157,13 @@ class PipelineFolder(DecoderFolder):
         prefill, context = o.extra.qnn_prefill_length, o.extra.qnn_context_length
         pad = token_ids(config, generation(source))[2]
         work = out / ".work"
+        stream_args = (work, prefill, context, float_type)
         with meter("calibrate"):
             held_out = evaluation_sequences(source, context, prefill, pad)
-            calibration = calibrate(LayerStream(builder, work, prefill, context, float_type),
-                                    o.extra, source, pad, held_out, empty_cache=self.empty_cache)
+            float_rows, held_out_values = StreamProbe(held_out, prefill), TensorStats()
+            calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
+                                    held_out, empty_cache=self.empty_cache, observe=float_rows,
+                                    unrecorded=held_out_values)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
         builder.policy = policy
         with meter("graph"):
@@ -165,15 +171,27 @@ class PipelineFolder(DecoderFolder):
         with meter("report"):
             quantized = evaluation_sequences(source, context, prefill, pad)
             for s, embeddings in zip(quantized, calibration.embeddings):
-                s.hidden = embeddings  # the lookup is float: the same inputs_embeds
-            stream = LayerStream(builder, work, prefill, context, float_type, activations)
-            stream.run(quantized, desc="accuracy report")
-            weight_bits = 4 if o.precision in FOUR_BIT else 8
-            lm_head = cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD]
-            finish = LayerStream(builder, work, prefill, context, float_type).final_logits
+                s.hidden = list(embeddings)  # the lookup is float: the same inputs_embeds
+            stream = LayerStream(builder, *stream_args, qdq=activations)
+            quantized_rows = StreamProbe(quantized, prefill)
+            stream.run(quantized, desc="accuracy report", observe=quantized_rows)
+            label = f"w{4 if o.precision in FOUR_BIT else 8}a{bits}"
+            lm_head = weights.rows(
+                cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD])
+            finish = LayerStream(builder, *stream_args).final_logits
             self.report = accuracy_report(stream.logits, held_out, quantized, prefill,
-                                          weights.rows(lm_head), f"w{weight_bits}a{bits}",
-                                          finish)
+                                          lm_head, label, finish)
+        with meter("sensitivity"):
+            kinds = None
+            if o.extra.qnn_sensitivity:
+                def evaluate(head, sequences):
+                    return overall(accuracy_report(head, held_out, sequences, prefill, lm_head,
+                                                   label, finish, log=False))
+                kinds = kinds_of_error(builder, policy, activations, stream_args, held_out,
+                                       calibration.embeddings, prefill,
+                                       float_head(lm_head, finish), evaluate)
+            self.sensitivity = summarize(layer_figures(float_rows.rows, quantized_rows.rows),
+                                         tensor_figures(held_out_values, activations), kinds)
         work.rmdir()
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison
@@ -267,7 +285,8 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             write_genai_files(tmp, folder.genai_config(config, source.path), source.path)
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
-        write_manifest(tmp, options, source, weight_files, meter.stages, folder.report)
+        write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
+                       folder.sensitivity)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

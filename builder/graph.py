@@ -60,9 +60,9 @@ def batch_dim(batch: int | str) -> int:
     return batch if isinstance(batch, int) else 0
 
 
-# ops whose output range is fixed by the op, not by the data: their calibrated range is kept
-# as it is (headroom would only coarsen the step)
-BOUNDED = frozenset({"Softmax", "Sigmoid", "Tanh"})
+# ops whose output range is fixed by the op, not by the data: no headroom; at 16 bits they take
+# that whole range (a calibrated Softmax maximum below 1 clipped a sharper row of held-out text)
+BOUNDED = {"Softmax": (0.0, 1.0), "Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 HEADROOM_SCOPE = "/mlp/"  # the values that get headroom: see Calibrated
 
 
@@ -77,9 +77,15 @@ class Qdq:
     ranges: dict[str, tuple[float, float]]
     headroom: float = 1.0
 
-    def range(self, value: str, producer: onnx.NodeProto | None) -> tuple[float, float]:
+    def range(self, value: str, op_type: str | None) -> tuple[float, float]:
+        """The range ``value`` (computed by an ``op_type`` node; None: a graph input) is
+        quantized over."""
         lo, hi = self.ranges[value][:2]
-        if HEADROOM_SCOPE in value and (producer is None or producer.op_type not in BOUNDED):
+        if op_type in BOUNDED:
+            if self.bits < 16:
+                return lo, hi
+            return min(lo, BOUNDED[op_type][0]), max(hi, BOUNDED[op_type][1])
+        if HEADROOM_SCOPE in value:
             return lo * self.headroom, hi * self.headroom
         return lo, hi
 
@@ -460,7 +466,7 @@ class GraphBuilder:
                     and producer.input[0] in params:  # moves values: its input's parameters
                 params[t] = params[producer.input[0]]
             else:
-                params[t] = activation_params(*self.qdq.range(t, producer), bits,
+                params[t] = activation_params(*self.qdq.range(t, producer and producer.op_type), bits,
                                               helper.tensor_dtype_to_np_dtype(types[t]))
 
         for value in self._inputs:

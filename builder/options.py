@@ -152,6 +152,11 @@ class ExtraOptions:
         None, "-e qnn, quantized: the calibrated ranges of the MLP's activations are widened by "
         "this factor (at least 1), so that tokens the calibration prompts did not hold are not "
         "clipped; default 2 with 16-bit activations (w8a16, w4a16), 1 with 8-bit (w8a8).")
+    qnn_sensitivity: bool = _opt(
+        False, "-e qnn, quantized: also measure the logit error with only the transformer's "
+        "weights, only its activations, only lm_head, and each layer alone quantized (one more "
+        "pass of the held-out prompts each: the report's time x (3 + layers)); written to "
+        "build_manifest.json under sensitivity.kinds.")
     qnn_num_splits: int | str = _opt(
         "auto", "-e qnn: the transformer as N consecutive layer ranges, each a prefill and a "
         "decode graph of its own (its own context on the HTP); auto: the fewest that keep each "
@@ -283,7 +288,7 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
 
 
 QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_steps",
-                 "qnn_calibration_method", "qnn_calibration_headroom")
+                 "qnn_calibration_method", "qnn_calibration_headroom", "qnn_sensitivity")
 
 
 def not_applicable(name: str, precision: Precision, static_shapes: bool,

@@ -645,3 +645,109 @@ def test_calibration_options(checkpoints, tmp_path):
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")
     assert r.returncode == 2 and "none.txt: no such file" in r.stderr
     assert not (tmp_path / "o2").exists()
+
+
+def _held_out_rows(folder, prompts, steps, runner_of):
+    """The residual stream leaving each part of a split folder (``hidden_states_layer_k``, then
+    ``hidden_states``) at the accuracy report's positions: each held-out prompt's last token,
+    then its decode calls."""
+    from builder.runner import run_pipeline
+
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]
+    window = cfg["decoder"]["sliding_window"]["window_size"]
+    rows = {}
+    for i, ids in enumerate(prompts):
+        calls = []
+        run = runner_of(calls)
+        text = [t for p in prompts[i + 1:] + prompts[:i + 1] for t in p][:steps - 1] + [0]
+        run_pipeline(folder, ids, steps, forced=text, runner=run)
+        chunks = -(-len(ids) // window)
+        picked = [(chunks - 1, (len(ids) - 1) % window)] + [(chunks + k, 0)
+                                                            for k in range(steps - 1)]
+        for name in calls[0]:
+            rows.setdefault(name, []).extend(calls[c][name][0, r] for c, r in picked)
+    return {name: np.stack(v).astype(np.float64) for name, v in rows.items()}
+
+
+@pytest.mark.xdist_group("trained")
+def test_sensitivity_against_an_independent_computation(trained, tmp_path):
+    """The manifest's sensitivity, recomputed: the w8a16 folder and an fp32 folder, each in
+    three parts (one layer each, so that every layer's output is a graph output), run whole on
+    the held-out prompts; the stream's SQNR after each layer at the report's positions agrees
+    with the manifest's. Also: every kind and every layer has its figures, and the activations
+    beyond their ranges are listed with both ranges."""
+    from builder.quant.report import STEPS, evaluation_prompts
+
+    ck = trained["qwen3"][0]
+    folder = qnn_build(ck, tmp_path / "w8a16", "w8a16", "qnn_num_splits=3",
+                       "qnn_sensitivity=true", lengths="default")
+    fp32 = qnn_build(ck, tmp_path / "fp32", "fp32", "qnn_num_splits=3", lengths="default")
+    sensitivity = json.loads((folder / "build_manifest.json").read_text())["sensitivity"]
+    prompts = evaluation_prompts(ck, 512)
+
+    def runner_of(calls, folder):
+        from builder.runner import graph_runner
+
+        run = graph_runner(folder)
+
+        def runner(filename, feeds):
+            out = run(filename, feeds)
+            if filename.startswith("context_0") or filename.startswith("iterator_0"):
+                calls.append({})
+            if filename.startswith(("context", "iterator")):
+                calls[-1].update({n: v for n, v in out.items() if n.startswith("hidden")})
+            return out
+        return runner
+
+    got = _held_out_rows(folder, prompts, STEPS, lambda calls: runner_of(calls, folder))
+    ref = _held_out_rows(fp32, prompts, STEPS, lambda calls: runner_of(calls, fp32))
+    names = ["hidden_states_layer_1", "hidden_states_layer_2", "hidden_states"]
+    layers = sensitivity["layers"]
+    assert [r["layer"] for r in layers] == [0, 1, 2]
+    for layer, name in enumerate(names):
+        f, q = ref[name], got[name]
+        db = 10 * np.log10((f * f).sum() / ((q - f) ** 2).sum())
+        print(f"layer {layer}: stream SQNR {layers[layer]['stream_sqnr_db']} dB in the "
+              f"manifest, {db:.2f} dB here")
+        assert f.shape == (4 * STEPS, 64)
+        assert abs(layers[layer]["stream_sqnr_db"] - db) < 0.3
+    kinds = sensitivity["kinds"]
+    assert {"transformer weights", "transformer activations", "lm_head"} <= kinds.keys()
+    assert [r["layer"] for r in kinds["layers"]] == [0, 1, 2]
+    for figures in [kinds[k] for k in kinds if k != "layers"] + kinds["layers"]:
+        assert figures["positions"] == 4 * STEPS and 0 < figures["mean_kl"] < 1e-3
+    for t in sensitivity["clipped_tensors"]:
+        lo, hi = t["range"]
+        assert t["held_out"][0] < lo or t["held_out"][1] > hi
+        assert t["clipped_by"] == pytest.approx(
+            max(t["held_out"][1] - hi, lo - t["held_out"][0]) / (hi - lo), abs=1e-3)
+
+
+@pytest.mark.xdist_group("trained")
+def test_sensitivity_finds_a_planted_outlier(trained, tmp_path):
+    """One MLP channel of layer 2 made 1024x larger and its down-projection column 1024x smaller:
+    the same model in float (powers of two are exact in bf16), but that layer's MLP values now
+    share a range with an outlier. The analysis puts the error there: layer 2 costs the most
+    dB and has the largest KL of the layers quantized alone."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "planted"
+    shutil.copytree(trained["qwen3"][0], ck)
+    import ml_dtypes  # (safetensors.numpy reads bf16 as ml_dtypes.bfloat16)
+
+    tensors = load_file(ck / "model.safetensors")
+    up, down = "model.layers.2.mlp.up_proj.weight", "model.layers.2.mlp.down_proj.weight"
+    tensors[up] = tensors[up].copy()
+    tensors[down] = tensors[down].copy()
+    tensors[up][5] = (tensors[up][5].astype(np.float32) * 1024).astype(ml_dtypes.bfloat16)
+    tensors[down][:, 5] = (tensors[down][:, 5].astype(np.float32) / 1024).astype(
+        ml_dtypes.bfloat16)
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    folder = qnn_build(ck, tmp_path / "o", "w8a16", "qnn_sensitivity=true", lengths="default")
+    sensitivity = json.loads((folder / "build_manifest.json").read_text())["sensitivity"]
+    cost = {r["layer"]: r["cost_db"] for r in sensitivity["layers"][1:]}
+    kl = {r["layer"]: r["mean_kl"] for r in sensitivity["kinds"]["layers"]}
+    print(f"planted in layer 2: dB cost per layer {cost}, KL with one layer quantized {kl}")
+    assert max(cost, key=cost.get) == 2 and max(kl, key=kl.get) == 2

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from builder.errors import OptionError, SourceError
 from builder.options import ExtraOptions
-from builder.quant.stream import DECODE, PREFILL, LayerStream, Ranges, Sequence, sequence
+from builder.quant.stream import (DECODE, PREFILL, LayerStream, Ranges, Sequence, TensorStats,
+                                  sequence)
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,11 @@ class Calibration:
 
 
 def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad: int,
-              held_out: list[Sequence], empty_cache: bool = False) -> Calibration:
+              held_out: list[Sequence], empty_cache: bool = False, observe=None,
+              unrecorded: TensorStats | None = None) -> Calibration:
     """The ranges of every float tensor of the transformer and lm_head graphs; ``held_out``
-    (the accuracy report's sequences) goes through the same float layers unrecorded."""
+    (the accuracy report's sequences) goes through the same float layers unrecorded
+    (``observe`` and ``unrecorded``: see ``LayerStream.run``)."""
     window, context = stream.prefill, stream.context
     steps = extra.qnn_calibration_steps
     ids = prompts(extra, tokenizer_dir, context)
@@ -134,7 +137,8 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
     try:
         stream.embed(everything)
         embeddings = [list(s.hidden) for s in held_out]
-        stream.run(everything, ranges, desc="calibrating", empty_cache=empty_cache)
+        stream.run(everything, ranges, desc="calibrating", empty_cache=empty_cache,
+                   observe=observe, unrecorded=unrecorded)
         stream.lm_head(sequences, ranges)
     finally:
         ranges.close()

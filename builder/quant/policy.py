@@ -8,6 +8,7 @@ projections at 8 bits: the first and last eighth of the layers and every third l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class QuantPolicy:
     quantize_embedding: bool = False
     quantize_matmul: bool = True
     qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
+    layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
     seen: set[str] = field(default_factory=set, compare=False, repr=False)
 
@@ -102,10 +104,16 @@ class QuantPolicy:
         return cls(bits=bits, algorithm="qdq", block_size=block_size, lm_head_bits=None,
                    qdq_conv=conv)
 
+    def only_layers(self, layers: set[int]) -> QuantPolicy:
+        """This policy for the weights of ``layers`` only (the sensitivity analysis)."""
+        return dataclasses.replace(self, layers=frozenset(layers), seen=set())
+
     def bits_for(self, role: R, layer: int | None, node_name: str) -> int | None:
         """Bits for this weight, or None to keep it in float."""
         self.seen.add(node_name)
         if self.bits is None or node_name in self.exclude:
+            return None
+        if self.layers is not None and layer not in self.layers:
             return None
         if self.qdq_conv is not None:
             return self.bits if role in LINEAR_ROLES - {R.LM_HEAD} else None

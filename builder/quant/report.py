@@ -82,9 +82,21 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
 
 
+def float_head(lm_head: np.ndarray | Rows,
+               finish: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> Callable[[list], np.ndarray]:
+    """A ``head`` for ``accuracy_report``: lm_head in fp32 from the checkpoint, then the
+    architecture's final step, on [(graph kind, hidden [1, S, H], row)]."""
+    def head(picked: list) -> np.ndarray:
+        logits = float_logits(np.stack([h[0, row] for _, h, row in picked])[None], lm_head)[0]
+        return logits if finish is None else finish(logits)
+    return head
+
+
 def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
                     quantized: list[Sequence], window: int, lm_head: np.ndarray | Rows,
-                    label: str, finish: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                    label: str, finish: Callable[[np.ndarray], np.ndarray] | None = None,
+                    log: bool = True) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
     calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
     vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32, then
@@ -95,10 +107,8 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
                       for pair in list(zip(compared_hidden(f, window),
                                            compared_hidden(q, window)))[where]]
               for phase, where in rows.items()}
-    expected = {phase: float_logits(np.stack([h[0, row] for (_, h, row), _ in pairs])[None],
-                                    lm_head)[0] for phase, pairs in picked.items()}
-    if finish is not None:
-        expected = {phase: finish(logits) for phase, logits in expected.items()}
+    reference = float_head(lm_head, finish)
+    expected = {phase: reference([f for f, _ in pairs]) for phase, pairs in picked.items()}
     every = head([q for pairs in picked.values() for _, q in pairs])
     count = len(picked["prefill"])
     actual = {"prefill": every[:count], "decode": every[count:]}
@@ -108,6 +118,8 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
                                                   if finish is not None else ""),
               "precision": label, "prompts": len(float_runs), "steps": STEPS,
               "source": EVALUATION_PROMPTS.name, **phases}
+    if not log:
+        return report
     logger.info("accuracy of %s against float on %d held-out prompts: %s", label,
                 len(float_runs),
                 "; ".join(f"{phase} cosine {m['mean_cosine']:.6f} (min {m['min_cosine']:.6f}), "

@@ -154,6 +154,28 @@ def minmax(a: np.ndarray) -> tuple[float, float]:
     return value(key.min()), value(key.max())
 
 
+class TensorStats:
+    """Per graph kind and tensor: min, max, and the sum of squares and count of the values seen
+    (the held-out calls' float values: what the sensitivity analysis compares with the ranges
+    calibration chose)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, kind: str, values: dict[str, np.ndarray]) -> None:
+        seen = self.stats.setdefault(kind, {})
+        for name, a in values.items():
+            if a.dtype.kind != "f" or not a.size:
+                continue
+            x = a.astype(np.float32, copy=False)
+            lo, hi, squares = float(x.min()), float(x.max()), float(np.vdot(x, x))
+            if name in seen:
+                s = seen[name]
+                s[0], s[1], s[2], s[3] = min(s[0], lo), max(s[1], hi), s[2] + squares, s[3] + x.size
+            else:
+                seen[name] = [lo, hi, squares, float(x.size)]
+
+
 class _Histogram:
     def __init__(self) -> None:
         self.counts: np.ndarray | None = None
@@ -186,11 +208,11 @@ class LayerStream:
 
     ``builder``: a DecoderBuilder whose ``gb`` is replaced per graph (float weights for
     calibration, the QDQ policy for the report); ``qdq``: the calibrated activations, to run the
-    calibrated QDQ graphs instead of the float ones."""
+    calibrated QDQ graphs instead of the float ones (``qdq_layers``: in those layers only)."""
 
     def __init__(self, builder, work: Path, prefill: int, context: int, float_dtype,
-                 qdq: Calibrated | None = None) -> None:
-        self.b, self.work = builder, work
+                 qdq: Calibrated | None = None, qdq_layers: set[int] | None = None) -> None:
+        self.b, self.work, self.qdq_layers = builder, work, qdq_layers
         self.prefill, self.context, self.float_dtype, self.qdq = prefill, context, float_dtype, qdq
         c = builder.config
         self.kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
@@ -225,11 +247,16 @@ class LayerStream:
         self._clean()
 
     def run(self, sequences: list[Sequence], ranges: Ranges | None = None,
-            desc: str = "layers", empty_cache: bool = False) -> None:
+            desc: str = "layers", empty_cache: bool = False,
+            observe: Callable[[int, list[Sequence]], None] | None = None,
+            unrecorded: TensorStats | None = None) -> None:
         """Every layer over every call; each sequence's ``hidden`` ends as the final normed
         hidden states. ``ranges``: widened by the recorded calls' graph inputs and every float
         value the graphs compute. ``empty_cache`` (for comparison only): recorded decode calls
-        calibrate on an all-zero KV cache instead of the sequence's own.
+        calibrate on an all-zero KV cache instead of the sequence's own. ``observe(layer,
+        sequences)``: called after each layer, the sequences' ``hidden`` then that layer's
+        outputs. ``unrecorded`` (with ``ranges``): the statistics of every value the calls that
+        are not recorded see.
 
         The layer's graphs take any batch: calls of different sequences run together (``steps``),
         up to BATCH at a time, so the layer's weights are read once per batch, not per call.
@@ -245,10 +272,12 @@ class LayerStream:
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             store = WeightStore(self.work / "layer.data")
             try:
+                quantized = self.qdq_layers is None or layer in self.qdq_layers
                 for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
-                    self._write(f"{kind}.onnx", kind, lambda b, s=s: build_transformer(
-                        b, s, self.context, range(layer, layer + 1), "batch", rows),
-                        ranges is not None, store)
+                    self._write(f"{kind}.onnx", kind if quantized else None,
+                                lambda b, s=s: build_transformer(
+                                    b, s, self.context, range(layer, layer + 1), "batch", rows),
+                                ranges is not None, store)
             finally:
                 store.close()
             sess = loaded = None
@@ -275,11 +304,15 @@ class LayerStream:
                         fed = {**feeds, past_k: feeds[past_k] * 0, past_v: feeds[past_v] * 0}
                         seen = dict(zip(names, sess.run(None, fed)))
                     ranges.add(kind, {**fed, **seen})
+                elif unrecorded is not None and ranges is not None:
+                    unrecorded.add(kind, {**feeds, **out})
                 for r, (i, j) in enumerate(batch):
                     sequences[i].hidden[j] = out[last][r:r + 1].copy()
                 kv[0][members], kv[1][members] = out[present_k], out[present_v]
                 out = feeds = seen = fed = None  # memory holds one batch's values at a time
             sess = None  # freed before the next layer's load
+            if observe is not None:
+                observe(layer, sequences)
             del kv
             self._clean()
 
