@@ -1,0 +1,131 @@
+"""GPTQ: round a weight's columns one at a time, each rounding error spread over the columns not
+yet rounded so as to keep the layer's outputs on its calibration inputs (Frantar et al., "GPTQ:
+Accurate Post-Training Quantization for Generative Pre-trained Transformers", 2022).
+
+Math on one weight, no graphs. ``H = 2 X^T X`` over the calibration tokens X [T, K] that reach
+the projection (``hessian``); the weight [N, K] as Hugging Face stores it; the output the same
+codes, scales and zero points as round to nearest (``rtn``) in the same layout, only chosen
+differently: for MatMulNBits (``QuantizedWeight``, onnxruntime's grid: symmetric scale =
+extreme / -2^(b-1), codes around 2^(b-1)) or for QDQ blocks (symmetric, scale = absmax / 7.5 at
+4 bits, codes -8..7, as ``quant.qdq``). Each block of ``block_size`` input columns takes its
+scale from its columns as they stand when the first of them is rounded (the errors of the
+earlier blocks already spread into them), as GPTQ's grouped variant does.
+
+Columns are processed in order (no activation reordering: MatMulNBits and QDQ blocks are
+contiguous), in lazy batches of ``BATCH`` columns whose updates reach the later columns in one
+matrix product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from builder.quant.base import QuantizedWeight, pack, round_half_away
+
+BATCH = 128        # columns per lazy update (a multiple of every block size up to 128)
+DAMP = 0.01        # of the Hessian's mean diagonal, added to its diagonal
+
+
+class Grid:
+    """A block's scale (and zero point) from its values, and the codes of a column."""
+
+    def __init__(self, bits: int, symmetric: bool, qdq: bool) -> None:
+        self.bits, self.symmetric, self.qdq = bits, symmetric, qdq
+        if qdq and not symmetric:
+            raise ValueError("QDQ weights are symmetric")
+
+    def params(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, zero point) per row of ``block`` [N, columns], float32."""
+        f32, b = np.float32, self.bits
+        if self.qdq:  # quant.qdq: scale = 2 absmax / (qmax - qmin), zero point 0
+            absmax = np.abs(block).max(axis=1)
+            scale = (2 * absmax / f32((1 << b) - 1)).astype(f32)
+            return np.where(scale > 0, scale, f32(1)), np.zeros(len(block), f32)
+        mid, top = f32(1 << (b - 1)), f32((1 << b) - 1)
+        lo, hi = block.min(axis=1), block.max(axis=1)
+        if self.symmetric:  # quant.rtn: the extreme value maps to code 0
+            extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+            return (extreme / -mid).astype(f32), np.full(len(block), mid, f32)
+        lo, hi = np.minimum(lo, f32(0)), np.maximum(hi, f32(0))
+        scale = ((hi - lo) / top).astype(f32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = np.where(scale != 0, f32(0) - lo / scale, lo).astype(f32)
+        return scale, np.clip(round_half_away(zp), 0, top)
+
+    def codes(self, column: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """A column's codes (float32; QDQ: signed, else unsigned around the zero point)."""
+        f32 = np.float32
+        if self.qdq:
+            lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+            return np.clip(np.rint(column / scale), lo, hi)
+        with np.errstate(divide="ignore"):
+            recip = np.where(scale != 0, f32(1) / scale, f32(0)).astype(f32)
+        return np.clip(round_half_away(column * recip + zero), 0, (1 << self.bits) - 1)
+
+    def value(self, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        return (codes - zero) * scale
+
+
+def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes [N, K] float32, scales [N, blocks], zero points [N, blocks]) of ``weight`` [N, K]
+    rounded by GPTQ with ``hessian`` [K, K] (``K`` a multiple of ``block_size``)."""
+    w = np.array(weight, np.float64)
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"GPTQ: {k} input features are not whole blocks of {block_size}")
+    h = np.array(hessian, np.float64)
+    dead = np.diag(h) == 0  # inputs that calibration never saw non-zero: nothing to keep
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += DAMP * np.mean(np.diag(h))
+    # the upper Cholesky factor of H^-1: row i holds what column i's error does to the later
+    # columns, already conditioned on the earlier ones
+    inverse = np.linalg.cholesky(np.linalg.inv(h)).T
+    codes = np.empty((n, k), np.float32)
+    scales = np.empty((n, k // block_size), np.float32)
+    zeros = np.empty((n, k // block_size), np.float32)
+    batch = max(BATCH, block_size)
+    for a in range(0, k, batch):
+        b = min(a + batch, k)
+        part = w[:, a:b].copy()
+        errors = np.empty_like(part)
+        hinv = inverse[a:b, a:b]
+        for i in range(b - a):
+            col = a + i
+            if col % block_size == 0:
+                g = col // block_size
+                s, z = grid.params(part[:, i:i + block_size].astype(np.float32))
+                scales[:, g], zeros[:, g] = s, z
+            g = col // block_size
+            q = grid.codes(part[:, i].astype(np.float32), scales[:, g], zeros[:, g])
+            codes[:, col] = q
+            err = (part[:, i] - grid.value(q, scales[:, g], zeros[:, g])) / hinv[i, i]
+            part[:, i:] -= np.outer(err, hinv[i, i:])
+            errors[:, i] = err
+        w[:, b:] -= errors @ inverse[a:b, b:]
+    return codes, scales, zeros
+
+
+def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int,
+                      symmetric: bool) -> QuantizedWeight:
+    """A [N, K] weight rounded by GPTQ, in MatMulNBits' layout (K padded to whole blocks: the
+    padding's inputs are zero, their Hessian rows dead)."""
+    n, k = weight.shape
+    padded = -(-k // block_size) * block_size
+    if padded != k:
+        weight = np.concatenate([weight, np.zeros((n, padded - k), weight.dtype)], axis=1)
+        h = np.zeros((padded, padded))
+        h[:k, :k] = hessian
+        hessian = h
+    codes, scales, zeros = gptq(weight, hessian, Grid(bits, symmetric, qdq=False), block_size)
+    codes[:, k:] = 0  # the kernels' padding
+    data = pack(codes.astype(np.uint8).reshape(n, -1, block_size), bits)
+    zero_points = None if symmetric else pack(zeros.astype(np.uint8), bits)
+    return QuantizedWeight(data, scales, zero_points, bits, block_size, k)
+
+
+def hessian_of(x: np.ndarray) -> np.ndarray:
+    """2 X^T X of tokens X [T, K], float64."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    return 2 * x.T @ x
