@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -26,6 +27,7 @@ from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate
+from builder.quant.rounding import round_layers
 from builder.quant.report import accuracy_report, evaluation_sequences, float_head
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
                                        summarize, tensor_figures)
@@ -102,12 +104,18 @@ class DecoderFolder:
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:
         o = self.options
+        self.plugins = plugins
         return QuantPolicy.from_options(o.precision, o.extra, config.num_hidden_layers,
                                         plugins.quantizers, self.target.nbits_accuracy_level)
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
               policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
         filename = self.options.extra.filename
+        work = out / ".work"
+        if policy.data_aware:
+            with meter("round"):
+                round_layers(cls, config, self.options, weights, policy, self.plugins, source,
+                             work)
         with meter("graph"):
             gb = GraphBuilder("main_graph", out / f"{filename}.data", float_type)
             try:
@@ -115,6 +123,9 @@ class DecoderFolder:
                 gb.save(out / filename)
             finally:
                 gb.close()
+        if policy.rounded is not None:
+            policy.rounded.log()
+            shutil.rmtree(work)
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_config(config, self.target, source, self.options.extra,

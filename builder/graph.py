@@ -499,10 +499,11 @@ class GraphBuilder:
         return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
                                  producer_name="builder")
 
-    def save(self, path: Path, expose: bool = False, log: int = logging.INFO) -> onnx.ModelProto:
+    def save(self, path: Path, expose: bool | str = False,
+             log: int = logging.INFO) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
-        reads them), but those of ops that only move values."""
+        reads them), but those of ops that only move values ("all": those too)."""
         if self._own_store:
             self.store.close()
         else:
@@ -510,7 +511,9 @@ class GraphBuilder:
         if self.qdq is not None:
             self._quantize_activations()
         if expose:
-            known = {v.name for v in (*self._inputs, *self._outputs)} | self._moved()
+            known = {v.name for v in (*self._inputs, *self._outputs)}
+            if expose != "all":  # (moved values: their input's, no range of their own)
+                known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)
                               for name, elem in self.float_tensors().items() if name not in known]
         model = self._model()

@@ -87,9 +87,12 @@ class ExtraOptions:
         "default", "Weight quantization algorithm and lm_head policy for -p int4/int8: "
         "default = rtn (round to nearest, as onnxruntime's quantizer); k_quant (llama.cpp's "
         "scale and minimum search; always with zero points); *_last: lm_head at 8 bits; "
-        "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers.",
+        "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers; gptq: the "
+        "layers' projections rounded by GPTQ on calibration prompts, layer by layer (others "
+        "rtn); gptq_last: and lm_head at 8 bits.",
         aliases=("algo_config",),
-        choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed"))
+        choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed",
+                 "gptq", "gptq_last"))
     int4_block_size: int = _opt(
         32, "Block size (along the input dimension) of int4/int8 weight quantization.",
         choices=(16, 32, 64, 128, 256))

@@ -245,7 +245,7 @@ class DecoderBuilder:
         bits = self.policy.bits_for(role, layer, node)
         if bits is None:
             return weight
-        quantized = self.policy.quantizer(bits).quantize(weight)
+        quantized = self.policy.quantize(role, layer, weight, bits)
         logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
                      self.policy.algorithm, bits)
         return quantized

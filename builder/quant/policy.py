@@ -28,7 +28,10 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "k_quant": ("k_quant", False, False),
     "k_quant_last": ("k_quant", True, False),
     "k_quant_mixed": ("k_quant", True, True),
+    "gptq": ("rtn", False, False),
+    "gptq_last": ("rtn", True, False),
 }
+DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq"}  # rounded in the layer stream (quant.rounding)
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
                 R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float
 MIXED_ROLES = {R.QKV, R.V, R.DOWN}  # (not the experts: 8-bit QMoE is inexact, see ops.moe)
@@ -59,6 +62,8 @@ class QuantPolicy:
     quantize_matmul: bool = True
     qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
+    data_aware: str | None = None  # gptq: the layers' projections rounded with calibration data
+    rounded: object | None = field(default=None, compare=False, repr=False)  # RoundedWeights
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
     seen: set[str] = field(default_factory=set, compare=False, repr=False)
 
@@ -86,9 +91,10 @@ class QuantPolicy:
             exclude=frozenset(extra.int4_nodes_to_exclude),
             quantize_embedding="Gather" in extra.int4_op_types_to_quantize,
             quantize_matmul="MatMul" in extra.int4_op_types_to_quantize,
-            quantizers=quantizers)
+            data_aware=DATA_AWARE.get(extra.int4_algo_config), quantizers=quantizers)
         logger.info("quantization: %s int%d, block %d, %s, accuracy_level %d; lm_head %d bits%s%s",
-                    algorithm, bits, policy.block_size,
+                    f"{policy.data_aware} (layers' projections; others rtn)"
+                    if policy.data_aware else algorithm, bits, policy.block_size,
                     "symmetric" if policy.symmetric else "asymmetric (zero points)",
                     policy.accuracy_level, policy.lm_head_bits,
                     f"; 8-bit qkv/v and down in layers {sorted(policy.mixed)}" if policy.mixed
@@ -134,6 +140,15 @@ class QuantPolicy:
             raise OptionError(f"int4_nodes_to_exclude: no quantizable node named "
                               f"{', '.join(unknown)}{did_you_mean(unknown[0], self.seen)}; with "
                               "packed projections q/k/v are one qkv_proj (see unpack_matmul)")
+
+    def quantize(self, role: R, layer: int | None, weight, bits: int):
+        """``weight`` at ``bits``: as data-aware rounding left it where it did, else by the
+        quantizer."""
+        if self.rounded is not None:
+            got = self.rounded.get(role, layer, bits)
+            if got is not None:
+                return got
+        return self.quantizer(bits).quantize(weight)
 
     def quantizer(self, bits: int) -> Quantizer:
         if self.qdq_conv is not None:

@@ -219,7 +219,7 @@ class LayerStream:
         self.kv_dtype = helper.tensor_dtype_to_np_dtype(KV_TYPE)
         work.mkdir(parents=True, exist_ok=True)
 
-    def _write(self, filename: str, kind: str | None, build: Callable, expose: bool,
+    def _write(self, filename: str, kind: str | None, build: Callable, expose: bool | str,
                store: WeightStore) -> None:
         qdq = None if self.qdq is None or kind is None else self.qdq.graph(kind)
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
@@ -249,14 +249,20 @@ class LayerStream:
     def run(self, sequences: list[Sequence], ranges: Ranges | None = None,
             desc: str = "layers", empty_cache: bool = False,
             observe: Callable[[int, list[Sequence]], None] | None = None,
-            unrecorded: TensorStats | None = None) -> None:
+            unrecorded: TensorStats | None = None, rounding=None) -> None:
         """Every layer over every call; each sequence's ``hidden`` ends as the final normed
         hidden states. ``ranges``: widened by the recorded calls' graph inputs and every float
         value the graphs compute. ``empty_cache`` (for comparison only): recorded decode calls
         calibrate on an all-zero KV cache instead of the sequence's own. ``observe(layer,
         sequences)``: called after each layer, the sequences' ``hidden`` then that layer's
         outputs. ``unrecorded`` (with ``ranges``): the statistics of every value the calls that
-        are not recorded see.
+        are not recorded see. ``rounding`` (data-aware weight rounding, ``quant.rounding``):
+        each layer first runs as it stands over every call, exposed, and hands the recorded
+        calls' values to ``rounding.add(layer, calls, sequences, values)``; then
+        ``rounding.round(layer)`` rounds the layer's weights, and the recorded calls run again,
+        with them, to record their ranges and hand their outputs on (the next layer's inputs
+        are the rounded model's); the calls that are not recorded (held-out) run only the
+        first time: they stay the float model's.
 
         The layer's graphs take any batch: calls of different sequences run together (``steps``),
         up to BATCH at a time, so the layer's weights are read once per batch, not per call.
@@ -267,54 +273,90 @@ class LayerStream:
         layers = self.b.config.num_hidden_layers
         # every prefill call before every decode call: a sequence's calls stay in order, and
         # one session (one copy of the layer's weights) is loaded at a time
-        plan = sorted(steps(sequences, ranges is not None), key=lambda step: step[0] != PREFILL)
+        plan = sorted(steps(sequences, ranges is not None or rounding is not None),
+                      key=lambda step: step[0] != PREFILL)
         rows = buffer_rows(sequences, self.context, None if ranges is None else ranges.method)
+
+        def record(kind, feeds, out, rerun, batch):
+            if empty_cache and kind == DECODE:
+                past_k, past_v = kv_names(layer)[:2]
+                feeds = {**feeds, past_k: feeds[past_k] * 0, past_v: feeds[past_v] * 0}
+                out = rerun(feeds)
+            ranges.add(kind, {**feeds, **out})
+
+        def unseen(kind, feeds, out):
+            unrecorded.add(kind, {**feeds, **out})
+
+        def inputs(kind, feeds, out, rerun, batch):
+            rounding.add(layer, [sequences[i].calls[j] for i, j in batch],
+                         [sequences[i] for i, _ in batch], {**feeds, **out})
+
+        ranged = None if ranges is None else record
+        seen = None if ranges is None or unrecorded is None else unseen
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
-            store = WeightStore(self.work / "layer.data")
-            try:
-                quantized = self.qdq_layers is None or layer in self.qdq_layers
-                for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
-                    self._write(f"{kind}.onnx", kind if quantized else None,
-                                lambda b, s=s: build_transformer(
-                                    b, s, self.context, range(layer, layer + 1), "batch", rows),
-                                ranges is not None, store)
-            finally:
-                store.close()
-            sess = loaded = None
-            first = "inputs_embeds" if layer == 0 else layer_stream(layer)
-            last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
-            past_k, past_v, present_k, present_v = kv_names(layer)
-            kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), self.kv_dtype)
-                  for _ in "kv"]
-            for kind, record, batch in plan:  # batch: [(sequence index, call index)]
-                members = [i for i, _ in batch]
-                feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
-                         "past_seq_len": np.array([[sequences[i].calls[j].row]
-                                                   for i, j in batch], np.int32),
-                         "total_seq_len": np.array([self.context], np.int32),
-                         past_k: kv[0][members], past_v: kv[1][members]}
-                if kind != loaded:
-                    sess = None  # the other kind's session freed before this one loads
-                    sess, loaded = session(self.work, f"{kind}.onnx"), kind
-                names = [o.name for o in sess.get_outputs()]
-                out = dict(zip(names, sess.run(None, feeds)))
-                if record:
-                    seen, fed = out, feeds
-                    if empty_cache and kind == DECODE:
-                        fed = {**feeds, past_k: feeds[past_k] * 0, past_v: feeds[past_v] * 0}
-                        seen = dict(zip(names, sess.run(None, fed)))
-                    ranges.add(kind, {**fed, **seen})
-                elif unrecorded is not None and ranges is not None:
-                    unrecorded.add(kind, {**feeds, **out})
-                for r, (i, j) in enumerate(batch):
-                    sequences[i].hidden[j] = out[last][r:r + 1].copy()
-                kv[0][members], kv[1][members] = out[present_k], out[present_v]
-                out = feeds = seen = fed = None  # memory holds one batch's values at a time
-            sess = None  # freed before the next layer's load
+            if rounding is None:
+                self._layer_pass(sequences, layer, plan, rows, ranges is not None, ranged, seen)
+            else:
+                # as it stands: the recorded calls' inputs for the rounding (the unrecorded
+                # calls go on as they are: the held-out prompts stay the float model's)
+                self._layer_pass(sequences, layer, plan, rows, "all", inputs, seen,
+                                 update_recorded=False)
+                rounding.round(layer)
+                # rounded: the recorded calls again, their ranges, their outputs handed on
+                self._layer_pass(sequences, layer, [step for step in plan if step[1]], rows,
+                                 ranges is not None, ranged)
             if observe is not None:
                 observe(layer, sequences)
-            del kv
-            self._clean()
+
+    def _layer_pass(self, sequences: list[Sequence], layer: int, plan: list, rows: int,
+                    expose: bool | str, record=None, unrecorded=None,
+                    update_recorded: bool = True) -> None:
+        """One layer's graphs (every value an output with ``expose``) over every call of the
+        plan: ``record(kind, feeds, outputs, rerun, batch)`` on the recorded batches,
+        ``unrecorded(kind, feeds, outputs)`` on the others; each call's hidden states become the
+        layer's outputs (but the recorded calls' without ``update_recorded``)."""
+        layers = self.b.config.num_hidden_layers
+        store = WeightStore(self.work / "layer.data")
+        try:
+            quantized = self.qdq_layers is None or layer in self.qdq_layers
+            for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
+                self._write(f"{kind}.onnx", kind if quantized else None,
+                            lambda b, s=s: build_transformer(
+                                b, s, self.context, range(layer, layer + 1), "batch", rows),
+                            expose, store)
+        finally:
+            store.close()
+        sess = loaded = None
+        first = "inputs_embeds" if layer == 0 else layer_stream(layer)
+        last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
+        past_k, past_v, present_k, present_v = kv_names(layer)
+        kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), self.kv_dtype)
+              for _ in "kv"]
+        for kind, recorded, batch in plan:  # batch: [(sequence index, call index)]
+            members = [i for i, _ in batch]
+            feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
+                     "past_seq_len": np.array([[sequences[i].calls[j].row]
+                                               for i, j in batch], np.int32),
+                     "total_seq_len": np.array([self.context], np.int32),
+                     past_k: kv[0][members], past_v: kv[1][members]}
+            if kind != loaded:
+                sess = None  # the other kind's session freed before this one loads
+                sess, loaded = session(self.work, f"{kind}.onnx"), kind
+            names = [o.name for o in sess.get_outputs()]
+            out = dict(zip(names, sess.run(None, feeds)))
+            if recorded and record is not None:
+                record(kind, feeds, out,
+                       lambda fed, sess=sess: dict(zip(names, sess.run(None, fed))), batch)
+            elif not recorded and unrecorded is not None:
+                unrecorded(kind, feeds, out)
+            if update_recorded or not recorded:
+                for r, (i, j) in enumerate(batch):
+                    sequences[i].hidden[j] = out[last][r:r + 1].copy()
+            kv[0][members], kv[1][members] = out[present_k], out[present_v]
+            out = feeds = None  # memory holds one batch's values at a time
+        sess = None  # freed before the next layer's load
+        del kv
+        self._clean()
 
     def _lm_head_graphs(self, expose: bool):
         """(vocabulary rows, graph kind, S, session) of lm_head's graphs over each slice of

@@ -1,0 +1,191 @@
+"""Data-aware weight rounding in the layer stream: GPTQ with each layer's own calibration inputs.
+
+For ``-p int4`` / ``int8`` with ``int4_algo_config=gptq`` (or ``gptq_last``). The calibration
+prompts run through the model one layer at a time (``quant.stream``, the static pipeline's
+float layers: the same definition every target lowers): a layer first runs as it stands, and
+the inputs of its projections on every prompt token (padding excluded) add up to one Hessian
+per input (``2 X^T X``: q, k and v share one, gate and up another); then its projections are
+rounded by GPTQ against them (``quant.gptq``), written to the work folder, and the layer runs
+again with the rounded weights (as MatMulNBits, as the built graph will), so that the next
+layer's Hessians come from what the rounded model computes. Memory: one layer's weights, its
+Hessians (hidden^2 and intermediate^2 float64: 75 MB at intermediate 3072) and the prompts'
+hidden states. The graph writer then reads the rounded weights back (``RoundedWeights``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from builder.errors import OptionError
+from builder.quant.base import QuantizedWeight
+from builder.quant.gptq import gptq_matmul_nbits
+from builder.roles import TensorRole as R
+
+logger = logging.getLogger(__name__)
+
+ROLES = (R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN)  # what the static graphs project with
+PACKED = {R.QKV: (R.Q, R.K, R.V), R.GATE_UP: (R.GATE, R.UP)}  # rows of one packed weight
+
+
+class RoundedWeights:
+    """The rounded projections of every layer, one file each in ``folder``: served to the graph
+    writer by role and layer (packed q/k/v and gate/up put together by rows: MatMulNBits blocks
+    run along each row, so a packed weight's blocks are its parts' blocks)."""
+
+    def __init__(self, folder: Path, bits: int) -> None:
+        self.folder, self.bits = folder, bits
+        folder.mkdir(parents=True, exist_ok=True)
+        self.served: list[str] = []   # weights served rounded, and those left to the quantizer
+        self.missed: list[str] = []
+
+    def path(self, role: R, layer: int) -> Path:
+        return self.folder / f"{layer}.{role.value}.npz"
+
+    def save(self, role: R, layer: int, w: QuantizedWeight) -> None:
+        extra = {} if w.zero_points is None else {"zero_points": w.zero_points}
+        np.savez(self.path(role, layer), data=w.data, scales=w.scales,
+                 meta=np.array([w.bits, w.block_size, w.k]), **extra)
+
+    def log(self) -> None:
+        logger.info("GPTQ: %d weights written as rounded with calibration data; by the "
+                    "quantizer: %s", len(self.served), ", ".join(self.missed) or "none")
+
+    def load(self, role: R, layer: int) -> QuantizedWeight | None:
+        path = self.path(role, layer)
+        if not path.is_file():
+            return None
+        with np.load(path) as f:
+            bits, block, k = (int(v) for v in f["meta"])
+            zp = f["zero_points"] if "zero_points" in f else None
+            return QuantizedWeight(f["data"], f["scales"], zp, bits, block, k)
+
+    def get(self, role: R, layer: int | None, bits: int) -> QuantizedWeight | None:
+        """The rounded weight of ``role`` in ``layer`` at ``bits``, or None (not rounded: the
+        caller rounds to nearest)."""
+        parts = [] if layer is None or bits != self.bits else [
+            self.load(r, layer) for r in PACKED.get(role, (role,))]
+        if not parts or any(p is None for p in parts):
+            self.missed.append(f"{role.value}" + ("" if layer is None else f" (layer {layer})"))
+            return None
+        self.served.append(f"{layer}.{role.value}")
+        if len(parts) == 1:
+            return parts[0]
+        zps = None if parts[0].zero_points is None else np.concatenate(
+            [p.zero_points for p in parts])
+        return QuantizedWeight(np.concatenate([p.data for p in parts]),
+                               np.concatenate([p.scales for p in parts]), zps, parts[0].bits,
+                               parts[0].block_size, parts[0].k)
+
+
+class GptqRounding:
+    """``LayerStream.run``'s ``rounding``: Hessians from a layer's recorded calls, then GPTQ."""
+
+    def __init__(self, builder, work: Path, rounded: RoundedWeights, block_size: int,
+                 symmetric: bool, policy) -> None:
+        self.b, self.work, self.rounded = builder, work, rounded
+        self.block_size, self.symmetric = block_size, symmetric
+        self.policy = policy  # the static builder's policy once a layer is rounded
+        self.hessians: dict[str, np.ndarray] = {}
+        self.tokens = 0
+        self.inputs: dict[R, str] | None = None
+
+    def _inputs(self, layer: int) -> dict[R, str]:
+        """Each projection's input value, from the layer's prefill graph as written."""
+        graph = onnx.load(str(self.work / "context.onnx"), load_external_data=False).graph
+        by_weight = {n.input[1]: n.input[0] for n in graph.node if n.op_type == "MatMul"}
+        inputs = {}
+        for role in ROLES:
+            name = self.b.weight_name(role, layer)
+            if name not in by_weight:
+                raise OptionError(f"int4_algo_config=gptq: {type(self.b).__name__} has no "
+                                  f"{role.value} projection reading {name} in layer {layer} "
+                                  "(it writes its attention or MLP its own way): use rtn or "
+                                  "k_quant for this architecture")
+            inputs[role] = by_weight[name]
+        return inputs
+
+    def add(self, layer: int, calls: list, sequences: list, values: dict) -> None:
+        if self.inputs is None:
+            self.inputs = self._inputs(layer)
+        for value in set(self.inputs.values()):
+            x = values[value]  # [batch, S, K]
+            rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
+            x = np.concatenate(rows).astype(np.float64)
+            h = self.hessians.get(value)
+            self.hessians[value] = 2 * x.T @ x + (0 if h is None else h)
+        self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
+
+    def round(self, layer: int) -> None:
+        b = self.b  # the weights as the architecture hands them to its projections
+        weights = dict(zip((R.Q, R.K, R.V), b.attention_weights(layer)))
+        weights.update(zip((R.GATE, R.UP, R.DOWN), b.mlp_weights(layer)))
+        weights[R.O] = b.weight(R.O, layer)
+        for role in ROLES:
+            h = self.hessians[self.inputs[role]] / max(1, self.tokens)
+            weight = np.asarray(weights.pop(role), np.float32)
+            self.rounded.save(role, layer, gptq_matmul_nbits(
+                weight, h, self.rounded.bits, self.block_size, self.symmetric))
+        self.hessians, self.tokens, self.inputs = {}, 0, None
+        # the next pass runs this layer with its rounded weights; the next layer's first pass
+        # runs it in float
+        self.b.policy = self.policy.only_layers(set(range(layer + 1)))
+
+
+def valid(call, sequence) -> int:
+    """How many of a call's rows are prompt tokens (the last prefill chunk is padded at its
+    end): the rows a Hessian counts."""
+    from builder.quant.stream import PREFILL
+
+    if call.kind != PREFILL:
+        return len(call.ids)
+    prompt = sum(c.kind == PREFILL for c in sequence.calls) * len(call.ids) - sequence.padding
+    first = call.row - len(call.ids) + 1
+    return max(0, min(len(call.ids), prompt - first))
+
+
+def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
+    """GPTQ for every layer's projections of a cpu/cuda build, streamed: ``policy.rounded`` then
+    serves them to the graph writer. The static pipeline's float layers (``qnn`` target, P 64,
+    C 512 or max_position_embeddings) run the calibration prompts."""
+    import dataclasses
+
+    from builder.models.static import check_lowered
+    from builder.options import ExecutionProvider, Precision
+    from builder.package import generation, token_ids
+    from builder.quant.calibration import prompts
+    from builder.quant.policy import QuantPolicy
+    from builder.quant.stream import LayerStream, sequence
+
+    static = plugins.targets.get("qnn")
+    prefill, context = 64, min(512, config.max_position_embeddings)
+    if context <= prefill:
+        prefill = max(1, context // 2)
+    o = dataclasses.replace(options, execution_provider=ExecutionProvider.QNN,
+                            precision=Precision.FP32, extra=dataclasses.replace(
+                                options.extra, qnn_prefill_length=prefill,
+                                qnn_context_length=context))
+    builder = cls(config, o, static, weights, None, QuantPolicy())
+    check_lowered(builder, "cpu (GPTQ runs the static pipeline's float layers)")
+    pad = token_ids(config, generation(source))[2]
+    ids = prompts(options.extra, source, context)
+    sequences = [sequence(p, [], prefill, pad, True, False) for p in ids]
+    rounded = RoundedWeights(work / "rounded", policy.bits)
+    layer_policy = QuantPolicy(bits=policy.bits, block_size=policy.block_size,
+                               symmetric=policy.symmetric, accuracy_level=policy.accuracy_level,
+                               quantizers=policy.quantizers, rounded=rounded)
+    stream = LayerStream(builder, work / "stream", prefill, context, np.float32)
+    logger.info("GPTQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
+                "layer's q/k/v, o, gate/up and down rounded against the inputs the rounded "
+                "layers before it give them", config.num_hidden_layers, len(ids),
+                sum(map(len, ids)))
+    stream.embed(sequences)
+    stream.run(sequences, desc="GPTQ", rounding=GptqRounding(
+        builder, stream.work, rounded, policy.block_size, policy.symmetric, layer_policy))
+    (work / "stream").rmdir()
+    rounded.served.clear()  # (what the stream's own graphs read back)
+    rounded.missed.clear()
+    object.__setattr__(policy, "rounded", rounded)
