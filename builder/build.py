@@ -27,7 +27,8 @@ from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate
-from builder.quant.rounding import round_layers
+from builder.quant.policy import DATA_AWARE, STATIC_ALGORITHMS
+from builder.quant.rounding import qdq_rounding, round_layers
 from builder.quant.report import accuracy_report, evaluation_sequences, float_head
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
                                        summarize, tensor_figures)
@@ -149,8 +150,14 @@ class PipelineFolder(DecoderFolder):
         o = self.options
         if o.precision not in QDQ_PRECISIONS:
             return QuantPolicy()
-        return QuantPolicy.static_qdq(4 if o.precision in FOUR_BIT else 8,
-                                      o.extra.int4_block_size, o.extra.qnn_linear == "conv")
+        algorithm = o.extra.int4_algo_config
+        if algorithm not in STATIC_ALGORITHMS:
+            raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
+                              "is int8 there); choose from "
+                              f"{', '.join(STATIC_ALGORITHMS)}")
+        return dataclasses.replace(QuantPolicy.static_qdq(
+            4 if o.precision in FOUR_BIT else 8, o.extra.int4_block_size,
+            o.extra.qnn_linear == "conv"), data_aware=DATA_AWARE.get(algorithm))
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
               policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
@@ -172,9 +179,11 @@ class PipelineFolder(DecoderFolder):
         with meter("calibrate"):
             held_out = evaluation_sequences(source, context, prefill, pad)
             float_rows, held_out_values = StreamProbe(held_out, prefill), TensorStats()
+            rounding = qdq_rounding(builder, work, out / ".rounded", policy) \
+                if policy.data_aware else None
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
-                                    unrecorded=held_out_values)
+                                    unrecorded=held_out_values, rounding=rounding)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
         builder.policy = policy
         with meter("graph"):
@@ -204,6 +213,8 @@ class PipelineFolder(DecoderFolder):
             self.sensitivity = summarize(layer_figures(float_rows.rows, quantized_rows.rows),
                                          tensor_figures(held_out_values, activations), kinds)
         work.rmdir()
+        if policy.rounded is not None:
+            shutil.rmtree(out / ".rounded")
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison
 

@@ -304,6 +304,10 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return (f"applies to quantized -e qnn builds only (-p w8a16, w4a16, w8a8), not "
                 f"-p {precision}")
     if name.startswith("int4_") and static_shapes:
+        if name == "int4_algo_config":
+            if precision not in QDQ_PRECISIONS:
+                return f"applies on -e qnn to -p w8a16, w4a16 (int8, int4) and w8a8 only"
+            return None
         if name == "int4_block_size":
             if precision not in FOUR_BIT:
                 return f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}"

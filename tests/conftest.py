@@ -53,6 +53,20 @@ def built(checkpoints, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")  # session: kept when other modules run between
+def trained(tmp_path_factory):
+    """Tiny Qwen3, Llama and Phi-3 checkpoints trained to have clear winners (a top-2 margin of
+    several logits at every step: see checkpoints.train_previous_token), with their fp32 CPU
+    builds. The tests that use them are in xdist_group "trained": one worker trains them."""
+    from builder import BuildOptions, build
+
+    folders = {arch: make_checkpoint(tmp_path_factory.mktemp("trained") / arch, arch,
+                                     trained=True) for arch in ("qwen3", "llama", "phi3")}
+    return {arch: (ck, build(BuildOptions(model_name=str(ck),
+                                          output=tmp_path_factory.mktemp("fp32") / arch)))
+            for arch, ck in folders.items()}
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m builder`` in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True,

@@ -105,10 +105,10 @@ class Calibration:
 
 def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad: int,
               held_out: list[Sequence], empty_cache: bool = False, observe=None,
-              unrecorded: TensorStats | None = None) -> Calibration:
+              unrecorded: TensorStats | None = None, rounding=None) -> Calibration:
     """The ranges of every float tensor of the transformer and lm_head graphs; ``held_out``
     (the accuracy report's sequences) goes through the same float layers unrecorded
-    (``observe`` and ``unrecorded``: see ``LayerStream.run``)."""
+    (``observe``, ``unrecorded`` and ``rounding``: see ``LayerStream.run``)."""
     window, context = stream.prefill, stream.context
     steps = extra.qnn_calibration_steps
     ids = prompts(extra, tokenizer_dir, context)
@@ -138,7 +138,7 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
         stream.embed(everything)
         embeddings = [list(s.hidden) for s in held_out]
         stream.run(everything, ranges, desc="calibrating", empty_cache=empty_cache,
-                   observe=observe, unrecorded=unrecorded)
+                   observe=observe, unrecorded=unrecorded, rounding=rounding)
         stream.lm_head(sequences, ranges)
     finally:
         ranges.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from builder.quant.base import QuantizedWeight, pack, round_half_away
+from builder.quant.qdq import SIGNED, QdqWeight
 
 BATCH = 128        # columns per lazy update (a multiple of every block size up to 128)
 DAMP = 0.01        # of the Hessian's mean diagonal, added to its diagonal
@@ -38,8 +39,9 @@ class Grid:
         """(scale, zero point) per row of ``block`` [N, columns], float32."""
         f32, b = np.float32, self.bits
         if self.qdq:  # quant.qdq: scale = 2 absmax / (qmax - qmin), zero point 0
+            qmin, qmax, _ = SIGNED[b]
             absmax = np.abs(block).max(axis=1)
-            scale = (2 * absmax / f32((1 << b) - 1)).astype(f32)
+            scale = (2 * absmax / f32(qmax - qmin)).astype(f32)
             return np.where(scale > 0, scale, f32(1)), np.zeros(len(block), f32)
         mid, top = f32(1 << (b - 1)), f32((1 << b) - 1)
         lo, hi = block.min(axis=1), block.max(axis=1)
@@ -56,8 +58,8 @@ class Grid:
         """A column's codes (float32; QDQ: signed, else unsigned around the zero point)."""
         f32 = np.float32
         if self.qdq:
-            lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-            return np.clip(np.rint(column / scale), lo, hi)
+            qmin, qmax, _ = SIGNED[self.bits]
+            return np.clip(np.rint(column / scale), qmin, qmax)
         with np.errstate(divide="ignore"):
             recip = np.where(scale != 0, f32(1) / scale, f32(0)).astype(f32)
         return np.clip(round_half_away(column * recip + zero), 0, (1 << self.bits) - 1)
@@ -123,6 +125,22 @@ def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_
     data = pack(codes.astype(np.uint8).reshape(n, -1, block_size), bits)
     zero_points = None if symmetric else pack(zeros.astype(np.uint8), bits)
     return QuantizedWeight(data, scales, zero_points, bits, block_size, k)
+
+
+def gptq_qdq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None,
+             conv: bool) -> QdqWeight:
+    """A [N, K] weight rounded by GPTQ as the static graphs' QDQ weight: symmetric, block-wise
+    along K on MatMul (``block_size``), per output channel otherwise (``None``)."""
+    n, k = weight.shape
+    block = block_size or k
+    codes, scales, _ = gptq(weight, hessian, Grid(bits, True, qdq=True), block)
+    codes = codes.astype(np.int8)
+    if conv:
+        return QdqWeight.of(codes.reshape(n, k, 1, 1), scales[:, 0], bits, None, conv=True)
+    if not block_size:
+        return QdqWeight.of(np.ascontiguousarray(codes.T), scales[:, 0], bits, None)
+    return QdqWeight.of(np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T), bits,
+                        block_size)
 
 
 def hessian_of(x: np.ndarray) -> np.ndarray:

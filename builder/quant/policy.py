@@ -32,6 +32,7 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "gptq_last": ("rtn", True, False),
 }
 DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq"}  # rounded in the layer stream (quant.rounding)
+STATIC_ALGORITHMS = ("default", "rtn", "gptq")  # -e qnn: lm_head is int8 per channel there
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
                 R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float
 MIXED_ROLES = {R.QKV, R.V, R.DOWN}  # (not the experts: 8-bit QMoE is inexact, see ops.moe)

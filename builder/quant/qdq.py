@@ -38,6 +38,14 @@ class QdqWeight:
         self.block_size = None if conv else block_size
         self.axis = 0 if conv or self.block_size else 1
 
+    @classmethod
+    def of(cls, codes: np.ndarray, scales: np.ndarray, bits: int, block_size: int | None,
+           conv: bool = False) -> QdqWeight:
+        """Codes and scales chosen elsewhere (data-aware rounding), in this class's layout."""
+        w = cls(None, bits, block_size, conv)
+        w.__dict__["_quantized"] = (codes, scales)
+        return w
+
     @property
     def elem_type(self) -> int:
         return SIGNED[self.bits][2]

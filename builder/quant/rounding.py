@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from builder.errors import OptionError
+from builder.errors import ConfigError, OptionError
 from builder.quant.base import QuantizedWeight
-from builder.quant.gptq import gptq_matmul_nbits
+from builder.quant.gptq import gptq_matmul_nbits, gptq_qdq
+from builder.quant.qdq import QdqWeight
 from builder.roles import TensorRole as R
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ class RoundedWeights:
     def path(self, role: R, layer: int) -> Path:
         return self.folder / f"{layer}.{role.value}.npz"
 
-    def save(self, role: R, layer: int, w: QuantizedWeight) -> None:
+    def save(self, role: R, layer: int, w: QuantizedWeight | QdqWeight) -> None:
+        if isinstance(w, QdqWeight):
+            np.savez(self.path(role, layer), codes=w.codes, scales=w.scales,
+                     meta=np.array([w.bits, w.block_size or 0, w.conv]))
+            return
         extra = {} if w.zero_points is None else {"zero_points": w.zero_points}
         np.savez(self.path(role, layer), data=w.data, scales=w.scales,
                  meta=np.array([w.bits, w.block_size, w.k]), **extra)
@@ -54,11 +59,14 @@ class RoundedWeights:
         logger.info("GPTQ: %d weights written as rounded with calibration data; by the "
                     "quantizer: %s", len(self.served), ", ".join(self.missed) or "none")
 
-    def load(self, role: R, layer: int) -> QuantizedWeight | None:
+    def load(self, role: R, layer: int) -> QuantizedWeight | QdqWeight | None:
         path = self.path(role, layer)
         if not path.is_file():
             return None
         with np.load(path) as f:
+            if "codes" in f:
+                bits, block, conv = (int(v) for v in f["meta"])
+                return QdqWeight.of(f["codes"], f["scales"], bits, block or None, bool(conv))
             bits, block, k = (int(v) for v in f["meta"])
             zp = f["zero_points"] if "zero_points" in f else None
             return QuantizedWeight(f["data"], f["scales"], zp, bits, block, k)
@@ -74,6 +82,8 @@ class RoundedWeights:
         self.served.append(f"{layer}.{role.value}")
         if len(parts) == 1:
             return parts[0]
+        if isinstance(parts[0], QdqWeight):
+            raise ValueError(f"packed {role.value}: the static graphs project q/k/v apart")
         zps = None if parts[0].zero_points is None else np.concatenate(
             [p.zero_points for p in parts])
         return QuantizedWeight(np.concatenate([p.data for p in parts]),
@@ -84,10 +94,10 @@ class RoundedWeights:
 class GptqRounding:
     """``LayerStream.run``'s ``rounding``: Hessians from a layer's recorded calls, then GPTQ."""
 
-    def __init__(self, builder, work: Path, rounded: RoundedWeights, block_size: int,
-                 symmetric: bool, policy) -> None:
+    def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
+                 policy) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
-        self.block_size, self.symmetric = block_size, symmetric
+        self.round_weight = round_weight  # (weight [N, K], Hessian) -> the rounded weight
         self.policy = policy  # the static builder's policy once a layer is rounded
         self.hessians: dict[str, np.ndarray] = {}
         self.tokens = 0
@@ -127,8 +137,7 @@ class GptqRounding:
         for role in ROLES:
             h = self.hessians[self.inputs[role]] / max(1, self.tokens)
             weight = np.asarray(weights.pop(role), np.float32)
-            self.rounded.save(role, layer, gptq_matmul_nbits(
-                weight, h, self.rounded.bits, self.block_size, self.symmetric))
+            self.rounded.save(role, layer, self.round_weight(weight, h))
         self.hessians, self.tokens, self.inputs = {}, 0, None
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
@@ -145,6 +154,21 @@ def valid(call, sequence) -> int:
     prompt = sum(c.kind == PREFILL for c in sequence.calls) * len(call.ids) - sequence.padding
     first = call.row - len(call.ids) + 1
     return max(0, min(len(call.ids), prompt - first))
+
+
+def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
+    """``LayerStream.run``'s rounding for a calibrated static (QNN) build: GPTQ onto the QDQ
+    weights ``policy`` (``QuantPolicy.static_qdq``) writes, in the calibration stream (its
+    ``work`` folder); the layers then calibrate with their rounded weights, kept in ``folder``.
+    Sets ``policy.rounded``."""
+    rounded = RoundedWeights(folder, policy.bits)
+    object.__setattr__(policy, "rounded", rounded)
+    block = policy.block_size if policy.bits == 4 and not policy.qdq_conv else None
+    logger.info("GPTQ: each layer's projections rounded onto %s int%d weights against the "
+                "inputs the rounded layers before it give them, before its ranges are "
+                "calibrated", f"blocks of {block}" if block else "per-channel", policy.bits)
+    return GptqRounding(builder, work, rounded, lambda w, h: gptq_qdq(
+        w, h, policy.bits, block, bool(policy.qdq_conv)), policy)
 
 
 def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
@@ -168,8 +192,13 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                             precision=Precision.FP32, extra=dataclasses.replace(
                                 options.extra, qnn_prefill_length=prefill,
                                 qnn_context_length=context))
-    builder = cls(config, o, static, weights, None, QuantPolicy())
-    check_lowered(builder, "cpu (GPTQ runs the static pipeline's float layers)")
+    try:
+        builder = cls(config, o, static, weights, None, QuantPolicy())
+        check_lowered(builder, "qnn")
+    except ConfigError as e:  # what the static graphs cannot take: said as this option's
+        raise OptionError(f"int4_algo_config={options.extra.int4_algo_config} runs the layers "
+                          f"as -e qnn's graphs, and {e}: use rtn or k_quant for this model"
+                          ) from None
     pad = token_ids(config, generation(source))[2]
     ids = prompts(options.extra, source, context)
     sequences = [sequence(p, [], prefill, pad, True, False) for p in ids]
@@ -184,7 +213,8 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                 sum(map(len, ids)))
     stream.embed(sequences)
     stream.run(sequences, desc="GPTQ", rounding=GptqRounding(
-        builder, stream.work, rounded, policy.block_size, policy.symmetric, layer_policy))
+        builder, stream.work, rounded, lambda w, h: gptq_matmul_nbits(
+            w, h, policy.bits, policy.block_size, policy.symmetric), layer_policy))
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()
