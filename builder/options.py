@@ -139,10 +139,12 @@ class ExtraOptions:
         "matmul", "-e qnn: layer projections as MatMul, or as 1x1 Conv over [1, in, 1, seq].",
         choices=("matmul", "conv"))
     qnn_calibration: str | None = _opt(
-        None, "-e qnn, quantized (w8a16, w4a16, w8a8): a text file of calibration prompts, "
-        "one per line (default: the prompts shipped with builder).")
+        None, "-e qnn, quantized (w8a16, w4a16, w8a8), and int4_algo_config=gptq on any "
+        "target: a text file of calibration prompts, one per line (default: the prompts "
+        "shipped with builder).", aliases=("calibration",))
     qnn_calibration_samples: int = _opt(
-        24, "-e qnn, quantized (w8a16, w4a16, w8a8): how many calibration prompts to use.")
+        24, "-e qnn, quantized (w8a16, w4a16, w8a8), and int4_algo_config=gptq on any target: "
+        "how many calibration prompts to use.", aliases=("calibration_samples",))
     qnn_calibration_steps: int = _opt(
         16, "-e qnn, quantized (w8a16, w4a16, w8a8): each prompt is continued by this many "
         "tokens minus one of the text that follows it, one decode call each (the decode graph "
@@ -294,10 +296,18 @@ QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_
                  "qnn_calibration_method", "qnn_calibration_headroom", "qnn_sensitivity")
 
 
+CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
+
+
 def not_applicable(name: str, precision: Precision, static_shapes: bool,
                    extra: ExtraOptions | None = None) -> str | None:
     """Why extra option ``name``, given, does nothing in this build; None when it applies.
     An option that would be silently ignored is refused instead."""
+    if name in CALIBRATION_TEXT and not static_shapes:
+        if precision in (Precision.INT4, Precision.INT8) and extra is not None \
+                and extra.int4_algo_config.startswith("gptq"):
+            return None
+        return "applies to -e qnn and to int4_algo_config=gptq (-p int4, int8) only"
     if name.startswith("qnn_") and not static_shapes:
         return "applies to -e qnn only"
     if name in QNN_QUANTIZED and precision not in QDQ_PRECISIONS:

@@ -177,3 +177,22 @@ def test_gptq_needs_the_static_graphs(checkpoints, tmp_path):
     assert r.returncode == 2
     assert "error: int4_algo_config=gptq runs the layers as -e qnn's graphs" in r.stderr
     assert "use rtn or k_quant" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_gptq_calibration_text_on_cpu(tmp_path):
+    """calibration=<file> (qnn_calibration's neutral alias) is what GPTQ rounds on, on cpu too;
+    without gptq a cpu build refuses it (it would do nothing)."""
+    from conftest import run_cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("One line of text about boats.\nAnother one about the spring weather.\n")
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o"), "-p", "int4",
+                "--extra_options", "int4_algo_config=gptq_last", f"calibration={text}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "GPTQ: 3 layers, one at a time, on 2 calibration prompts" in r.stderr
+    assert "weights written as rounded with calibration data; by the quantizer: lm_head" \
+        in r.stderr
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o2"), "-p", "int4",
+                "--extra_options", f"calibration={text}")
+    assert r.returncode == 2
+    assert "qnn_calibration applies to -e qnn and to int4_algo_config=gptq" in r.stderr
