@@ -177,6 +177,8 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "int4-default": (["-p", "int4"], ["-p", "int4"]),
     "int4-k_quant": (["-p", "int4", "--extra_options", "int4_algo_config=k_quant"],
                      ["-p", "int4", "--extra_options", "algo_config=k_quant"]),
+    # data-aware rounding (the anchor has none: ours only)
+    "int4-gptq": (["-p", "int4", "--extra_options", "int4_algo_config=gptq"], None),
     # onnxruntime-genai's builder has no QNN path: ours only
     "qnn-fp16": (["-p", "fp16", "-e", "qnn"], None),
     "qnn-fp16-epcontext": (["-p", "fp16", "-e", "qnn", "--extra_options", "qnn_epcontext=true"],
@@ -184,6 +186,8 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-w8a16": (["-p", "w8a16", "-e", "qnn"], None),
     "qnn-int4-shared": (["-p", "int4", "-e", "qnn", "--extra_options", "shared_embeddings=true"],
                         None),
+    "qnn-int4-shared-gptq": (["-p", "int4", "-e", "qnn", "--extra_options",
+                              "shared_embeddings=true", "int4_algo_config=gptq"], None),
     # the first 2 or 4 layers only (per-layer figures of a cut checkpoint)
     "int4-rtn-2l": (["-p", "int4", "--extra_options", "int4_algo_config=rtn",
                      "num_hidden_layers=2"], None),
@@ -275,6 +279,10 @@ def main() -> None:
               f"{o['peak_rss_mb'] / a['peak_rss_mb'] if a else float('nan'):.2f} | "
               f"{o['bytes'] / 1e6:.1f} | {a.get('bytes', 0) / 1e6:.1f} |")
     by_case = {case: o for case, run, o, _ in rows if run == 0}
+    if "int4-rtn" in by_case:
+        base = by_case["int4-rtn"]["wall_s"]
+        print("\nbuild time against -p int4 (rtn) on cpu: " + ", ".join(
+            f"{case} {o['wall_s'] / base:.1f}x" for case, o in by_case.items()))
     if "int4-rtn-2l" in by_case and "int4-rtn-4l" in by_case:
         two, four = by_case["int4-rtn-2l"], by_case["int4-rtn-4l"]
         per_s = (four["wall_s"] - two["wall_s"]) / 2

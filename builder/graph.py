@@ -54,6 +54,9 @@ SAME_AS_INPUT = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsquee
                            "Slice", "Tile", "Expand", "Flatten", "Identity"})
 
 
+PROJECTION_INPUTS = "projection inputs"  # GraphBuilder.save's expose: those values only
+
+
 def batch_dim(batch: int | str) -> int:
     """The batch axis in a Reshape's shape: the number, or 0 (copy the input's) for a graph of
     any batch (``batch`` a dimension name)."""
@@ -503,7 +506,8 @@ class GraphBuilder:
              log: int = logging.INFO) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
-        reads them), but those of ops that only move values ("all": those too)."""
+        reads them), but those of ops that only move values; PROJECTION_INPUTS: only the
+        inputs of MatMuls with a stored weight (data-aware rounding reads them)."""
         if self._own_store:
             self.store.close()
         else:
@@ -512,10 +516,15 @@ class GraphBuilder:
             self._quantize_activations()
         if expose:
             known = {v.name for v in (*self._inputs, *self._outputs)}
-            if expose != "all":  # (moved values: their input's, no range of their own)
+            wanted = None
+            if expose == PROJECTION_INPUTS:  # what reaches a MatMul with a stored weight
+                wanted = {n.input[0] for n in self._nodes if n.op_type == "MatMul"
+                          and n.input[1] in self._initializer_names}
+            else:  # (moved values: their input's, no range of their own)
                 known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)
-                              for name, elem in self.float_tensors().items() if name not in known]
+                              for name, elem in self.float_tensors().items()
+                              if name not in known and (wanted is None or name in wanted)]
         model = self._model()
         onnx.save_model(model, str(path))
         logger.log(log, "wrote %s: %d nodes, %d initializers, %.1f MB of weights", path.name,

@@ -8,9 +8,11 @@ cosine of the two logit vectors, whether their top-1 tokens agree, and the KL di
 quantized model's next-token distribution from the float one's (nats). The float logits are
 lm_head in fp32 from the checkpoint's weight (then the architecture's own step after it, such as
 a soft-cap); the quantized ones the build's lm_head graphs, so the figures include what
-lm_head's int8 weights cost. "prefill" is the logits of each prompt's
-last token (the prefill graph), "decode" those of the decode calls (the decode graph). The
-figures go into build_manifest.json and one log line.
+lm_head's int8 weights cost. "prefill" is the logits at every prompt token (the prefill
+graph), "decode" those of the decode calls (the decode graph). Where the next token is known
+(every position: each prompt is continued by the text after it), the perplexity of both
+models on it, and its relative change. The figures go into build_manifest.json and one log
+line.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from builder.weights import Rows
 logger = logging.getLogger(__name__)
 
 EVALUATION_PROMPTS = Path(__file__).with_name("evaluation_prompts.txt")
-SAMPLES = 4   # held-out prompts
-STEPS = 8     # logits per prompt: its last token's, then 7 decode calls'
+SAMPLES = 16  # held-out prompts
+STEPS = 8     # per prompt: its prompt's tokens, then 7 decode calls
 
 
 def evaluation_prompts(tokenizer_dir: Path, context: int) -> list[list[int]]:
@@ -38,10 +40,24 @@ def evaluation_prompts(tokenizer_dir: Path, context: int) -> list[list[int]]:
 
 def evaluation_sequences(tokenizer_dir: Path, context: int, window: int,
                          pad: int) -> list[Sequence]:
-    """The held-out prompts, each continued by STEPS - 1 tokens of the text after it."""
+    """The held-out prompts, each continued by STEPS - 1 tokens of the text after it (decoded
+    one at a time); ``targets``: each position's next token."""
     ids = evaluation_prompts(tokenizer_dir, context)
-    return [sequence(p, continuation(ids, i, STEPS - 1), window, pad, False, False)
-            for i, p in enumerate(ids)]
+    out = []
+    for i, p in enumerate(ids):
+        following = continuation(ids, i, STEPS)
+        s = sequence(p, following[:STEPS - 1], window, pad, False, False)
+        s.targets = p[1:] + following
+        out.append(s)
+    return out
+
+
+def report_positions(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
+    """(graph kind, the call's final hidden states, row) of every reported position: each
+    prompt token (rows of the prefill calls), then every decode call."""
+    prompt = sum(1 for c in s.calls if c.kind == PREFILL) * window - s.padding
+    picked = [(PREFILL, s.hidden[t // window], t % window) for t in range(prompt)]
+    return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
 
 
 def compared_hidden(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
@@ -69,17 +85,26 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def compare(expected: np.ndarray, actual: np.ndarray) -> dict[str, float]:
-    """Cosine, top-1 agreement and KL(expected || actual) of [N, V] logits, over the N rows."""
+def compare(expected: np.ndarray, actual: np.ndarray,
+            targets: np.ndarray | None = None) -> dict[str, float]:
+    """Cosine, top-1 agreement and KL(expected || actual) of [N, V] logits, over the N rows;
+    with ``targets`` (each row's next token), both models' perplexity on them."""
     e, a = expected.astype(np.float64), actual.astype(np.float64)
     cosine = (e * a).sum(-1) / np.maximum(np.linalg.norm(e, axis=-1) * np.linalg.norm(a, axis=-1),
                                           1e-30)
     log_p, log_q = log_softmax(e), log_softmax(a)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
-    return {"positions": int(len(e)), "mean_cosine": float(cosine.mean()),
-            "min_cosine": float(cosine.min()),
-            "top1_agreement": float((e.argmax(-1) == a.argmax(-1)).mean()),
-            "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
+    out = {"positions": int(len(e)), "mean_cosine": float(cosine.mean()),
+           "min_cosine": float(cosine.min()),
+           "top1_agreement": float((e.argmax(-1) == a.argmax(-1)).mean()),
+           "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
+    if targets is not None:
+        rows = np.arange(len(e))
+        float_ppl = float(np.exp(-log_p[rows, targets].mean()))
+        ppl = float(np.exp(-log_q[rows, targets].mean()))
+        out.update(float_perplexity=float_ppl, perplexity=ppl,
+                   perplexity_change=ppl / float_ppl - 1)
+    return out
 
 
 def float_head(lm_head: np.ndarray | Rows,
@@ -102,17 +127,23 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
     vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32, then
     ``finish``: the builder's own step after the projection, ``LayerStream.final_logits``),
     prefill and decode."""
-    rows = {"prefill": slice(0, 1), "decode": slice(1, None)}
-    picked = {phase: [pair for f, q in zip(float_runs, quantized)
-                      for pair in list(zip(compared_hidden(f, window),
-                                           compared_hidden(q, window)))[where]]
-              for phase, where in rows.items()}
+    positions = {"prefill": [], "decode": []}
+    targets = {"prefill": [], "decode": []}
+    for f, q in zip(float_runs, quantized):
+        pairs = list(zip(report_positions(f, window), report_positions(q, window)))
+        prompt = len(pairs) - (STEPS - 1)
+        positions["prefill"] += pairs[:prompt]
+        positions["decode"] += pairs[prompt:]
+        targets["prefill"] += f.targets[:prompt]
+        targets["decode"] += f.targets[prompt:]
+    picked = positions
     reference = float_head(lm_head, finish)
     expected = {phase: reference([f for f, _ in pairs]) for phase, pairs in picked.items()}
     every = head([q for pairs in picked.values() for _, q in pairs])
     count = len(picked["prefill"])
     actual = {"prefill": every[:count], "decode": every[count:]}
-    phases = {phase: compare(expected[phase], actual[phase]) for phase in rows}
+    phases = {phase: compare(expected[phase], actual[phase], np.asarray(targets[phase]))
+              for phase in picked}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
                          "from the checkpoint" + (" and the architecture's final logits step"
                                                   if finish is not None else ""),
@@ -122,7 +153,9 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
         return report
     logger.info("accuracy of %s against float on %d held-out prompts: %s", label,
                 len(float_runs),
-                "; ".join(f"{phase} cosine {m['mean_cosine']:.6f} (min {m['min_cosine']:.6f}), "
-                          f"top-1 {100 * m['top1_agreement']:.1f}%, KL {m['mean_kl']:.2e}"
+                "; ".join(f"{phase} ({m['positions']} positions) cosine {m['mean_cosine']:.6f} "
+                          f"(min {m['min_cosine']:.6f}), top-1 {100 * m['top1_agreement']:.1f}%, "
+                          f"KL {m['mean_kl']:.2e}, perplexity {m['float_perplexity']:.3f} -> "
+                          f"{m['perplexity']:.3f} ({100 * m['perplexity_change']:+.2f}%)"
                           for phase, m in phases.items()))
     return report

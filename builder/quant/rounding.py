@@ -22,7 +22,7 @@ import onnx
 
 from builder.errors import ConfigError, OptionError
 from builder.quant.base import QuantizedWeight
-from builder.quant.gptq import gptq_matmul_nbits, gptq_qdq
+from builder.quant.gptq import gptq_matmul_nbits, gptq_qdq, inverse_factor
 from builder.quant.qdq import QdqWeight
 from builder.roles import TensorRole as R
 
@@ -97,7 +97,7 @@ class GptqRounding:
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
                  policy) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
-        self.round_weight = round_weight  # (weight [N, K], Hessian) -> the rounded weight
+        self.round_weight = round_weight  # (weight [N, K], Hessian, its factor) -> rounded
         self.policy = policy  # the static builder's policy once a layer is rounded
         self.hessians: dict[str, np.ndarray] = {}
         self.tokens = 0
@@ -124,9 +124,9 @@ class GptqRounding:
         for value in set(self.inputs.values()):
             x = values[value]  # [batch, S, K]
             rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
-            x = np.concatenate(rows).astype(np.float64)
-            h = self.hessians.get(value)
-            self.hessians[value] = 2 * x.T @ x + (0 if h is None else h)
+            x = np.concatenate(rows).astype(np.float32)
+            h = self.hessians.get(value)  # (float32 products, summed in float64)
+            self.hessians[value] = 2 * (x.T @ x).astype(np.float64) + (0 if h is None else h)
         self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
@@ -134,10 +134,14 @@ class GptqRounding:
         weights = dict(zip((R.Q, R.K, R.V), b.attention_weights(layer)))
         weights.update(zip((R.GATE, R.UP, R.DOWN), b.mlp_weights(layer)))
         weights[R.O] = b.weight(R.O, layer)
+        factors = {}  # q/k/v (and gate/up) share an input: its H^-1 factored once
         for role in ROLES:
-            h = self.hessians[self.inputs[role]] / max(1, self.tokens)
+            value = self.inputs[role]
+            h = self.hessians[value] / max(1, self.tokens)
+            if value not in factors:
+                factors[value] = inverse_factor(h)
             weight = np.asarray(weights.pop(role), np.float32)
-            self.rounded.save(role, layer, self.round_weight(weight, h))
+            self.rounded.save(role, layer, self.round_weight(weight, h, factors[value]))
         self.hessians, self.tokens, self.inputs = {}, 0, None
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
@@ -167,8 +171,8 @@ def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
     logger.info("GPTQ: each layer's projections rounded onto %s int%d weights against the "
                 "inputs the rounded layers before it give them, before its ranges are "
                 "calibrated", f"blocks of {block}" if block else "per-channel", policy.bits)
-    return GptqRounding(builder, work, rounded, lambda w, h: gptq_qdq(
-        w, h, policy.bits, block, bool(policy.qdq_conv)), policy)
+    return GptqRounding(builder, work, rounded, lambda w, h, f: gptq_qdq(
+        w, h, policy.bits, block, bool(policy.qdq_conv), f), policy)
 
 
 def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
@@ -213,8 +217,8 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                 sum(map(len, ids)))
     stream.embed(sequences)
     stream.run(sequences, desc="GPTQ", rounding=GptqRounding(
-        builder, stream.work, rounded, lambda w, h: gptq_matmul_nbits(
-            w, h, policy.bits, policy.block_size, policy.symmetric), layer_policy))
+        builder, stream.work, rounded, lambda w, h, f: gptq_matmul_nbits(
+            w, h, policy.bits, policy.block_size, policy.symmetric, f), layer_policy))
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()

@@ -140,15 +140,20 @@ def overall(report: dict) -> dict:
     def mean(key):
         return round(sum(p[key] * p["positions"] for p in phases) / n, 8)
 
+    def ppl(key):  # exp of the mean negative log-likelihood over both phases
+        return math.exp(sum(math.log(p[key]) * p["positions"] for p in phases) / n)
+
     return {"positions": n, "mean_cosine": mean("mean_cosine"),
             "min_cosine": round(min(p["min_cosine"] for p in phases), 8),
             "top1_agreement": mean("top1_agreement"), "mean_kl": mean("mean_kl"),
-            "max_kl": max(p["max_kl"] for p in phases)}
+            "max_kl": max(p["max_kl"] for p in phases),
+            "perplexity_change": round(ppl("perplexity") / ppl("float_perplexity") - 1, 6)}
 
 
 def copies(held_out: list[Sequence], embeddings: list[list]) -> list[Sequence]:
     """The held-out sequences again, at their inputs_embeds."""
-    return [Sequence(s.calls, s.padding, list(e)) for s, e in zip(held_out, embeddings)]
+    return [Sequence(s.calls, s.padding, list(e), s.targets)
+            for s, e in zip(held_out, embeddings)]
 
 
 def summarize(layers: list[dict], tensors: list[dict], kinds: dict | None) -> dict:

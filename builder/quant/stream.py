@@ -26,7 +26,7 @@ import numpy as np
 from onnx import helper
 from tqdm.auto import tqdm
 
-from builder.graph import Calibrated, GraphBuilder, WeightStore
+from builder.graph import PROJECTION_INPUTS, Calibrated, GraphBuilder, WeightStore
 from builder.models.static import (
     KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
     layer_stream,
@@ -58,6 +58,7 @@ class Sequence:
     calls: list[Call]
     padding: int = 0  # pad tokens at the end of the last prefill chunk
     hidden: list[np.ndarray] = field(default_factory=list)  # per call, between layers
+    targets: list[int] = field(default_factory=list)  # held-out: each position's next token
 
 
 def sequence(prompt: list[int], forced: list[int], window: int, pad: int,
@@ -299,7 +300,8 @@ class LayerStream:
             else:
                 # as it stands: the recorded calls' inputs for the rounding (the unrecorded
                 # calls go on as they are: the held-out prompts stay the float model's)
-                self._layer_pass(sequences, layer, plan, rows, "all", inputs, seen,
+                self._layer_pass(sequences, layer, plan, rows,
+                                 "all" if seen else PROJECTION_INPUTS, inputs, seen,
                                  update_recorded=False)
                 rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
@@ -401,11 +403,16 @@ class LayerStream:
         """lm_head's logits [len(picked), vocab] in fp32 at each (graph kind, final hidden
         states [1, S, hidden], row), through this stream's lm_head graphs."""
         out = np.empty((len(picked), self.b.config.vocab_size), np.float32)
+        calls: dict[int, list[int]] = {}  # each call's hidden states run once for its rows
+        for i, (_, hidden, _) in enumerate(picked):
+            calls.setdefault(id(hidden), []).append(i)
         for rows, kind, _, sess in self._lm_head_graphs(False):
-            for i, (k, hidden, row) in enumerate(picked):
+            for members in calls.values():
+                k, hidden, _ = picked[members[0]]
                 if k == kind:
                     logits = sess.run(["logits"], {"hidden_states": hidden})[0]
-                    out[i, rows.start:rows.stop] = logits[0, row]
+                    for i in members:
+                        out[i, rows.start:rows.stop] = logits[0, picked[i][2]]
             del sess  # before the next graph's session loads its table
         return out
 
