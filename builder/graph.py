@@ -506,8 +506,9 @@ class GraphBuilder:
              log: int = logging.INFO) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
-        reads them), but those of ops that only move values; PROJECTION_INPUTS: only the
-        inputs of MatMuls with a stored weight (data-aware rounding reads them)."""
+        reads them), but those of ops that only move values ("all": those too);
+        PROJECTION_INPUTS: only the inputs of MatMuls with a stored weight (data-aware rounding
+        reads them)."""
         if self._own_store:
             self.store.close()
         else:
@@ -520,7 +521,7 @@ class GraphBuilder:
             if expose == PROJECTION_INPUTS:  # what reaches a MatMul with a stored weight
                 wanted = {n.input[0] for n in self._nodes if n.op_type == "MatMul"
                           and n.input[1] in self._initializer_names}
-            else:  # (moved values: their input's, no range of their own)
+            elif expose != "all":  # (moved values: their input's, no range of their own)
                 known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)
                               for name, elem in self.float_tensors().items()
