@@ -31,7 +31,7 @@ from builder.quant.policy import DATA_AWARE, STATIC_ALGORITHMS
 from builder.quant.rounding import qdq_rounding, round_layers
 from builder.quant.report import accuracy_report, evaluation_sequences, float_head
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
-                                       summarize, tensor_figures)
+                                       summarize, tensor_figures, weight_figures)
 from builder.quant.stream import LayerStream, TensorStats
 from builder.roles import TensorRole as R
 from builder.source import checkpoint_file, resolve
@@ -186,6 +186,7 @@ class PipelineFolder(DecoderFolder):
                                     unrecorded=held_out_values, rounding=rounding)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
         builder.policy = policy
+        object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)
         with meter("graph"):
             write_pipeline(out, builder, float_type, activations)
         with meter("report"):
@@ -211,7 +212,8 @@ class PipelineFolder(DecoderFolder):
                                        calibration.embeddings, prefill,
                                        float_head(lm_head, finish), evaluate)
             self.sensitivity = summarize(layer_figures(float_rows.rows, quantized_rows.rows),
-                                         tensor_figures(held_out_values, activations), kinds)
+                                         tensor_figures(held_out_values, activations), kinds,
+                                         weight_figures(policy.weight_errors))
         work.rmdir()
         if policy.rounded is not None:
             shutil.rmtree(out / ".rounded")
@@ -228,7 +230,8 @@ class PipelineFolder(DecoderFolder):
             object.__setattr__(o, "extra", dataclasses.replace(
                 o.extra, qnn_calibration_headroom=headroom))
         logger.info("activation ranges: as calibrated, the MLP's widened %gx around 0 "
-                    "(qnn_calibration_headroom; its Sigmoid as calibrated)", headroom)
+                    "(qnn_calibration_headroom)%s", headroom, "; Softmax, Sigmoid and Tanh over "
+                    "their whole range" if bits == 16 else "")
         return headroom
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:

@@ -469,7 +469,8 @@ class GraphBuilder:
                     and producer.input[0] in params:  # moves values: its input's parameters
                 params[t] = params[producer.input[0]]
             else:
-                params[t] = activation_params(*self.qdq.range(t, producer and producer.op_type), bits,
+                op = None if producer is None else producer.op_type
+                params[t] = activation_params(*self.qdq.range(t, op), bits,
                                               helper.tensor_dtype_to_np_dtype(types[t]))
 
         for value in self._inputs:
@@ -507,8 +508,8 @@ class GraphBuilder:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
-        PROJECTION_INPUTS: only the inputs of MatMuls with a stored weight (data-aware rounding
-        reads them)."""
+        PROJECTION_INPUTS: only the inputs of MatMuls and Convs with a stored weight
+        (data-aware rounding reads them)."""
         if self._own_store:
             self.store.close()
         else:
@@ -518,8 +519,8 @@ class GraphBuilder:
         if expose:
             known = {v.name for v in (*self._inputs, *self._outputs)}
             wanted = None
-            if expose == PROJECTION_INPUTS:  # what reaches a MatMul with a stored weight
-                wanted = {n.input[0] for n in self._nodes if n.op_type == "MatMul"
+            if expose == PROJECTION_INPUTS:  # what reaches a MatMul / Conv with a stored weight
+                wanted = {n.input[0] for n in self._nodes if n.op_type in ("MatMul", "Conv")
                           and n.input[1] in self._initializer_names}
             elif expose != "all":  # (moved values: their input's, no range of their own)
                 known |= self._moved()

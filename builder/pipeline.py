@@ -209,7 +209,8 @@ def transformer_splits(options: BuildOptions, config: DecoderConfig) -> list[ran
 def write_pipeline(out: Path, builder, float_dtype, qdq: Calibrated | None = None) -> None:
     """Build every graph of the pipeline into ``out`` with ``builder`` (one builder, its
     decisions logged once; one graph at a time), weights shared in one data file. ``qdq``:
-    the calibrated activations: the transformer and lm_head graphs are written as QDQ graphs. (``check_options`` and ``check_lowered`` have already passed.)"""
+    the calibrated activations: the transformer and lm_head graphs are written as QDQ graphs.
+    (``check_options`` and ``check_lowered`` have already passed.)"""
     extra, target = builder.options.extra, builder.target
     prefill, context = extra.qnn_prefill_length, extra.qnn_context_length
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",

@@ -737,6 +737,21 @@ def test_sensitivity_against_an_independent_computation(trained, tmp_path):
     positions = accuracy["prefill"]["positions"] + accuracy["decode"]["positions"]
     for figures in [kinds[k] for k in kinds if k != "layers"] + kinds["layers"]:
         assert figures["positions"] == positions and 0 < figures["mean_kl"] < 1e-3
+    # one weight's SQNR, from the folder's int8 codes and scales against the checkpoint's
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    stored = {i.name: numpy_helper.to_array(i, base_dir=str(folder)) for i in onnx.load(
+        str(folder / "context_0.onnx"), load_external_data=False).graph.initializer
+              if i.name.startswith("model.layers.0.self_attn.q_proj.weight")}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = load_file(ck / "model.safetensors")[name].astype(np.float32)
+    got = (stored[f"{name}_quantized"].astype(np.float32) * stored[f"{name}_scale"]).T
+    db = 10 * np.log10((w.astype(np.float64) ** 2).sum() / ((got - w) ** 2).sum())
+    q_proj = next(r for r in sensitivity["weights"] if r["layer"] == 0 and r["weight"] == "q")
+    assert q_proj["sqnr_db"] == pytest.approx(db, abs=0.01)
+    assert len(sensitivity["weights"]) == 3 * 7
     for t in sensitivity["clipped_tensors"]:
         lo, hi = t["range"]
         assert t["held_out"][0] < lo or t["held_out"][1] > hi

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from builder.errors import OptionError, did_you_mean
@@ -65,6 +67,8 @@ class QuantPolicy:
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
     data_aware: str | None = None  # gptq: the layers' projections rounded with calibration data
     rounded: object | None = field(default=None, compare=False, repr=False)  # RoundedWeights
+    # {(layer, role): SQNR dB of the stored weight against the float one}, when measured
+    weight_errors: dict | None = field(default=None, compare=False, repr=False)
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
     seen: set[str] = field(default_factory=set, compare=False, repr=False)
 
@@ -145,14 +149,26 @@ class QuantPolicy:
     def quantize(self, role: R, layer: int | None, weight, bits: int):
         """``weight`` at ``bits``: as data-aware rounding left it where it did, else by the
         quantizer."""
-        if self.rounded is not None:
-            got = self.rounded.get(role, layer, bits)
-            if got is not None:
-                return got
-        return self.quantizer(bits).quantize(weight)
+        quantized = None if self.rounded is None else self.rounded.get(role, layer, bits)
+        if quantized is None:
+            quantized = self.quantizer(bits).quantize(weight)
+        if self.weight_errors is not None and (layer, role) not in self.weight_errors:
+            self.weight_errors[layer, role] = weight_sqnr(weight, quantized)
+        return quantized
 
     def quantizer(self, bits: int) -> Quantizer:
         if self.qdq_conv is not None:
             return QdqQuantizer(bits, self.block_size, self.qdq_conv)
         cls = self.quantizers.get(self.algorithm)
         return cls(bits, self.block_size, self.symmetric)
+
+
+def weight_sqnr(weight, quantized) -> float | None:
+    """SQNR in dB of a stored (quantized) weight against the float [N, K] one."""
+    w = np.asarray(weight, np.float32)
+    got = quantized.dequantize()
+    if got.shape != w.shape:  # QDQ on MatMul: [K, N]; on Conv: [N, K, 1, 1]
+        got = got.T if got.ndim == 2 else got.reshape(w.shape)
+    noise = float(np.square(got - w, dtype=np.float64).sum())
+    signal = float(np.square(w, dtype=np.float64).sum())
+    return None if noise <= 0 or signal <= 0 else round(10 * np.log10(signal / noise), 2)

@@ -106,7 +106,7 @@ class GptqRounding:
     def _inputs(self, layer: int) -> dict[R, str]:
         """Each projection's input value, from the layer's prefill graph as written."""
         graph = onnx.load(str(self.work / "context.onnx"), load_external_data=False).graph
-        by_weight = {n.input[1]: n.input[0] for n in graph.node if n.op_type == "MatMul"}
+        by_weight = {n.input[1]: n.input[0] for n in graph.node if n.op_type in ("MatMul", "Conv")}
         inputs = {}
         for role in ROLES:
             name = self.b.weight_name(role, layer)
@@ -122,11 +122,16 @@ class GptqRounding:
         if self.inputs is None:
             self.inputs = self._inputs(layer)
         for value in set(self.inputs.values()):
-            x = values[value]  # [batch, S, K]
+            x = values[value]  # [batch, S, K] (a 1x1 Conv's: [batch, K, 1, S])
+            if x.ndim == 4:
+                x = x[:, :, 0, :].transpose(0, 2, 1)
             rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
             x = np.concatenate(rows).astype(np.float32)
-            h = self.hessians.get(value)  # (float32 products, summed in float64)
-            self.hessians[value] = 2 * (x.T @ x).astype(np.float64) + (0 if h is None else h)
+            h = self.hessians.get(value)  # (float32, as GPTQ's own: thousands of tokens)
+            if h is None:
+                self.hessians[value] = 2 * (x.T @ x)
+            else:
+                h += 2 * (x.T @ x)
         self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
@@ -134,18 +139,38 @@ class GptqRounding:
         weights = dict(zip((R.Q, R.K, R.V), b.attention_weights(layer)))
         weights.update(zip((R.GATE, R.UP, R.DOWN), b.mlp_weights(layer)))
         weights[R.O] = b.weight(R.O, layer)
-        factors = {}  # q/k/v (and gate/up) share an input: its H^-1 factored once
-        for role in ROLES:
-            value = self.inputs[role]
-            h = self.hessians[value] / max(1, self.tokens)
-            if value not in factors:
-                factors[value] = inverse_factor(h)
-            weight = np.asarray(weights.pop(role), np.float32)
-            self.rounded.save(role, layer, self.round_weight(weight, h, factors[value]))
+        by_input: dict[str, list[R]] = {}  # q/k/v (and gate/up) share an input: rounded as one
+        for role in ROLES:            # weight (rows are rounded independently, given H)
+            by_input.setdefault(self.inputs[role], []).append(role)
+        for value, roles in by_input.items():
+            h = self.hessians.pop(value) / max(1, self.tokens)
+            stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
+            rounded = self.round_weight(stacked, h, inverse_factor(h))
+            sizes = [b.expected_shape(r)[0] for r in roles]
+            for role, part in zip(roles, split_rows(rounded, sizes)):
+                self.rounded.save(role, layer, part)
         self.hessians, self.tokens, self.inputs = {}, 0, None
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
         self.b.policy = self.policy.only_layers(set(range(layer + 1)))
+
+
+def split_rows(w: QuantizedWeight | QdqWeight, sizes: list[int]) -> list:
+    """A weight rounded as one, cut back into its parts (output rows)."""
+    if len(sizes) == 1:
+        return [w]
+    cuts = np.cumsum(sizes)[:-1]
+    if isinstance(w, QdqWeight):
+        if w.conv:  # codes [N, K, 1, 1], scales [N]
+            return [QdqWeight.of(c, s, w.bits, None, conv=True) for c, s in
+                    zip(np.split(w.codes, cuts), np.split(w.scales, cuts))]
+        axis = w.scales.ndim - 1  # codes [K, N]; scales [blocks, N] or [N]
+        return [QdqWeight.of(np.ascontiguousarray(c), np.ascontiguousarray(s), w.bits,
+                             w.block_size) for c, s in
+                zip(np.split(w.codes, cuts, axis=1), np.split(w.scales, cuts, axis=axis))]
+    zps = [None] * len(sizes) if w.zero_points is None else np.split(w.zero_points, cuts)
+    return [QuantizedWeight(d, s, z, w.bits, w.block_size, w.k) for d, s, z in
+            zip(np.split(w.data, cuts), np.split(w.scales, cuts), zps)]
 
 
 def valid(call, sequence) -> int:

@@ -6,6 +6,8 @@ Three views, each from values the build computes anyway, written to build_manife
 - **layers**: the residual stream after each layer, quantized pipeline against float, at the
   accuracy report's positions (each held-out prompt's last token and its decode calls): its SQNR
   in dB, and how much each layer lowered it. A layer that costs many dB is where to look.
+- **weights**: every projection's stored weight against the float one (SQNR in dB: what
+  rounding alone did to it, before any data goes through it), worst first.
 - **tensors**: every activation's Q/DQ pair on the held-out prompts' float values: its SQNR (the
   rounding noise of its step, step^2 / 12, against the values' mean square) and how far those
   values went beyond the range calibration gave it (``clipped_by``: the overshoot as a share of
@@ -156,7 +158,15 @@ def copies(held_out: list[Sequence], embeddings: list[list]) -> list[Sequence]:
             for s, e in zip(held_out, embeddings)]
 
 
-def summarize(layers: list[dict], tensors: list[dict], kinds: dict | None) -> dict:
+def weight_figures(errors: dict) -> list[dict]:
+    """Per projection: the SQNR of its stored weight against the float one, worst first."""
+    rows = [{"layer": layer, "weight": getattr(role, "value", str(role)), "sqnr_db": db}
+            for (layer, role), db in errors.items() if db is not None]
+    return sorted(rows, key=lambda r: r["sqnr_db"])
+
+
+def summarize(layers: list[dict], tensors: list[dict], kinds: dict | None,
+              weights: list[dict] | None = None) -> dict:
     """The manifest's ``sensitivity`` and its log line."""
     by_sqnr = sorted((t for t in tensors if t["qdq_sqnr_db"] is not None),
                      key=lambda t: t["qdq_sqnr_db"])[:WORST]
@@ -164,7 +174,7 @@ def summarize(layers: list[dict], tensors: list[dict], kinds: dict | None) -> di
                      key=lambda t: -t["clipped_by"])
     report = {"layers": layers, "lowest_sqnr_tensors": by_sqnr,
               "clipped_tensors": clipped[:WORST], "clipped_count": len(clipped),
-              "tensor_count": len(tensors)}
+              "tensor_count": len(tensors), "weights": weights or []}
     if kinds is not None:
         report["kinds"] = kinds
     costly = sorted((r for r in layers if r["cost_db"] is not None),
@@ -174,6 +184,9 @@ def summarize(layers: list[dict], tensors: list[dict], kinds: dict | None) -> di
              + (f" (layer 0: {layers[0]['stream_sqnr_db']} dB; costliest after it: "
                 + ", ".join(f"layer {r['layer']} {r['cost_db']} dB" for r in costly) + ")"
                 if layers else "")]
+    if weights:
+        parts.append("weights: lowest SQNR " + ", ".join(
+            f"layer {w['layer']} {w['weight']} {w['sqnr_db']} dB" for w in weights[:3]))
     if by_sqnr:
         parts.append("lowest Q/DQ SQNR: " + ", ".join(
             f"{t['tensor']} ({t['graph']}) {t['qdq_sqnr_db']} dB" for t in by_sqnr[:3]))

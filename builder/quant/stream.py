@@ -170,11 +170,9 @@ class TensorStats:
                 continue
             x = a.astype(np.float32, copy=False)
             lo, hi, squares = float(x.min()), float(x.max()), float(np.vdot(x, x))
-            if name in seen:
-                s = seen[name]
-                s[0], s[1], s[2], s[3] = min(s[0], lo), max(s[1], hi), s[2] + squares, s[3] + x.size
-            else:
-                seen[name] = [lo, hi, squares, float(x.size)]
+            s = seen.setdefault(name, [lo, hi, 0.0, 0.0])
+            s[0], s[1] = min(s[0], lo), max(s[1], hi)
+            s[2], s[3] = s[2] + squares, s[3] + x.size
 
 
 class _Histogram:
