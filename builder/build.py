@@ -200,7 +200,7 @@ class PipelineFolder(DecoderFolder):
             lm_head = weights.rows(
                 cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD])
             finish = LayerStream(builder, *stream_args).final_logits
-            self.report = accuracy_report(stream.logits, held_out, quantized, prefill,
+            self.report = accuracy_report(stream.logit_slices, held_out, quantized, prefill,
                                           lm_head, label, finish)
         with meter("sensitivity"):
             kinds = None

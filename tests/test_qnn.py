@@ -410,6 +410,17 @@ def test_accuracy_metrics_against_torch():
     assert 0 < got["top1_agreement"] < 1 and got["mean_kl"] > 0.01  # a test that can fail
     targets = rng.integers(0, 300, 12)
     with_targets = compare(e, a, targets)
+    # the report's own computation, a slice of the vocabulary at a time, agrees with compare()
+    from builder.quant.report import Agreement
+
+    agreement = Agreement(targets, len(e))
+    for start in range(0, 300, 64):
+        agreement.update(range(start, min(300, start + 64)), e[:, start:start + 64],
+                         a[:, start:start + 64])
+    for where in (slice(None), slice(0, 5)):
+        want = compare(e[where], a[where], targets[where])
+        for key, value in agreement.result(where).items():
+            assert value == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     ce = {name: torch.nn.functional.cross_entropy(x, torch.tensor(targets)).item()
           for name, x in (("float", te), ("quantized", ta))}
     assert with_targets["float_perplexity"] == pytest.approx(np.exp(ce["float"]), rel=1e-9)

@@ -247,15 +247,16 @@ def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1,
 
 
 def build_logits(b: DecoderBuilder) -> None:
-    """projected [1, N, vocab] → logits: the builder's ``logits`` step alone (Gemma 2's
-    soft-cap, Granite's scaling), for logits projected outside a graph (the accuracy report's
-    fp32 reference)."""
-    gb, c = b.gb, b.config
-    x = gb.input("projected", gb.float_type, [1, "rows", c.vocab_size])
+    """projected [1, N, V] → logits: the builder's ``logits`` step alone (Gemma 2's soft-cap,
+    Granite's scaling), for logits projected outside a graph (the accuracy report's fp32
+    reference), on the vocabulary or a slice of it (V: as the calibrated lm_head graphs, which
+    apply it to their slice)."""
+    gb = b.gb
+    x = gb.input("projected", gb.float_type, [1, "rows", "vocab"])
     logits = b.logits(x)
     if logits == x:
         logits = gb.node("Identity", [x], "/lm_head/Identity")
-    gb.output(logits, "logits", gb.float_type, [1, "rows", c.vocab_size])
+    gb.output(logits, "logits", gb.float_type, [1, "rows", "vocab"])
 
 
 def layer_stream(layer: int) -> str:

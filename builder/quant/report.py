@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.quant.calibration import continuation, tokenize
-from builder.quant.stream import PREFILL, Sequence, sequence
+from builder.quant.stream import PREFILL, VOCAB_ROWS, Sequence, sequence
 from builder.weights import Rows
 
 logger = logging.getLogger(__name__)
@@ -108,14 +108,74 @@ def compare(expected: np.ndarray, actual: np.ndarray,
 
 
 def float_head(lm_head: np.ndarray | Rows,
-               finish: Callable[[np.ndarray], np.ndarray] | None = None
-               ) -> Callable[[list], np.ndarray]:
+               finish: Callable[[np.ndarray], np.ndarray] | None = None):
     """A ``head`` for ``accuracy_report``: lm_head in fp32 from the checkpoint, then the
-    architecture's final step, on [(graph kind, hidden [1, S, H], row)]."""
-    def head(picked: list) -> np.ndarray:
-        logits = float_logits(np.stack([h[0, row] for _, h, row in picked])[None], lm_head)[0]
-        return logits if finish is None else finish(logits)
+    architecture's final step, on [(graph kind, hidden [1, S, H], row)], a slice of VOCAB_ROWS
+    of the vocabulary at a time, as ``LayerStream.logit_slices``."""
+    def head(picked: list):
+        hidden = np.stack([h[0, row] for _, h, row in picked])[None]
+        for start in range(0, lm_head.shape[0], VOCAB_ROWS):
+            rows = range(start, min(lm_head.shape[0], start + VOCAB_ROWS))
+            logits = float_logits(hidden, lm_head[rows.start:rows.stop])[0]
+            yield rows, logits if finish is None else finish(logits)
     return head
+
+
+class Agreement:
+    """``compare``'s figures for N positions, from their logits a slice of the vocabulary at a
+    time (never the whole vocabulary's logits of every position): per position the running
+    dot products, arg-maxes, log-sum-exps (online, rescaled as the maximum grows) and
+    sum exp(e - m) (e - a), from which KL(p || q) = sum p (e - a) - lse(e) + lse(a)."""
+
+    def __init__(self, targets: np.ndarray | None, n: int) -> None:
+        zeros = np.zeros(n)
+        self.targets = targets
+        self.dot, self.ee, self.aa, self.t = zeros.copy(), zeros.copy(), zeros.copy(), zeros
+        self.s_e, self.s_a = np.zeros(n), np.zeros(n)
+        self.m_e, self.m_a = np.full(n, -np.inf), np.full(n, -np.inf)
+        self.top_e, self.top_a = np.full(n, -np.inf), np.full(n, -np.inf)
+        self.arg_e, self.arg_a = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self.tgt_e, self.tgt_a = np.zeros(n), np.zeros(n)
+
+    def update(self, rows: range, expected: np.ndarray, actual: np.ndarray) -> None:
+        e, a = expected.astype(np.float64), actual.astype(np.float64)
+        n = np.arange(len(e))
+        self.dot += (e * a).sum(-1)
+        self.ee += (e * e).sum(-1)
+        self.aa += (a * a).sum(-1)
+        for x, top, arg in ((e, self.top_e, self.arg_e), (a, self.top_a, self.arg_a)):
+            i = x.argmax(-1)
+            better = x[n, i] > top  # (strictly: the first of equal maxima, as argmax)
+            top[better], arg[better] = x[n, i][better], rows.start + i[better]
+        m = np.maximum(self.m_e, e.max(-1))
+        rescale = np.exp(self.m_e - m)
+        w = np.exp(e - m[:, None])
+        self.s_e = self.s_e * rescale + w.sum(-1)
+        self.t = self.t * rescale + (w * (e - a)).sum(-1)
+        self.m_e = m
+        m = np.maximum(self.m_a, a.max(-1))
+        self.s_a = self.s_a * np.exp(self.m_a - m) + np.exp(a - m[:, None]).sum(-1)
+        self.m_a = m
+        if self.targets is not None:
+            inside = (self.targets >= rows.start) & (self.targets < rows.stop)
+            self.tgt_e[inside] = e[inside, self.targets[inside] - rows.start]
+            self.tgt_a[inside] = a[inside, self.targets[inside] - rows.start]
+
+    def result(self, where: np.ndarray | slice = slice(None)) -> dict[str, float]:
+        """The figures over the positions ``where``."""
+        cosine = (self.dot / np.maximum(np.sqrt(self.ee * self.aa), 1e-30))[where]
+        lse_e, lse_a = self.m_e + np.log(self.s_e), self.m_a + np.log(self.s_a)
+        kl = (self.t / self.s_e - lse_e + lse_a)[where]
+        out = {"positions": int(len(cosine)), "mean_cosine": float(cosine.mean()),
+               "min_cosine": float(cosine.min()),
+               "top1_agreement": float((self.arg_e == self.arg_a)[where].mean()),
+               "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
+        if self.targets is not None:
+            float_ppl = float(np.exp((lse_e - self.tgt_e)[where].mean()))
+            ppl = float(np.exp((lse_a - self.tgt_a)[where].mean()))
+            out.update(float_perplexity=float_ppl, perplexity=ppl,
+                       perplexity_change=ppl / float_ppl - 1)
+        return out
 
 
 def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
@@ -123,7 +183,7 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
                     label: str, finish: Callable[[np.ndarray], np.ndarray] | None = None,
                     log: bool = True) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
-    calibrated stream's ``LayerStream.logits``, the build's lm_head graphs a slice of the
+    calibrated stream's ``LayerStream.logit_slices``, the build's lm_head graphs a slice of the
     vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32, then
     ``finish``: the builder's own step after the projection, ``LayerStream.final_logits``),
     prefill and decode."""
@@ -137,13 +197,17 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
         targets["prefill"] += f.targets[:prompt]
         targets["decode"] += f.targets[prompt:]
     picked = positions
-    reference = float_head(lm_head, finish)
-    expected = {phase: reference([f for f, _ in pairs]) for phase, pairs in picked.items()}
-    every = head([q for pairs in picked.values() for _, q in pairs])
+    pairs = picked["prefill"] + picked["decode"]
+    agreement = Agreement(np.asarray(targets["prefill"] + targets["decode"], np.int64),
+                          len(pairs))
+    for (rows, expected), (got_rows, actual) in zip(
+            float_head(lm_head, finish)([f for f, _ in pairs]), head([q for _, q in pairs])):
+        if rows != got_rows:
+            raise ValueError(f"vocabulary slices differ: {rows} and {got_rows}")
+        agreement.update(rows, expected, actual)
     count = len(picked["prefill"])
-    actual = {"prefill": every[:count], "decode": every[count:]}
-    phases = {phase: compare(expected[phase], actual[phase], np.asarray(targets[phase]))
-              for phase in picked}
+    phases = {"prefill": agreement.result(slice(0, count)),
+              "decode": agreement.result(slice(count, None))}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "
                          "from the checkpoint" + (" and the architecture's final logits step"
                                                   if finish is not None else ""),

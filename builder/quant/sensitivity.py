@@ -126,7 +126,7 @@ def kinds_of_error(builder, policy, activations: Calibrated, stream_args: tuple,
            "transformer activations": run(QuantPolicy(), activations, None,
                                           "sensitivity: activations")}
     builder.policy = policy
-    head = LayerStream(builder, *stream_args, qdq=activations).logits
+    head = LayerStream(builder, *stream_args, qdq=activations).logit_slices
     out["lm_head"] = evaluate(head, held_out)
     out["layers"] = [run(policy.only_layers({i}), activations, {i}, f"sensitivity: layer {i}")
                      | {"layer": i} for i in range(builder.config.num_hidden_layers)]

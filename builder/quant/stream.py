@@ -397,27 +397,35 @@ class LayerStream:
                 ranges.add(f"lm_head_{kind}", {**feeds, **out} if rows.start == 0 else out)
             del sess  # before the next graph's session loads its table
 
-    def logits(self, picked: list[tuple[str, np.ndarray, int]]) -> np.ndarray:
-        """lm_head's logits [len(picked), vocab] in fp32 at each (graph kind, final hidden
-        states [1, S, hidden], row), through this stream's lm_head graphs."""
-        out = np.empty((len(picked), self.b.config.vocab_size), np.float32)
+    def logit_slices(self, picked: list[tuple[str, np.ndarray, int]]):
+        """lm_head's logits at each (graph kind, final hidden states [1, S, hidden], row),
+        through this stream's lm_head graphs, a slice of the vocabulary at a time: (vocabulary
+        rows, fp32 logits [len(picked), len(rows)]) per slice of VOCAB_ROWS (memory: one
+        slice's logits of every position, not the whole vocabulary's)."""
         calls: dict[int, list[int]] = {}  # each call's hidden states run once for its rows
         for i, (_, hidden, _) in enumerate(picked):
             calls.setdefault(id(hidden), []).append(i)
+        current = out = None
         for rows, kind, _, sess in self._lm_head_graphs(False):
+            if rows != current:  # (each slice has a prefill and a decode graph)
+                if current is not None:
+                    yield current, out
+                current, out = rows, np.empty((len(picked), len(rows)), np.float32)
             for members in calls.values():
                 k, hidden, _ = picked[members[0]]
                 if k == kind:
                     logits = sess.run(["logits"], {"hidden_states": hidden})[0]
                     for i in members:
-                        out[i, rows.start:rows.stop] = logits[0, picked[i][2]]
+                        out[i] = logits[0, picked[i][2]]
             del sess  # before the next graph's session loads its table
-        return out
+        if current is not None:
+            yield current, out
 
     def final_logits(self, projected: np.ndarray) -> np.ndarray:
-        """The builder's ``logits`` step (Gemma 2's soft-cap, Granite's scaling) on [N, vocab]
-        logits projected outside a graph (the report's fp32 reference), through a graph of that
-        step alone: the same definition as the shipped lm_head graphs'."""
+        """The builder's ``logits`` step (Gemma 2's soft-cap, Granite's scaling) on [N, V]
+        logits projected outside a graph (the report's fp32 reference; V: the vocabulary or a
+        slice of it, as the lm_head graphs apply it), through a graph of that step alone: the
+        same definition as the shipped lm_head graphs'."""
         store = WeightStore(self.work / "logits.data")
         try:
             sess = self._graph("logits.onnx", None, build_logits, False, store)
