@@ -8,8 +8,8 @@ cosine of the two logit vectors, whether their top-1 tokens agree, and the KL di
 quantized model's next-token distribution from the float one's (nats). The float logits are
 lm_head in fp32 from the checkpoint's weight (then the architecture's own step after it, such as
 a soft-cap); the quantized ones the build's lm_head graphs, so the figures include what
-lm_head's int8 weights cost. "prefill" is the logits at every prompt token (the prefill
-graph), "decode" those of the decode calls (the decode graph). Where the next token is known
+lm_head's int8 weights cost. "prefill" is the logits at each prompt's last PROMPT_POSITIONS
+tokens (the prefill graph), "decode" those of the decode calls (the decode graph). Where the next token is known
 (every position: each prompt is continued by the text after it), the perplexity of both
 models on it, and its relative change. The figures go into build_manifest.json and one log
 line.
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 EVALUATION_PROMPTS = Path(__file__).with_name("evaluation_prompts.txt")
 SAMPLES = 16  # held-out prompts
 STEPS = 8     # per prompt: its prompt's tokens, then 7 decode calls
+PROMPT_POSITIONS = 32  # of each prompt's tokens, the last ones compared (the report's cost is
+                       # positions x vocabulary: at most 16 x (32 + 7) = 624 positions)
+ROWS = 128    # positions at a time in the figures' arithmetic (float64 over a vocab slice)
 
 
 def evaluation_prompts(tokenizer_dir: Path, context: int) -> list[list[int]]:
@@ -53,10 +56,12 @@ def evaluation_sequences(tokenizer_dir: Path, context: int, window: int,
 
 
 def report_positions(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
-    """(graph kind, the call's final hidden states, row) of every reported position: each
-    prompt token (rows of the prefill calls), then every decode call."""
+    """(graph kind, the call's final hidden states, row) of every reported position: the
+    prompt's last PROMPT_POSITIONS tokens (rows of the prefill calls), then every decode
+    call."""
     prompt = sum(1 for c in s.calls if c.kind == PREFILL) * window - s.padding
-    picked = [(PREFILL, s.hidden[t // window], t % window) for t in range(prompt)]
+    picked = [(PREFILL, s.hidden[t // window], t % window)
+              for t in range(max(0, prompt - PROMPT_POSITIONS), prompt)]
     return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
 
 
@@ -138,28 +143,36 @@ class Agreement:
         self.tgt_e, self.tgt_a = np.zeros(n), np.zeros(n)
 
     def update(self, rows: range, expected: np.ndarray, actual: np.ndarray) -> None:
+        """Add a vocabulary slice's logits [N, len(rows)] of every position."""
+        for start in range(0, len(expected), ROWS):  # (float64 temporaries of ROWS rows)
+            self._update(slice(start, start + ROWS), rows, expected[start:start + ROWS],
+                         actual[start:start + ROWS])
+
+    def _update(self, at: slice, rows: range, expected: np.ndarray, actual: np.ndarray) -> None:
         e, a = expected.astype(np.float64), actual.astype(np.float64)
         n = np.arange(len(e))
-        self.dot += (e * a).sum(-1)
-        self.ee += (e * e).sum(-1)
-        self.aa += (a * a).sum(-1)
-        for x, top, arg in ((e, self.top_e, self.arg_e), (a, self.top_a, self.arg_a)):
-            i = x.argmax(-1)
+        self.dot[at] += (e * a).sum(-1)
+        self.ee[at] += (e * e).sum(-1)
+        self.aa[at] += (a * a).sum(-1)
+        for x, top, arg in ((e, self.top_e[at], self.arg_e[at]), (a, self.top_a[at],
+                                                                 self.arg_a[at])):
+            i = x.argmax(-1)  # (top and arg: views of the accumulators)
             better = x[n, i] > top  # (strictly: the first of equal maxima, as argmax)
             top[better], arg[better] = x[n, i][better], rows.start + i[better]
-        m = np.maximum(self.m_e, e.max(-1))
-        rescale = np.exp(self.m_e - m)
+        m = np.maximum(self.m_e[at], e.max(-1))
+        rescale = np.exp(self.m_e[at] - m)
         w = np.exp(e - m[:, None])
-        self.s_e = self.s_e * rescale + w.sum(-1)
-        self.t = self.t * rescale + (w * (e - a)).sum(-1)
-        self.m_e = m
-        m = np.maximum(self.m_a, a.max(-1))
-        self.s_a = self.s_a * np.exp(self.m_a - m) + np.exp(a - m[:, None]).sum(-1)
-        self.m_a = m
+        self.s_e[at] = self.s_e[at] * rescale + w.sum(-1)
+        self.t[at] = self.t[at] * rescale + (w * (e - a)).sum(-1)
+        self.m_e[at] = m
+        m = np.maximum(self.m_a[at], a.max(-1))
+        self.s_a[at] = self.s_a[at] * np.exp(self.m_a[at] - m) + np.exp(a - m[:, None]).sum(-1)
+        self.m_a[at] = m
         if self.targets is not None:
-            inside = (self.targets >= rows.start) & (self.targets < rows.stop)
-            self.tgt_e[inside] = e[inside, self.targets[inside] - rows.start]
-            self.tgt_a[inside] = a[inside, self.targets[inside] - rows.start]
+            targets = self.targets[at]
+            inside = np.flatnonzero((targets >= rows.start) & (targets < rows.stop))
+            self.tgt_e[at][inside] = e[inside, targets[inside] - rows.start]
+            self.tgt_a[at][inside] = a[inside, targets[inside] - rows.start]
 
     def result(self, where: np.ndarray | slice = slice(None)) -> dict[str, float]:
         """The figures over the positions ``where``."""
@@ -194,8 +207,8 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
         prompt = len(pairs) - (STEPS - 1)
         positions["prefill"] += pairs[:prompt]
         positions["decode"] += pairs[prompt:]
-        targets["prefill"] += f.targets[:prompt]
-        targets["decode"] += f.targets[prompt:]
+        targets["prefill"] += f.targets[len(f.targets) - len(pairs):][:prompt]
+        targets["decode"] += f.targets[len(f.targets) - len(pairs):][prompt:]
     picked = positions
     pairs = picked["prefill"] + picked["decode"]
     agreement = Agreement(np.asarray(targets["prefill"] + targets["decode"], np.int64),

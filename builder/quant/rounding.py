@@ -8,8 +8,10 @@ per input (``2 X^T X``: q, k and v share one, gate and up another); then its pro
 rounded by GPTQ against them (``quant.gptq``), written to the work folder, and the layer runs
 again with the rounded weights (as MatMulNBits, as the built graph will), so that the next
 layer's Hessians come from what the rounded model computes. Memory: one layer's weights, its
-Hessians (hidden^2 and intermediate^2 float64: 75 MB at intermediate 3072) and the prompts'
+Hessians (hidden^2 and intermediate^2 float32: 38 MB at intermediate 3072) and the prompts'
 hidden states. The graph writer then reads the rounded weights back (``RoundedWeights``).
+Projections that share an input (q/k/v, gate/up) are rounded as one weight: GPTQ rounds each
+output row on its own, given the Hessian.
 """
 
 from __future__ import annotations

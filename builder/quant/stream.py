@@ -433,7 +433,8 @@ class LayerStream:
             store.close()
         out = sess.run(["logits"], {"projected": projected[None].astype(np.float32)})[0][0]
         del sess
-        self._clean()
+        for name in ("logits.onnx", "logits.data"):  # (only its own files: another stream of
+            (self.work / name).unlink(missing_ok=True)  # this folder may be mid-graph)
         return out
 
     def _clean(self) -> None:
