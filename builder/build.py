@@ -185,6 +185,7 @@ class PipelineFolder(DecoderFolder):
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
+            held_out_values.close()
         builder.policy = policy
         object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)
         with meter("graph"):

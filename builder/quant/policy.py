@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from builder.errors import OptionError, did_you_mean
 from builder.options import ExtraOptions, Precision
 from builder.quant.base import Quantizer
-from builder.quant.qdq import QdqQuantizer
+from builder.quant.qdq import QdqQuantizer, QdqWeight
 from builder.registry import Registry
 from builder.roles import TensorRole as R
 
@@ -167,8 +167,8 @@ def weight_sqnr(weight, quantized) -> float | None:
     """SQNR in dB of a stored (quantized) weight against the float [N, K] one."""
     w = np.asarray(weight, np.float32)
     got = quantized.dequantize()
-    if got.shape != w.shape:  # QDQ on MatMul: [K, N]; on Conv: [N, K, 1, 1]
-        got = got.T if got.ndim == 2 else got.reshape(w.shape)
+    if isinstance(quantized, QdqWeight):  # QDQ on MatMul: [K, N]; on Conv: [N, K, 1, 1]
+        got = got.reshape(w.shape) if quantized.conv else got.T
     noise = float(np.square(got - w, dtype=np.float64).sum())
     signal = float(np.square(w, dtype=np.float64).sum())
     return None if noise <= 0 or signal <= 0 else round(10 * np.log10(signal / noise), 2)
