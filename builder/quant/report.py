@@ -30,10 +30,10 @@ from builder.weights import Rows
 logger = logging.getLogger(__name__)
 
 EVALUATION_PROMPTS = Path(__file__).with_name("evaluation_prompts.txt")
-SAMPLES = 8   # held-out prompts (their layer passes are most of the report's time)
+SAMPLES = 4   # held-out prompts (their layer passes are most of the report's time)
 STEPS = 8     # per prompt: its prompt's tokens, then 7 decode calls
 PROMPT_POSITIONS = 32  # of each prompt's tokens, the last ones compared (the report's cost is
-                       # positions x vocabulary: at most 8 x (32 + 7) = 312 positions)
+                       # positions x vocabulary: at most 4 x (32 + 7) = 156 positions)
 ROWS = 128    # positions at a time in the figures' arithmetic (float64 over a vocab slice)
 
 
