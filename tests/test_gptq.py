@@ -143,8 +143,10 @@ def test_gptq_on_cpu_against_rtn(arch, trained, tmp_path):
 
 def test_gptq_memory_does_not_grow_with_layers(tmp_path):
     """The rounding stage holds one layer (its weights, its Hessians, the prompts' hidden
-    states), not the model: its peak memory with 8 layers is within a fraction of one layer's
-    fp32 weights of its peak with 2 (each build a process of its own)."""
+    states), not the model: its peak memory with 8 layers is within two layers' fp32 weights of
+    its peak with 2 (each build a process of its own), where holding the layers would add six
+    (91 MB, and their rounded copies). Measured: 2.6 and 18.7 MB more in two runs (allocator
+    noise)."""
     import json
 
     from checkpoints import make_checkpoint
@@ -164,7 +166,7 @@ def test_gptq_memory_does_not_grow_with_layers(tmp_path):
         peaks[layers] = next(s["peak_rss_mb"] for s in stages if s["stage"] == "round")
     layer_mb = (512 * 512 * 2 + 2 * 512 * 128 + 3 * 512 * 2048) * 4 / 1e6  # fp32
     print(f"round stage peak RSS: {peaks} MB; one layer's fp32 weights {layer_mb:.0f} MB")
-    assert peaks[8] - peaks[2] < 0.5 * layer_mb
+    assert peaks[8] - peaks[2] < 2 * layer_mb
 
 
 def test_gptq_needs_the_static_graphs(checkpoints, tmp_path):
