@@ -210,8 +210,8 @@ class PipelineFolder(DecoderFolder):
                     return overall(accuracy_report(head, held_out, sequences, prefill, lm_head,
                                                    label, finish, log=False))
                 kinds = kinds_of_error(builder, policy, activations, stream_args, held_out,
-                                       calibration.embeddings, prefill,
-                                       float_head(lm_head, finish), evaluate)
+                                       calibration.embeddings, float_head(lm_head, finish),
+                                       evaluate)
             self.sensitivity = summarize(layer_figures(float_rows.rows, quantized_rows.rows),
                                          tensor_figures(held_out_values, activations), kinds,
                                          weight_figures(policy.weight_errors))

@@ -55,23 +55,20 @@ def evaluation_sequences(tokenizer_dir: Path, context: int, window: int,
     return out
 
 
-def report_positions(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
+def report_positions(s: Sequence, window: int, prompt_positions: int = PROMPT_POSITIONS
+                     ) -> list[tuple[str, np.ndarray, int]]:
     """(graph kind, the call's final hidden states, row) of every reported position: the
-    prompt's last PROMPT_POSITIONS tokens (rows of the prefill calls), then every decode
+    prompt's last ``prompt_positions`` tokens (rows of the prefill calls), then every decode
     call."""
     prompt = sum(1 for c in s.calls if c.kind == PREFILL) * window - s.padding
     picked = [(PREFILL, s.hidden[t // window], t % window)
-              for t in range(max(0, prompt - PROMPT_POSITIONS), prompt)]
+              for t in range(max(0, prompt - prompt_positions), prompt)]
     return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
 
 
 def compared_hidden(s: Sequence, window: int) -> list[tuple[str, np.ndarray, int]]:
-    """(graph kind, the call's final hidden states, row) of each compared position: the prompt's
-    last token, then every decode call."""
-    prompt = sum(1 for c in s.calls if c.kind == PREFILL) * window - s.padding
-    last = (prompt - 1) // window
-    picked = [(PREFILL, s.hidden[last], (prompt - 1) % window)]
-    return picked + [(c.kind, h, 0) for c, h in zip(s.calls, s.hidden) if c.kind != PREFILL]
+    """The prompt's last token, then every decode call (the sensitivity's stream positions)."""
+    return report_positions(s, window, 1)
 
 
 def float_logits(hidden: np.ndarray, weight: np.ndarray | Rows,
@@ -209,8 +206,7 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
         positions["decode"] += pairs[prompt:]
         targets["prefill"] += f.targets[len(f.targets) - len(pairs):][:prompt]
         targets["decode"] += f.targets[len(f.targets) - len(pairs):][prompt:]
-    picked = positions
-    pairs = picked["prefill"] + picked["decode"]
+    pairs = positions["prefill"] + positions["decode"]
     agreement = Agreement(np.asarray(targets["prefill"] + targets["decode"], np.int64),
                           len(pairs))
     for (rows, expected), (got_rows, actual) in zip(
@@ -218,7 +214,7 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
         if rows != got_rows:
             raise ValueError(f"vocabulary slices differ: {rows} and {got_rows}")
         agreement.update(rows, expected, actual)
-    count = len(picked["prefill"])
+    count = len(positions["prefill"])
     phases = {"prefill": agreement.result(slice(0, count)),
               "decode": agreement.result(slice(count, None))}
     report = {"against": "the float model: the float layers of the same graphs, lm_head in fp32 "

@@ -107,7 +107,7 @@ def tensor_figures(stats: TensorStats, activations: Calibrated) -> list[dict]:
 
 
 def kinds_of_error(builder, policy, activations: Calibrated, stream_args: tuple,
-                   held_out: list[Sequence], embeddings: list[list], window: int,
+                   held_out: list[Sequence], embeddings: list[list],
                    float_head, evaluate) -> dict:
     """The logit error when only one kind of tensor is quantized (``qnn_sensitivity``): the
     transformer's weights, its activations, lm_head; then each layer alone. The transformer
