@@ -179,6 +179,11 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
                      ["-p", "int4", "--extra_options", "algo_config=k_quant"]),
     # data-aware rounding (the anchor has none: ours only)
     "int4-gptq": (["-p", "int4", "--extra_options", "int4_algo_config=gptq"], None),
+    "int4-rtn_last": (["-p", "int4", "--extra_options", "int4_algo_config=rtn_last"],
+                      ["-p", "int4", "--extra_options", "algo_config=rtn_last"]),
+    "int4-k_quant_last": (["-p", "int4", "--extra_options", "int4_algo_config=k_quant_last"],
+                          ["-p", "int4", "--extra_options", "algo_config=k_quant_last"]),
+    "int4-rtn_mixed": (["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed"], None),
     # onnxruntime-genai's builder has no QNN path: ours only
     "qnn-fp16": (["-p", "fp16", "-e", "qnn"], None),
     "qnn-fp16-epcontext": (["-p", "fp16", "-e", "qnn", "--extra_options", "qnn_epcontext=true"],

@@ -26,13 +26,14 @@ from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
-from builder.quant.calibration import calibrate
-from builder.quant.policy import DATA_AWARE, STATIC_ALGORITHMS
+from builder.quant.calibration import calibrate, prompts
+from builder.quant.mixed import OutputNoise, decide, measure, promote
+from builder.quant.policy import DATA_AWARE, MEASURED, STATIC_ALGORITHMS
 from builder.quant.rounding import qdq_rounding, round_layers
 from builder.quant.report import accuracy_report, evaluation_sequences, float_head
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
                                        summarize, tensor_figures, weight_figures)
-from builder.quant.stream import LayerStream, TensorStats
+from builder.quant.stream import LayerStream, TensorStats, sequence
 from builder.roles import TensorRole as R
 from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
@@ -99,6 +100,7 @@ class DecoderFolder:
         self.options, self.target = options, target
         self.report: dict | None = None  # quantized QNN builds: the accuracy report
         self.sensitivity: dict | None = None  # and where its error comes from
+        self.mixed: dict | None = None  # *_mixed: the projections promoted, by measurement
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -113,6 +115,13 @@ class DecoderFolder:
               policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
         filename = self.options.extra.filename
         work = out / ".work"
+        if policy.budget is not None:
+            with meter("measure"):
+                o = self.options
+                packed = self.target.pack_matmuls if o.extra.unpack_matmul is None \
+                    else not o.extra.unpack_matmul
+                self.mixed = promote(cls, config, o, weights, policy, self.plugins, source,
+                                     work, packed)
         if policy.data_aware:
             with meter("round"):
                 round_layers(cls, config, self.options, weights, policy, self.plugins, source,
@@ -126,6 +135,7 @@ class DecoderFolder:
                 gb.close()
         if policy.rounded is not None:
             policy.rounded.log()
+        if work.exists():
             shutil.rmtree(work)
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
@@ -155,9 +165,13 @@ class PipelineFolder(DecoderFolder):
             raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
                               "is int8 there); choose from "
                               f"{', '.join(STATIC_ALGORITHMS)}")
+        if algorithm in MEASURED and o.precision not in FOUR_BIT:
+            raise OptionError(f"int4_algo_config={algorithm} promotes 4-bit weights to 8 bits: "
+                              f"it applies on -e qnn to -p w4a16 only, not -p {o.precision}")
         return dataclasses.replace(QuantPolicy.static_qdq(
             4 if o.precision in FOUR_BIT else 8, o.extra.int4_block_size,
-            o.extra.qnn_linear == "conv"), data_aware=DATA_AWARE.get(algorithm))
+            o.extra.qnn_linear == "conv"), data_aware=DATA_AWARE.get(algorithm),
+            budget=o.extra.quant_budget if algorithm in MEASURED else None)
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,
               policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
@@ -176,16 +190,30 @@ class PipelineFolder(DecoderFolder):
         pad = token_ids(config, generation(source))[2]
         work = out / ".work"
         stream_args = (work, prefill, context, float_type)
+        noise = None  # *_mixed: measured in calibration's pass; before it with gptq, whose
+        if policy.budget is not None and policy.data_aware:  # rounding needs the choice
+            with meter("measure"):
+                ids = prompts(o.extra, source, context)
+                promoted, self.mixed = measure(
+                    LayerStream(builder, *stream_args),
+                    [sequence(p, [], prefill, pad, True, False) for p in ids],
+                    policy.quantizer(policy.bits), builder.packed, policy.bits, policy.budget)
+                object.__setattr__(policy, "promoted", promoted)
+        elif policy.budget is not None:
+            noise = OutputNoise(builder, work, policy.quantizer(policy.bits))
         with meter("calibrate"):
             held_out = evaluation_sequences(source, context, prefill, pad)
             float_rows, held_out_values = StreamProbe(held_out, prefill), TensorStats()
             rounding = qdq_rounding(builder, work, out / ".rounded", policy) \
-                if policy.data_aware else None
+                if policy.data_aware else noise
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
             held_out_values.close()
+            if noise is not None:
+                promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget)
+                object.__setattr__(policy, "promoted", promoted)
         builder.policy = policy
         object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)
         with meter("graph"):
@@ -312,7 +340,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
-                       folder.sensitivity)
+                       folder.sensitivity, folder.mixed)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -54,7 +54,7 @@ SAME_AS_INPUT = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsquee
                            "Slice", "Tile", "Expand", "Flatten", "Identity"})
 
 
-PROJECTION_INPUTS = "projection inputs"  # GraphBuilder.save's expose: those values only
+PROJECTION_VALUES = "projection values"  # GraphBuilder.save's expose: those values only
 
 
 def batch_dim(batch: int | str) -> int:
@@ -508,8 +508,8 @@ class GraphBuilder:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
-        PROJECTION_INPUTS: only the inputs of MatMuls and Convs with a stored weight
-        (data-aware rounding reads them)."""
+        PROJECTION_VALUES: only the inputs and outputs of MatMuls and Convs with a stored weight
+        (data-aware rounding and mixed precision's measurement read them)."""
         if self._own_store:
             self.store.close()
         else:
@@ -519,9 +519,10 @@ class GraphBuilder:
         if expose:
             known = {v.name for v in (*self._inputs, *self._outputs)}
             wanted = None
-            if expose == PROJECTION_INPUTS:  # what reaches a MatMul / Conv with a stored weight
-                wanted = {n.input[0] for n in self._nodes if n.op_type in ("MatMul", "Conv")
-                          and n.input[1] in self._initializer_names}
+            if expose == PROJECTION_VALUES:  # what a MatMul / Conv with a stored weight reads
+                wanted = {v for n in self._nodes if n.op_type in ("MatMul", "Conv")  # and gives
+                          and n.input[1] in self._initializer_names for v in (n.input[0],
+                                                                              n.output[0])}
             elif expose != "all":  # (moved values: their input's, no range of their own)
                 known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)

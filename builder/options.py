@@ -87,12 +87,19 @@ class ExtraOptions:
         "default", "Weight quantization algorithm and lm_head policy for -p int4/int8: "
         "default = rtn (round to nearest, as onnxruntime's quantizer); k_quant (llama.cpp's "
         "scale and minimum search; always with zero points); *_last: lm_head at 8 bits; "
-        "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers; gptq: the "
-        "layers' projections rounded by GPTQ on calibration prompts, layer by layer (others "
-        "rtn); gptq_last: and lm_head at 8 bits.",
+        "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers (fixed "
+        "positions, as onnxruntime-genai's builder); gptq: the layers' projections rounded by "
+        "GPTQ on calibration prompts, layer by layer (others rtn); gptq_last: and lm_head at 8 "
+        "bits; rtn_mixed, gptq_mixed: lm_head at 8 bits and the projections whose output the "
+        "4-bit rounding hurts most, measured on the calibration prompts, at 8 bits within "
+        "quant_budget. On -e qnn: default, rtn, gptq, and (w4a16) rtn_mixed, gptq_mixed.",
         aliases=("algo_config",),
         choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed",
-                 "gptq", "gptq_last"))
+                 "gptq", "gptq_last", "rtn_mixed", "gptq_mixed"))
+    quant_budget: float = _opt(
+        0.1, "int4_algo_config=rtn_mixed or gptq_mixed: the extra bytes the 8-bit projections "
+        "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
+        "promoted weight takes half a byte more).")
     int4_block_size: int = _opt(
         32, "Block size (along the input dimension) of int4/int8 weight quantization.",
         choices=(16, 32, 64, 128, 256))
@@ -283,6 +290,8 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
         raise OptionError(f"extra option {key}={raw!r} is not one of: {shown}{hint}")
     if kind.startswith("int") and value < 1 and not choices:
         raise OptionError(f"extra option {key}={raw!r} must be a positive integer")
+    if f.name == "quant_budget" and value < 0:
+        raise OptionError(f"extra option {key}={raw!r} must be at least 0")
     if f.name == "qnn_calibration_headroom" and value < 1:
         raise OptionError(f"extra option {key}={raw!r} must be at least 1 (a range is widened, "
                           "never narrowed: narrower ranges clip)")
@@ -297,6 +306,8 @@ QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_
 
 
 CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
+DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "gptq_mixed", "rtn_mixed")  # (they read it)
+MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")
 
 
 def not_applicable(name: str, precision: Precision, static_shapes: bool,
@@ -305,9 +316,13 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
     An option that would be silently ignored is refused instead."""
     if name in CALIBRATION_TEXT and not static_shapes:
         if precision in (Precision.INT4, Precision.INT8) and extra is not None \
-                and extra.int4_algo_config.startswith("gptq"):
+                and extra.int4_algo_config in DATA_AWARE_ALGORITHMS:
             return None
-        return "applies to -e qnn and to int4_algo_config=gptq (-p int4, int8) only"
+        return ("applies to -e qnn and to int4_algo_config=gptq, gptq_last, rtn_mixed and "
+                "gptq_mixed (-p int4, int8) only")
+    if name == "quant_budget" and (extra is None
+                                   or extra.int4_algo_config not in MEASURED_MIXED):
+        return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"
     if name.startswith("qnn_") and not static_shapes:
         return "applies to -e qnn only"
     if name in QNN_QUANTIZED and precision not in QDQ_PRECISIONS:

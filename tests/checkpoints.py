@@ -198,6 +198,29 @@ def config_of(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
+def plant_outlier(src: Path, dst: Path, layer: int, channels: tuple[int, ...] = (5,)) -> Path:
+    """A copy of checkpoint ``src`` whose MLP ``channels`` in ``layer`` are 1024x larger (their
+    up rows) and whose down-projection columns for them are 1024x smaller: the same model in
+    float (powers of two are exact in bf16), but that layer's MLP now carries outlier channels
+    whose down-projection weights are too small for their blocks' scales."""
+    import shutil
+
+    import ml_dtypes  # (safetensors.numpy reads bf16 as ml_dtypes.bfloat16)
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    up, down = (f"model.layers.{layer}.mlp.{p}_proj.weight" for p in ("up", "down"))
+    tensors[up], tensors[down] = tensors[up].copy(), tensors[down].copy()
+    for c in channels:
+        tensors[up][c] = (tensors[up][c].astype(np.float32) * 1024).astype(ml_dtypes.bfloat16)
+        tensors[down][:, c] = (tensors[down][:, c].astype(np.float32) / 1024).astype(
+            ml_dtypes.bfloat16)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 if __name__ == "__main__":  # regenerate the shipped example: python tests/checkpoints.py
     import shutil
     import sys

@@ -380,6 +380,14 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
     (["-e", "qnn", "-p", "fp16", "--extra_options", "qnn_calibration_steps=4"],
      "qnn_calibration_steps applies to quantized -e qnn builds only"),
     (["--extra_options", "qnn_prefill_length=32"], "qnn_prefill_length applies to -e qnn only"),
+    (["-p", "int4", "--extra_options", "quant_budget=0.2"],
+     "quant_budget applies to int4_algo_config=rtn_mixed or gptq_mixed only"),
+    (["-p", "int8", "--extra_options", "int4_algo_config=rtn_mixed"],
+     "int4_algo_config=rtn_mixed promotes 4-bit projections to 8 bits: it applies to -p int4"),
+    (["-e", "qnn", "-p", "w8a16", "--extra_options", "int4_algo_config=gptq_mixed"],
+     "it applies on -e qnn to -p w4a16 only, not -p w8a16"),
+    (["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed", "quant_budget=-1"],
+     "quant_budget='-1' must be at least 0"),
 ])
 def test_option_that_would_do_nothing(capsys, tmp_path, llama_checkpoint, flags, needle):
     refused(capsys, tmp_path, ["-m", llama_checkpoint, *flags], needle)

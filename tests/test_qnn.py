@@ -16,6 +16,7 @@ from builder import BuildOptions, ExtraOptions, build
 from builder.errors import OptionError
 from builder.options import ExecutionProvider, Precision
 from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_on_qnn
+from checkpoints import plant_outlier
 from conftest import run_cli
 from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, genai, genai_sequence,
                          graph_feeds, one_data_file_without_dead_bytes, only_graph_io_on_cpu,
@@ -780,22 +781,7 @@ def test_sensitivity_finds_a_planted_outlier(trained, tmp_path):
     the same model in float (powers of two are exact in bf16), but that layer's MLP values now
     share a range with an outlier. The analysis puts the error there: layer 2 costs the most
     dB and has the largest KL of the layers quantized alone."""
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    ck = tmp_path / "planted"
-    shutil.copytree(trained["qwen3"][0], ck)
-    import ml_dtypes  # (safetensors.numpy reads bf16 as ml_dtypes.bfloat16)
-
-    tensors = load_file(ck / "model.safetensors")
-    up, down = "model.layers.2.mlp.up_proj.weight", "model.layers.2.mlp.down_proj.weight"
-    tensors[up] = tensors[up].copy()
-    tensors[down] = tensors[down].copy()
-    tensors[up][5] = (tensors[up][5].astype(np.float32) * 1024).astype(ml_dtypes.bfloat16)
-    tensors[down][:, 5] = (tensors[down][:, 5].astype(np.float32) / 1024).astype(
-        ml_dtypes.bfloat16)
-    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    ck = plant_outlier(trained["qwen3"][0], tmp_path / "planted", 2)
     folder = qnn_build(ck, tmp_path / "o", "w8a16", "qnn_sensitivity=true", lengths="default")
     sensitivity = json.loads((folder / "build_manifest.json").read_text())["sensitivity"]
     cost = {r["layer"]: r["cost_db"] for r in sensitivity["layers"][1:]}

@@ -32,9 +32,13 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "k_quant_mixed": ("k_quant", True, True),
     "gptq": ("rtn", False, False),
     "gptq_last": ("rtn", True, False),
+    "rtn_mixed": ("rtn", True, False),   # and the projections promoted by measurement
+    "gptq_mixed": ("rtn", True, False),  # (quant.mixed)
 }
-DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq"}  # rounded in the layer stream (quant.rounding)
-STATIC_ALGORITHMS = ("default", "rtn", "gptq")  # -e qnn: lm_head is int8 per channel there
+DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq"}  # rounded in the layer
+MEASURED = ("rtn_mixed", "gptq_mixed")  # stream (quant.rounding); promoted by quant.mixed
+STATIC_ALGORITHMS = ("default", "rtn", "gptq", "rtn_mixed", "gptq_mixed")  # -e qnn: lm_head is
+# int8 per channel there; *_mixed at w4a16 only
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
                 R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float
 MIXED_ROLES = {R.QKV, R.V, R.DOWN}  # (not the experts: 8-bit QMoE is inexact, see ops.moe)
@@ -65,7 +69,10 @@ class QuantPolicy:
     quantize_matmul: bool = True
     qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
+    # {(layer, role)}: at 8 bits, chosen by measurement (quant.mixed; packed roles by their own)
+    promoted: frozenset[tuple[int, R]] = frozenset()
     data_aware: str | None = None  # gptq: the layers' projections rounded with calibration data
+    budget: float | None = None  # *_mixed: quant_budget, for the measurement to promote within
     rounded: object | None = field(default=None, compare=False, repr=False)  # RoundedWeights
     # {(layer, role): SQNR dB of the stored weight against the float one}, when measured
     weight_errors: dict | None = field(default=None, compare=False, repr=False)
@@ -79,6 +86,9 @@ class QuantPolicy:
             return cls()
         bits = 4 if precision == Precision.INT4 else 8
         algorithm, last8, mixed8 = ALGORITHMS[extra.int4_algo_config]
+        if extra.int4_algo_config in MEASURED and bits != 4:
+            raise OptionError(f"int4_algo_config={extra.int4_algo_config} promotes 4-bit "
+                              "projections to 8 bits: it applies to -p int4 only")
         if algorithm not in quantizers:
             raise OptionError(f"quantizer {algorithm!r} is not registered; known: "
                               f"{', '.join(quantizers.names())}")
@@ -96,13 +106,15 @@ class QuantPolicy:
             exclude=frozenset(extra.int4_nodes_to_exclude),
             quantize_embedding="Gather" in extra.int4_op_types_to_quantize,
             quantize_matmul="MatMul" in extra.int4_op_types_to_quantize,
-            data_aware=DATA_AWARE.get(extra.int4_algo_config), quantizers=quantizers)
+            data_aware=DATA_AWARE.get(extra.int4_algo_config), quantizers=quantizers,
+            budget=extra.quant_budget if extra.int4_algo_config in MEASURED else None)
         logger.info("quantization: %s int%d, block %d, %s, accuracy_level %d; lm_head %d bits%s%s",
                     f"{policy.data_aware} (layers' projections; others rtn)"
                     if policy.data_aware else algorithm, bits, policy.block_size,
                     "symmetric" if policy.symmetric else "asymmetric (zero points)",
                     policy.accuracy_level, policy.lm_head_bits,
                     f"; 8-bit qkv/v and down in layers {sorted(policy.mixed)}" if policy.mixed
+                    else "; 8-bit projections chosen by measurement" if policy.budget is not None
                     else "", f"; excluded: {', '.join(sorted(policy.exclude))}"
                     if policy.exclude else "")
         return policy
@@ -126,6 +138,8 @@ class QuantPolicy:
             return None
         if self.layers is not None and layer not in self.layers:
             return None
+        if (layer, role) in self.promoted and self.quantize_matmul:
+            return 8
         if self.qdq_conv is not None:
             return self.bits if role in LINEAR_ROLES - {R.LM_HEAD} else None
         if role == R.EMBED:
@@ -163,12 +177,18 @@ class QuantPolicy:
         return cls(bits, self.block_size, self.symmetric)
 
 
+def dequantized(quantized, shape: tuple[int, ...]) -> np.ndarray:
+    """A stored weight's values as the float [N, K] ``shape`` it quantized."""
+    got = quantized.dequantize()
+    if isinstance(quantized, QdqWeight):  # QDQ on MatMul: [K, N]; on Conv: [N, K, 1, 1]
+        got = got.reshape(shape) if quantized.conv else got.T
+    return got
+
+
 def weight_sqnr(weight, quantized) -> float | None:
     """SQNR in dB of a stored (quantized) weight against the float [N, K] one."""
     w = np.asarray(weight, np.float32)
-    got = quantized.dequantize()
-    if isinstance(quantized, QdqWeight):  # QDQ on MatMul: [K, N]; on Conv: [N, K, 1, 1]
-        got = got.reshape(w.shape) if quantized.conv else got.T
+    got = dequantized(quantized, w.shape)
     noise = float(np.square(got - w, dtype=np.float64).sum())
     signal = float(np.square(w, dtype=np.float64).sum())
     return None if noise <= 0 or signal <= 0 else round(10 * np.log10(signal / noise), 2)

@@ -39,8 +39,8 @@ class RoundedWeights:
     writer by role and layer (packed q/k/v and gate/up put together by rows: MatMulNBits blocks
     run along each row, so a packed weight's blocks are its parts' blocks)."""
 
-    def __init__(self, folder: Path, bits: int) -> None:
-        self.folder, self.bits = folder, bits
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.served: list[str] = []   # weights served rounded, and those left to the quantizer
         self.missed: list[str] = []
@@ -74,11 +74,10 @@ class RoundedWeights:
             return QuantizedWeight(f["data"], f["scales"], zp, bits, block, k)
 
     def get(self, role: R, layer: int | None, bits: int) -> QuantizedWeight | None:
-        """The rounded weight of ``role`` in ``layer`` at ``bits``, or None (not rounded: the
-        caller rounds to nearest)."""
-        parts = [] if layer is None or bits != self.bits else [
-            self.load(r, layer) for r in PACKED.get(role, (role,))]
-        if not parts or any(p is None for p in parts):
+        """The rounded weight of ``role`` in ``layer`` at ``bits``, or None (not rounded, or
+        rounded at other bits: the caller rounds to nearest)."""
+        parts = [] if layer is None else [self.load(r, layer) for r in PACKED.get(role, (role,))]
+        if not parts or any(p is None or p.bits != bits for p in parts):
             self.missed.append(f"{role.value}" + ("" if layer is None else f" (layer {layer})"))
             return None
         self.served.append(f"{layer}.{role.value}")
@@ -99,36 +98,20 @@ class GptqRounding:
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
                  policy) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
-        self.round_weight = round_weight  # (weight [N, K], Hessian, its factor) -> rounded
-        self.policy = policy  # the static builder's policy once a layer is rounded
+        self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits) -> rounded
+        self.policy = policy  # the static builder's policy once a layer is rounded (its bits
+        # per projection: mixed precision's promoted ones at 8)
         self.hessians: dict[str, np.ndarray] = {}
         self.tokens = 0
         self.inputs: dict[R, str] | None = None
 
-    def _inputs(self, layer: int) -> dict[R, str]:
-        """Each projection's input value, from the layer's prefill graph as written."""
-        graph = onnx.load(str(self.work / "context.onnx"), load_external_data=False).graph
-        by_weight = {n.input[1]: n.input[0] for n in graph.node if n.op_type in ("MatMul", "Conv")}
-        inputs = {}
-        for role in ROLES:
-            name = self.b.weight_name(role, layer)
-            if name not in by_weight:
-                raise OptionError(f"int4_algo_config=gptq: {type(self.b).__name__} has no "
-                                  f"{role.value} projection reading {name} in layer {layer} "
-                                  "(it writes its attention or MLP its own way): use rtn or "
-                                  "k_quant for this architecture")
-            inputs[role] = by_weight[name]
-        return inputs
+    reruns = True  # the layer's recorded calls run again once it is rounded
 
     def add(self, layer: int, calls: list, sequences: list, values: dict) -> None:
         if self.inputs is None:
-            self.inputs = self._inputs(layer)
+            self.inputs = projection_inputs(self.b, self.work, layer, "gptq")
         for value in set(self.inputs.values()):
-            x = values[value]  # [batch, S, K] (a 1x1 Conv's: [batch, K, 1, S])
-            if x.ndim == 4:
-                x = x[:, :, 0, :].transpose(0, 2, 1)
-            rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
-            x = np.concatenate(rows).astype(np.float32)
+            x = token_rows(values[value], calls, sequences)
             h = self.hessians.get(value)  # (float32, as GPTQ's own: thousands of tokens)
             if h is None:
                 self.hessians[value] = 2 * (x.T @ x)
@@ -137,17 +120,20 @@ class GptqRounding:
         self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
-        b = self.b  # the weights as the architecture hands them to its projections
-        weights = dict(zip((R.Q, R.K, R.V), b.attention_weights(layer)))
-        weights.update(zip((R.GATE, R.UP, R.DOWN), b.mlp_weights(layer)))
-        weights[R.O] = b.weight(R.O, layer)
-        by_input: dict[str, list[R]] = {}  # q/k/v (and gate/up) share an input: rounded as one
-        for role in ROLES:            # weight (rows are rounded independently, given H)
-            by_input.setdefault(self.inputs[role], []).append(role)
-        for value, roles in by_input.items():
-            h = self.hessians.pop(value) / max(1, self.tokens)
+        b = self.b
+        weights = layer_weights(b, layer)
+        by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
+        for role in ROLES:  # rounded as one weight at each bits (rows are rounded independently,
+            bits = self.policy.bits_for(role, layer, "") or self.policy.bits  # given H)
+            by_input.setdefault((self.inputs[role], bits), []).append(role)
+        current = h = factor = None  # (one input's Hessian at a time: the groups of an input
+        for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
+            if value != current:
+                current, h, factor = value, None, None
+                h = self.hessians.pop(value) / max(1, self.tokens)
+                factor = inverse_factor(h)
             stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
-            rounded = self.round_weight(stacked, h, inverse_factor(h))
+            rounded = self.round_weight(stacked, h, factor, bits)
             sizes = [b.expected_shape(r)[0] for r in roles]
             for role, part in zip(roles, split_rows(rounded, sizes)):
                 self.rounded.save(role, layer, part)
@@ -155,6 +141,45 @@ class GptqRounding:
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
         self.b.policy = self.policy.only_layers(set(range(layer + 1)))
+
+
+def projection_inputs(builder, work: Path, layer: int, why: str) -> dict[R, str]:
+    """Each projection's input value (ROLES), from the layer's prefill graph as written."""
+    return {role: pair[0] for role, pair in projection_values(builder, work, layer, why).items()}
+
+
+def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tuple[str, str]]:
+    """Each projection's (input, output) values (ROLES), from the layer's prefill graph."""
+    graph = onnx.load(str(work / "context.onnx"), load_external_data=False).graph
+    by_weight = {n.input[1]: (n.input[0], n.output[0]) for n in graph.node
+                 if n.op_type in ("MatMul", "Conv")}
+    values = {}
+    for role in ROLES:
+        name = builder.weight_name(role, layer)
+        if name not in by_weight:
+            raise OptionError(f"int4_algo_config={why}: {type(builder).__name__} has no "
+                              f"{role.value} projection reading {name} in layer {layer} (it "
+                              "writes its attention or MLP its own way): use rtn or k_quant "
+                              "for this architecture")
+        values[role] = by_weight[name]
+    return values
+
+
+def layer_weights(builder, layer: int) -> dict[R, np.ndarray]:
+    """The layer's projection weights (ROLES) as the architecture hands them to them."""
+    weights = dict(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
+    weights.update(zip((R.GATE, R.UP, R.DOWN), builder.mlp_weights(layer)))
+    weights[R.O] = builder.weight(R.O, layer)
+    return weights
+
+
+def token_rows(x: np.ndarray, calls: list, sequences: list) -> np.ndarray:
+    """A projection input's rows of prompt tokens, float32 [tokens, K], from a batch's value
+    ([batch, S, K]; a 1x1 Conv's: [batch, K, 1, S]), padding left out."""
+    if x.ndim == 4:
+        x = x[:, :, 0, :].transpose(0, 2, 1)
+    rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
+    return np.concatenate(rows).astype(np.float32)
 
 
 def split_rows(w: QuantizedWeight | QdqWeight, sizes: list[int]) -> list:
@@ -192,20 +217,24 @@ def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
     weights ``policy`` (``QuantPolicy.static_qdq``) writes, in the calibration stream (its
     ``work`` folder); the layers then calibrate with their rounded weights, kept in ``folder``.
     Sets ``policy.rounded``."""
-    rounded = RoundedWeights(folder, policy.bits)
+    rounded = RoundedWeights(folder)
     object.__setattr__(policy, "rounded", rounded)
-    block = policy.block_size if policy.bits == 4 and not policy.qdq_conv else None
+
+    def block(bits):
+        return policy.block_size if bits == 4 and not policy.qdq_conv else None
+
     logger.info("GPTQ: each layer's projections rounded onto %s int%d weights against the "
                 "inputs the rounded layers before it give them, before its ranges are "
-                "calibrated", f"blocks of {block}" if block else "per-channel", policy.bits)
-    return GptqRounding(builder, work, rounded, lambda w, h, f: gptq_qdq(
-        w, h, policy.bits, block, bool(policy.qdq_conv), f), policy)
+                "calibrated", f"blocks of {block(policy.bits)}" if block(policy.bits)
+                else "per-channel", policy.bits)
+    return GptqRounding(builder, work, rounded, lambda w, h, f, bits: gptq_qdq(
+        w, h, bits, block(bits), bool(policy.qdq_conv), f), policy)
 
 
-def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
-    """GPTQ for every layer's projections of a cpu/cuda build, streamed: ``policy.rounded`` then
-    serves them to the graph writer. The static pipeline's float layers (``qnn`` target, P 64,
-    C 512 or max_position_embeddings) run the calibration prompts."""
+def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
+    """The static pipeline's float layers (``qnn`` target, P 64, C 512 or
+    max_position_embeddings) for a cpu/cuda build's data-aware steps, with the calibration
+    prompts as sequences: (builder, stream, sequences, prompts' token ids)."""
     import dataclasses
 
     from builder.models.static import check_lowered
@@ -233,19 +262,29 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
     pad = token_ids(config, generation(source))[2]
     ids = prompts(options.extra, source, context)
     sequences = [sequence(p, [], prefill, pad, True, False) for p in ids]
-    rounded = RoundedWeights(work / "rounded", policy.bits)
+    return builder, LayerStream(builder, work, prefill, context, np.float32), sequences, ids
+
+
+def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
+    """GPTQ for every layer's projections of a cpu/cuda build, streamed (``static_stream``):
+    ``policy.rounded`` then serves them to the graph writer."""
+    from builder.quant.policy import QuantPolicy
+
+    builder, stream, sequences, ids = static_stream(cls, config, options, weights, plugins,
+                                                    source, work / "stream")
+    rounded = RoundedWeights(work / "rounded")
     layer_policy = QuantPolicy(bits=policy.bits, block_size=policy.block_size,
+                               promoted=policy.promoted,
                                symmetric=policy.symmetric, accuracy_level=policy.accuracy_level,
                                quantizers=policy.quantizers, rounded=rounded)
-    stream = LayerStream(builder, work / "stream", prefill, context, np.float32)
     logger.info("GPTQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
                 "layer's q/k/v, o, gate/up and down rounded against the inputs the rounded "
                 "layers before it give them", config.num_hidden_layers, len(ids),
                 sum(map(len, ids)))
     stream.embed(sequences)
     stream.run(sequences, desc="GPTQ", rounding=GptqRounding(
-        builder, stream.work, rounded, lambda w, h, f: gptq_matmul_nbits(
-            w, h, policy.bits, policy.block_size, policy.symmetric, f), layer_policy))
+        builder, stream.work, rounded, lambda w, h, f, bits: gptq_matmul_nbits(
+            w, h, bits, policy.block_size, policy.symmetric, f), layer_policy))
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()

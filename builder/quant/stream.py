@@ -26,7 +26,7 @@ import numpy as np
 from onnx import helper
 from tqdm.auto import tqdm
 
-from builder.graph import PROJECTION_INPUTS, Calibrated, GraphBuilder, WeightStore
+from builder.graph import PROJECTION_VALUES, Calibrated, GraphBuilder, WeightStore
 from builder.models.static import (
     KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
     layer_stream,
@@ -272,7 +272,8 @@ class LayerStream:
         ``rounding.round(layer)`` rounds the layer's weights, and the recorded calls run again,
         with them, to record their ranges and hand their outputs on (the next layer's inputs
         are the rounded model's); the calls that are not recorded (held-out) run only the
-        first time: they stay the float model's.
+        first time: they stay the float model's. A ``rounding`` whose ``reruns`` is False only
+        measures: one pass, ``add`` then ``round``, the layer unchanged (``quant.mixed``).
 
         The layer's graphs take any batch: calls of different sequences run together (``steps``),
         up to BATCH at a time, so the layer's weights are read once per batch, not per call.
@@ -306,11 +307,17 @@ class LayerStream:
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             if rounding is None:
                 self._layer_pass(sequences, layer, plan, rows, ranges is not None, ranged, seen)
+            elif not rounding.reruns:  # (a measurement: the layer stays as it is; "all": a
+                # projection may read a moved value, whose range is its input's (not used))
+                self._layer_pass(sequences, layer, plan, rows,
+                                 "all" if ranges is not None else PROJECTION_VALUES,
+                                 lambda *a: (ranged and ranged(*a), inputs(*a)), seen)
+                rounding.round(layer)
             else:
                 # as it stands: the recorded calls' inputs for the rounding (the unrecorded
                 # calls go on as they are: the held-out prompts stay the float model's)
                 self._layer_pass(sequences, layer, plan, rows,
-                                 "all" if seen else PROJECTION_INPUTS, inputs, seen,
+                                 "all" if seen else PROJECTION_VALUES, inputs, seen,
                                  update_recorded=False)
                 rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
