@@ -28,7 +28,7 @@ from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate, prompts
 from builder.quant.mixed import OutputNoise, decide, measure, promote
-from builder.quant.policy import DATA_AWARE, MEASURED, STATIC_ALGORITHMS
+from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
 from builder.quant.rounding import qdq_rounding, round_layers
 from builder.quant.report import accuracy_report, evaluation_sequences, float_head
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
@@ -161,6 +161,9 @@ class PipelineFolder(DecoderFolder):
         if o.precision not in QDQ_PRECISIONS:
             return QuantPolicy()
         algorithm = o.extra.int4_algo_config
+        if algorithm == "default":
+            algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
+            logger.info("weights: %s (the default at -p %s)", algorithm, o.precision)
         if algorithm not in STATIC_ALGORITHMS:
             raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
                               "is int8 there); choose from "

@@ -55,6 +55,7 @@ SAME_AS_INPUT = frozenset({"Gather", "Reshape", "Transpose", "Squeeze", "Unsquee
 
 
 PROJECTION_VALUES = "projection values"  # GraphBuilder.save's expose: those values only
+WITH_PROJECTIONS = "with projection values"  # expose=True's values and those
 
 
 def batch_dim(batch: int | str) -> int:
@@ -509,7 +510,8 @@ class GraphBuilder:
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
         PROJECTION_VALUES: only the inputs and outputs of MatMuls and Convs with a stored weight
-        (data-aware rounding and mixed precision's measurement read them)."""
+        (data-aware rounding and mixed precision's measurement read them); WITH_PROJECTIONS:
+        True's and those (a projection may read a moved value)."""
         if self._own_store:
             self.store.close()
         else:
@@ -519,10 +521,13 @@ class GraphBuilder:
         if expose:
             known = {v.name for v in (*self._inputs, *self._outputs)}
             wanted = None
-            if expose == PROJECTION_VALUES:  # what a MatMul / Conv with a stored weight reads
-                wanted = {v for n in self._nodes if n.op_type in ("MatMul", "Conv")  # and gives
-                          and n.input[1] in self._initializer_names for v in (n.input[0],
-                                                                              n.output[0])}
+            projections = {v for n in self._nodes if n.op_type in ("MatMul", "Conv")
+                           and n.input[1] in self._initializer_names
+                           for v in (n.input[0], n.output[0])}  # (a stored weight's)
+            if expose == PROJECTION_VALUES:
+                wanted = projections
+            elif expose == WITH_PROJECTIONS:
+                known |= self._moved() - projections
             elif expose != "all":  # (moved values: their input's, no range of their own)
                 known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)

@@ -503,13 +503,18 @@ W4A16_MEAN_COSINE = {("qwen3", "matmul"): 0.985, ("llama", "matmul"): 0.985,
     (a, "matmul", "default") for a in ARCHS] + [("qwen3", "conv", "default")])  # P: HTP matrix
 def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     """w4a16: int4 weights block-wise (along the input dimension) on MatMul, or per-channel on
-    1x1 Conv (per-channel int4 on MatMul is wrong on the HTP); uint16 activations; all on QNN
-    but the graph-I/O Q/DQ. Against the fp32 CPU build, guarded at the measured level minus a
-    margin."""
+    1x1 Conv (per-channel int4 on MatMul is wrong on the HTP), but the projections the default
+    (rtn_mixed) promoted, int8 per channel; uint16 activations; all on QNN but the graph-I/O
+    Q/DQ. Against the fp32 CPU build, guarded at the measured level minus a margin."""
     import onnx
 
     ck, fp32 = trained[arch]
     folder = qnn_build(ck, tmp_path / "o", "w4a16", f"qnn_linear={linear}", lengths=lengths)
+    scope = {"gate": "mlp", "up": "mlp", "down": "mlp"}
+    promoted = {f"model.layers.{p['layer']}.{scope.get(p['weight'], 'self_attn')}."
+                f"{p['weight']}_proj.weight_quantized" for p in json.loads(
+                    (folder / "build_manifest.json").read_text())["mixed_precision"]["promoted"]}
+    assert promoted
     m = onnx.load(str(folder / "iterator.onnx"), load_external_data=False)
     producers = {n.output[0]: n for n in m.graph.node}
     inits = {i.name: i for i in m.graph.initializer}
@@ -518,9 +523,14 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
                and n.input[1] in producers and producers[n.input[1]].input[0] in inits]
     assert len(weights) >= 7 * 2  # every projection of every layer
     for dq in weights:
-        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        if dq.input[0] in promoted:
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+            assert attrs.get("block_size") is None, attrs
+            continue
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         assert attrs.get("block_size") == (32 if linear == "matmul" else None), attrs
+    assert {dq.input[0] for dq in weights} >= promoted
     only_graph_io_on_cpu(folder)
     prompt = PROMPTS[lengths]
     cpu = run_decoder(fp32, np.array([prompt]), steps=16)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from builder.quant.policy import dequantized
+from builder.quant.stream import PREFILL
 from builder.quant.rounding import ROLES, layer_weights, projection_values, token_rows
 from builder.roles import TensorRole as R
 
@@ -50,7 +51,8 @@ class Unit:
 
 class OutputNoise:
     """``LayerStream.run``'s ``rounding`` that only measures (``reruns`` False): per layer, the
-    output signal and rounding noise of each projection (ROLES) on the recorded calls' tokens.
+    output signal and rounding noise of each projection (ROLES) on the recorded prefill calls'
+    tokens.
 
     The signal is the graph's own projection output. The noise is the expected one of rounding
     errors that are independent across input channels: ``sum_k (sum_t x_tk^2) (sum_n e_nk^2)``,
@@ -71,6 +73,8 @@ class OutputNoise:
         self.tokens = 0
 
     def add(self, layer: int, calls: list, sequences: list, values: dict) -> None:
+        if calls[0].kind != PREFILL:  # (calibration's decode calls: a token each, many calls)
+            return
         if self.values is None:
             self.values = projection_values(self.b, self.work, layer, "*_mixed")
             for role, w in layer_weights(self.b, layer).items():

@@ -24,7 +24,7 @@ from builder.roles import TensorRole as R
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed layers at 8 bits)
-    "default": ("rtn", False, False),
+    "default": ("k_quant", True, False),  # -p int4; int8: rtn (see DEFAULT)
     "rtn": ("rtn", False, False),
     "rtn_last": ("rtn", True, False),
     "k_quant": ("k_quant", False, False),
@@ -35,6 +35,9 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "rtn_mixed": ("rtn", True, False),   # and the projections promoted by measurement
     "gptq_mixed": ("rtn", True, False),  # (quant.mixed)
 }
+# The defaults, by measured accuracy per byte (README, "Choosing the defaults"): -p int4 is
+# k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 rtn_mixed
+DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "rtn_mixed", "w8": "rtn"}
 DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq"}  # rounded in the layer
 MEASURED = ("rtn_mixed", "gptq_mixed")  # stream (quant.rounding); promoted by quant.mixed
 STATIC_ALGORITHMS = ("default", "rtn", "gptq", "rtn_mixed", "gptq_mixed")  # -e qnn: lm_head is
@@ -85,7 +88,8 @@ class QuantPolicy:
         if precision not in (Precision.INT4, Precision.INT8):
             return cls()
         bits = 4 if precision == Precision.INT4 else 8
-        algorithm, last8, mixed8 = ALGORITHMS[extra.int4_algo_config]
+        chosen = DEFAULT[bits] if extra.int4_algo_config == "default" else extra.int4_algo_config
+        algorithm, last8, mixed8 = ALGORITHMS[chosen]
         if extra.int4_algo_config in MEASURED and bits != 4:
             raise OptionError(f"int4_algo_config={extra.int4_algo_config} promotes 4-bit "
                               "projections to 8 bits: it applies to -p int4 only")
@@ -108,9 +112,10 @@ class QuantPolicy:
             quantize_matmul="MatMul" in extra.int4_op_types_to_quantize,
             data_aware=DATA_AWARE.get(extra.int4_algo_config), quantizers=quantizers,
             budget=extra.quant_budget if extra.int4_algo_config in MEASURED else None)
-        logger.info("quantization: %s int%d, block %d, %s, accuracy_level %d; lm_head %d bits%s%s",
-                    f"{policy.data_aware} (layers' projections; others rtn)"
-                    if policy.data_aware else algorithm, bits, policy.block_size,
+        logger.info("quantization: %s%s int%d, block %d, %s, accuracy_level %d; lm_head %d "
+                    "bits%s%s", f"{policy.data_aware} (layers' projections; others rtn)"
+                    if policy.data_aware else algorithm, f" (the default: {chosen})"
+                    if extra.int4_algo_config == "default" else "", bits, policy.block_size,
                     "symmetric" if policy.symmetric else "asymmetric (zero points)",
                     policy.accuracy_level, policy.lm_head_bits,
                     f"; 8-bit qkv/v and down in layers {sorted(policy.mixed)}" if policy.mixed

@@ -26,7 +26,8 @@ import numpy as np
 from onnx import helper
 from tqdm.auto import tqdm
 
-from builder.graph import PROJECTION_VALUES, Calibrated, GraphBuilder, WeightStore
+from builder.graph import (PROJECTION_VALUES, WITH_PROJECTIONS, Calibrated, GraphBuilder,
+                           WeightStore)
 from builder.models.static import (
     KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
     layer_stream,
@@ -307,10 +308,9 @@ class LayerStream:
         for layer in tqdm(range(layers), desc=desc, unit="layer", disable=None):
             if rounding is None:
                 self._layer_pass(sequences, layer, plan, rows, ranges is not None, ranged, seen)
-            elif not rounding.reruns:  # (a measurement: the layer stays as it is; "all": a
-                # projection may read a moved value, whose range is its input's (not used))
+            elif not rounding.reruns:  # (a measurement: the layer stays as it is)
                 self._layer_pass(sequences, layer, plan, rows,
-                                 "all" if ranges is not None else PROJECTION_VALUES,
+                                 WITH_PROJECTIONS if ranges is not None else PROJECTION_VALUES,
                                  lambda *a: (ranged and ranged(*a), inputs(*a)), seen)
                 rounding.round(layer)
             else:
