@@ -167,7 +167,7 @@ def test_w4a16_mixed_on_qnn(trained, tmp_path):
     weights are int8 per channel, the others int4 blocks; every graph placed whole on the HTP;
     the report's KL well under rtn's."""
     ck = trained["phi3"][0]
-    rtn = qnn_build(ck, tmp_path / "rtn", "w4a16", lengths="default")
+    rtn = qnn_build(ck, tmp_path / "rtn", "w4a16", "int4_algo_config=rtn", lengths="default")
     folder = qnn_build(ck, tmp_path / "mixed", "w4a16", "int4_algo_config=rtn_mixed",
                        lengths="default")
     manifest = json.loads((folder / "build_manifest.json").read_text())

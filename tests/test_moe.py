@@ -184,7 +184,8 @@ def test_every_expert_is_read_quantized_and_streamed(checkpoints, tmp_path, monk
     monkeypatch.setattr(RtnQuantizer, "quantize", quantize)
     monkeypatch.setattr(GraphBuilder, "stacked_initializer", stack)
     build(BuildOptions(model_name=str(checkpoints["qwen3_moe"]), output=tmp_path / "o",
-                       precision=Precision.INT4, extra=ExtraOptions.parse(["unpack_matmul=true"])))
+                       precision=Precision.INT4, extra=ExtraOptions.parse(
+                           ["unpack_matmul=true", "int4_algo_config=rtn"])))
     config = json.loads((checkpoints["qwen3_moe"] / "config.json").read_text())
     experts, sparse_layers = config["num_local_experts"], 3  # layer 2 is dense
     i, h = config["moe_intermediate_size"], config["hidden_size"]
