@@ -21,7 +21,7 @@ from builder.options import (
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import (check_options, compile_pipeline, genai_pipeline_config,
-                              resolve_splits, write_pipeline)
+                              part_room, resolve_splits, write_pipeline)
 from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
@@ -200,7 +200,8 @@ class PipelineFolder(DecoderFolder):
                 promoted, self.mixed = measure(
                     LayerStream(builder, *stream_args),
                     [sequence(p, [], prefill, pad, True, False) for p in ids],
-                    policy.quantizer(policy.bits), builder.packed, policy.bits, policy.budget)
+                    policy.quantizer(policy.bits), builder.packed, policy.bits, policy.budget,
+                    part_room(o, config, cls))
                 object.__setattr__(policy, "promoted", promoted)
         elif policy.budget is not None:
             noise = OutputNoise(builder, work, policy.quantizer(policy.bits))
@@ -215,7 +216,8 @@ class PipelineFolder(DecoderFolder):
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
             held_out_values.close()
             if noise is not None:
-                promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget)
+                promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget,
+                                              part_room(o, config, cls))
                 object.__setattr__(policy, "promoted", promoted)
         builder.policy = policy
         object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)

@@ -172,6 +172,26 @@ def resolve_splits(options: BuildOptions, config: DecoderConfig, cls) -> list[ra
     return ranges
 
 
+def part_room(options: BuildOptions, config: DecoderConfig, cls):
+    """``quant.mixed.choose``'s ``fits``: a layer's part takes extra bytes while its weights
+    stay under PART_WEIGHT_LIMIT (as built at the precision's bits: ``resolve_splits`` chose
+    the parts before the measurement)."""
+    x, layers = options.extra, config.num_hidden_layers
+    per_layer = [layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
+                                    x.int4_block_size, x.qnn_linear == "conv")
+                 for i in range(layers)]
+    ranges = layer_ranges(layers, int(x.qnn_num_splits))
+    part = {i: k for k, r in enumerate(ranges) for i in r}
+    room = [PART_WEIGHT_LIMIT - sum(per_layer[i] for i in r) for r in ranges]
+
+    def fits(layer: int, extra: int) -> bool:
+        if room[part[layer]] < extra:
+            return False
+        room[part[layer]] -= extra
+        return True
+    return fits
+
+
 @dataclass(frozen=True)
 class Stage:
     """One graph of the pipeline: its file, how it is built, and which calibrated ranges it

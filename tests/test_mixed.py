@@ -62,6 +62,9 @@ def test_choose_promotes_lowest_sqnr_first_within_the_budget():
     qkv = next(u for u in units if (u.layer, u.role) == (0, R.QKV))
     assert (qkv.signal, qkv.noise, qkv.weights) == (3000.0, 3.0, 300)
     assert choose(figures, 2, False, 4, 0.0)[1] == []
+    # a part's weight limit (the QNN pipeline's): layer 1's part is full, the next lowest fits
+    _, promoted, _ = choose(figures, 2, False, 4, 0.1, lambda layer, extra: layer != 1)
+    assert [(u.layer, u.role) for u in promoted] == [(0, R.O)]
 
 
 @pytest.mark.xdist_group("trained")

@@ -106,36 +106,46 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes [N, K] float32, scales [N, blocks], zero points [N, blocks]) of ``weight`` [N, K]
     rounded by GPTQ with ``hessian`` [K, K] (``K`` a multiple of ``block_size``; ``factor``:
-    ``inverse_factor(hessian)`` when already computed). float32 updates, as GPTQ's own."""
+    ``inverse_factor(hessian)`` when already computed). float32 updates, as GPTQ's own.
+
+    Held transposed ([K, N]: a column of the weight is a contiguous row), and lazy on two
+    levels: a column's error reaches the rest of its block at once, the block's errors the rest
+    of the batch in one product when the block is done, the batch's the later columns in one
+    product (every column is updated before it is rounded, as in the column-at-a-time form)."""
     w = np.array(weight, np.float32)
     n, k = w.shape
     if k % block_size:
         raise ValueError(f"GPTQ: {k} input features are not whole blocks of {block_size}")
     inverse, dead = factor if factor is not None else inverse_factor(hessian)
     w[:, dead] = 0.0
-    codes = np.empty((n, k), np.float32)
-    scales = np.empty((n, k // block_size), np.float32)
-    zeros = np.empty((n, k // block_size), np.float32)
+    wt = np.ascontiguousarray(w.T)
+    del w
+    codes = np.empty((k, n), np.float32)
+    scales = np.empty((k // block_size, n), np.float32)
+    zeros = np.empty((k // block_size, n), np.float32)
     batch = max(BATCH, block_size)
     for a in range(0, k, batch):
         b = min(a + batch, k)
-        part = w[:, a:b].copy()
-        errors = np.empty_like(part)
-        hinv = inverse[a:b, a:b]
-        for i in range(b - a):
-            col = a + i
-            if col % block_size == 0:
-                g = col // block_size
-                s, z = grid.params(part[:, i:i + block_size])
-                scales[:, g], zeros[:, g] = s, z
-            g = col // block_size
-            q = grid.codes(part[:, i], scales[:, g], zeros[:, g])
-            codes[:, col] = q
-            err = (part[:, i] - grid.value(q, scales[:, g], zeros[:, g])) / hinv[i, i]
-            part[:, i:] -= np.outer(err, hinv[i, i:])
-            errors[:, i] = err
-        w[:, b:] -= errors @ inverse[a:b, b:]
-    return codes, scales, zeros
+        errors = np.empty((b - a, n), np.float32)
+        for start in range(a, b, block_size):
+            end, g = start + block_size, start // block_size
+            s, z = grid.params(wt[start:end].T)  # the block as the earlier errors left it
+            scales[g], zeros[g] = s, z
+            hinv = inverse[start:end, start:end]
+            for i in range(block_size):
+                col = start + i
+                q = grid.codes(wt[col], s, z)
+                codes[col] = q
+                err = (wt[col] - grid.value(q, s, z)) / hinv[i, i]
+                if i + 1 < block_size:
+                    wt[col + 1:end] -= np.outer(hinv[i, i + 1:], err)
+                errors[col - a] = err
+            if end < b:
+                wt[end:b] -= inverse[start:end, end:b].T @ errors[start - a:end - a]
+        if b < k:
+            wt[b:] -= inverse[a:b, b:].T @ errors
+    return (np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T),
+            np.ascontiguousarray(zeros.T))
 
 
 def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int,

@@ -101,9 +101,11 @@ class OutputNoise:
         self.values, self.errors, self.sizes, self.sums = None, {}, {}, {}
 
 
-def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float
+def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float, fits=None
            ) -> tuple[list[Unit], list[Unit], int]:
-    """(every unit, lowest output SQNR first; those promoted; the budget in bytes)."""
+    """(every unit, lowest output SQNR first; those promoted; the budget in bytes).
+    ``fits(layer, extra bytes)``: whether (and then that) the layer's part takes them too (the
+    QNN pipeline's parts each stay under their weight limit)."""
     units = []
     for layer in range(layers):
         groups = ([(R.QKV, UNITS[R.QKV]), (R.O, (R.O,)), (R.GATE_UP, UNITS[R.GATE_UP]),
@@ -117,29 +119,30 @@ def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float
     promoted, spent = [], 0
     for u in units:
         extra = u.weights * (8 - bits) // 8
-        if spent + extra <= allowed:
+        if spent + extra <= allowed and (fits is None or fits(u.layer, extra)):
             promoted.append(u)
             spent += extra
     return units, promoted, allowed
 
 
-def measure(stream, sequences: list, quantizer, packed: bool, bits: int, budget: float
-            ) -> tuple[frozenset, dict]:
+def measure(stream, sequences: list, quantizer, packed: bool, bits: int, budget: float,
+            fits=None) -> tuple[frozenset, dict]:
     """The float layers over ``sequences`` (a ``LayerStream``'s, embedded here), then
     ``decide``."""
     noise = OutputNoise(stream.b, stream.work, quantizer)
     stream.embed(sequences)
     stream.run(sequences, desc="measuring", rounding=noise)
-    return decide(noise, packed, bits, budget)
+    return decide(noise, packed, bits, budget, fits)
 
 
-def decide(noise: OutputNoise, packed: bool, bits: int, budget: float) -> tuple[frozenset, dict]:
+def decide(noise: OutputNoise, packed: bool, bits: int, budget: float, fits=None
+           ) -> tuple[frozenset, dict]:
     """Every projection's output SQNR at ``bits`` as ``noise`` measured it, and the units
-    promoted within ``budget``: (``QuantPolicy.promoted``, the manifest's
-    ``mixed_precision``)."""
+    promoted within ``budget`` (and ``fits``: see ``choose``): (``QuantPolicy.promoted``, the
+    manifest's ``mixed_precision``)."""
     layers = noise.b.config.num_hidden_layers
     tokens = noise.tokens // max(1, layers)
-    units, promoted, allowed = choose(noise.figures, layers, packed, bits, budget)
+    units, promoted, allowed = choose(noise.figures, layers, packed, bits, budget, fits)
     chosen = {(u.layer, u.role) for u in promoted}
     spent = sum(u.weights * (8 - bits) // 8 for u in promoted)
     logger.info("mixed precision: output SQNR of %d projections at %d bits on %d calibration "

@@ -112,11 +112,11 @@ class GptqRounding:
             self.inputs = projection_inputs(self.b, self.work, layer, "gptq")
         for value in set(self.inputs.values()):
             x = token_rows(values[value], calls, sequences)
-            h = self.hessians.get(value)  # (float32, as GPTQ's own: thousands of tokens)
-            if h is None:
-                self.hessians[value] = 2 * (x.T @ x)
+            g = np.dot(x.T, x)  # (float32, as GPTQ's own: thousands of tokens; dot, not @:
+            if value in self.hessians:  # a product with its own transpose, half the work)
+                self.hessians[value] += g
             else:
-                h += 2 * (x.T @ x)
+                self.hessians[value] = g
         self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
@@ -130,7 +130,7 @@ class GptqRounding:
         for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
             if value != current:
                 current, h, factor = value, None, None
-                h = self.hessians.pop(value) / max(1, self.tokens)
+                h = self.hessians.pop(value) * np.float32(2 / max(1, self.tokens))  # 2 X^T X
                 factor = inverse_factor(h)
             stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
             rounded = self.round_weight(stacked, h, factor, bits)
