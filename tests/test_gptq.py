@@ -57,6 +57,18 @@ def test_gptq_matches_the_reference(bits, symmetric, qdq, block):
     assert np.abs(codes - expected).max() <= 1
 
 
+def test_blocked_cholesky_against_numpy():
+    """The factor GPTQ takes at real widths (above 512: by halves) is numpy's, to float32
+    error, on an odd size."""
+    from builder.quant.gptq import cholesky
+
+    x = np.random.default_rng(3).normal(size=(1500, 1101)).astype(np.float32)
+    h = np.dot(x.T, x) + np.eye(1101, dtype=np.float32)
+    got, want = cholesky(h), np.linalg.cholesky(h)
+    assert np.allclose(np.triu(got, 1), 0)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():
     """Without correlations nothing is spread: the codes, scales and layout of rtn, byte for
     byte (MatMulNBits; K not a whole number of blocks)."""

@@ -82,9 +82,26 @@ def inverse_factor(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h[np.diag_indices(len(h))] += DAMP * np.mean(np.diag(h))
     h /= np.mean(np.diag(h))  # (a scale GPTQ does not see: it uses the factor's ratios)
     # float32, as GPTQ's own: the damping bounds the condition number
-    lower = np.linalg.cholesky(h[::-1, ::-1].astype(np.float32))
+    lower = cholesky(np.ascontiguousarray(h[::-1, ::-1], np.float32))
     upper = np.ascontiguousarray(lower[::-1, ::-1])
     return triangular_inverse(upper), dead
+
+
+def cholesky(a: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor of a symmetric positive definite matrix, by halves:
+    L11 = chol(A11), L21 = A21 L11^-T, L22 = chol(A22 - L21 L21^T): matrix products, where
+    numpy's own factorization runs at a tenth of the machine's matmul speed at these sizes
+    (0.36 s for 3072 x 3072 on 2 cores)."""
+    n = len(a)
+    if n <= 512:
+        return np.linalg.cholesky(a)
+    m = n // 2
+    l11 = cholesky(a[:m, :m])
+    l21 = a[m:, :m] @ triangular_inverse(np.ascontiguousarray(l11.T))  # L11^-T is upper
+    out = np.zeros_like(a)
+    out[:m, :m], out[m:, :m] = l11, l21
+    out[m:, m:] = cholesky(a[m:, m:] - l21 @ l21.T)
+    return out
 
 
 def triangular_inverse(u: np.ndarray) -> np.ndarray:
