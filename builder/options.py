@@ -308,8 +308,8 @@ QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_
 
 
 CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
-DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "gptq_mixed", "rtn_mixed")  # (they read it)
-MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")
+MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")  # promoted to 8 bits by measurement
+DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", *MEASURED_MIXED)  # (they read the text)
 
 
 def not_applicable(name: str, precision: Precision, static_shapes: bool,

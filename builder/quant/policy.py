@@ -15,7 +15,7 @@ import numpy as np
 from dataclasses import dataclass, field
 
 from builder.errors import OptionError, did_you_mean
-from builder.options import ExtraOptions, Precision
+from builder.options import MEASURED_MIXED, ExtraOptions, Precision
 from builder.quant.base import Quantizer
 from builder.quant.qdq import QdqQuantizer, QdqWeight
 from builder.registry import Registry
@@ -23,8 +23,8 @@ from builder.roles import TensorRole as R
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed layers at 8 bits)
-    "default": ("k_quant", True, False),  # -p int4; int8: rtn (see DEFAULT)
+ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed layers at 8 bits);
+    # "default" is one of them, by DEFAULT
     "rtn": ("rtn", False, False),
     "rtn_last": ("rtn", True, False),
     "k_quant": ("k_quant", False, False),
@@ -39,7 +39,7 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
 # k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 rtn_mixed
 DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "rtn_mixed", "w8": "rtn"}
 DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq"}  # rounded in the layer
-MEASURED = ("rtn_mixed", "gptq_mixed")  # stream (quant.rounding); promoted by quant.mixed
+MEASURED = MEASURED_MIXED  # stream (quant.rounding); promoted by quant.mixed (options says which)
 STATIC_ALGORITHMS = ("default", "rtn", "gptq", "rtn_mixed", "gptq_mixed")  # -e qnn: lm_head is
 # int8 per channel there; *_mixed at w4a16 only
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
