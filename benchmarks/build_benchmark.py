@@ -179,6 +179,7 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
                      ["-p", "int4", "--extra_options", "algo_config=k_quant"]),
     # data-aware rounding (the anchor has none: ours only)
     "int4-gptq": (["-p", "int4", "--extra_options", "int4_algo_config=gptq"], None),
+    "int4-awq_last": (["-p", "int4", "--extra_options", "int4_algo_config=awq_last"], None),
     "int4-rtn_last": (["-p", "int4", "--extra_options", "int4_algo_config=rtn_last"],
                       ["-p", "int4", "--extra_options", "algo_config=rtn_last"]),
     "int4-k_quant_last": (["-p", "int4", "--extra_options", "int4_algo_config=k_quant_last"],
@@ -193,6 +194,8 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
                         None),
     "qnn-int4-shared-gptq": (["-p", "int4", "-e", "qnn", "--extra_options",
                               "shared_embeddings=true", "int4_algo_config=gptq"], None),
+    "qnn-int4-shared-awq": (["-p", "int4", "-e", "qnn", "--extra_options",
+                             "shared_embeddings=true", "int4_algo_config=awq"], None),
     "qnn-int4-shared-gptq_mixed": (["-p", "int4", "-e", "qnn", "--extra_options",
                                     "shared_embeddings=true", "int4_algo_config=gptq_mixed"],
                                    None),

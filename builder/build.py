@@ -27,10 +27,12 @@ from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate, prompts
+from builder.quant.awq import qdq_smoothing, smooth_layers, summary
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
 from builder.quant.rounding import qdq_rounding, round_layers
-from builder.quant.report import accuracy_report, evaluation_sequences, float_head
+from builder.quant.report import (accuracy_report, evaluation_sequences, float_head,
+                                  stream_report)
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
                                        summarize, tensor_figures, weight_figures)
 from builder.quant.stream import LayerStream, TensorStats, sequence
@@ -101,6 +103,7 @@ class DecoderFolder:
         self.report: dict | None = None  # quantized QNN builds: the accuracy report
         self.sensitivity: dict | None = None  # and where its error comes from
         self.mixed: dict | None = None  # *_mixed: the projections promoted, by measurement
+        self.awq: dict | None = None  # awq: the scales' figures
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -122,7 +125,11 @@ class DecoderFolder:
                     else not o.extra.unpack_matmul
                 self.mixed = promote(cls, config, o, weights, policy, self.plugins, source,
                                      work, packed)
-        if policy.data_aware:
+        if policy.data_aware == "awq":
+            with meter("round"):
+                self.awq = smooth_layers(cls, config, self.options, weights, policy,
+                                         self.plugins, source, work)
+        elif policy.data_aware:
             with meter("round"):
                 round_layers(cls, config, self.options, weights, policy, self.plugins, source,
                              work)
@@ -135,6 +142,10 @@ class DecoderFolder:
                 gb.close()
         if policy.rounded is not None:
             policy.rounded.log()
+        if policy.data_aware or policy.budget is not None:
+            with meter("report"):
+                self.report = stream_report(cls, config, self.options, weights, policy,
+                                            self.plugins, source, work / "report")
         if work.exists():
             shutil.rmtree(work)
 
@@ -208,8 +219,12 @@ class PipelineFolder(DecoderFolder):
         with meter("calibrate"):
             held_out = evaluation_sequences(source, context, prefill, pad)
             float_rows, held_out_values = StreamProbe(held_out, prefill), TensorStats()
-            rounding = qdq_rounding(builder, work, out / ".rounded", policy) \
-                if policy.data_aware else noise
+            if policy.data_aware == "awq":
+                rounding = qdq_smoothing(builder, work, policy)
+            elif policy.data_aware:
+                rounding = qdq_rounding(builder, work, out / ".rounded", policy)
+            else:
+                rounding = noise
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
@@ -219,6 +234,8 @@ class PipelineFolder(DecoderFolder):
                 promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget,
                                               part_room(o, config, cls))
                 object.__setattr__(policy, "promoted", promoted)
+        if policy.smoothing is not None:
+            self.awq = summary(policy.smoothing)
         builder.policy = policy
         object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)
         with meter("graph"):
@@ -345,7 +362,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
-                       folder.sensitivity, folder.mixed)
+                       folder.sensitivity, folder.mixed, folder.awq)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

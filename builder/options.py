@@ -92,12 +92,15 @@ class ExtraOptions:
         "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers (fixed "
         "positions, as onnxruntime-genai's builder); gptq: the layers' projections rounded by "
         "GPTQ on calibration prompts, layer by layer (others rtn); gptq_last: and lm_head at 8 "
-        "bits; rtn_mixed, gptq_mixed: lm_head at 8 bits and the projections whose output the "
-        "4-bit rounding hurts most, measured on the calibration prompts, at 8 bits within "
-        "quant_budget. On -e qnn: default, rtn, gptq, and (w4a16) rtn_mixed, gptq_mixed.",
+        "bits; awq: activation-aware scaling, per input channel of q/k/v, gate/up and down, "
+        "searched on the calibration prompts layer by layer and folded into the norms and up "
+        "(then rtn); awq_last: and lm_head at 8 bits; rtn_mixed, gptq_mixed: lm_head at 8 bits "
+        "and the projections whose output the 4-bit rounding hurts most, measured on the "
+        "calibration prompts, at 8 bits within quant_budget. On -e qnn: default, rtn, gptq, "
+        "awq, and (w4a16) rtn_mixed, gptq_mixed.",
         aliases=("algo_config",),
         choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed",
-                 "gptq", "gptq_last", "rtn_mixed", "gptq_mixed"))
+                 "gptq", "gptq_last", "awq", "awq_last", "rtn_mixed", "gptq_mixed"))
     quant_budget: float = _opt(
         0.1, "int4_algo_config=rtn_mixed or gptq_mixed: the extra bytes the 8-bit projections "
         "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
@@ -148,12 +151,13 @@ class ExtraOptions:
         "matmul", "-e qnn: layer projections as MatMul, or as 1x1 Conv over [1, in, 1, seq].",
         choices=("matmul", "conv"))
     qnn_calibration: str | None = _opt(
-        None, "-e qnn, quantized (w8a16, w4a16, w8a8), and int4_algo_config=gptq on any "
-        "target: a text file of calibration prompts, one per line (default: the prompts "
-        "shipped with builder).", aliases=("calibration",))
+        None, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
+        "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
+        "line (default: the prompts shipped with builder).", aliases=("calibration",))
     qnn_calibration_samples: int = _opt(
-        24, "-e qnn, quantized (w8a16, w4a16, w8a8), and int4_algo_config=gptq on any target: "
-        "how many calibration prompts to use.", aliases=("calibration_samples",))
+        24, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
+        "(gptq, awq, *_mixed) on any target: how many calibration prompts to use.",
+        aliases=("calibration_samples",))
     qnn_calibration_steps: int = _opt(
         16, "-e qnn, quantized (w8a16, w4a16, w8a8): each prompt is continued by this many "
         "tokens minus one of the text that follows it, one decode call each (the decode graph "
@@ -309,7 +313,8 @@ QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_
 
 CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
 MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")  # promoted to 8 bits by measurement
-DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", *MEASURED_MIXED)  # (they read the text)
+DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last",
+                         *MEASURED_MIXED)  # (they read the calibration text)
 
 
 def not_applicable(name: str, precision: Precision, static_shapes: bool,
@@ -320,8 +325,8 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         if precision in (Precision.INT4, Precision.INT8) and extra is not None \
                 and extra.int4_algo_config in DATA_AWARE_ALGORITHMS:
             return None
-        return ("applies to -e qnn and to int4_algo_config=gptq, gptq_last, rtn_mixed and "
-                "gptq_mixed (-p int4, int8) only")
+        return ("applies to -e qnn and to int4_algo_config=gptq, gptq_last, awq, awq_last, "
+                "rtn_mixed and gptq_mixed (-p int4, int8) only")
     if name == "quant_budget" and (extra is None
                                    or extra.int4_algo_config not in MEASURED_MIXED):
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"

@@ -175,7 +175,8 @@ def requirements(out: Path) -> dict[str, str]:
 
 def write_manifest(out: Path, options: BuildOptions, source: Source, weight_files: list[Path],
                    stages: list[dict], accuracy: dict | None = None,
-                   sensitivity: dict | None = None, mixed: dict | None = None) -> None:
+                   sensitivity: dict | None = None, mixed: dict | None = None,
+                   awq: dict | None = None) -> None:
     needs = requirements(out)
     manifest = {
         "options": options.to_json(),
@@ -191,6 +192,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
         **({"accuracy": accuracy} if accuracy is not None else {}),
         **({"sensitivity": sensitivity} if sensitivity is not None else {}),
         **({"mixed_precision": mixed} if mixed is not None else {}),
+        **({"awq": awq} if awq is not None else {}),
         "outputs": list_outputs(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

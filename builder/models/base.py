@@ -241,7 +241,9 @@ class DecoderBuilder:
 
     def quantize(self, role: R, layer: int | None, weight: np.ndarray,
                  node: str) -> np.ndarray | QuantizedWeight:
-        """The weight as the quantization policy wants it for the node that will read it."""
+        """The weight as the quantization policy wants it for the node that will read it (its
+        input columns scaled first where activation-aware scaling chose so: ``quant.awq``)."""
+        weight = self.policy.fold_projection(role, layer, weight, self)
         bits = self.policy.bits_for(role, layer, node)
         if bits is None:
             return weight
@@ -371,6 +373,7 @@ class DecoderBuilder:
         else an Add named ``add`` and the norm."""
         gb, eps = self.gb, self.config.rms_norm_eps
         w, weight_name = self.weight(role, layer), self.weight_name(role, layer)
+        w = self.policy.fold_norm(role, layer, w)  # (divided by activation-aware scales)
         if residual is not None and self.target.skip_norm:
             return skip_rms_norm(gb, name, x, residual, w, weight_name, eps)
         stream = x if residual is None else gb.node("Add", [residual, x], add)

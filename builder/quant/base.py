@@ -116,6 +116,18 @@ class Quantizer(abc.ABC):
         zero_points = None if self.symmetric else pack(zps, bits)
         return QuantizedWeight(data, scales, zero_points, bits, size, k)
 
+    def fake(self, weight: np.ndarray) -> np.ndarray:
+        """``quantize(weight).dequantize()`` without packing: float32 [N, K], the values the
+        stored weight stands for (a search that rounds many candidates, ``quant.awq``)."""
+        n, k = weight.shape
+        size = self.block_size
+        blocks = -(-k // size)
+        rows = np.zeros((n, blocks * size), np.float32)
+        rows[:, :k] = weight
+        q, s, z = self.quantize_blocks(np.ascontiguousarray(rows.reshape(-1, size).T))
+        values = (q.astype(np.float32) - z.astype(np.float32)) * s
+        return values.T.reshape(n, blocks * size)[:, :k]
+
     @abc.abstractmethod
     def quantize_blocks(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float32 [block_size, blocks] (zero padded past K) → (uint8 codes [block_size,

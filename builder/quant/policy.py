@@ -34,14 +34,17 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "gptq_last": ("rtn", True, False),
     "rtn_mixed": ("rtn", True, False),   # and the projections promoted by measurement
     "gptq_mixed": ("rtn", True, False),  # (quant.mixed)
+    "awq": ("rtn", False, False),
+    "awq_last": ("rtn", True, False),
 }
 # The defaults, by measured accuracy per byte (README, "Choosing the defaults"): -p int4 is
 # k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 rtn_mixed
 DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "rtn_mixed", "w8": "rtn"}
-DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq"}  # rounded in the layer
+DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq",  # rounded in the layer
+              "awq": "awq", "awq_last": "awq"}
 MEASURED = MEASURED_MIXED  # stream (quant.rounding); promoted by quant.mixed (options says which)
-STATIC_ALGORITHMS = ("default", "rtn", "gptq", "rtn_mixed", "gptq_mixed")  # -e qnn: lm_head is
-# int8 per channel there; *_mixed at w4a16 only
+STATIC_ALGORITHMS = ("default", "rtn", "gptq", "awq", "rtn_mixed", "gptq_mixed")  # -e qnn:
+# lm_head is int8 per channel there; *_mixed at w4a16 only
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
                 R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float
 MIXED_ROLES = {R.QKV, R.V, R.DOWN}  # (not the experts: 8-bit QMoE is inexact, see ops.moe)
@@ -74,9 +77,11 @@ class QuantPolicy:
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
     # {(layer, role)}: at 8 bits, chosen by measurement (quant.mixed; packed roles by their own)
     promoted: frozenset[tuple[int, R]] = frozenset()
-    data_aware: str | None = None  # gptq: the layers' projections rounded with calibration data
+    data_aware: str | None = None  # gptq, awq: the layers' projections rounded (scaled) with
+    # calibration data
     budget: float | None = None  # *_mixed: quant_budget, for the measurement to promote within
     rounded: object | None = field(default=None, compare=False, repr=False)  # RoundedWeights
+    smoothing: object | None = field(default=None, compare=False, repr=False)  # awq.Smoothing
     # {(layer, role): SQNR dB of the stored weight against the float one}, when measured
     weight_errors: dict | None = field(default=None, compare=False, repr=False)
     quantizers: Registry | None = field(default=None, compare=False, repr=False)
@@ -156,6 +161,18 @@ class QuantPolicy:
         if layer in self.mixed and role in MIXED_ROLES:
             return 8
         return self.bits
+
+    def fold_norm(self, role: R, layer: int | None, weight):
+        """A pre-projection norm's weight, divided by the scales activation-aware scaling chose
+        for the projections it feeds (``quant.awq``); as it is otherwise."""
+        return weight if self.smoothing is None else self.smoothing.norm(role, layer, weight)
+
+    def fold_projection(self, role: R, layer: int | None, weight, builder):
+        """A projection's weight with its input columns times those scales (up's rows divided
+        by down's); as it is otherwise."""
+        if self.smoothing is None:
+            return weight
+        return self.smoothing.projection(role, layer, weight, builder)
 
     def check_exclusions(self) -> None:
         """int4_nodes_to_exclude must name nodes of this graph (a typo would exclude nothing)."""

@@ -137,3 +137,9 @@ class QdqQuantizer:
     def quantize(self, weight: np.ndarray) -> QdqWeight:
         block = self.block_size if self.bits == 4 and not self.conv else None
         return quantize_weight(weight, self.bits, block, self.conv)
+
+    def fake(self, weight: np.ndarray) -> np.ndarray:
+        """The values the stored weight stands for, float32 [N, K] (see ``Quantizer.fake``)."""
+        from builder.quant.policy import dequantized
+
+        return dequantized(self.quantize(weight), weight.shape)

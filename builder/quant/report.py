@@ -232,3 +232,62 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
                           f"{m['perplexity']:.3f} ({100 * m['perplexity_change']:+.2f}%)"
                           for phase, m in phases.items()))
     return report
+
+
+def quantized_head(lm_head: Rows, policy, finish: Callable[[np.ndarray], np.ndarray] | None):
+    """A ``head`` for ``accuracy_report`` (cpu/cuda builds): lm_head's weight as the build
+    stores it (``policy``: its bits, rtn), dequantized, in fp32, then the final step, a slice of
+    VOCAB_ROWS of the vocabulary at a time (MatMulNBits blocks run along each row: a slice's
+    rows are rounded as in the whole table)."""
+    from builder.quant.policy import dequantized
+    from builder.roles import TensorRole as R
+
+    bits = policy.bits_for(R.LM_HEAD, None, "/lm_head/MatMul")
+
+    def table(start, stop):
+        w = np.asarray(lm_head[start:stop], np.float32)
+        if bits is None:
+            return w
+        return dequantized(policy.quantizer(bits).quantize(w), w.shape)
+
+    def head(picked: list):
+        hidden = np.stack([h[0, row] for _, h, row in picked])[None]
+        for start in range(0, lm_head.shape[0], VOCAB_ROWS):
+            rows = range(start, min(lm_head.shape[0], start + VOCAB_ROWS))
+            logits = float_logits(hidden, table(rows.start, rows.stop))[0]
+            yield rows, logits if finish is None else finish(logits)
+    return head
+
+
+def stream_report(cls, config, options, weights, policy, plugins, source: Path,
+                  work: Path) -> dict:
+    """The accuracy report of a cpu/cuda build whose weights were chosen with calibration data
+    (GPTQ, AWQ, mixed precision): the held-out prompts through the static pipeline's layers
+    (``rounding.static_stream``: the definition every target lowers) in float, then with the
+    layers' weights as the build stores them (MatMulNBits, as rounded or scaled), lm_head as
+    stored (``quantized_head``); the lookup is float in both."""
+    from builder.package import generation, token_ids
+    from builder.quant.rounding import static_stream
+    from builder.roles import TensorRole as R
+
+    builder, stream, _, _ = static_stream(cls, config, options, weights, plugins, source, work)
+    pad = token_ids(config, generation(source))[2]
+    held_out = evaluation_sequences(source, stream.context, stream.prefill, pad)
+    quantized = evaluation_sequences(source, stream.context, stream.prefill, pad)
+    stream.embed(held_out)
+    for f, q in zip(held_out, quantized):
+        q.hidden = list(f.hidden)
+    stream.run(held_out, desc="accuracy report (float)")
+    builder.policy = policy.only_layers(set(range(config.num_hidden_layers)))
+    stream.run(quantized, desc="accuracy report")
+    lm_head = weights.rows(cls.weight_names[R.EMBED if config.tie_word_embeddings
+                                            else R.LM_HEAD])
+    report = accuracy_report(quantized_head(lm_head, policy, stream.final_logits), held_out,
+                             quantized, stream.prefill, lm_head, f"int{policy.bits}",
+                             stream.final_logits)
+    report["against"] = ("the float model: the float layers of -e qnn's graphs (the same "
+                         "definition), lm_head in fp32 from the checkpoint and the "
+                         "architecture's final logits step; quantized: those layers with "
+                         "the build's weights, lm_head's as stored, dequantized")
+    work.rmdir()
+    return report
