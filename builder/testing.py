@@ -74,6 +74,21 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
     return DecodeRun(prefill, steps_out, np.concatenate(tokens, axis=1), mask)
 
 
+def held_out_kl(checkpoint: Path, reference: Path, model_dir: Path, prompts: int = 16) -> float:
+    """Mean KL of ``model_dir``'s next-token distributions from ``reference``'s at every position
+    of the held-out prompts (the first ``prompts`` of builder's evaluation prompts, 64 tokens at
+    most, tokenized with ``checkpoint``'s tokenizer), each prefilled alone."""
+    from builder.quant.calibration import tokenize
+    from builder.quant.report import EVALUATION_PROMPTS, compare
+
+    ids = tokenize(EVALUATION_PROMPTS, prompts, checkpoint, 64)
+
+    def logits(folder):
+        return np.concatenate([run_decoder(folder, np.array([p]), steps=0).prefill_logits[0]
+                               for p in ids])
+    return compare(logits(reference), logits(model_dir))["mean_kl"]
+
+
 def genai_greedy(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy generation through onnxruntime-genai; returns prompt + generated ids."""
     import onnxruntime_genai as og

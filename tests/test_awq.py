@@ -12,14 +12,12 @@ from builder import BuildOptions, ExtraOptions, build
 from builder.errors import ConfigError
 from builder.options import Precision
 from builder.quant.awq import Smoothing, search
-from builder.quant.calibration import tokenize
 from builder.quant.policy import QuantPolicy, dequantized
-from builder.quant.report import EVALUATION_PROMPTS, compare
 from builder.quant.kquant import KQuantQuantizer
 from builder.quant.qdq import QdqQuantizer
 from builder.quant.rtn import RtnQuantizer
 from builder.roles import TensorRole as R
-from builder.testing import run_decoder
+from builder.testing import held_out_kl, run_decoder
 from checkpoints import config_of, plant_outlier
 from qnn_helpers import only_graph_io_on_cpu, qnn_build
 
@@ -120,14 +118,6 @@ def test_folded_scales_leave_the_float_model_unchanged(arch, checkpoints, tmp_pa
                                                      norm_weight(plain).values()))
 
 
-def _held_out_kl(ck, ref_folder, folder):
-    prompts = tokenize(EVALUATION_PROMPTS, 16, ck, 64)
-
-    def logits(f):
-        return np.concatenate([run_decoder(f, np.array([p]), steps=0).prefill_logits[0]
-                               for p in prompts])
-    return compare(logits(ref_folder), logits(folder))["mean_kl"]
-
 
 @pytest.mark.xdist_group("trained")
 def test_awq_on_outlier_channels_cpu(trained, tmp_path):
@@ -141,7 +131,7 @@ def test_awq_on_outlier_channels_cpu(trained, tmp_path):
         model_name=str(ck), output=tmp_path / algo, precision=Precision.INT4,
         extra=ExtraOptions.parse([f"int4_algo_config={algo}"]))) for algo in ("rtn_last",
                                                                                "awq_last")}
-    kl = {algo: _held_out_kl(ck, fp32, f) for algo, f in folders.items()}
+    kl = {algo: held_out_kl(ck, fp32, f) for algo, f in folders.items()}
     print("planted qwen3 cpu int4 held-out KL:", kl)
     assert kl["awq_last"] <= 0.5 * kl["rtn_last"]
     size = {a: (f / "model.onnx.data").stat().st_size for a, f in folders.items()}

@@ -12,12 +12,10 @@ from safetensors.numpy import load_file
 from builder import BuildOptions, ExtraOptions, build
 from builder.options import Precision
 from builder.quant import RtnQuantizer
-from builder.quant.calibration import tokenize
 from builder.quant.mixed import choose
 from builder.quant.policy import weight_sqnr
-from builder.quant.report import EVALUATION_PROMPTS, compare
 from builder.roles import TensorRole as R
-from builder.testing import run_decoder
+from builder.testing import held_out_kl
 from checkpoints import plant_outlier
 from qnn_helpers import only_graph_io_on_cpu, qnn_build
 
@@ -35,14 +33,6 @@ def _nbits(folder):
     return {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node
             if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
 
-
-def _held_out_kl(ck, ref_folder, folder):
-    prompts = tokenize(EVALUATION_PROMPTS, 16, ck, 64)
-
-    def logits(f):
-        return np.concatenate([run_decoder(f, np.array([p]), steps=0).prefill_logits[0]
-                               for p in prompts])
-    return compare(logits(ref_folder), logits(folder))["mean_kl"]
 
 
 def test_choose_promotes_lowest_sqnr_first_within_the_budget():
@@ -140,7 +130,7 @@ def test_mixed_promotes_what_it_measures(trained, tmp_path):
 
     fp32 = build(BuildOptions(model_name=str(ck), output=tmp_path / "fp32"))
     last = _build(ck, tmp_path / "last", "int4_algo_config=rtn_last")
-    kl = {name: _held_out_kl(ck, fp32, f) for name, f in (("rtn_last", last), ("mixed", mixed))}
+    kl = {name: held_out_kl(ck, fp32, f) for name, f in (("rtn_last", last), ("mixed", mixed))}
     print("held-out KL:", kl)
     assert kl["mixed"] < 0.97 * kl["rtn_last"]
 
