@@ -289,6 +289,5 @@ def smooth_layers(cls, config, options, weights, policy, plugins, source: Path,
     stream.run(sequences, desc="AWQ", rounding=AwqRounding(builder, stream.work, smoothing,
                                                             layer_policy, reruns=False))
     (work / "stream").rmdir()
-    smoothing.folded.clear()  # (the stream's graphs folded them; the graph writer again)
     object.__setattr__(policy, "smoothing", smoothing)
     return summary(smoothing)
