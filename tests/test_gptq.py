@@ -58,15 +58,23 @@ def test_gptq_matches_the_reference(bits, symmetric, qdq, block):
 
 
 def test_blocked_cholesky_against_numpy():
-    """The factor GPTQ takes at real widths (above 512: by halves) is numpy's, to float32
-    error, on an odd size."""
-    from builder.quant.gptq import cholesky
+    """The factor GPTQ takes at real widths (above 512: by halves, in place) is numpy's, to
+    float32 error, on an odd size; so is its inverse, and the factor of H^-1 built from them."""
+    from builder.quant.gptq import cholesky, inverse_factor, invert_lower
 
     x = np.random.default_rng(3).normal(size=(1500, 1101)).astype(np.float32)
     h = np.dot(x.T, x) + np.eye(1101, dtype=np.float32)
-    got, want = cholesky(h), np.linalg.cholesky(h)
+    want = np.linalg.cholesky(h)
+    got = cholesky(h.copy())
     assert np.allclose(np.triu(got, 1), 0)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    inverse = invert_lower(got.copy())
+    assert np.abs(inverse @ want - np.eye(1101)).max() <= 1e-3
+    factor, dead = inverse_factor(h)  # upper, with factor^T factor = the damped, scaled H^-1
+    damped = h + np.float32(0.01 * np.mean(np.diag(h))) * np.eye(1101, dtype=np.float32)
+    damped /= np.mean(np.diag(damped))
+    assert not dead.any() and np.allclose(np.tril(factor, -1), 0)
+    assert np.abs(factor.T @ factor @ damped - np.eye(1101)).max() <= 1e-3
 
 
 def test_gptq_with_an_identity_hessian_is_round_to_nearest():

@@ -130,7 +130,8 @@ class GptqRounding:
         for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
             if value != current:
                 current, h, factor = value, None, None
-                h = self.hessians.pop(value) * np.float32(2 / max(1, self.tokens))  # 2 X^T X
+                h = self.hessians.pop(value)
+                h *= np.float32(2 / max(1, self.tokens))  # 2 X^T X, in place
                 factor = inverse_factor(h)
             stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
             rounded = self.round_weight(stacked, h, factor, bits)
