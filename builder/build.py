@@ -184,7 +184,7 @@ class PipelineFolder(DecoderFolder):
                               f"it applies on -e qnn to -p w4a16 only, not -p {o.precision}")
         return dataclasses.replace(QuantPolicy.static_qdq(
             4 if o.precision in FOUR_BIT else 8, o.extra.int4_block_size,
-            o.extra.qnn_linear == "conv"), data_aware=DATA_AWARE.get(algorithm),
+            o.extra.qnn_linear == "conv", o.extra.qnn_int4_format == "lpbq"), data_aware=DATA_AWARE.get(algorithm),
             budget=o.extra.quant_budget if algorithm in MEASURED else None)
 
     def write(self, out: Path, cls, config: DecoderConfig, weights: CheckpointReader,

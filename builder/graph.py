@@ -307,12 +307,24 @@ class GraphBuilder:
 
     def weight(self, name: str, weight: QdqWeight) -> str:
         """A projection's QDQ weight: codes, scales and zero points stored (referenced when
-        another graph of the folder stored them), and the DequantizeLinear that reads them."""
+        another graph of the folder stored them), and the DequantizeLinear that reads them.
+        LPBQ: the block scales are themselves a DequantizeLinear of the uint8 multipliers by
+        the per-channel scale (axis 1), the pattern the QNN EP fuses."""
         names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
+        lpbq = (f"{name}_scale_multipliers", f"{name}_channel_scale",
+                f"{name}_channel_zero_point")
         if names[0] in self.store.written:
-            for n in names:
+            stored = lpbq if lpbq[0] in self.store.written else names[1:2]
+            for n in (names[0], names[2], *stored):
                 self._initializer(n, None)
+            if stored is lpbq:
+                names = (names[0], self._dequantize(names[1], *lpbq, axis=1), names[2])
             return self._dequantize(name, *names, **self.store.dq_attrs[name])
+        if weight.lpbq:
+            self._initializer(lpbq[0], weight.multipliers)
+            self._initializer(lpbq[1], weight.channel_scales)
+            self._initializer(lpbq[2], np.zeros(weight.channel_scales.shape, np.uint8))
+            names = (names[0], self._dequantize(names[1], *lpbq, axis=1), names[2])
         if weight.bits == 4:
             self._initializer(names[0], pack_int4(weight.codes), TensorProto.INT4,
                               weight.codes.shape)
@@ -321,7 +333,8 @@ class GraphBuilder:
         else:
             self._initializer(names[0], weight.codes)
             self._initializer(names[2], np.zeros(weight.scales.shape, np.int8))
-        self._initializer(names[1], weight.scales)
+        if not weight.lpbq:
+            self._initializer(names[1], weight.scales)
         attrs = {"axis": weight.axis}
         if weight.block_size:
             attrs["block_size"] = weight.block_size

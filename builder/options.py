@@ -150,6 +150,10 @@ class ExtraOptions:
     qnn_linear: str = _opt(
         "matmul", "-e qnn: layer projections as MatMul, or as 1x1 Conv over [1, in, 1, seq].",
         choices=("matmul", "conv"))
+    qnn_int4_format: str = _opt(
+        "lpbq", "-e qnn -p w4a16: the form of int4 weight blocks on MatMul. lpbq: each block's "
+        "scale a multiplier 1..16 of a per-channel scale (the form the HTP runs as w4a16, "
+        "HTP v69+); float_block: a float scale per block.", choices=("lpbq", "float_block"))
     qnn_calibration: str | None = _opt(
         None, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
         "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
@@ -332,6 +336,12 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"
     if name.startswith("qnn_") and not static_shapes:
         return "applies to -e qnn only"
+    if name == "qnn_int4_format":
+        if precision not in FOUR_BIT:
+            return f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}"
+        if extra is not None and extra.qnn_linear == "conv":
+            return ("applies to MatMul projections only (qnn_linear=conv quantizes its int4 "
+                    "weights per channel)")
     if name in QNN_QUANTIZED and precision not in QDQ_PRECISIONS:
         return (f"applies to quantized -e qnn builds only (-p w8a16, w4a16, w8a8), not "
                 f"-p {precision}")

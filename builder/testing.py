@@ -132,6 +132,15 @@ class QnnRun:
     outputs: dict[str, np.ndarray]
     placed: dict[str, int]          # execution provider → number of (fused) nodes
     cpu_nodes: list[str]            # "OpType name" of every node left on CPU
+    log: str = ""                   # the session's verbose log (the QNN graph's tensors)
+
+    def weight_encodings(self) -> dict[str, str]:
+        """{static tensor name: its QNN quantization encoding}, as the EP logs the graph it
+        gives QNN (e.g. QNN_QUANTIZATION_ENCODING_BLOCKWISE_EXPANSION for an LPBQ weight)."""
+        import re
+
+        return dict(re.findall(r" name=(\S+) .*?type=QNN_TENSOR_TYPE_STATIC .*?"
+                               r"quantizationEncoding=(\w+)", self.log))
 
 
 def run_on_qnn(model: Path, feeds: dict[str, np.ndarray], options: dict | None = None,
@@ -151,7 +160,7 @@ def run_on_qnn(model: Path, feeds: dict[str, np.ndarray], options: dict | None =
         if r.returncode != 0:
             raise RuntimeError(f"QNN session failed ({r.returncode}):\n{r.stderr[-3000:]}")
         outputs = dict(np.load(out_path))
-    return QnnRun(outputs, *_placements(r.stderr))
+    return QnnRun(outputs, *_placements(r.stderr), r.stderr)
 
 
 def _placements(log: str) -> tuple[dict[str, int], list[str]]:

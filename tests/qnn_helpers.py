@@ -129,7 +129,8 @@ def one_data_file_without_dead_bytes(folder):
 def only_graph_io_on_cpu(folder):
     """Every node of each part's prefill and decode graphs on QNN, in one partition, but the
     graph-I/O Quantize/Dequantize: one pair per float input and output (the hidden stream in
-    and out, each of the part's layers' KV buffers in and out)."""
+    and out, each of the part's layers' KV buffers in and out). Returns each graph's QnnRun."""
+    runs = {}
     for spec in pipeline(folder):
         if "past_seq_len" not in spec["inputs"]:
             continue
@@ -140,3 +141,5 @@ def only_graph_io_on_cpu(folder):
         assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
         float_io = len(spec["inputs"]) - 2 + len(spec["outputs"])  # but the two lengths
         assert len(run.cpu_nodes) == float_io, (graph, run.cpu_nodes)
+        runs[graph] = run
+    return runs

@@ -548,6 +548,38 @@ def test_w4a16_placement_and_accuracy(arch, linear, lengths, trained, tmp_path):
     assert min(_cosines(on_qnn.step_logits, on_cpu.step_logits)) >= 0.99
 
 
+@pytest.mark.parametrize("form", ["lpbq", "float_block"])
+def test_w4a16_weights_reach_the_htp_as_lpbq(form, checkpoints, tmp_path):
+    """At the defaults (P 64, C 512, rtn_mixed) every int4 projection weight of the prefill and
+    decode graphs reaches QNN with the HTP's block-wise expansion encoding (LPBQ), as the EP
+    logs the graph it compiles, and every graph runs whole on the HTP; with
+    qnn_int4_format=float_block none does (the float-block path). The promoted int8 weights
+    are per-channel either way."""
+    import onnx
+
+    extra = [] if form == "lpbq" else ["qnn_int4_format=float_block"]
+    folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w4a16", *extra, lengths="default")
+    runs = only_graph_io_on_cpu(folder)
+    assert len(runs) == 2
+    for graph, run in runs.items():
+        m = onnx.load(str(folder / graph), load_external_data=False)
+        codes = {i.name: i.data_type for i in m.graph.initializer if i.name.endswith(
+            "_proj.weight_quantized")}
+        assert len(codes) == 7 * 3  # every projection of every layer
+        int4 = [n for n, t in codes.items() if t == onnx.TensorProto.INT4]
+        assert 0 < len(int4) < len(codes)  # (rtn_mixed promoted some to int8)
+        encodings = run.weight_encodings()
+        for name in int4:
+            lpbq = encodings.get(name) == "QNN_QUANTIZATION_ENCODING_BLOCKWISE_EXPANSION"
+            assert lpbq == (form == "lpbq"), (graph, name, encodings.get(name))
+        for name in set(codes) - set(int4):  # (the EP transposes per-channel int8 weights)
+            assert encodings[f"{name}_transpose"] == \
+                "QNN_QUANTIZATION_ENCODING_AXIS_SCALE_OFFSET", name
+        print(f"{form} {graph}: {len(int4)} int4 weights as "
+              f"{sorted({encodings.get(n) for n in int4}, key=str)}, {len(codes) - len(int4)} "
+              "int8")
+
+
 @pytest.mark.parametrize("lengths", ["default"])
 def test_w8a8_builds_and_runs_on_qnn(lengths, checkpoints, built, tmp_path):
     folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a8", lengths=lengths)

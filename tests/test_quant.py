@@ -289,3 +289,60 @@ def test_qdq_weights_identical_to_onnxruntime(shape, bits, block, conv):
     assert stored.tobytes() == expected
     np.testing.assert_allclose(ours.dequantize().reshape(layout.shape), layout,
                                atol=float(scale.max()) / 2 + 1e-7)
+
+
+def test_lpbq_weights():
+    """LPBQ int4 blocks (the -e qnn w4a16 default): each block's scale is a multiplier 1..16
+    of its channel's scale (the largest float block scale / 16); the multipliers leave within 1%
+    of the least squared error any of the 16 could (checked exhaustively), and never more than
+    rounding the float block scale to a multiplier would; and onnxruntime's CPU EP reads the
+    stored pattern (uint8 multipliers x channel scale → the int4 block DequantizeLinear) as the
+    values the builder holds."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from builder.quant.qdq import pack_int4, quantize_weight
+
+    n, k, block = 96, 256, 32
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.1, 2, (n, 1))).astype(np.float32)
+    w[:, 40] *= 6  # an outlier input channel
+    w[3] = 0.0     # an all-zero channel
+    w[5, :block] = 0.0  # an all-zero block
+    q = quantize_weight(w, 4, block, lpbq=True)
+    m = q.multipliers
+    assert m.shape == (k // block, n) and m.min() >= 1 and m.max() <= 16
+    np.testing.assert_array_equal(m.astype(np.float32) * q.channel_scales, q.scales)
+    blocks = w.T.reshape(k // block, block, n)
+    top = np.abs(blocks).max(axis=(0, 1)) / np.float32(7.5 * 16)
+    np.testing.assert_allclose(q.channel_scales, np.where(top > 0, top, 1), rtol=1e-6)
+    codes = q.codes.reshape(blocks.shape).astype(np.float32)
+    ours = np.square(blocks - codes * q.scales[:, None]).sum(axis=1)
+    every = np.array([np.square(blocks - np.clip(np.rint(blocks / (c * q.channel_scales)), -8, 7)
+                                * (c * q.channel_scales)).sum(axis=1) for c in range(1, 17)])
+    naive = np.clip(np.rint(np.abs(blocks).max(axis=1) / 7.5 / q.channel_scales), 1, 16)
+    naive_error = np.take_along_axis(every, naive.astype(int)[None] - 1, 0)[0]
+    print(f"LPBQ block error: ours / exhaustive best {ours.sum() / every.min(0).sum():.4f}, "
+          f"/ rounded multipliers {ours.sum() / naive_error.sum():.4f}")
+    assert ours.sum() <= 1.01 * every.min(axis=0).sum()
+    assert (ours <= naive_error * (1 + 1e-6)).all()
+    floats = quantize_weight(w, 4, block)
+    float_error = np.square(floats.dequantize() - w.T).sum()
+    assert np.square(q.dequantize() - w.T).sum() <= 1.05 * float_error
+
+    graph = helper.make_graph([
+        helper.make_node("DequantizeLinear", ["m", "pc", "mz"], ["scale"], axis=1),
+        helper.make_node("DequantizeLinear", ["codes", "scale", "cz"], ["w"], axis=0,
+                         block_size=block)], "lpbq", [],
+        [helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [k, n])],
+        [numpy_helper.from_array(m, "m"), numpy_helper.from_array(q.channel_scales, "pc"),
+         numpy_helper.from_array(np.zeros(n, np.uint8), "mz"),
+         helper.make_tensor("codes", onnx.TensorProto.INT4, [k, n],
+                            pack_int4(q.codes).tobytes(), raw=True),
+         helper.make_tensor("cz", onnx.TensorProto.INT4, [k // block, n],
+                            pack_int4(np.zeros((k // block, n), np.int8)).tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    got = ort.InferenceSession(model.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(got, q.dequantize())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from builder.quant.base import QuantizedWeight, pack, round_half_away
-from builder.quant.qdq import SIGNED, QdqWeight
+from builder.quant.qdq import SIGNED, QdqWeight, lpbq_block_scales, lpbq_channel_scales
 
 BATCH = 128        # columns per lazy update (a multiple of every block size up to 128)
 DAMP = 0.01        # of the Hessian's mean diagonal, added to its diagonal
@@ -30,14 +30,18 @@ DAMP = 0.01        # of the Hessian's mean diagonal, added to its diagonal
 class Grid:
     """A block's scale (and zero point) from its values, and the codes of a column."""
 
-    def __init__(self, bits: int, symmetric: bool, qdq: bool) -> None:
+    def __init__(self, bits: int, symmetric: bool, qdq: bool,
+                 channel: np.ndarray | None = None) -> None:
         self.bits, self.symmetric, self.qdq = bits, symmetric, qdq
+        self.channel = channel  # LPBQ: the per-channel scale [N] block scales are multiples of
         if qdq and not symmetric:
             raise ValueError("QDQ weights are symmetric")
 
     def params(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero point) per row of ``block`` [N, columns], float32."""
         f32, b = np.float32, self.bits
+        if self.channel is not None:  # quant.qdq's LPBQ multiplier, on the block as it stands
+            return lpbq_block_scales(block.T[None], self.channel, b)[0], np.zeros(len(block), f32)
         if self.qdq:  # quant.qdq: scale = 2 absmax / (qmax - qmin), zero point 0
             qmin, qmax, _ = SIGNED[b]
             absmax = np.abs(block).max(axis=1)
@@ -218,19 +222,26 @@ def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_
 
 
 def gptq_qdq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None,
-             conv: bool, factor=None) -> QdqWeight:
+             conv: bool, factor=None, lpbq: bool = False) -> QdqWeight:
     """A [N, K] weight rounded by GPTQ as the static graphs' QDQ weight: symmetric, block-wise
-    along K on MatMul (``block_size``), per output channel otherwise (``None``)."""
+    along K on MatMul (``block_size``; ``lpbq``: as LPBQ, the per-channel scale from the
+    weight as given, each block's multiplier when GPTQ reaches it), per output channel
+    otherwise (``None``)."""
     n, k = weight.shape
     block = block_size or k
-    codes, scales, _ = gptq(weight, hessian, Grid(bits, True, qdq=True), block, factor)
+    channel = None
+    if lpbq and block_size and not conv:
+        channel = lpbq_channel_scales(np.asarray(weight, np.float32).T.reshape(
+            k // block, block, n), bits)
+    codes, scales, _ = gptq(weight, hessian, Grid(bits, True, qdq=True, channel=channel), block,
+                            factor)
     codes = codes.astype(np.int8)
     if conv:
         return QdqWeight.of(codes.reshape(n, k, 1, 1), scales[:, 0], bits, None, conv=True)
     if not block_size:
         return QdqWeight.of(np.ascontiguousarray(codes.T), scales[:, 0], bits, None)
     return QdqWeight.of(np.ascontiguousarray(codes.T), np.ascontiguousarray(scales.T), bits,
-                        block_size)
+                        block_size, channel_scales=channel)
 
 
 def hessian_of(x: np.ndarray) -> np.ndarray:

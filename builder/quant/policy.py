@@ -74,6 +74,7 @@ class QuantPolicy:
     quantize_embedding: bool = False
     quantize_matmul: bool = True
     qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
+    lpbq: bool = False  # static QDQ graphs: int4 blocks on MatMul as LPBQ (qnn_int4_format)
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
     # {(layer, role)}: at 8 bits, chosen by measurement (quant.mixed; packed roles by their own)
     promoted: frozenset[tuple[int, R]] = frozenset()
@@ -130,12 +131,13 @@ class QuantPolicy:
         return policy
 
     @classmethod
-    def static_qdq(cls, bits: int, block_size: int, conv: bool) -> QuantPolicy:
+    def static_qdq(cls, bits: int, block_size: int, conv: bool, lpbq: bool = False
+                   ) -> QuantPolicy:
         """Static (QNN) QDQ graphs: every layer projection at ``bits``, symmetric, int4
-        block-wise on MatMul and per channel on 1x1 Conv; embeddings and lm_head are the static
-        lowering's (int8 per channel)."""
+        block-wise on MatMul (``lpbq``: as LPBQ) and per channel on 1x1 Conv; embeddings and
+        lm_head are the static lowering's (int8 per channel)."""
         return cls(bits=bits, algorithm="qdq", block_size=block_size, lm_head_bits=None,
-                   qdq_conv=conv)
+                   qdq_conv=conv, lpbq=lpbq and not conv)
 
     def only_layers(self, layers: set[int]) -> QuantPolicy:
         """This policy for the weights of ``layers`` only (the sensitivity analysis)."""
@@ -194,7 +196,7 @@ class QuantPolicy:
 
     def quantizer(self, bits: int) -> Quantizer:
         if self.qdq_conv is not None:
-            return QdqQuantizer(bits, self.block_size, self.qdq_conv)
+            return QdqQuantizer(bits, self.block_size, self.qdq_conv, self.lpbq)
         cls = self.quantizers.get(self.algorithm)
         return cls(bits, self.block_size, self.symmetric)
 

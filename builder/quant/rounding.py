@@ -50,8 +50,9 @@ class RoundedWeights:
 
     def save(self, role: R, layer: int, w: QuantizedWeight | QdqWeight) -> None:
         if isinstance(w, QdqWeight):
+            lpbq = {} if w.channel_scales is None else {"channel_scales": w.channel_scales}
             np.savez(self.path(role, layer), codes=w.codes, scales=w.scales,
-                     meta=np.array([w.bits, w.block_size or 0, w.conv]))
+                     meta=np.array([w.bits, w.block_size or 0, w.conv]), **lpbq)
             return
         extra = {} if w.zero_points is None else {"zero_points": w.zero_points}
         np.savez(self.path(role, layer), data=w.data, scales=w.scales,
@@ -68,7 +69,8 @@ class RoundedWeights:
         with np.load(path) as f:
             if "codes" in f:
                 bits, block, conv = (int(v) for v in f["meta"])
-                return QdqWeight.of(f["codes"], f["scales"], bits, block or None, bool(conv))
+                return QdqWeight.of(f["codes"], f["scales"], bits, block or None, bool(conv),
+                                    f["channel_scales"] if "channel_scales" in f else None)
             bits, block, k = (int(v) for v in f["meta"])
             zp = f["zero_points"] if "zero_points" in f else None
             return QuantizedWeight(f["data"], f["scales"], zp, bits, block, k)
@@ -192,10 +194,13 @@ def split_rows(w: QuantizedWeight | QdqWeight, sizes: list[int]) -> list:
         if w.conv:  # codes [N, K, 1, 1], scales [N]
             return [QdqWeight.of(c, s, w.bits, None, conv=True) for c, s in
                     zip(np.split(w.codes, cuts), np.split(w.scales, cuts))]
-        axis = w.scales.ndim - 1  # codes [K, N]; scales [blocks, N] or [N]
+        axis = w.scales.ndim - 1  # codes [K, N]; scales [blocks, N] or [N]; LPBQ's [N]
+        channels = [None] * len(sizes) if w.channel_scales is None else np.split(
+            w.channel_scales, cuts)
         return [QdqWeight.of(np.ascontiguousarray(c), np.ascontiguousarray(s), w.bits,
-                             w.block_size) for c, s in
-                zip(np.split(w.codes, cuts, axis=1), np.split(w.scales, cuts, axis=axis))]
+                             w.block_size, channel_scales=p) for c, s, p in
+                zip(np.split(w.codes, cuts, axis=1), np.split(w.scales, cuts, axis=axis),
+                    channels)]
     zps = [None] * len(sizes) if w.zero_points is None else np.split(w.zero_points, cuts)
     return [QuantizedWeight(d, s, z, w.bits, w.block_size, w.k) for d, s, z in
             zip(np.split(w.data, cuts), np.split(w.scales, cuts), zps)]
@@ -229,7 +234,7 @@ def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
                 "calibrated", f"blocks of {block(policy.bits)}" if block(policy.bits)
                 else "per-channel", policy.bits)
     return GptqRounding(builder, work, rounded, lambda w, h, f, bits: gptq_qdq(
-        w, h, bits, block(bits), bool(policy.qdq_conv), f), policy)
+        w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq), policy)
 
 
 def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
