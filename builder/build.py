@@ -94,6 +94,24 @@ def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
         **config.extra, "checkpoint_num_hidden_layers": config.num_hidden_layers})
 
 
+
+def check_blocks(config: DecoderConfig, block: int) -> None:
+    """int4 blocks on MatMul must tile every projection's input: the HTP computes a block cut
+    short at the end of a row wrongly (measured on the simulator: a Phi-3 whose MLP has 160
+    inputs, blocks of 64, logit cosine 0.04 against the CPU EP's 0.998, LPBQ or float blocks
+    alike), so such a build is refused, not written."""
+    inputs = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+              "num_attention_heads x head_dim": config.num_attention_heads * config.head_dim}
+    bad = {name: k for name, k in inputs.items() if k % block}
+    if bad:
+        fits = [b for b in (256, 128, 64, 32, 16) if all(k % b == 0 for k in inputs.values())]
+        raise OptionError(
+            f"int4_block_size={block} does not divide the projections' input sizes on -e qnn "
+            f"({', '.join(f'{n} {k}' for n, k in bad.items())}): the HTP computes a block cut "
+            "short at the end of a row wrongly; " + (
+                f"choose int4_block_size={fits[0]}" if fits else
+                "no block size divides them: use qnn_linear=conv (int4 per channel) or -p w8a16"))
+
 class DecoderFolder:
     """cpu, cuda: one decoder graph, ``<filename>`` + ``<filename>.data``, described by an
     onnxruntime-genai "decoder" genai_config.json."""
@@ -182,6 +200,8 @@ class PipelineFolder(DecoderFolder):
         if algorithm in MEASURED and o.precision not in FOUR_BIT:
             raise OptionError(f"int4_algo_config={algorithm} promotes 4-bit weights to 8 bits: "
                               f"it applies on -e qnn to -p w4a16 only, not -p {o.precision}")
+        if o.precision in FOUR_BIT and o.extra.qnn_linear == "matmul":
+            check_blocks(config, o.extra.int4_block_size)
         return dataclasses.replace(QuantPolicy.static_qdq(
             4 if o.precision in FOUR_BIT else 8, o.extra.int4_block_size,
             o.extra.qnn_linear == "conv", o.extra.qnn_int4_format == "lpbq"), data_aware=DATA_AWARE.get(algorithm),
