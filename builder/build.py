@@ -13,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from builder.config import DecoderConfig
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
-from builder.graph import Calibrated, GraphBuilder
+from builder.graph import Calibrated, GraphBuilder, tie_kv_ranges
 from builder.metrics import StageMeter
 from builder.options import (
     FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
@@ -95,6 +95,15 @@ def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
 
 
 
+
+def kv_cache_figures(config: DecoderConfig, context: int, bits: int) -> dict:
+    """The KV cache a static folder's runtime allocates: its element type, and bytes per token
+    and at the context length (every layer's K and V buffer, batch 1)."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
+        * bits // 8
+    return {"dtype": "uint8" if bits == 8 else "float16", "bytes_per_token": per_token,
+            "context_length": context, "bytes": per_token * context}
+
 def check_blocks(config: DecoderConfig, block: int) -> None:
     """int4 blocks on MatMul must tile every projection's input: the HTP computes a block cut
     short at the end of a row wrongly (measured on the simulator: a Phi-3 whose MLP has 160
@@ -122,6 +131,7 @@ class DecoderFolder:
         self.sensitivity: dict | None = None  # and where its error comes from
         self.mixed: dict | None = None  # *_mixed: the projections promoted, by measurement
         self.awq: dict | None = None  # awq: the scales' figures
+        self.kv: dict | None = None  # static targets: the KV cache's type and bytes
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -215,6 +225,8 @@ class PipelineFolder(DecoderFolder):
         o = self.options
         builder = cls(config, o, self.target, weights, None, QuantPolicy())
         check_lowered(builder, self.target.name)
+        self.kv = kv_cache_figures(config, o.extra.qnn_context_length,
+                                   self.kv_bits() if o.precision in QDQ_PRECISIONS else 16)
         if o.precision not in QDQ_PRECISIONS:
             with meter("graph"):
                 write_pipeline(out, builder, float_type)
@@ -248,7 +260,10 @@ class PipelineFolder(DecoderFolder):
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
-            activations = Calibrated(bits, calibration.ranges, self.headroom(bits))
+            if o.extra.qnn_kv_bits == 8:
+                tie_kv_ranges(calibration.ranges)
+            activations = Calibrated(bits, calibration.ranges, self.headroom(bits),
+                                     o.extra.qnn_kv_bits)
             held_out_values.close()
             if noise is not None:
                 promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget,
@@ -304,6 +319,19 @@ class PipelineFolder(DecoderFolder):
                     "(qnn_calibration_headroom)%s", headroom, "; Softmax, Sigmoid and Tanh over "
                     "their whole range" if bits == 16 else "")
         return headroom
+
+    def kv_bits(self) -> int:
+        """qnn_kv_bits, resolved (8 at w4a16, where it measured the same as 16 bits on the
+        trained checkpoints; 16 at w8a16 and w8a8, where 8 bits raised the report's prefill KL
+        1.4-3x: README), logged and written back into the options for the manifest."""
+        o = self.options
+        bits = o.extra.qnn_kv_bits
+        if bits is None:
+            bits = 8 if o.precision in FOUR_BIT else 16
+            object.__setattr__(o, "extra", dataclasses.replace(o.extra, qnn_kv_bits=bits))
+        logger.info("KV cache: %s", "uint8 buffers, each layer's K and V over one range shared "
+                    "by past and present" if bits == 8 else "float16 buffers")
+        return bits
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_pipeline_config(config, self.options, self.target, source)
@@ -382,7 +410,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
-                       folder.sensitivity, folder.mixed, folder.awq)
+                       folder.sensitivity, folder.mixed, folder.awq, folder.kv)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

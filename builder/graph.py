@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.errors import WeightError
-from builder.quant.qdq import QdqWeight, activation_params, pack_int4
+from builder.quant.qdq import QdqWeight, activation_params, kv_params, pack_int4
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Qdq:
     bits: int
     ranges: dict[str, tuple[float, float]]
     headroom: float = 1.0
+    kv_bits: int = 16  # 8: the KV buffers are uint8 graph inputs and outputs (see Calibrated)
 
     def range(self, value: str, op_type: str | None) -> tuple[float, float]:
         """The range ``value`` (computed by an ``op_type`` node; None: a graph input) is
@@ -112,9 +114,46 @@ class Calibrated:
     bits: int
     ranges: dict[str, dict[str, tuple[float, float]]]
     headroom: float = 1.0
+    kv_bits: int = 16  # 8: each layer's K and V buffers are uint8 graph inputs and outputs,
+    # past and present (of every graph kind) over one range: the runtime hands a present's
+    # bytes to the next call as its past, so they must mean the same values (tie_kv_ranges)
 
     def graph(self, kind: str) -> Qdq:
-        return Qdq(self.bits, self.ranges[kind], self.headroom)
+        return Qdq(self.bits, self.ranges[kind], self.headroom, self.kv_bits)
+
+
+KV_BUFFER = re.compile(r"^(?:past|present)_(key|value)_(\d+)$")
+KV_CHAIN = re.compile(r"/layers\.(\d+)/(?:.*/)?([kv])_cache/")
+
+
+def kv_group(name: str) -> tuple[int, str] | None:
+    """(layer, "k" or "v") of a KV buffer (past_key_3, present_value_0) or a value of its
+    update chain in a transformer graph (the ``k_cache`` / ``v_cache`` scope of write_kv); None
+    for any other tensor."""
+    m = KV_BUFFER.match(name)
+    if m:
+        return int(m.group(2)), m.group(1)[0]
+    m = KV_CHAIN.search(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def tie_kv_ranges(ranges: dict[str, dict[str, tuple]]) -> None:
+    """Each layer's K (and V) buffer and every value of its update chain, in every graph kind,
+    over the union of their calibrated ranges: a row the graph leaves as it is then keeps its
+    uint8 code from past to present (each 16-bit step inside is 1/257 of the 8-bit one), and the
+    prefill graph's present is the decode graph's past byte for byte."""
+    union: dict[tuple[int, str], tuple[float, float]] = {}
+    for tensors in ranges.values():
+        for name, r in tensors.items():
+            group = kv_group(name)
+            if group is not None:
+                lo, hi = union.get(group, (r[0], r[1]))
+                union[group] = (min(lo, r[0]), max(hi, r[1]))
+    for tensors in ranges.values():
+        for name, r in tensors.items():
+            group = kv_group(name)
+            if group is not None:
+                tensors[name] = (*union[group], *r[2:])
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -482,13 +521,40 @@ class GraphBuilder:
             if producer is not None and producer.op_type in SAME_AS_INPUT \
                     and producer.input[0] in params:  # moves values: its input's parameters
                 params[t] = params[producer.input[0]]
+            elif kv8 and kv_group(t) is not None:  # the 8-bit KV buffer's grid (kv_params)
+                params[t] = kv_params(*self.qdq.range(t, None), bits,
+                                      helper.tensor_dtype_to_np_dtype(types[t]))
             else:
                 op = None if producer is None else producer.op_type
                 params[t] = activation_params(*self.qdq.range(t, op), bits,
                                               helper.tensor_dtype_to_np_dtype(types[t]))
 
+        kv8 = set()  # uint8 KV buffers: the graph takes and gives their codes
+        if self.qdq.kv_bits == 8:
+            kv8 = {v.name for v in (*self._inputs, *self._outputs) if KV_BUFFER.match(v.name)}
+
+        def dequantize_only(t):  # a uint8 KV input: its DequantizeLinear reads the codes
+            scale, zero = params[t] = kv_params(*self.qdq.range(t, None), 8,
+                                                helper.tensor_dtype_to_np_dtype(types[t]))
+            s, z = f"{t}_scale", f"{t}_zero_point"
+            self._initializers += [numpy_helper.from_array(scale, s),
+                                   numpy_helper.from_array(zero, z)]
+            return [helper.make_node("DequantizeLinear", [t, s, z], [renamed[t]], name=f"{t}/DQ")]
+
+        def quantize_only(t, src):  # a uint8 KV output: its QuantizeLinear writes the codes
+            scale, zero = kv_params(*self.qdq.range(t, None), 8,
+                                    helper.tensor_dtype_to_np_dtype(types[t]))
+            s, z = f"{t}_scale", f"{t}_zero_point"
+            self._initializers += [numpy_helper.from_array(scale, s),
+                                   numpy_helper.from_array(zero, z)]
+            return [helper.make_node("QuantizeLinear", [src, s, z], [t], name=f"{t}/Q")]
+
         for value in self._inputs:
-            if value.name in types:
+            if value.name in kv8:
+                renamed[value.name] = f"{value.name}_DequantizeLinear_Output"
+                nodes += dequantize_only(value.name)
+                value.type.tensor_type.elem_type = TensorProto.UINT8
+            elif value.name in types:
                 quantize(value.name)
                 renamed[value.name] = f"{value.name}_DequantizeLinear_Output"
                 nodes += pair(value.name, value.name, renamed[value.name])
@@ -501,12 +567,18 @@ class GraphBuilder:
             for k, out in enumerate(node.output):
                 if out not in types:
                     continue
-                if out in outputs:  # the pair writes the graph output
+                if out in kv8:
+                    node.output[k] = f"{out}_QuantizeLinear_Input"
+                    nodes += quantize_only(out, node.output[k])
+                elif out in outputs:  # the pair writes the graph output
                     node.output[k] = f"{out}_QuantizeLinear_Input"
                     nodes += pair(out, node.output[k], out)
                 else:
                     renamed[out] = f"{out}_DequantizeLinear_Output"
                     nodes += pair(out, out, renamed[out])
+        for value in self._outputs:
+            if value.name in kv8:
+                value.type.tensor_type.elem_type = TensorProto.UINT8
         self._nodes = nodes
 
     # -- output --------------------------------------------------------------------------

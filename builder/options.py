@@ -154,6 +154,11 @@ class ExtraOptions:
         "lpbq", "-e qnn -p w4a16: the form of int4 weight blocks on MatMul. lpbq: each block's "
         "scale a multiplier 1..16 of a per-channel scale (the form the HTP runs as w4a16, "
         "HTP v69+); float_block: a float scale per block.", choices=("lpbq", "float_block"))
+    qnn_kv_bits: int | None = _opt(
+        None, "-e qnn, quantized (w8a16, w4a16, w8a8): the KV cache's bits. 16: float16 "
+        "buffers (quantized to 16 bits inside the graphs); 8: uint8 buffers, each layer's K and "
+        "V over one calibrated range shared by past and present (half the KV memory). Default: "
+        "8 at w4a16, 16 at w8a16 and w8a8.", choices=(16, 8))
     qnn_calibration: str | None = _opt(
         None, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
         "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
@@ -311,7 +316,8 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
     return value
 
 
-QNN_QUANTIZED = ("qnn_calibration", "qnn_calibration_samples", "qnn_calibration_steps",
+QNN_QUANTIZED = ("qnn_kv_bits", "qnn_calibration", "qnn_calibration_samples",
+                 "qnn_calibration_steps",
                  "qnn_calibration_method", "qnn_calibration_headroom", "qnn_sensitivity")
 
 

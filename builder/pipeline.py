@@ -233,8 +233,8 @@ def write_pipeline(out: Path, builder, float_dtype, qdq: Calibrated | None = Non
     (``check_options`` and ``check_lowered`` have already passed.)"""
     extra, target = builder.options.extra, builder.target
     prefill, context = extra.qnn_prefill_length, extra.qnn_context_length
-    logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache fp16",
-                prefill, context)
+    logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache %s",
+                prefill, context, "uint8" if qdq is not None and qdq.kv_bits == 8 else "fp16")
     store = WeightStore(out / DATA_FILE)
     try:
         for stage in stages(prefill, context, transformer_splits(builder.options, builder.config)):

@@ -40,6 +40,21 @@ class PipelineRun:
     tokens: list[int]                 # greedy tokens (or the forced ones)
 
 
+def kv_types(model_dir: Path, stages: list[dict]) -> dict[str, np.dtype]:
+    """Each KV buffer's element type (float16, or uint8 in an 8-bit-KV folder), from the graph
+    that takes it, as onnxruntime-genai allocates it."""
+    import onnx
+    from onnx import helper
+
+    types = {}
+    for spec in stages:
+        if any(n.startswith("past_key_") for n in spec["inputs"]):
+            graph = onnx.load(str(model_dir / spec["filename"]), load_external_data=False).graph
+            types.update((v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+                         for v in graph.input if v.name.startswith(("past_key_", "past_value_")))
+    return types
+
+
 def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
                  forced: list[int] | None = None, runner=None) -> PipelineRun:
     """Drive a static decoder-pipeline folder as onnxruntime-genai does: the prompt in chunks of
@@ -55,7 +70,8 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
     run = runner or graph_runner(model_dir)
 
     layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
-    cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), np.float16)
+    types = kv_types(Path(model_dir), stages)
+    cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), types[f"past_{kind}_{i}"])
              for i in range(layers) for kind in ("key", "value")}
 
     def call(ids, last_row, phase):

@@ -59,6 +59,8 @@ def graph_feeds(folder, graph, rng):
             feeds[v.name] = np.array([[20 + shapes[m.graph.input[0].name][1] - 1]], np.int32)
         elif v.name == "total_seq_len":
             feeds[v.name] = np.array([rows], np.int32)
+        elif v.type.tensor_type.elem_type == onnx.TensorProto.UINT8:  # 8-bit KV codes
+            feeds[v.name] = rng.integers(0, 256, shape).astype(np.uint8)
         else:
             dtype = np.float16 if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
                 else np.float32
@@ -139,7 +141,12 @@ def only_graph_io_on_cpu(folder):
         assert set(run.placed) == {"QNNExecutionProvider", "CPUExecutionProvider"}
         assert run.placed["QNNExecutionProvider"] == 1  # one partition: everything else
         assert all(n.split()[0] in ("QuantizeLinear", "DequantizeLinear") for n in run.cpu_nodes)
-        float_io = len(spec["inputs"]) - 2 + len(spec["outputs"])  # but the two lengths
+        import onnx
+
+        g = onnx.load(str(folder / graph), load_external_data=False).graph
+        float_io = sum(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT,
+                                                        onnx.TensorProto.FLOAT16)
+                       for v in (*g.input, *g.output))  # (not the lengths, not uint8 KV)
         assert len(run.cpu_nodes) == float_io, (graph, run.cpu_nodes)
         runs[graph] = run
     return runs

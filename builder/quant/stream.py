@@ -348,7 +348,9 @@ class LayerStream:
         first = "inputs_embeds" if layer == 0 else layer_stream(layer)
         last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
         past_k, past_v, present_k, present_v = kv_names(layer)
-        kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), self.kv_dtype)
+        kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
+            else self.kv_dtype  # (the QDQ graphs' uint8 buffers: zero bytes are masked rows)
+        kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), kv_dtype)
               for _ in "kv"]
         for kind, recorded, batch in plan:  # batch: [(sequence index, call index)]
             members = [i for i, _ in batch]
