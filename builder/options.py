@@ -191,6 +191,10 @@ class ExtraOptions:
     qnn_epcontext: bool = _opt(
         False, "-e qnn: precompile each QNN graph into an EPContext model (context binary) at "
         "build time with onnxruntime-qnn; genai_config.json points at the compiled models.")
+    qnn_weight_sharing: bool = _opt(
+        False, "-e qnn, qnn_epcontext=true: compile each part's prefill and decode graphs (and "
+        "lm_head's two) into one context binary holding their weights once (HTP v73+). Not "
+        "run here: the x86 HTP simulator cannot load a context of two graphs (README).")
 
     # the values of the loaded plugins' own options (PluginOption), every one declared: (name,
     # value) pairs; read with ``plugin(name)``
@@ -342,6 +346,8 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"
     if name.startswith("qnn_") and not static_shapes:
         return "applies to -e qnn only"
+    if name == "qnn_weight_sharing" and (extra is None or not extra.qnn_epcontext):
+        return "applies with qnn_epcontext=true only (it shapes the compiled context binaries)"
     if name == "qnn_int4_format":
         if precision not in FOUR_BIT:
             return f"applies on -e qnn to -p w4a16 (int4) only, not -p {precision}"

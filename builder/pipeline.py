@@ -267,7 +267,11 @@ def compile_pipeline(out: Path, options: BuildOptions) -> None:
     genai = read_genai_config(out)
     graphs = [spec["filename"] for stage in genai["model"]["decoder"]["pipeline"]
               for spec in stage.values() if spec["filename"] != "embeddings.onnx"]
-    compile_contexts(out, graphs, qnn_options(options))
+    if options.extra.qnn_weight_sharing:  # a part's prefill and decode graphs: one binary
+        compile_contexts(out, [[g, g.replace("context", "iterator")] for g in graphs
+                               if "context" in g], qnn_options(options), shared=True)
+    else:
+        compile_contexts(out, [[g] for g in graphs], qnn_options(options))
     for stage in genai["model"]["decoder"]["pipeline"]:
         for spec in stage.values():
             if spec["filename"] in graphs:

@@ -16,7 +16,7 @@ from builder import BuildOptions, ExtraOptions, build
 from builder.errors import OptionError
 from builder.options import ExecutionProvider, Precision
 from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_on_qnn, session
-from checkpoints import plant_outlier
+from checkpoints import make_checkpoint, plant_outlier
 from conftest import run_cli
 from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, genai, genai_sequence,
                          graph_feeds, one_data_file_without_dead_bytes, only_graph_io_on_cpu,
@@ -249,6 +249,47 @@ def test_epcontext_of_a_quantized_folder(lengths, trained, tmp_path):
     generated = genai_sequence(out, prompt=prompt)[1]
     assert len(generated) >= 16
     assert generated == run_pipeline_on_qnn(out, prompt, len(generated)).tokens
+
+
+def test_weight_shared_contexts(tmp_path):
+    """qnn_weight_sharing=true: each part's prefill and decode graphs (and lm_head's two) are
+    compiled into one context binary that both EPContext models reference, holding the weights
+    once: about half the bytes of a context per graph. (Not run: the x86 HTP simulator crashes
+    loading any context of two graphs; README.)"""
+    import onnx
+
+    ck = make_checkpoint(tmp_path / "ck", "qwen3", hidden_size=256, intermediate_size=2048,
+                         head_dim=64)  # (weights a tiny model's graph overhead does not hide)
+    sizes = {}
+    for sharing in ("true", "false"):
+        out = qnn_build(ck, tmp_path / sharing, "w4a16", "qnn_num_splits=2",
+                        "qnn_epcontext=true", f"qnn_weight_sharing={sharing}")
+        stages = json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
+            "pipeline"]
+        files = [spec["filename"] for stage in stages for spec in stage.values()]
+        assert files[1:] == ["context_0_ctx.onnx", "iterator_0_ctx.onnx", "context_1_ctx.onnx",
+                             "iterator_1_ctx.onnx", "lm_head_context_ctx.onnx",
+                             "lm_head_iterator_ctx.onnx"]
+        bins = sorted(p.name for p in out.glob("*.bin"))
+        if sharing == "false":
+            assert bins == []  # (embedded in each EPContext node)
+            sizes[sharing] = sum((out / f).stat().st_size for f in files[1:])
+            continue
+        assert bins == ["context_0_ctx_qnn.bin", "context_1_ctx_qnn.bin",
+                        "lm_head_context_ctx_qnn.bin"]
+        for first, second in zip(files[1::2], files[2::2]):
+            nodes = [n for f in (first, second) for n in onnx.load(str(out / f)).graph.node
+                     if n.op_type == "EPContext"]
+            attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                     for n in nodes]
+            assert [a["ep_cache_context"] for a in attrs] == [
+                first.replace(".onnx", "_qnn.bin").encode()] * 2
+            assert all(a["embed_mode"] == 0 for a in attrs)
+        outputs = json.loads((out / "build_manifest.json").read_text())["outputs"]
+        assert set(bins) <= {o["name"] for o in outputs}
+        sizes[sharing] = sum((out / b).stat().st_size for b in bins)
+    print(f"context binaries: shared {sizes['true']} bytes, one per graph {sizes['false']}")
+    assert sizes["true"] <= 0.6 * sizes["false"]
 
 
 def test_shared_embeddings_on_qnn_needs_a_quantized_tied_build(checkpoints, tmp_path):
