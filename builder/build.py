@@ -20,8 +20,8 @@ from builder.options import (
 )
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
-from builder.pipeline import (check_options, compile_pipeline, genai_pipeline_config,
-                              part_room, resolve_splits, write_pipeline)
+from builder.pipeline import (check_options, compile_pipeline, device_memory,
+                              genai_pipeline_config, part_room, resolve_splits, write_pipeline)
 from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
@@ -132,6 +132,7 @@ class DecoderFolder:
         self.mixed: dict | None = None  # *_mixed: the projections promoted, by measurement
         self.awq: dict | None = None  # awq: the scales' figures
         self.kv: dict | None = None  # static targets: the KV cache's type and bytes
+        self.device: dict | None = None  # and what each part holds on the device
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -338,6 +339,7 @@ class PipelineFolder(DecoderFolder):
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         o = self.options
+        self.device = device_memory(out, self.kv)
         if o.extra.qnn_epcontext:
             with meter("compile"):
                 compile_pipeline(out, o)
@@ -410,7 +412,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         if not options.extra.config_only:
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
-                       folder.sensitivity, folder.mixed, folder.awq, folder.kv)
+                       folder.sensitivity, folder.mixed, folder.awq, folder.kv, folder.device)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -176,7 +176,8 @@ def requirements(out: Path) -> dict[str, str]:
 def write_manifest(out: Path, options: BuildOptions, source: Source, weight_files: list[Path],
                    stages: list[dict], accuracy: dict | None = None,
                    sensitivity: dict | None = None, mixed: dict | None = None,
-                   awq: dict | None = None, kv_cache: dict | None = None) -> None:
+                   awq: dict | None = None, kv_cache: dict | None = None,
+                   device_memory: dict | None = None) -> None:
     needs = requirements(out)
     manifest = {
         "options": options.to_json(),
@@ -194,6 +195,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
         **({"mixed_precision": mixed} if mixed is not None else {}),
         **({"awq": awq} if awq is not None else {}),
         **({"kv_cache": kv_cache} if kv_cache is not None else {}),
+        **({"device_memory": device_memory} if device_memory is not None else {}),
         "outputs": list_outputs(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

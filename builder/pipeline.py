@@ -347,3 +347,37 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
                    "num_return_sequences": 1, "past_present_share_buffer": True,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
+
+
+def device_memory(out: Path, kv_cache: dict) -> dict:
+    """What the folder's graphs hold on the device, per part (a part: its prefill and decode
+    graphs; lm_head's two; the embeddings): the weights' bytes once (the two graphs sharing
+    one context binary) and once per graph (a context each), and its layers' KV buffers at the
+    context length (``kv_cache``: ``kv_cache_figures``)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    stages = [spec for stage in read_genai_config(out)["model"]["decoder"]["pipeline"]
+              for spec in stage.values()]
+    parts: dict[str, dict] = {}
+    for spec in stages:
+        graph = onnx.load(str(out / spec["filename"]), load_external_data=False).graph
+        tensors = set()
+        for t in graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                tensors.add((info.location, info.offset, info.length))
+            else:
+                tensors.add((spec["filename"], t.name, len(t.raw_data) or t.ByteSize()))
+        layers = sum(n.startswith("past_key_") for n in spec["inputs"])
+        part = parts.setdefault(spec["filename"].replace("iterator", "context"), {
+            "graphs": [], "tensors": set(), "per_graph": 0, "layers": layers})
+        part["graphs"].append(spec["filename"])
+        part["tensors"] |= tensors
+        part["per_graph"] += sum(t[2] for t in tensors)
+    per_layer = kv_cache["bytes"] // max(1, read_genai_config(out)["model"]["decoder"][
+        "num_hidden_layers"])
+    return {"context_length": kv_cache["context_length"], "parts": [
+        {"graphs": p["graphs"], "weight_bytes_shared": sum(t[2] for t in p["tensors"]),
+         "weight_bytes_per_graph": p["per_graph"], "kv_bytes": p["layers"] * per_layer}
+        for p in parts.values()]}

@@ -637,6 +637,14 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
     assert manifest["options"]["extra_options"]["qnn_kv_bits"] == 8
     assert manifest["kv_cache"] == {"dtype": "uint8", "bytes_per_token": 2 * 3 * 2 * 32,
                                     "context_length": 512, "bytes": 2 * 3 * 2 * 32 * 512}
+    parts = manifest["device_memory"]["parts"]  # embeddings, the transformer, lm_head
+    assert [p["graphs"] for p in parts] == [["embeddings.onnx"], ["context.onnx", "iterator.onnx"],
+                                            ["lm_head_context.onnx", "lm_head_iterator.onnx"]]
+    assert [p["kv_bytes"] for p in parts] == [0, manifest["kv_cache"]["bytes"], 0]
+    transformer = parts[1]  # its weights once in a shared context, twice in a context each
+    # (less than twice in a model this small: each graph has its own activation scales)
+    assert 1.6 * transformer["weight_bytes_shared"] <= transformer["weight_bytes_per_graph"] \
+        <= 2 * transformer["weight_bytes_shared"]
     params = {}
     for graph in ("context.onnx", "iterator.onnx"):
         m = onnx.load(str(folder / graph), load_external_data=False)
