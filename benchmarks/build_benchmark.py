@@ -192,6 +192,16 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-w8a16": (["-p", "w8a16", "-e", "qnn"], None),
     "qnn-int4-shared": (["-p", "int4", "-e", "qnn", "--extra_options", "shared_embeddings=true"],
                         None),
+    "qnn-int4-shared-c512": (["-p", "int4", "-e", "qnn", "--extra_options",
+                             "shared_embeddings=true", "qnn_context_length=512"], None),
+    "qnn-int4-shared-c4096": (["-p", "int4", "-e", "qnn", "--extra_options",
+                              "shared_embeddings=true", "qnn_context_length=4096"], None),
+    # the folder's form on the device: a context binary per graph, or one per part (shared)
+    "qnn-int4-shared-ctx": (["-p", "int4", "-e", "qnn", "--extra_options",
+                             "shared_embeddings=true", "qnn_epcontext=true"], None),
+    "qnn-int4-shared-ctx-ws": (["-p", "int4", "-e", "qnn", "--extra_options",
+                                "shared_embeddings=true", "qnn_epcontext=true",
+                                "qnn_weight_sharing=true"], None),
     "qnn-int4-shared-gptq": (["-p", "int4", "-e", "qnn", "--extra_options",
                               "shared_embeddings=true", "int4_algo_config=gptq"], None),
     "qnn-int4-shared-awq": (["-p", "int4", "-e", "qnn", "--extra_options",
@@ -205,6 +215,24 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "int4-rtn-4l": (["-p", "int4", "--extra_options", "int4_algo_config=rtn",
                      "num_hidden_layers=4"], None),
 }
+
+
+def qnn_form(out: Path) -> str:
+    """A -e qnn folder's form from its manifest: C, parts, context binaries, KV bytes at C,
+    and the device memory of its largest part."""
+    m = json.loads((out / "build_manifest.json").read_text())
+    kv, dev = m["kv_cache"], m["device_memory"]
+    bins = sorted(out.glob("*.bin"))
+    parts = [p for p in dev["parts"] if p["kv_bytes"]]
+    big = max(parts, key=lambda p: p["weight_bytes_shared"])
+    return (f"C {kv['context_length']}, {len(parts)} part(s), KV {kv['dtype']} "
+            f"{kv['bytes_per_token'] / 1024:.0f} KiB/token, {kv['bytes'] / 2**20:.0f} MiB at C; "
+            f"largest part weights {big['weight_bytes_shared'] / 2**20:.0f} MiB once / "
+            f"{big['weight_bytes_per_graph'] / 2**20:.0f} MiB a context per graph, its KV "
+            f"{big['kv_bytes'] / 2**20:.0f} MiB, largest activation "
+            f"{big['largest_activation']['bytes'] / 2**20:.1f} MiB; "
+            + (f"{len(bins)} context binaries, {sum(b.stat().st_size for b in bins) / 2**20:.0f} "
+               "MiB" if bins else "no context binaries"))
 
 
 def inference_speed(folder: Path, prompt_len: int = 128, new_tokens: int = 64,
@@ -264,6 +292,8 @@ def main() -> None:
             ours = measure([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out),
                             *target, *ours_args])
             ours["bytes"] = folder_bytes(out)
+            if "qnn" in ours_args:
+                print(f"{case}: {qnn_form(out)}", flush=True)
             theirs = None
             if anchor and anchor_args is not None:
                 out_a = args.work / f"anchor-{case}"

@@ -13,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from builder.config import DecoderConfig
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
-from builder.graph import Calibrated, GraphBuilder, tie_kv_ranges
+from builder.graph import Calibrated, GraphBuilder
 from builder.metrics import StageMeter
 from builder.options import (
     FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
@@ -21,12 +21,14 @@ from builder.options import (
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import (check_options, compile_pipeline, device_memory,
-                              genai_pipeline_config, part_room, resolve_splits, write_pipeline)
+                              genai_pipeline_config, kv_bits, part_room, resolve_splits,
+                              write_pipeline)
 from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
 from builder.quant.calibration import calibrate, prompts
+from builder.quant.kv import tie_kv_ranges
 from builder.quant.awq import qdq_smoothing, smooth_layers, summary
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
@@ -326,10 +328,8 @@ class PipelineFolder(DecoderFolder):
         trained checkpoints; 16 at w8a16 and w8a8, where 8 bits raised the report's prefill KL
         1.4-3x: README), logged and written back into the options for the manifest."""
         o = self.options
-        bits = o.extra.qnn_kv_bits
-        if bits is None:
-            bits = 8 if o.precision in FOUR_BIT else 16
-            object.__setattr__(o, "extra", dataclasses.replace(o.extra, qnn_kv_bits=bits))
+        bits = kv_bits(o)
+        object.__setattr__(o, "extra", dataclasses.replace(o.extra, qnn_kv_bits=bits))
         logger.info("KV cache: %s", "uint8 buffers, each layer's K and V over one range shared "
                     "by past and present" if bits == 8 else "float16 buffers")
         return bits
@@ -339,7 +339,7 @@ class PipelineFolder(DecoderFolder):
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         o = self.options
-        self.device = device_memory(out, self.kv)
+        self.device = device_memory(out, self.kv, 1 if o.precision == Precision.W8A8 else 2)
         if o.extra.qnn_epcontext:
             with meter("compile"):
                 compile_pipeline(out, o)

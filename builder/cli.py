@@ -60,8 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    choices=[str(x) for x in ExecutionProvider],
                    help="target execution provider (default cpu)")
     p.add_argument("-c", "--cache_dir", type=Path, help="Hugging Face cache folder for downloads")
-    p.add_argument("--extra_options", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra options, listed below")
+    p.add_argument("--extra_options", nargs="*", action="extend", default=[],
+                   metavar="KEY=VALUE", help="extra options, listed below (given more than "
+                   "once: all of them count)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging (-v: debug)")
     return p

@@ -160,9 +160,11 @@ class DecoderConfig:
         archs = d.get("architectures")
         if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
             raise ConfigError(f"{source}: 'architectures' must be a non-empty list of names")
-        missing = [k for k in _REQUIRED if k not in d]
+        missing = [k for k in _REQUIRED if d.get(k) is None]
         if missing:
-            raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+            null = [k for k in missing if k in d]
+            raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}"
+                              + (f" ({', '.join(null)}: null)" if null else ""))
         check_types(d, source)
         model_type = d.get("model_type")
         if not isinstance(model_type, str) or not model_type:
@@ -207,6 +209,15 @@ class DecoderConfig:
         if layer_ropes and layer_types is None:
             raise ConfigError(f"{source}: rope_parameters is given per layer type, but "
                               "layer_types is not given")
+        rope = (layer_ropes.get("full_attention") or next(iter(layer_ropes.values()))
+                if layer_ropes else RopeConfig.from_hf(d))
+        for r in (rope, *layer_ropes.values()):
+            rotary = head_dim * r.partial_rotary_factor
+            if abs(rotary - round(rotary)) > 1e-6 or round(rotary) % 2:
+                raise ConfigError(f"{source}: partial_rotary_factor={r.partial_rotary_factor:g} "
+                                  f"of head_dim={head_dim} is {rotary:g} rotary dimensions; "
+                                  "rotary embeddings turn pairs of dimensions, so it must be an "
+                                  "even whole number")
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
             "partial_rotary_factor", "use_sliding_window", "hidden_activation"}
@@ -223,8 +234,7 @@ class DecoderConfig:
             max_position_embeddings=max_pos,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            rope=(layer_ropes.get("full_attention") or next(iter(layer_ropes.values()))
-                  if layer_ropes else RopeConfig.from_hf(d)),
+            rope=rope,
             layer_ropes=layer_ropes,
             hidden_act=_activation(d, source),
             attention_bias=bool(d.get("attention_bias", False)),

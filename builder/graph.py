@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.errors import WeightError
-from builder.quant.qdq import QdqWeight, activation_params, kv_params, pack_int4
+from builder.quant.kv import KV_BUFFER, kv_group, kv_params
+from builder.quant.qdq import QdqWeight, activation_params, pack_int4
 
 logger = logging.getLogger(__name__)
 
@@ -120,40 +120,6 @@ class Calibrated:
 
     def graph(self, kind: str) -> Qdq:
         return Qdq(self.bits, self.ranges[kind], self.headroom, self.kv_bits)
-
-
-KV_BUFFER = re.compile(r"^(?:past|present)_(key|value)_(\d+)$")
-KV_CHAIN = re.compile(r"/layers\.(\d+)/(?:.*/)?([kv])_cache/")
-
-
-def kv_group(name: str) -> tuple[int, str] | None:
-    """(layer, "k" or "v") of a KV buffer (past_key_3, present_value_0) or a value of its
-    update chain in a transformer graph (the ``k_cache`` / ``v_cache`` scope of write_kv); None
-    for any other tensor."""
-    m = KV_BUFFER.match(name)
-    if m:
-        return int(m.group(2)), m.group(1)[0]
-    m = KV_CHAIN.search(name)
-    return (int(m.group(1)), m.group(2)) if m else None
-
-
-def tie_kv_ranges(ranges: dict[str, dict[str, tuple]]) -> None:
-    """Each layer's K (and V) buffer and every value of its update chain, in every graph kind,
-    over the union of their calibrated ranges: a row the graph leaves as it is then keeps its
-    uint8 code from past to present (each 16-bit step inside is 1/257 of the 8-bit one), and the
-    prefill graph's present is the decode graph's past byte for byte."""
-    union: dict[tuple[int, str], tuple[float, float]] = {}
-    for tensors in ranges.values():
-        for name, r in tensors.items():
-            group = kv_group(name)
-            if group is not None:
-                lo, hi = union.get(group, (r[0], r[1]))
-                union[group] = (min(lo, r[0]), max(hi, r[1]))
-    for tensors in ranges.values():
-        for name, r in tensors.items():
-            group = kv_group(name)
-            if group is not None:
-                tensors[name] = (*union[group], *r[2:])
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -507,11 +473,14 @@ class GraphBuilder:
         outputs = {v.name for v in self._outputs}
         params = dict(self._dequantized)  # value → (scale, zero point) it is quantized with
 
-        def pair(t, src, dst):
-            scale, zero = params[t]
-            s, z = f"{t}_scale", f"{t}_zero_point"  # this graph's own (ranges differ per graph)
+        def scale_and_zero(t, scale, zero):  # this graph's own (ranges differ per graph)
+            s, z = f"{t}_scale", f"{t}_zero_point"
             self._initializers += [numpy_helper.from_array(scale, s),
                                    numpy_helper.from_array(zero, z)]
+            return s, z
+
+        def pair(t, src, dst):
+            s, z = scale_and_zero(t, *params[t])
             q = f"{t}_QuantizeLinear_Output"
             return [helper.make_node("QuantizeLinear", [src, s, z], [q], name=f"{t}/Q"),
                     helper.make_node("DequantizeLinear", [q, s, z], [dst], name=f"{t}/DQ")]
@@ -533,20 +502,17 @@ class GraphBuilder:
         if self.qdq.kv_bits == 8:
             kv8 = {v.name for v in (*self._inputs, *self._outputs) if KV_BUFFER.match(v.name)}
 
+        def kv_codes(t):  # a uint8 KV buffer's own 8-bit parameters
+            return kv_params(*self.qdq.range(t, None), 8,
+                             helper.tensor_dtype_to_np_dtype(types[t]))
+
         def dequantize_only(t):  # a uint8 KV input: its DequantizeLinear reads the codes
-            scale, zero = params[t] = kv_params(*self.qdq.range(t, None), 8,
-                                                helper.tensor_dtype_to_np_dtype(types[t]))
-            s, z = f"{t}_scale", f"{t}_zero_point"
-            self._initializers += [numpy_helper.from_array(scale, s),
-                                   numpy_helper.from_array(zero, z)]
+            params[t] = kv_codes(t)
+            s, z = scale_and_zero(t, *params[t])
             return [helper.make_node("DequantizeLinear", [t, s, z], [renamed[t]], name=f"{t}/DQ")]
 
         def quantize_only(t, src):  # a uint8 KV output: its QuantizeLinear writes the codes
-            scale, zero = kv_params(*self.qdq.range(t, None), 8,
-                                    helper.tensor_dtype_to_np_dtype(types[t]))
-            s, z = f"{t}_scale", f"{t}_zero_point"
-            self._initializers += [numpy_helper.from_array(scale, s),
-                                   numpy_helper.from_array(zero, z)]
+            s, z = scale_and_zero(t, *kv_codes(t))
             return [helper.make_node("QuantizeLinear", [src, s, z], [t], name=f"{t}/Q")]
 
         for value in self._inputs:

@@ -142,11 +142,12 @@ class ExtraOptions:
         64, "-e qnn: tokens per prefill call (P); longer prompts are prefilled in chunks of P.")
     qnn_context_length: int | None = _opt(
         None, "-e qnn: fixed context length C (KV cache rows); prompt plus generated tokens "
-        "must fit. Must be larger than qnn_prefill_length. Default: 512, or the model's "
+        "must fit. Must be larger than qnn_prefill_length. Default: 2048, or the model's "
         "max_position_embeddings when that is smaller.")
     qnn_soc_model: str = _opt(
         "60", "-e qnn: QNN soc_model provider option (60: Snapdragon 8 Gen 3 / X Elite).")
-    qnn_htp_arch: str = _opt("73", "-e qnn: QNN htp_arch provider option (73: v73).")
+    qnn_htp_arch: str = _opt("73", "-e qnn: QNN htp_arch provider option (73: v73).",
+                             choices=("68", "69", "73", "75", "79", "81"))
     qnn_linear: str = _opt(
         "matmul", "-e qnn: layer projections as MatMul, or as 1x1 Conv over [1, in, 1, seq].",
         choices=("matmul", "conv"))
@@ -314,6 +315,12 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
     if f.name == "qnn_calibration_headroom" and value < 1:
         raise OptionError(f"extra option {key}={raw!r} must be at least 1 (a range is widened, "
                           "never narrowed: narrower ranges clip)")
+    if f.name == "qnn_calibration_steps" and value < 2:
+        raise OptionError(f"extra option {key}={raw!r} must be at least 2 (the prompt's last "
+                          "token and one decode call: the decode graph is calibrated on them)")
+    if f.name == "qnn_soc_model" and not (value.isdigit() and int(value) > 0):
+        raise OptionError(f"extra option qnn_soc_model={raw!r} must be a QNN soc model number "
+                          "(60: Snapdragon 8 Gen 3 / X Elite; the QNN SDK lists them)")
     if f.name == "filename" and (not value.endswith(".onnx") or "/" in value or "\\" in value):
         raise OptionError(f"extra option filename={raw!r} must be a plain file name ending in "
                           ".onnx")

@@ -3,8 +3,9 @@
 A build owns only what it wrote. A failed or interrupted build leaves nothing behind, and a
 previous good build is replaced only once the new one is complete, and only when it is exactly
 a previous build: its manifest (``build_manifest.json``) is one this builder wrote and the folder
-holds the files it lists, unchanged in size, and nothing else. Any other non-empty folder is
-refused, naming what is in the way; nothing a user put there is ever deleted.
+holds the files it lists, unchanged (the manifest keeps each file's size and SHA-256), and
+nothing else. Any other non-empty folder is refused, naming what is in the way; nothing a user
+put there is ever deleted.
 
 One build at a time per target: a lock file beside it (``.<name>.lock``, removed on release)
 makes a second concurrent build into the same folder fail at once. Under that lock, staging
@@ -14,6 +15,7 @@ target are removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,26 +35,48 @@ _STAGING_KINDS = ("building", "old")
 
 
 def list_outputs(folder: Path) -> list[dict]:
-    """Every file under ``folder`` but the manifest: ``{"name": relative path, "bytes": size}``."""
+    """Every file under ``folder`` but the manifest: ``{"name": relative path, "bytes": size,
+    "sha256": its content's digest}`` (a rebuild replaces only files whose content is still
+    what the build wrote)."""
     found = []
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
         if name != MANIFEST and path.is_file() and not path.is_symlink():
-            found.append({"name": name, "bytes": path.stat().st_size})
+            found.append({"name": name, "bytes": path.stat().st_size, "sha256": digest(path)})
     return found
 
 
-def _listed(manifest: Path) -> dict[str, int] | None:
-    """The files a manifest lists (name -> bytes), or None when it is not one a build wrote."""
+def digest(path: Path) -> str:
+    """SHA-256 of a file's content, read in 16 MiB slices."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listed(manifest: Path) -> dict[str, tuple[int, str | None]] | None:
+    """The files a manifest lists (name -> bytes and SHA-256; None for a manifest written
+    before digests were kept), or None when it is not one a build wrote."""
     try:
         m = json.loads(manifest.read_text(encoding="utf-8"))
-        listed = {o["name"]: o["bytes"] for o in m["outputs"]}
+        listed = {o["name"]: (o["bytes"], o.get("sha256")) for o in m["outputs"]}
         ours = "builder" in m["versions"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not ours or not all(isinstance(n, str) and isinstance(b, int) for n, b in listed.items()):
+    if not ours or not all(isinstance(n, str) and isinstance(b, int)
+                           and (d is None or isinstance(d, str))
+                           for n, (b, d) in listed.items()):
         return None
     return listed
+
+
+def _changed(path: Path, size: int, sha256: str | None) -> bool:
+    """A listed file no longer as the build wrote it: another size, or (same size) another
+    content."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    return path.stat().st_size != size or (sha256 is not None and digest(path) != sha256)
 
 
 def _shown(names: list[str], limit: int = 5) -> str:
@@ -88,8 +112,8 @@ def check_replaceable(target: Path) -> None:
                 foreign.append(entry.name + "/")
         elif entry.name not in listed:
             foreign.append(entry.name)
-    changed = [name for name, size in listed.items() if (target / name).is_file()
-               and not (target / name).is_symlink() and (target / name).stat().st_size != size]
+    changed = [name for name, (size, sha256) in listed.items()
+               if _changed(target / name, size, sha256)]
     if foreign:
         raise OutputError(f"{target}: holds what the previous build did not write: "
                           f"{_shown(foreign)}; move it out or choose another -o (a rebuild "

@@ -59,14 +59,19 @@ def check_options(options: BuildOptions, config: DecoderConfig) -> tuple[int, in
     if x.qnn_epcontext and importlib.util.find_spec("onnxruntime_qnn") is None:
         raise OptionError("qnn_epcontext=true compiles with onnxruntime-qnn, which is not "
                           "installed: pip install onnxruntime-qnn")
-    return resolve_lengths(options, config)
+    p, c = resolve_lengths(options, config)
+    steps = x.qnn_calibration_steps
+    if options.precision in QDQ_PRECISIONS and steps > c - p:
+        raise OptionError(f"qnn_calibration_steps={steps} does not fit after a prompt's first "
+                          f"chunk of {p} in the context of {c}: give at most {c - p}")
+    return p, c
 
 
-DEFAULT_CONTEXT = 512
+DEFAULT_CONTEXT = 2048
 
 
 def resolve_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, int]:
-    """(P, C). C defaults to 512, or max_position_embeddings when that is smaller (logged); the
+    """(P, C). C defaults to 2048, or max_position_embeddings when that is smaller (logged); the
     resolved C is written back into ``options`` so that every later stage and the manifest see
     it. A length that does not fit names the option to change."""
     x, max_pos = options.extra, config.max_position_embeddings
@@ -95,13 +100,14 @@ def resolve_lengths(options: BuildOptions, config: DecoderConfig) -> tuple[int, 
 # spill-fill buffer (Qualcomm's QNN HTP backend docs, "HTP session & artifact usage
 # guidelines", as quoted in github.com/powerserve-project/PowerServe/issues/6), and
 # onnxruntime's QNN EP maintainers split models above 3.5 GB in two for that reason ("because
-# of QNN PD memory limitation", github.com/microsoft/onnxruntime/pull/20930). A part's prefill
-# and decode graphs are compiled into a context each (builder.epcontext), each holding the
-# part's weights, and an embedded context binary must stay inside its .onnx file's 2 GiB
-# protobuf limit. 1 GiB of weights per part keeps both graphs and their buffers inside one
-# session's space with room to spare; it gives the part counts Qualcomm's AI Hub ships
-# (Llama-3-8B at w4a16 in 5 parts).
-PART_WEIGHT_LIMIT = 1 << 30
+# of QNN PD memory limitation", github.com/microsoft/onnxruntime/pull/20930). What a part holds
+# there: its weights once per context binary (twice when its prefill and decode graphs are
+# compiled into a context each, once with qnn_weight_sharing) and its layers' KV buffers at C.
+# PART_LIMIT keeps that at 2 GiB, about half a session's space, the rest left to activations
+# (a few MiB at real shapes: the manifest's device_memory) and spill-fill; an embedded context
+# binary also stays inside its .onnx file's 2 GiB protobuf limit. Unshared, that is 1 GiB of
+# weights per part: the part counts Qualcomm's AI Hub ships (Llama-3-8B at w4a16 in 5 parts).
+PART_LIMIT = 2 << 30
 
 
 def layer_weight_bytes(shapes: list[tuple[R, tuple[int, ...]]], precision: Precision,
@@ -136,28 +142,51 @@ def layer_ranges(layers: int, splits: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def kv_bits(options: BuildOptions) -> int:
+    """The KV buffers' bits: qnn_kv_bits, or its default (8 at the 4-bit QDQ precisions, 16
+    otherwise; PipelineFolder.kv_bits says why)."""
+    bits = options.extra.qnn_kv_bits
+    if bits is None:
+        bits = 8 if options.precision in QDQ_PRECISIONS and options.precision in FOUR_BIT \
+            else 16
+    return bits
+
+
+def part_costs(options: BuildOptions, config: DecoderConfig, cls) -> tuple[list[int], int]:
+    """Each layer's bytes in its part's share of the NPU (its weights as built at the
+    precision's bits, times the copies its part's contexts hold, plus its K and V buffers at
+    C), and those copies (2, a context per graph; 1 with qnn_weight_sharing)."""
+    x = options.extra
+    copies = 1 if x.qnn_weight_sharing else 2
+    kv = 2 * config.num_key_value_heads * config.head_dim * x.qnn_context_length \
+        * kv_bits(options) // 8
+    return [copies * layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
+                                        x.int4_block_size, x.qnn_linear == "conv") + kv
+            for i in range(config.num_hidden_layers)], copies
+
+
 def resolve_splits(options: BuildOptions, config: DecoderConfig, cls) -> list[range]:
     """The transformer's parts: ``qnn_num_splits`` layer ranges, or for auto the fewest whose
-    weights each stay under PART_WEIGHT_LIMIT (logged with the sizes). The count is written
-    back into ``options`` (the manifest shows what was built)."""
+    share of the NPU (``part_costs``) each stays under PART_LIMIT (logged with the sizes). The
+    count is written back into ``options`` (the manifest shows what was built)."""
     x, layers = options.extra, config.num_hidden_layers
-    per_layer = [layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
-                                    x.int4_block_size, x.qnn_linear == "conv")
-                 for i in range(layers)]
+    per_layer, copies = part_costs(options, config, cls)
 
     def largest(ranges):
         return max(sum(per_layer[i] for i in r) for r in ranges)
 
+    held = "its weights (once: shared contexts)" if copies == 1 else \
+        "its weights twice (a context per graph)"
     if x.qnn_num_splits == "auto":
         splits = next((n for n in range(1, layers + 1)
-                       if largest(layer_ranges(layers, n)) <= PART_WEIGHT_LIMIT), None)
+                       if largest(layer_ranges(layers, n)) <= PART_LIMIT), None)
         if splits is None:
-            raise OptionError(f"one layer's weights take {mib(max(per_layer))} at -p "
-                              f"{options.precision}, more than the {mib(PART_WEIGHT_LIMIT)} one "
-                              "QNN context is given: set qnn_num_splits to the number of parts "
-                              "you want")
-        why = (f"auto: the fewest that keep each part's weights under "
-               f"{mib(PART_WEIGHT_LIMIT)}, what one HTP context is given")
+            raise OptionError(f"one layer takes {mib(max(per_layer))} on the NPU at -p "
+                              f"{options.precision} ({held} and KV buffers), more than the "
+                              f"{mib(PART_LIMIT)} one QNN context is given: set "
+                              "qnn_num_splits to the number of parts you want")
+        why = (f"auto: the fewest that keep each part's share of the NPU, {held} and its KV "
+               f"buffers at C = {x.qnn_context_length}, under {mib(PART_LIMIT)}")
     else:
         splits = int(x.qnn_num_splits)
         if splits > layers:
@@ -165,29 +194,25 @@ def resolve_splits(options: BuildOptions, config: DecoderConfig, cls) -> list[ra
                               f"{layers} layers: give at most {layers}")
         why = "qnn_num_splits"
     ranges = layer_ranges(layers, splits)
-    logger.info("transformer in %d part(s) of %s layers, at most %s of weights each (%s; %s "
-                "in all)", splits, "/".join(str(len(r)) for r in ranges),
-                mib(largest(ranges)), why, mib(sum(per_layer)))
+    logger.info("transformer in %d part(s) of %s layers, at most %s on the NPU each (%s)",
+                splits, "/".join(str(len(r)) for r in ranges), mib(largest(ranges)), why)
     object.__setattr__(options, "extra", dataclasses.replace(x, qnn_num_splits=splits))
     return ranges
 
 
 def part_room(options: BuildOptions, config: DecoderConfig, cls):
-    """``quant.mixed.choose``'s ``fits``: a layer's part takes extra bytes while its weights
-    stay under PART_WEIGHT_LIMIT (as built at the precision's bits: ``resolve_splits`` chose
-    the parts before the measurement)."""
-    x, layers = options.extra, config.num_hidden_layers
-    per_layer = [layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
-                                    x.int4_block_size, x.qnn_linear == "conv")
-                 for i in range(layers)]
-    ranges = layer_ranges(layers, int(x.qnn_num_splits))
+    """``quant.mixed.choose``'s ``fits``: a layer's part takes extra weight bytes while its
+    share of the NPU stays under PART_LIMIT (as built at the precision's bits:
+    ``resolve_splits`` chose the parts before the measurement)."""
+    per_layer, copies = part_costs(options, config, cls)
+    ranges = layer_ranges(config.num_hidden_layers, int(options.extra.qnn_num_splits))
     part = {i: k for k, r in enumerate(ranges) for i in r}
-    room = [PART_WEIGHT_LIMIT - sum(per_layer[i] for i in r) for r in ranges]
+    room = [PART_LIMIT - sum(per_layer[i] for i in r) for r in ranges]
 
     def fits(layer: int, extra: int) -> bool:
-        if room[part[layer]] < extra:
+        if room[part[layer]] < copies * extra:
             return False
-        room[part[layer]] -= extra
+        room[part[layer]] -= copies * extra
         return True
     return fits
 
@@ -349,35 +374,66 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
     }
 
 
-def device_memory(out: Path, kv_cache: dict) -> dict:
+def device_memory(out: Path, kv_cache: dict, activation_bytes: int) -> dict:
     """What the folder's graphs hold on the device, per part (a part: its prefill and decode
     graphs; lm_head's two; the embeddings): the weights' bytes once (the two graphs sharing
-    one context binary) and once per graph (a context each), and its layers' KV buffers at the
-    context length (``kv_cache``: ``kv_cache_figures``)."""
+    one context binary) and once per graph (a context each), its layers' KV buffers at the
+    context length (``kv_cache``: ``kv_cache_figures``), and its largest activation: the
+    largest value computed inside either graph (shapes inferred; graph inputs, outputs and
+    weights excluded), at ``activation_bytes`` per element (what the HTP holds it in: 2 for
+    16-bit activations and fp16, 1 for 8-bit)."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    stages = [spec for stage in read_genai_config(out)["model"]["decoder"]["pipeline"]
-              for spec in stage.values()]
+    decoder = read_genai_config(out)["model"]["decoder"]
+    per_layer = kv_cache["bytes"] // max(1, decoder["num_hidden_layers"])
     parts: dict[str, dict] = {}
-    for spec in stages:
-        graph = onnx.load(str(out / spec["filename"]), load_external_data=False).graph
+    for spec in (spec for stage in decoder["pipeline"] for spec in stage.values()):
+        model = onnx.load(str(out / spec["filename"]), load_external_data=False)
         tensors = set()
-        for t in graph.initializer:
+        for t in model.graph.initializer:
             if uses_external_data(t):
                 info = ExternalDataInfo(t)
                 tensors.add((info.location, info.offset, info.length))
             else:
                 tensors.add((spec["filename"], t.name, len(t.raw_data) or t.ByteSize()))
-        layers = sum(n.startswith("past_key_") for n in spec["inputs"])
         part = parts.setdefault(spec["filename"].replace("iterator", "context"), {
-            "graphs": [], "tensors": set(), "per_graph": 0, "layers": layers})
+            "graphs": [], "tensors": set(), "per_graph": 0, "activation": None,
+            "layers": sum(n.startswith("past_key_") for n in spec["inputs"])})
         part["graphs"].append(spec["filename"])
         part["tensors"] |= tensors
         part["per_graph"] += sum(t[2] for t in tensors)
-    per_layer = kv_cache["bytes"] // max(1, read_genai_config(out)["model"]["decoder"][
-        "num_hidden_layers"])
+        found = largest_value(model, spec["filename"])
+        if found and (part["activation"] is None or found[0] > part["activation"][0]):
+            part["activation"] = found
     return {"context_length": kv_cache["context_length"], "parts": [
         {"graphs": p["graphs"], "weight_bytes_shared": sum(t[2] for t in p["tensors"]),
-         "weight_bytes_per_graph": p["per_graph"], "kv_bytes": p["layers"] * per_layer}
+         "weight_bytes_per_graph": p["per_graph"], "kv_bytes": p["layers"] * per_layer,
+         **({"largest_activation": {
+             "graph": p["activation"][1], "value": p["activation"][2],
+             "shape": p["activation"][3], "bytes": p["activation"][0] * activation_bytes}}
+            if p["activation"] else {})}
         for p in parts.values()]}
+
+
+def largest_value(model, filename: str) -> tuple[int, str, str, list[int]] | None:
+    """(elements, graph, name, shape) of the largest value a static graph computes from its
+    inputs (shapes inferred without its weights' data; a weight's DequantizeLinear, computed
+    from weights alone, is not an activation); None for a graph that computes nothing."""
+    import onnx
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if all(not name or name in constant for name in node.input):
+            constant.update(node.output)
+    outside = constant | {v.name for v in (*graph.input, *graph.output)}
+    best = None
+    for v in graph.value_info:
+        dims = v.type.tensor_type.shape.dim
+        if v.name in outside or not all(d.HasField("dim_value") for d in dims):
+            continue
+        shape = [d.dim_value for d in dims]
+        if best is None or math.prod(shape) > best[0]:
+            best = (math.prod(shape), filename, v.name, shape)
+    return best

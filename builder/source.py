@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,17 @@ def checkpoint_file(folder: Path, name: str) -> Path:
         raise SourceError(f"{path}: resolves to {real}, outside the checkpoint folder "
                           f"{folder}; files are read from the checkpoint folder (or its hub "
                           "cache) only")
+    if path.exists() and not path.is_file():
+        raise SourceError(f"{path}: not a regular file (a {file_kind(path)}); the checkpoint's "
+                          "files are read as plain files")
     return path
+
+
+def file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    return ("folder" if stat.S_ISDIR(mode) else "named pipe" if stat.S_ISFIFO(mode) else
+            "socket" if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "special file")
 
 
 def _local(folder: Path, weights: bool) -> Source:

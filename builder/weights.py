@@ -110,10 +110,12 @@ class CheckpointReader:
         try:
             with open(shard, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
+                if header_len > shard.stat().st_size - 8:
+                    return {}  # (a damaged length: never read that much)
                 header = json.loads(f.read(header_len))
             return {k: 8 + header_len + int(v["data_offsets"][0])
                     for k, v in header.items() if k != "__metadata__"}
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return {}  # _open names what is wrong with the file
 
     @staticmethod

@@ -23,31 +23,33 @@ VOCAB = 256
 torch.set_num_threads(1)
 
 # One entry per architecture and variant the tests build. head_dim is a multiple of 16, which
-# GroupQueryAttention on CPU requires; max_position_embeddings leaves room for the QNN defaults
-# (C = 512). The shipped example keeps 256, where C follows max_position_embeddings.
+# GroupQueryAttention on CPU requires. max_position_embeddings 512: the QNN builds' C follows it
+# (the default C = 2048 or max_position_embeddings when that is smaller), so that the many
+# default-length QNN tests run 512 rows; the tests of the default C itself give a checkpoint 4096
+# (test_qnn.py::test_mission_command). The shipped example keeps 256.
 TINY = {
     "qwen3": dict(
         arch="Qwen3ForCausalLM", config="Qwen3Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, tie_word_embeddings=True, max_position_embeddings=1024),
+        head_dim=32, tie_word_embeddings=True, max_position_embeddings=512),
     "llama": dict(
         arch="LlamaForCausalLM", config="LlamaConfig", vocab_size=VOCAB, hidden_size=128,
         intermediate_size=192, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=16, tie_word_embeddings=False, max_position_embeddings=1024,
+        head_dim=16, tie_word_embeddings=False, max_position_embeddings=512,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
         rope_theta=500000.0),
     "mistral": dict(
         arch="MistralForCausalLM", config="MistralConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, tie_word_embeddings=False, max_position_embeddings=1024,
+        head_dim=32, tie_word_embeddings=False, max_position_embeddings=512,
         sliding_window=8),  # shorter than the test sequences: the window really binds
     # Phi-3-mini 4k's layout (max_position_embeddings == original_max_position_embeddings).
     "phi3": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
         intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=False, max_position_embeddings=4096,
-        original_max_position_embeddings=4096, sliding_window=None),
+        tie_word_embeddings=False, max_position_embeddings=512,
+        original_max_position_embeddings=512, sliding_window=None),
     # LongRoPE with a tiny original context: prompts of 12 + 10 decode steps cross it.
     "phi3_longrope": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
@@ -62,19 +64,19 @@ TINY = {
         intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[2],
-        tie_word_embeddings=False, max_position_embeddings=1024),
+        tie_word_embeddings=False, max_position_embeddings=512),
     # every other layer sparse (decoder_sparse_step 2), top 3 not renormalized
     "qwen3_moe_step2": dict(
         arch="Qwen3MoeForCausalLM", config="Qwen3MoeConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=6,
         num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[],
-        tie_word_embeddings=True, max_position_embeddings=1024),
+        tie_word_embeddings=True, max_position_embeddings=512),
     "mixtral": dict(
         arch="MixtralForCausalLM", config="MixtralConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
-        max_position_embeddings=1024, sliding_window=None),
+        max_position_embeddings=512, sliding_window=None),
     # Phi-4-mini's shape: partial rotary (48 of 64 dims), tied embeddings, LongRoPE.
     "phi4mini": dict(
         arch="Phi3ForCausalLM", config="Phi3Config", vocab_size=VOCAB, hidden_size=128,
@@ -91,14 +93,14 @@ TINY = {
     "qwen2": dict(
         arch="Qwen2ForCausalLM", config="Qwen2Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=False, max_position_embeddings=1024, vectors=True),
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
     # alternating local (8-token window) and global layers, both soft-caps binding,
     # query_pre_attn_scalar != head_dim
     "gemma2": dict(
         arch="Gemma2ForCausalLM", config="Gemma2Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, query_pre_attn_scalar=20, sliding_window=8, attn_logit_softcapping=2.0,
-        final_logit_softcapping=4.0, tie_word_embeddings=True, max_position_embeddings=1024,
+        final_logit_softcapping=4.0, tie_word_embeddings=True, max_position_embeddings=512,
         vectors=True),
     # local layers with their own rotary base, q/k norms, query_pre_attn_scalar != head_dim
     "gemma3": dict(
@@ -110,23 +112,23 @@ TINY = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
                                             "factor": 4.0}},
-        tie_word_embeddings=True, max_position_embeddings=1024, vectors=True),
+        tie_word_embeddings=True, max_position_embeddings=512, vectors=True),
     "smollm3": dict(
         arch="SmolLM3ForCausalLM", config="SmolLM3Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        no_rope_layers=[1, 0, 1], tie_word_embeddings=True, max_position_embeddings=1024,
+        no_rope_layers=[1, 0, 1], tie_word_embeddings=True, max_position_embeddings=512,
         vectors=True),
     # Granite 3.x's multipliers
     "granite": dict(
         arch="GraniteForCausalLM", config="GraniteConfig", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         embedding_multiplier=12.0, attention_multiplier=0.03, residual_multiplier=0.5,
-        logits_scaling=4.0, tie_word_embeddings=True, max_position_embeddings=1024,
+        logits_scaling=4.0, tie_word_embeddings=True, max_position_embeddings=512,
         vectors=True),
     "olmo2": dict(
         arch="Olmo2ForCausalLM", config="Olmo2Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=False, max_position_embeddings=1024, vectors=True),
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
 }
 
 

@@ -15,7 +15,8 @@ from builder.options import ExecutionProvider, Precision
 from builder.testing import run_on_qnn
 
 ARCHS = ["qwen3", "llama", "phi3"]
-P, C = 8, 64  # the small lengths; "default" builds set neither (P = 64, C = 512)
+P, C = 8, 64  # the small lengths; "default" builds set neither (P = 64; C = 512: the default
+# C is 2048 or max_position_embeddings when smaller, and the test checkpoints have 512)
 DEFAULT_P = ExtraOptions().qnn_prefill_length
 LENGTHS = ["small", "default"]
 # prompts longer than P: a two-chunk prefill at either length

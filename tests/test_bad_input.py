@@ -135,6 +135,19 @@ def test_rebuild_keeps_an_edited_output(capsys, tmp_path, llama_checkpoint, prev
                      "genai_config.json changed since the previous build")
 
 
+def test_rebuild_keeps_an_edit_of_the_same_size(capsys, tmp_path, llama_checkpoint,
+                                                previous_build):
+    """An edit that keeps the file's size (a temperature 1.0 → 0.7) is seen by its content:
+    the manifest keeps each output's SHA-256."""
+    config = previous_build / "genai_config.json"
+    text = config.read_text()
+    assert '"temperature": 1.0' in text
+    config.write_text(text.replace('"temperature": 1.0', '"temperature": 0.7'))
+    _refused_rebuild(capsys, tmp_path, llama_checkpoint, previous_build,
+                     "genai_config.json changed since the previous build")
+    assert '"temperature": 0.7' in config.read_text()
+
+
 def test_folder_with_a_fake_manifest_is_not_a_build(capsys, tmp_path, llama_checkpoint):
     f = tmp_path / "out"
     f.mkdir()
@@ -287,6 +300,12 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
      "rope_parameters.rope_theta has the wrong type"),
     ("rope_parameters", {"full_attention": {"rope_theta": "big"}},
      "rope_parameters.full_attention.rope_theta has the wrong type"),
+    ("num_hidden_layers", None, "missing required key(s) num_hidden_layers (num_hidden_layers: "
+                                "null)"),
+    ("intermediate_size", None, "missing required key(s) intermediate_size"),
+    ("partial_rotary_factor", 0.3, "partial_rotary_factor=0.3 of head_dim=16 is 4.8 rotary "
+                                   "dimensions"),
+    ("partial_rotary_factor", 0.1875, "is 3 rotary dimensions; rotary embeddings turn pairs"),
 ])
 def test_config_field_types(capsys, tmp_path, copy_checkpoint, llama_checkpoint, key, value,
                             needle):
@@ -336,6 +355,41 @@ def test_damaged_tokenizer_files(capsys, tmp_path, copy_checkpoint, llama_checkp
     ck = copy_checkpoint(llama_checkpoint)
     (ck / name).write_text(text)
     refused(capsys, tmp_path, ["-m", ck, *flags], needle, "fix the file or remove it")
+
+
+CALIBRATION_FILES = {  # what an editor may write for "the boat sailed" prompts
+    "cp1252": ("caf\u00e9 at the harbour\nthe boat sailed\n".encode("cp1252"),
+               "not UTF-8 text (byte 0xe9 at offset 3)"),
+    "binary": (bytes(range(256)) * 4, "not UTF-8 text (byte 0x80 at offset 128)"),
+    "nul": (b"the boat\x00 sailed\n", "holds a NUL character (offset 8)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CALIBRATION_FILES))
+def test_calibration_file_that_is_not_text(capsys, tmp_path, kind):
+    data, needle = CALIBRATION_FILES[kind]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(data)
+    refused(capsys, tmp_path, ["-m", ROOT / "examples/tiny-qwen3", "-p", "int4",
+                               "--extra_options", "int4_algo_config=gptq",
+                               f"qnn_calibration={path}"], f"{path}: {needle}",
+            "save the prompts as UTF-8")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_calibration_file_with_a_byte_order_mark(tmp_path, encoding):
+    """UTF-16 with its byte-order mark (Windows Notepad, PowerShell) and UTF-8 with one read as
+    the same prompts: the calibrated builds are the same bytes."""
+    built = {}
+    for name, codec in (("plain", "utf-8"), ("bom", encoding)):
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes("The boat sailed at dawn.\nCaf\u00e9 au lait, s'il vous pla\u00eet.\n"
+                         .encode(codec))
+        out = tmp_path / name
+        assert main(["-m", str(ROOT / "examples/tiny-qwen3"), "-o", str(out), "-p", "int4",
+                     "--extra_options", "int4_algo_config=gptq", f"qnn_calibration={path}"]) == 0
+        built[name] = (out / "model.onnx.data").read_bytes()
+    assert built["bom"] == built["plain"]
 
 
 # -- 6. files come from the checkpoint folder only ---------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -130,6 +131,31 @@ def test_truncated_safetensors(tmp_path, copy_checkpoint, qwen3_checkpoint):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
     _assert_refused(tmp_path, ["-m", str(ck)], shard.name, "truncated")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("length", "not a readable safetensors file"),  # a header length of 2^63 - 1
+    ("list", "not a readable safetensors file"),    # a header that is a JSON list
+])
+def test_damaged_safetensors_header(tmp_path, copy_checkpoint, llama_checkpoint, damage, needle):
+    ck = copy_checkpoint(llama_checkpoint)
+    shard = ck / "model.safetensors"
+    data = shard.read_bytes()
+    if damage == "length":
+        shard.write_bytes((2 ** 63 - 1).to_bytes(8, "little") + data[8:])
+    else:
+        header = b"[1, 2, 3]"
+        shard.write_bytes(len(header).to_bytes(8, "little") + header + data[8:])
+    _assert_refused(tmp_path, ["-m", str(ck)], "model.safetensors", needle)
+
+
+def test_checkpoint_file_that_is_a_named_pipe(tmp_path, copy_checkpoint, llama_checkpoint):
+    """A FIFO named model.safetensors would block the first read forever: refused unopened."""
+    ck = copy_checkpoint(llama_checkpoint)
+    (ck / "model.safetensors").unlink()
+    os.mkfifo(ck / "model.safetensors")
+    _assert_refused(tmp_path, ["-m", str(ck)], "model.safetensors: not a regular file (a named "
+                    "pipe)")
 
 
 def test_pickle_only_repository(tmp_path, copy_checkpoint, llama_checkpoint):

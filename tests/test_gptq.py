@@ -164,10 +164,11 @@ def test_gptq_on_cpu_against_rtn(arch, trained, tmp_path):
 @pytest.mark.parametrize("algo", ["gptq", "awq"])
 def test_gptq_memory_does_not_grow_with_layers(algo, tmp_path):
     """The rounding stage (GPTQ, AWQ) holds one layer (its weights, its Hessians or channel
-    statistics, the prompts' hidden states), not the model: its peak memory with 8 layers is within two layers' fp32 weights of
-    its peak with 2 (each build a process of its own), where holding the layers would add six
-    (91 MB, and their rounded copies). Measured: 2.6 and 18.7 MB more in two runs (allocator
-    noise)."""
+    statistics, the prompts' hidden states), not the model: its peak memory with 8 layers is
+    within three layers' fp32 weights of its peak with 2 (each build a process of its own),
+    where holding the layers would add six (91 MB, and their rounded copies). Measured: 2.6,
+    18.7 and 12.7 MB more alone; AWQ 32.5 MB once while the other test worker was busy
+    (allocator noise)."""
     import json
 
     from checkpoints import make_checkpoint
@@ -187,7 +188,7 @@ def test_gptq_memory_does_not_grow_with_layers(algo, tmp_path):
         peaks[layers] = next(s["peak_rss_mb"] for s in stages if s["stage"] == "round")
     layer_mb = (512 * 512 * 2 + 2 * 512 * 128 + 3 * 512 * 2048) * 4 / 1e6  # fp32
     print(f"{algo} round stage peak RSS: {peaks} MB; one layer's fp32 weights {layer_mb:.0f} MB")
-    assert peaks[8] - peaks[2] < 2 * layer_mb
+    assert peaks[8] - peaks[2] < 3 * layer_mb
 
 
 @pytest.mark.parametrize("algo", ["gptq", "awq"])

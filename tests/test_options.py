@@ -33,6 +33,11 @@ def test_booleans(value, expected):
     ("qnn_calibration_headroom=0.5", "must be at least 1"),
     ("qnn_calibration_headroom=wide", "could not convert"),
     ("qnn_calibration_headroom=inf", "expected a finite number"),
+    ("qnn_calibration_steps=1", "must be at least 2"),
+    ("qnn_soc_model=banana", "must be a QNN soc model number"),
+    ("qnn_soc_model=-60", "must be a QNN soc model number"),
+    ("qnn_htp_arch=99", "is not one of: 68, 69, 73, 75, 79, 81"),
+    ("qnn_htp_arch=v73", "did you mean '73'"),
 ])
 def test_bad_items(item, message):
     with pytest.raises(OptionError, match=message):
@@ -71,6 +76,22 @@ def test_cli_help_prints_the_catalogue():
     for f in ExtraOptions.catalogue():
         assert f.name in r.stdout
     assert "--extra_options" in r.stdout and "-e {cpu" in r.stdout
+
+
+def test_repeated_extra_options_all_count(tmp_path):
+    """--extra_options given twice: both lists count (argparse's default kept only the last);
+    the same option twice with different values is refused."""
+    import json
+
+    out = tmp_path / "o"
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(out), "-p", "int4", "--extra_options",
+                "int4_block_size=64", "--extra_options", "int4_accuracy_level=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    given = json.loads((out / "build_manifest.json").read_text())["options"]["extra_options"]
+    assert (given["int4_block_size"], given["int4_accuracy_level"]) == (64, 1)
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "p"), "--extra_options",
+                "int4_block_size=64", "--extra_options", "int4_block_size=128", "-p", "int4")
+    assert r.returncode == 2 and "'int4_block_size' given twice" in r.stderr, r.stderr
 
 
 def test_cli_needs_a_model(tmp_path):

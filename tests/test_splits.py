@@ -16,7 +16,7 @@ from builder.config import DecoderConfig
 from builder.errors import OptionError
 from builder.models.qwen3 import Qwen3Builder
 from builder.options import BuildOptions, ExecutionProvider, ExtraOptions, Precision
-from builder.pipeline import PART_WEIGHT_LIMIT, resolve_splits
+from builder.pipeline import PART_LIMIT, resolve_lengths, resolve_splits
 from builder.testing import run_on_qnn, run_pipeline, run_pipeline_on_qnn
 from conftest import run_cli
 from qnn_helpers import (ARCHS, PROMPTS, genai_sequence, graph_feeds,
@@ -129,11 +129,13 @@ def test_epcontext_compiles_each_part(deep, folders, tmp_path):
     assert genai_sequence(out) == genai_sequence(folders("qwen3", "fp16", 2))
 
 
-def _resolve(config: dict, precision: str, splits="auto", caplog=None) -> list[range]:
+def _resolve(config: dict, precision: str, splits="auto", *extra: str) -> list[range]:
     options = BuildOptions(model_name="x", output=Path("unused"), precision=Precision(precision),
                            execution_provider=ExecutionProvider.QNN,
-                           extra=ExtraOptions.parse([f"qnn_num_splits={splits}"]))
-    ranges = resolve_splits(options, DecoderConfig.from_hf(config), Qwen3Builder)
+                           extra=ExtraOptions.parse([f"qnn_num_splits={splits}", *extra]))
+    decoder = DecoderConfig.from_hf(config)
+    resolve_lengths(options, decoder)  # C (the KV buffers): the default 2048
+    ranges = resolve_splits(options, decoder, Qwen3Builder)
     assert options.extra.qnn_num_splits == len(ranges)  # written back for the manifest
     return ranges
 
@@ -148,30 +150,37 @@ SHAPES = {"4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers
 
 
 @pytest.mark.parametrize("shape", ["4B", "8B"])
-@pytest.mark.parametrize("precision, weight_bytes", [("w4a16", 0.5 + 4.5 / 32), ("w8a16", 1.0),
-                                                     ("fp16", 2.0)])
-def test_auto_counts_parts_from_the_weights(shape, precision, weight_bytes, caplog):
-    """auto: the fewest equal layer ranges whose weights each stay under the limit, counted
-    here by hand from the shapes (int4: half a byte per weight, an fp32 scale and an int4 zero
-    point per block of 32; int8: a byte, per-channel scales a rounding error here; norms at 16
-    bits)."""
+@pytest.mark.parametrize("precision, weight_bytes, kv_bytes", [
+    ("w4a16", 0.5 + 4.5 / 32, 1), ("w8a16", 1.0, 2), ("fp16", 2.0, 2)])
+@pytest.mark.parametrize("sharing", [False, True])
+def test_auto_counts_parts_from_the_weights(shape, precision, weight_bytes, kv_bytes, sharing,
+                                            caplog):
+    """auto: the fewest equal layer ranges whose share of the NPU each stays under the limit,
+    counted here by hand from the shapes: the weights (int4: half a byte per weight, an fp32
+    scale and an int4 zero point per block of 32; int8: a byte, per-channel scales a rounding
+    error here; norms at 16 bits) twice, or once in a weight-shared context, and the K and V
+    buffers at the default C = 2048 (uint8 at w4a16, 16-bit otherwise)."""
     c = SHAPES[shape]
     h, i, q = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"] * 128
     kv = c["num_key_value_heads"] * 128
     per_layer = (h * (q + 2 * kv) + q * h + 3 * h * i) * weight_bytes + 2 * (2 * h + 2 * 128)
+    on_npu = per_layer * (1 if sharing else 2) + 2 * kv * 2048 * kv_bytes
     layers = c["num_hidden_layers"]
     expected = next(n for n in range(1, layers + 1)
-                    if math.ceil(layers / n) * per_layer * 0.999 <= PART_WEIGHT_LIMIT)
+                    if math.ceil(layers / n) * on_npu * 0.999 <= PART_LIMIT)
+    extra = ["qnn_epcontext=true", "qnn_weight_sharing=true"] if sharing else []
     with caplog.at_level(logging.INFO, logger="builder.pipeline"):
-        ranges = _resolve({**QWEN3, **c}, precision)
+        ranges = _resolve({**QWEN3, **c}, precision, "auto", *extra)
     assert len(ranges) == expected
     assert [r.start for r in ranges] == sorted(r.start for r in ranges) and \
         sum(len(r) for r in ranges) == layers and max(map(len, ranges)) - min(map(len, ranges)) <= 1
     assert f"transformer in {expected} part(s)" in caplog.text and "auto: the fewest" in caplog.text
-    print(f"Qwen3-{shape} {precision}: {expected} parts, {per_layer * len(ranges[0]) / 2**20:.0f} "
-          "MiB of weights in the largest")
-    if (shape, precision) == ("8B", "w4a16"):
+    print(f"Qwen3-{shape} {precision}{' shared' if sharing else ''}: {expected} parts, "
+          f"{per_layer * len(ranges[0]) / 2**20:.0f} MiB of weights in the largest")
+    if (shape, precision, sharing) == ("8B", "w4a16", False):
         assert expected == 5  # what Qualcomm's AI Hub ships for Llama-3-8B
+    if (shape, precision, sharing) == ("8B", "w4a16", True):
+        assert expected == 3  # a shared part holds twice the weights
 
 
 def test_auto_keeps_a_small_model_whole(folders):

@@ -93,7 +93,7 @@ def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int,
     """cos/sin tables for positions [0, max_positions). ``model_max_positions`` (default
     max_positions) is the model's max_position_embeddings, which LongRoPE's scale depends on
     even when fewer positions are tabulated."""
-    rotary_dim = int(head_dim * rope.partial_rotary_factor)
+    rotary_dim = round(head_dim * rope.partial_rotary_factor)  # whole, even: DecoderConfig
     if rope.type in LONGROPE:
         return _longrope(rope, rotary_dim, max_positions, model_max_positions or max_positions)
     if rope.type not in _INV_FREQ_SCALERS:

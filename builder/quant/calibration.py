@@ -39,7 +39,7 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
 def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int) -> list[list[int]]:
     """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
     break), each cut to ``budget`` tokens."""
-    texts = [line.strip().replace("\\n", "\n") for line in path.read_text("utf-8").splitlines()]
+    texts = [line.strip().replace("\\n", "\n") for line in prompt_text(path).splitlines()]
     texts = [t for t in texts if t][:count]
     if not texts:
         raise OptionError(f"{path}: no prompts (one per line)")
@@ -55,7 +55,30 @@ def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int) -> list[l
     except Exception as e:  # the tokenizers package raises its own exception type
         raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: not a tokenizer the tokenizers "
                           f"package can load ({e}); fix the file or remove it") from None
-    return [ids[:budget] for ids in (tokenizer.encode(t).ids for t in texts) if ids]
+    try:
+        encoded = [tokenizer.encode(t).ids for t in texts]
+    except Exception as e:  # e.g. a WordLevel model whose unknown token it does not hold
+        raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: cannot encode the prompts of "
+                          f"{path} ({e}); fix the tokenizer") from None
+    return [ids[:budget] for ids in encoded if ids]
+
+
+def prompt_text(path: Path) -> str:
+    """A prompt file's text: UTF-8 (a byte-order mark allowed), or UTF-16 with its byte-order
+    mark (what Windows Notepad and PowerShell write); anything else is refused, naming the
+    first byte that is not text."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise OptionError(f"{path}: not {'UTF-16' if encoding == 'utf-16' else 'UTF-8'} text "
+                          f"(byte 0x{data[e.start]:02x} at offset {e.start}); save the prompts "
+                          "as UTF-8, one per line") from None
+    if "\x00" in text:
+        raise OptionError(f"{path}: holds a NUL character (offset {text.index(chr(0))}), so "
+                          "it is not a text file; save the prompts as UTF-8, one per line")
+    return text
 
 
 def prefill_sequences(ids: list[list[int]], window: int, budget: int) -> list[list[int]]:

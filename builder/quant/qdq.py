@@ -190,19 +190,6 @@ def activation_params(lo: float, hi: float, bits: int, dtype=np.float32
     return scale, zero
 
 
-def kv_params(lo: float, hi: float, bits: int, dtype=np.float32
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero point) of a value of an 8-bit KV buffer's chain at ``bits``: the 8-bit
-    parameters of [lo, hi], and at 16 bits exactly that grid refined 257 times (scale / 257,
-    zero point x 257), so that every uint8 code is a uint16 code: a row passed through keeps
-    its byte."""
-    scale, zero = activation_params(lo, hi, 8, dtype)
-    if bits == 8:
-        return scale, zero
-    return (np.asarray(scale / np.asarray(257, dtype), dtype),
-            np.asarray(int(zero) * 257, np.uint16))
-
-
 @dataclass(frozen=True)
 class QdqQuantizer:
     """The static QDQ graphs' weight quantizer, as the quantization policy hands it out."""
