@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from builder.config import DecoderConfig
+from builder.config import DecoderConfig, _number, check_types
 from builder.options import BuildOptions, ExtraOptions
 from builder.output import MANIFEST, list_outputs
-from builder.errors import SourceError
+from builder.errors import ConfigError, SourceError
 from builder.source import Source, checkpoint_file
 from builder.targets import TargetCaps
 
@@ -29,10 +29,23 @@ VERSIONED_PACKAGES = ("builder", "onnx", "onnxruntime", "numpy", "safetensors",
 
 
 def generation(source: Path) -> dict[str, Any]:
+    """generation_config.json's values, type-checked as onnxruntime-genai reads them (token ids,
+    temperature, top_k, top_p); {} without the file."""
     path = source / "generation_config.json"
     if not path.is_file():
         return {}
-    return read_json_file(source, "generation_config.json")
+    gen = read_json_file(source, "generation_config.json")
+    check_types({k: v for k, v in gen.items() if k.endswith("_token_id")}, str(path))
+    searched = {"temperature": (_number, "a number, 0 or more"),
+                "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                          "a whole number, 0 or more"),
+                "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")}
+    for key, (ok, expected) in searched.items():
+        if gen.get(key) is not None and not (ok(gen[key]) and (key != "temperature"
+                                                               or gen[key] >= 0)):
+            raise SourceError(f"{path}: {key} must be {expected}, got {gen[key]!r}; fix the "
+                              "file or remove the key")
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def read_json_file(source: Path, name: str) -> dict[str, Any]:
@@ -52,6 +65,15 @@ def read_json_file(source: Path, name: str) -> dict[str, Any]:
 def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int]:
     """(bos, eos, pad) for genai_config.json; generation_config.json wins over config.json and
     missing ids fall back to the (first) eos id."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = gen.get(key, getattr(config, key))
+        ids = value if isinstance(value, list) else [value]
+        outside = [i for i in ids if i is not None and i >= config.vocab_size]
+        if outside:
+            where = "generation_config.json" if key in gen else "config.json"
+            raise ConfigError(f"{where}: {key}={value} is outside the vocabulary of "
+                              f"{config.vocab_size} tokens (ids 0 to {config.vocab_size - 1}); "
+                              "fix the id or remove the key")
     eos = gen.get("eos_token_id", config.eos_token_id)
     eos = eos if eos is not None else 0
     first_eos = eos[0] if isinstance(eos, list) else eos

@@ -46,6 +46,11 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
     wanted = os.environ.get("BUILDER_LOAD_PLUGINS")
     if wanted is not None:
         names = {n.strip() for n in wanted.split(",") if n.strip()}
+        unknown = sorted(names - {ep.name for ep in eps})
+        if unknown:
+            raise PluginError(f"BUILDER_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, "
+                              "which no installed plugin is; installed: "
+                              f"{', '.join(sorted({ep.name for ep in eps}))}")
         eps = [ep for ep in eps if ep.name in names]
     return eps
 

@@ -357,6 +357,49 @@ def test_damaged_tokenizer_files(capsys, tmp_path, copy_checkpoint, llama_checkp
     refused(capsys, tmp_path, ["-m", ck, *flags], needle, "fix the file or remove it")
 
 
+@pytest.mark.parametrize("file, key, value, needle", [
+    ("generation_config.json", "eos_token_id", "two",
+     "generation_config.json: eos_token_id must be a token id or a list of token ids"),
+    ("generation_config.json", "temperature", "hot", "temperature must be a number, 0 or more"),
+    ("generation_config.json", "top_p", 1.5, "top_p must be a number in (0, 1]"),
+    ("generation_config.json", "top_k", 2.5, "top_k must be a whole number, 0 or more"),
+    ("generation_config.json", "bos_token_id", 300,
+     "generation_config.json: bos_token_id=300 is outside the vocabulary of 256 tokens"),
+    ("config.json", "pad_token_id", 256,
+     "config.json: pad_token_id=256 is outside the vocabulary of 256 tokens (ids 0 to 255)"),
+])
+def test_generation_values_onnxruntime_genai_could_not_use(capsys, tmp_path, copy_checkpoint,
+                                                           llama_checkpoint, file, key, value,
+                                                           needle):
+    """What would be copied into genai_config.json is checked as onnxruntime-genai reads it."""
+    ck = copy_checkpoint(llama_checkpoint)
+    if file == "config.json":  # (generation_config.json's ids win over config.json's)
+        (ck / "generation_config.json").unlink()
+    path = ck / file
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    refused(capsys, tmp_path, ["-m", ck], needle)
+
+
+def test_tokenizer_ids_outside_the_vocabulary(capsys, tmp_path, copy_checkpoint,
+                                              llama_checkpoint):
+    """A tokenizer.json with an added token 300 on a vocabulary of 256: calibration's prompts
+    would index past the embedding table; refused, naming the id."""
+    ck = copy_checkpoint(llama_checkpoint)
+    tok = json.loads((ck / "tokenizer.json").read_text())
+    tok.setdefault("added_tokens", []).append({
+        "id": 300, "content": "<extra>", "single_word": False, "lstrip": False,
+        "rstrip": False, "normalized": False, "special": True})
+    (ck / "tokenizer.json").write_text(json.dumps(tok))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the boat <extra> sailed\n")
+    refused(capsys, tmp_path, ["-m", ck, "-p", "int4", "--extra_options",
+                               "int4_algo_config=gptq", f"qnn_calibration={prompts}"],
+            "tokenizer.json: encodes the prompts to token id 2",  # (256: renumbered on load)
+            "outside the model's vocabulary of 256")
+
+
 CALIBRATION_FILES = {  # what an editor may write for "the boat sailed" prompts
     "cp1252": ("caf\u00e9 at the harbour\nthe boat sailed\n".encode("cp1252"),
                "not UTF-8 text (byte 0xe9 at offset 3)"),

@@ -34,6 +34,29 @@ def test_env_narrows_loaded_plugins(monkeypatch):
     assert plugins.architectures.names() == [] and plugins.targets.names() == ["cpu", "cuda", "qnn"]
 
 
+def test_env_naming_no_installed_plugin_is_refused(monkeypatch):
+    monkeypatch.setenv("BUILDER_LOAD_PLUGINS", "modles,targets")
+    with pytest.raises(PluginError, match="BUILDER_LOAD_PLUGINS names 'modles', which no "
+                                          "installed plugin is; installed: models, quant, "):
+        load_plugins()
+
+
+def test_env_leaving_out_the_quantizers_says_so(tmp_path):
+    """The README's narrowing without 'quant': -p int4 names the missing plugin."""
+    import os
+
+    from conftest import run_cli
+
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o"), "-p", "int4",
+                env={**os.environ, "BUILDER_LOAD_PLUGINS": "models,targets"})
+    assert r.returncode == 2, r.stderr
+    assert ("quantizer 'k_quant' is not registered; known: none (BUILDER_LOAD_PLUGINS="
+            "models,targets leaves out the plugin that registers it") in r.stderr, r.stderr
+    r = run_cli("-m", "examples/tiny-qwen3", "-o", str(tmp_path / "o"), "-p", "int4",
+                env={**os.environ, "BUILDER_LOAD_PLUGINS": "models,quant,targets"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_hook_register_architectures():
     class GemmaLike(LlamaBuilder):
         architectures = ("GemmaLikeForCausalLM",)

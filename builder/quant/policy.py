@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 from dataclasses import dataclass, field
@@ -100,8 +101,12 @@ class QuantPolicy:
             raise OptionError(f"int4_algo_config={extra.int4_algo_config} promotes 4-bit "
                               "projections to 8 bits: it applies to -p int4 only")
         if algorithm not in quantizers:
+            narrowed = os.environ.get("BUILDER_LOAD_PLUGINS")
             raise OptionError(f"quantizer {algorithm!r} is not registered; known: "
-                              f"{', '.join(quantizers.names())}")
+                              f"{', '.join(quantizers.names()) or 'none'}" + (
+                                  f" (BUILDER_LOAD_PLUGINS={narrowed} leaves out the plugin "
+                                  "that registers it: the built-in ones are 'quant')"
+                                  if narrowed is not None else ""))
         unknown = set(extra.int4_op_types_to_quantize) - {"MatMul", "Gather"}
         if unknown:
             raise OptionError(f"int4_op_types_to_quantize: {', '.join(sorted(unknown))} cannot be "

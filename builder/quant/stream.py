@@ -26,6 +26,7 @@ import numpy as np
 from onnx import helper
 from tqdm.auto import tqdm
 
+from builder.errors import SourceError
 from builder.graph import (PROJECTION_VALUES, WITH_PROJECTIONS, Calibrated, GraphBuilder,
                            WeightStore)
 from builder.models.static import (
@@ -251,7 +252,14 @@ class LayerStream:
             sess = self._graph("embeddings.onnx", None, build_embeddings, False, store)
         finally:
             store.close()
+        vocab = self.b.config.vocab_size
         for s in sequences:
+            outside = [i for c in s.calls for i in c.ids if not 0 <= i < vocab]
+            if outside:  # (a tokenizer with more tokens than the model's table)
+                raise SourceError(f"tokenizer.json: encodes the prompts to token id "
+                                  f"{outside[0]}, outside the model's vocabulary of {vocab} "
+                                  "(config.json vocab_size); the tokenizer does not belong "
+                                  "to this checkpoint")
             s.hidden = [sess.run(None, {"input_ids": np.asarray([c.ids], np.int64)})[0]
                         for c in s.calls]
         del sess
