@@ -64,12 +64,12 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         valid = ", ".join(str(p) for p in target.precisions)
         raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "
                           f"-e {target.name}; valid: {valid}")
-    for f in dataclasses.fields(options.extra):
-        if getattr(options.extra, f.name) != f.default:
-            why = not_applicable(f.name, options.precision, target.static_shapes,
-                                 options.extra)
-            if why:
-                raise OptionError(f"extra option {f.name} {why}")
+    given = set(options.extra.given) | {f.name for f in options.extra.catalogue()
+                                        if getattr(options.extra, f.name) != f.default}
+    for name in sorted(given):  # (given at its default, too: the user asked for something)
+        why = not_applicable(name, options.precision, target.static_shapes, options.extra)
+        if why:
+            raise OptionError(f"extra option {name} {why}")
     return target
 
 

@@ -200,6 +200,9 @@ class ExtraOptions:
     # the values of the loaded plugins' own options (PluginOption), every one declared: (name,
     # value) pairs; read with ``plugin(name)``
     plugin_values: tuple[tuple[str, Any], ...] = field(default=(), metadata={"plugin": True})
+    # the built-in options the user gave (parse), whatever their values: one that does nothing
+    # in the build is refused even when given at its default
+    given: tuple[str, ...] = field(default=(), metadata={"plugin": True})
 
     def plugin(self, name: str) -> Any:
         """The value of a plugin's own option ``name`` (its default when not given)."""
@@ -253,7 +256,7 @@ class ExtraOptions:
             if not by_name[name][0].implemented:
                 raise OptionError(f"extra option {name!r} is not supported yet")
         plugin = tuple((name, values.pop(name, o.default)) for name, o in sorted(declared.items()))
-        return cls(**values, plugin_values=plugin)
+        return cls(**values, plugin_values=plugin, given=tuple(sorted(values)))
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,14 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return "applies to -e cpu and cuda only (on -e qnn, -p int4 means calibrated w4a16)"
     if name.startswith("int4_") and precision not in (Precision.INT4, Precision.INT8):
         return f"applies to -p int4 and int8 only, not -p {precision}"
+    if name in ("prune_lm_head", "include_hidden_states") and extra is not None \
+            and extra.exclude_lm_head:
+        return "does nothing with exclude_lm_head=true (the model has no lm_head)"
+    if name == "int4_is_symmetric" and extra is not None and (
+            extra.int4_algo_config in ("k_quant", "k_quant_last", "k_quant_mixed")
+            or extra.int4_algo_config == "default" and precision == Precision.INT4):
+        return ("does nothing with k_quant (the default int4_algo_config): k-quant blocks "
+                "carry their own offset; choose int4_algo_config=rtn or gptq")
     return None
 
 

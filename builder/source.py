@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import SourceError
+from builder.errors import OptionError, SourceError
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,15 @@ def resolve(model_name: str | None, input_dir: Path | None, cache_dir: Path | No
             token: str | None, weights: bool = True) -> Source:
     """A local folder (``-i``, or ``-m`` naming an existing folder), else a hub download.
     ``weights=False`` (config_only): config and tokenizer files only."""
-    if input_dir is not None:
-        return _local(Path(input_dir), weights)
+    local = Path(input_dir) if input_dir is not None else \
+        Path(model_name).expanduser() if model_name and Path(model_name).expanduser().exists() \
+        else None
+    if local is not None:
+        if token:
+            raise OptionError(f"extra option hf_token applies to hub downloads only; {local} "
+                              "is a local folder")
+        return _local(local, weights)
     assert model_name
-    if Path(model_name).expanduser().exists():
-        return _local(Path(model_name).expanduser(), weights)
     if model_name.count("/") > 1 or model_name.startswith((".", "/", "~")):
         raise SourceError(f"{model_name}: no such folder")
     return _hub(model_name, cache_dir, token, weights)

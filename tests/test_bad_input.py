@@ -494,6 +494,17 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
      "it applies on -e qnn to -p w4a16 only, not -p w8a16"),
     (["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed", "quant_budget=-1"],
      "quant_budget='-1' must be at least 0"),
+    # given at its default value: still asked for, still refused
+    (["--extra_options", "int4_block_size=32"], "int4_block_size applies to -p int4 and int8 "
+                                                "only, not -p fp32"),
+    (["--extra_options", "qnn_prefill_length=64"], "qnn_prefill_length applies to -e qnn only"),
+    (["--extra_options", "exclude_lm_head=true", "prune_lm_head=true"],
+     "prune_lm_head does nothing with exclude_lm_head=true"),
+    (["--extra_options", "exclude_lm_head=true", "include_hidden_states=true"],
+     "include_hidden_states does nothing with exclude_lm_head=true"),
+    (["-p", "int4", "--extra_options", "int4_is_symmetric=true"],
+     "int4_is_symmetric does nothing with k_quant"),
+    (["--extra_options", "hf_token=hf_abc"], "hf_token applies to hub downloads only"),
 ])
 def test_option_that_would_do_nothing(capsys, tmp_path, llama_checkpoint, flags, needle):
     refused(capsys, tmp_path, ["-m", llama_checkpoint, *flags], needle)
