@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -359,6 +360,8 @@ def build(options: BuildOptions, plugins: Plugins | None = None) -> Path:
     try:
         _build(options, plugins, target, meter)
     except OSError as e:  # disk full, permissions, a read error: the staging folder is gone
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(str(e)) from None  # (memory, not the file named: the cli says so)
         where = f"{e.filename}: " if e.filename else ""
         raise OutputError(f"{where}{e.strerror or e} while building "
                           f"{Path(options.output).absolute()}; nothing was written") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -68,6 +69,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "Cannot allocate memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An error that says memory ran out, whoever raised it: onnxruntime's allocators and the
+    safetensors reader report it in their own exception types, the OS as ENOMEM."""
+    while e is not None:
+        if isinstance(e, MemoryError) or isinstance(e, OSError) and e.errno == errno.ENOMEM \
+                or any(s in str(e) for s in OUT_OF_MEMORY):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -106,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                          "stage that ran out)\n")
         return 2
     except Exception as e:
+        if out_of_memory(e):  # (onnxruntime's allocation failures, ENOMEM from the OS)
+            sys.stderr.write("error: out of memory; nothing was written (see the log for the "
+                             "stage that ran out)\n")
+            return 2
         if not _interrupted(e):
             raise
         sys.stderr.write("error: interrupted; nothing was written\n")

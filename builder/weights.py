@@ -9,6 +9,7 @@ is reported: a silently mis-mapped weight is an error, not a wrong model.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import logging
@@ -99,6 +100,8 @@ class CheckpointReader:
         try:
             handle = safe_open(str(shard), framework="numpy")
         except Exception as e:  # safetensors raises its own error types for bad headers
+            if "Cannot allocate memory" in str(e):  # (not the file's fault: the cli says so)
+                raise MemoryError(str(e)) from None
             raise WeightError(f"{shard}: not a readable safetensors file ({e})") from None
         self._check_size(shard)
         return handle
@@ -215,6 +218,8 @@ class CheckpointReader:
                 f.seek(self._offsets[name] + start * row)
                 got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
         except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise MemoryError(str(e)) from None
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
         if got != array.nbytes:
             raise WeightError(f"{shard}: tensor {name!r} rows {start}:{stop} cut short")

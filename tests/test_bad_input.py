@@ -549,6 +549,35 @@ def test_out_of_memory_is_one_line(tmp_path, llama_checkpoint):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where, failure", [
+    # onnxruntime's allocator (calibration's sessions), in its own exception type
+    ("import onnxruntime as ort\n"
+     "class Hungry(ort.InferenceSession):\n"
+     "    def __init__(self, *a, **k): raise ort.capi.onnxruntime_pybind11_state.RuntimeException("
+     "'Failed to allocate memory for requested buffer of size 1073741824')\n"
+     "ort.InferenceSession = Hungry\n", ["-e", "qnn", "-p", "w8a16"]),
+    # the safetensors reader, whose message once blamed the checkpoint file
+    ("import builder.weights as w\n"
+     "def hungry(*a, **k): raise Exception('Cannot allocate memory (os error 12)')\n"
+     "w.safe_open = hungry\n", []),
+    # the OS, as ENOMEM on a read
+    ("import builder.weights as w, errno\n"
+     "def hungry(*a, **k): raise OSError(errno.ENOMEM, 'Cannot allocate memory')\n"
+     "w.CheckpointReader.read = hungry\n", []),
+], ids=["onnxruntime", "safetensors", "enomem"])
+def test_out_of_memory_anywhere_is_one_line(tmp_path, llama_checkpoint, where, failure):
+    """Memory running out where another library reports it: the same one line."""
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys\n" + where + "from builder.cli import main\n"
+        f"sys.exit(main(['-m', {str(llama_checkpoint)!r}, '-o', {str(tmp_path / 'out')!r}, "
+        f"*{failure!r}]))")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith("error: out of memory; nothing was written"), \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_numbers_in_checkpoint_and_floats_are_checked_lazily():
     """Non-finite detection reads in slices: no temporary as large as the tensor."""
     from builder.weights import CHECK_ELEMENTS, nonfinite
