@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "build_manifest.json"
 _STAGING_KINDS = ("building", "old")
+# written into each staging folder when it is made: only folders holding it are ever removed as
+# a dead build's staging (a user's own folder of a similar name is not ours)
+STAGING_MARK = ".builder-staging"
 
 
 def list_outputs(folder: Path) -> list[dict]:
@@ -41,7 +44,7 @@ def list_outputs(folder: Path) -> list[dict]:
     found = []
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if name != MANIFEST and path.is_file() and not path.is_symlink():
+        if name not in (MANIFEST, STAGING_MARK) and path.is_file() and not path.is_symlink():
             found.append({"name": name, "bytes": path.stat().st_size, "sha256": digest(path)})
     return found
 
@@ -148,8 +151,7 @@ class StagedOutput:
             self._acquire()
             self._remove_stale()
             check_replaceable(self.target)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.building-",
-                                             dir=self.target.parent))
+            self.tmp = _staging(self.target, "building")
         except OSError as e:
             self._leave()
             raise OutputError(f"{self.target}: cannot write there ({e.strerror})") from None
@@ -197,11 +199,19 @@ class StagedOutput:
                     break
 
     def _remove_stale(self) -> None:
-        """Staging folders of this target that no live build owns (we hold its lock)."""
+        """Staging folders of this target that no live build owns (we hold its lock), known by
+        their mark; a previous build that a killed build had moved aside (its target gone) is
+        put back first."""
         pattern = re.compile(rf"\.{re.escape(self.target.name)}\."
                              rf"({'|'.join(_STAGING_KINDS)})-[a-z0-9_]{{8}}")
         for path in sorted(self.target.parent.iterdir()):
-            if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            if pattern.fullmatch(path.name) and path.is_dir() and not path.is_symlink() \
+                    and (path / STAGING_MARK).is_file():
+                if (path / "previous").is_dir() and not self.target.exists() \
+                        and not self.target.is_symlink():
+                    (path / "previous").rename(self.target)
+                    logger.warning("put back the previous build into %s, which a build that "
+                                   "did not finish had moved to %s", self.target, path)
                 shutil.rmtree(path)
                 logger.warning("removed %s, left by a build into %s that did not finish",
                                path, self.target)
@@ -209,21 +219,28 @@ class StagedOutput:
     # -- the commit ----------------------------------------------------------------------
     def _commit(self) -> None:
         check_replaceable(self.target)  # again: something may have appeared while we built
+        (self.tmp / STAGING_MARK).unlink()
         old = None
         if self.target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-",
-                                        dir=self.target.parent))
+            old = _staging(self.target, "old")
             self.target.rename(old / "previous")
         try:
             self.tmp.rename(self.target)
-        except OSError:
-            if old is not None:  # put the previous build back
+        except BaseException:  # a full disk, or a signal between the two renames
+            if old is not None and not self.target.exists():  # put the previous build back
                 (old / "previous").rename(self.target)
-                old.rmdir()
+                shutil.rmtree(old)
             raise
         if old is not None:
             shutil.rmtree(old)
             logger.info("replaced the previous build in %s", self.target)
+
+
+def _staging(target: Path, kind: str) -> Path:
+    """A new staging folder beside ``target`` (``.<name>.<kind>-xxxxxxxx``), marked as ours."""
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    (path / STAGING_MARK).write_text(f"{os.getpid()}\n", encoding="utf-8")
+    return path
 
 
 def _write_pid(fd: int) -> None:

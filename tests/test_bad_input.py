@@ -245,13 +245,44 @@ def test_stale_staging_of_a_killed_build_is_removed(tmp_path, llama_checkpoint, 
     proc.wait()
     stale = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.building-")]
     assert len(stale) == 1
-    (tmp_path / ".out.old-abcd1234").mkdir()  # a replaced build whose removal was cut short
-    (tmp_path / ".out.old-abcd1234" / "previous").mkdir()
+    assert (tmp_path / stale[0] / ".builder-staging").is_file()  # its mark
+    # a build killed between its two final renames: the previous build moved aside, marked
+    assert main(["-m", str(llama_checkpoint), "-o", str(tmp_path / "elsewhere")]) == 0
+    (tmp_path / ".out.old-abcd1234").mkdir()
+    (tmp_path / ".out.old-abcd1234" / ".builder-staging").write_text("1\n")
+    (tmp_path / "elsewhere").rename(tmp_path / ".out.old-abcd1234" / "previous")
     (tmp_path / ".outer.building-abcd1234").mkdir()  # another target's: not ours to touch
+    (tmp_path / ".out.building-mine1234").mkdir()  # a user's own folder, unmarked: kept
+    (tmp_path / ".out.building-mine1234" / "notes.txt").write_text("mine")
     caplog.set_level("WARNING")
     assert main(["-m", str(llama_checkpoint), "-o", str(out)]) == 0
-    assert _leftovers(tmp_path) == [".outer.building-abcd1234"]
+    assert _leftovers(tmp_path) == [".out.building-mine1234", ".outer.building-abcd1234"]
+    assert (tmp_path / ".out.building-mine1234" / "notes.txt").read_text() == "mine"
     assert f"removed {tmp_path / stale[0]}, left by a build into {out}" in caplog.text
+    # (the moved-aside "previous" was put back as the target, then replaced by this build)
+    assert f"put back the previous build into {out}" in caplog.text
+    assert not (out / ".builder-staging").exists() and (out / "model.onnx").is_file()
+
+
+def test_signal_between_the_final_renames_keeps_the_previous_build(tmp_path, llama_checkpoint,
+                                                                    previous_build, monkeypatch):
+    """Ctrl-C after the previous build was moved aside and before the new one took its place:
+    the previous build is put back, byte for byte, and no staging is left."""
+    from pathlib import Path
+
+    before = {p.name: p.read_bytes() for p in previous_build.iterdir()}
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.startswith(".out.building-"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    assert main(["-m", str(llama_checkpoint), "-o", str(previous_build)]) == 130
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in previous_build.iterdir()} == before
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
