@@ -153,11 +153,32 @@ def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
     for name in copied:
         if name.endswith(".json"):
             read_json_file(source, name)  # a damaged tokenizer or generation file stops here
+        if name == "tokenizer.json":
+            check_tokenizer(checkpoint_file(source, name))
         shutil.copyfile(checkpoint_file(source, name), out / name)
     logger.info("genai_config.json written; copied %s", ", ".join(copied) or "no tokenizer files")
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
         logger.warning("no tokenizer file in %s: onnxruntime-genai will not be able to "
                        "tokenize text for this model", source)
+
+
+def check_tokenizer(path: Path) -> None:
+    """tokenizer.json as a tokenizer library loads it (``{}`` is JSON, not a tokenizer): with
+    the tokenizers package when it is installed, else its required sections."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in ("model", "added_tokens") if k not in tok]
+        if missing:
+            raise SourceError(f"{path}: not a tokenizer (no {', '.join(missing)}); fix the file "
+                              "or remove it from the checkpoint folder") from None
+        return
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises its own exception type
+        raise SourceError(f"{path}: not a tokenizer the tokenizers package can load ({e}); fix "
+                          "the file or remove it from the checkpoint folder") from None
 
 
 def _versions() -> dict[str, str | None]:

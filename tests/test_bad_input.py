@@ -380,6 +380,8 @@ def test_disk_full(tmp_path, llama_checkpoint, flags):
     ("generation_config.json", "[1, 2]", [], "generation_config.json: expected a JSON object"),
     ("tokenizer.json", '{"version": "1.0"}', ["-e", "qnn", "-p", "w8a16"],
      "tokenizer.json: not a tokenizer the tokenizers package can load"),
+    ("tokenizer.json", "{}", [], "tokenizer.json: not a tokenizer the tokenizers package can "
+                                 "load"),
 ])
 def test_damaged_tokenizer_files(capsys, tmp_path, copy_checkpoint, llama_checkpoint, name,
                                  text, flags, needle):
