@@ -34,7 +34,7 @@ from builder.quant.awq import qdq_smoothing, smooth_layers, summary
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
 from builder.quant.rounding import qdq_rounding, round_layers
-from builder.quant.report import (accuracy_report, evaluation_sequences, float_head,
+from builder.quant.report import (accuracy_report, check_accuracy, evaluation_sequences, float_head,
                                   stream_report)
 from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
                                        summarize, tensor_figures, weight_figures)
@@ -410,6 +410,8 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             with CheckpointReader(source.path) as weights:
                 folder.write(tmp, cls, config, weights, policy, float_type, meter, source.path)
                 weight_files = weights.files()
+            if folder.report is not None and options.extra.quant_accuracy_check:
+                check_accuracy(folder.report)
         with meter("package"):
             write_genai_files(tmp, folder.genai_config(config, source.path), source.path)
         if not options.extra.config_only:

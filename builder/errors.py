@@ -42,3 +42,7 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean X?)' for the closest candidate, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class AccuracyError(BuilderError):
+    """A quantized build whose own accuracy report shows it broken."""

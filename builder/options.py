@@ -105,6 +105,11 @@ class ExtraOptions:
         0.1, "int4_algo_config=rtn_mixed or gptq_mixed: the extra bytes the 8-bit projections "
         "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
         "promoted weight takes half a byte more).")
+    quant_accuracy_check: bool = _opt(
+        True, "Quantized builds with an accuracy report (-e qnn w8a16/w4a16/w8a8; gptq, awq and "
+        "*_mixed on cpu/cuda): stop, writing nothing, when the report shows the build broken "
+        "(mean logit cosine below 0.9 or top-1 agreement below 50% in prefill or decode); "
+        "false writes it anyway.")
     int4_block_size: int = _opt(
         32, "Block size (along the input dimension) of int4/int8 weight quantization.",
         choices=(16, 32, 64, 128, 256))
@@ -382,6 +387,12 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return "applies to -e cpu and cuda only (on -e qnn, -p int4 means calibrated w4a16)"
     if name.startswith("int4_") and precision not in (Precision.INT4, Precision.INT8):
         return f"applies to -p int4 and int8 only, not -p {precision}"
+    if name == "quant_accuracy_check" and not (
+            precision in QDQ_PRECISIONS if static_shapes else
+            precision in (Precision.INT4, Precision.INT8) and extra is not None
+            and extra.int4_algo_config in DATA_AWARE_ALGORITHMS):
+        return ("applies to builds with an accuracy report: quantized -e qnn, or -p int4/int8 "
+                "with int4_algo_config=gptq, awq or *_mixed")
     if name in ("prune_lm_head", "include_hidden_states") and extra is not None \
             and extra.exclude_lm_head:
         return "does nothing with exclude_lm_head=true (the model has no lm_head)"

@@ -433,6 +433,36 @@ def test_tokenizer_ids_outside_the_vocabulary(capsys, tmp_path, copy_checkpoint,
             "outside the model's vocabulary of 256")
 
 
+def test_a_broken_quantized_build_is_not_written(capsys, tmp_path, monkeypatch):
+    """A build whose own accuracy report falls below the floor stops with the figures; here
+    the floor is raised above what any build reaches, so the real report of a real build
+    trips it; quant_accuracy_check=false writes the folder."""
+    import builder.quant.report as report
+
+    monkeypatch.setattr(report, "FLOOR", {"mean_cosine": 1.5, "top1_agreement": 0.5})
+    args = ["-m", ROOT / "examples/tiny-qwen3", "-p", "int4", "--extra_options",
+            "int4_algo_config=gptq"]
+    line = refused(capsys, tmp_path, args, "the quantized model disagrees with the float one",
+                   "prefill mean logit cosine 0.", "decode mean logit cosine 0.", "(floor 1.5)",
+                   "quant_accuracy_check=false writes it anyway")
+    assert "top-1" not in line  # (that floor held)
+    out = tmp_path / "anyway"
+    assert main([*map(str, args), "quant_accuracy_check=false", "-o", str(out)]) == 0
+    assert (out / "model.onnx").is_file()
+
+
+def test_accuracy_floor_on_reports():
+    from builder.errors import AccuracyError
+    from builder.quant.report import check_accuracy
+
+    phase = {"mean_cosine": 0.999, "top1_agreement": 1.0}
+    check_accuracy({"prefill": phase, "decode": phase})
+    with pytest.raises(AccuracyError, match=r"decode top-1 agreement 0.3 \(floor 0.5\)"):
+        check_accuracy({"prefill": phase, "decode": {**phase, "top1_agreement": 0.3}})
+    with pytest.raises(AccuracyError, match=r"prefill mean logit cosine -0.99997 \(floor 0.9\)"):
+        check_accuracy({"prefill": {**phase, "mean_cosine": -0.99997}, "decode": phase})
+
+
 CALIBRATION_FILES = {  # what an editor may write for "the boat sailed" prompts
     "cp1252": ("caf\u00e9 at the harbour\nthe boat sailed\n".encode("cp1252"),
                "not UTF-8 text (byte 0xe9 at offset 3)"),
@@ -538,6 +568,8 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
     (["-p", "int4", "--extra_options", "int4_is_symmetric=true"],
      "int4_is_symmetric does nothing with k_quant"),
     (["--extra_options", "hf_token=hf_abc"], "hf_token applies to hub downloads only"),
+    (["-p", "int4", "--extra_options", "quant_accuracy_check=false"],
+     "quant_accuracy_check applies to builds with an accuracy report"),
 ])
 def test_option_that_would_do_nothing(capsys, tmp_path, llama_checkpoint, flags, needle):
     refused(capsys, tmp_path, ["-m", llama_checkpoint, *flags], needle)

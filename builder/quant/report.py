@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.errors import AccuracyError
 from builder.quant.calibration import continuation, tokenize
 from builder.quant.stream import PREFILL, VOCAB_ROWS, Sequence, sequence
 from builder.weights import Rows
@@ -291,3 +292,20 @@ def stream_report(cls, config, options, weights, policy, plugins, source: Path,
                          "the build's weights, lm_head's as stored, dequantized")
     work.rmdir()
     return report
+
+
+# Below these, in prefill or decode, a quantized build is broken, not merely less accurate (the
+# trained test checkpoints measure 0.99+ and 95%+ at every precision builder writes)
+FLOOR = {"mean_cosine": 0.9, "top1_agreement": 0.5}
+
+
+def check_accuracy(report: dict) -> None:
+    """Refuse a build whose accuracy report (``accuracy_report``) falls below FLOOR."""
+    low = [f"{phase} {'mean logit cosine' if key == 'mean_cosine' else 'top-1 agreement'} "
+           f"{report[phase][key]:.5g} (floor {floor:g})"
+           for phase in ("prefill", "decode") for key, floor in FLOOR.items()
+           if report[phase][key] < floor]
+    if low:
+        raise AccuracyError(f"the quantized model disagrees with the float one on the held-out "
+                            f"prompts: {'; '.join(low)}, so the build is broken, not written; "
+                            "quant_accuracy_check=false writes it anyway")
