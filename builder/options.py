@@ -108,8 +108,7 @@ class ExtraOptions:
     quant_accuracy_check: bool = _opt(
         True, "Quantized builds with an accuracy report (-e qnn w8a16/w4a16/w8a8; gptq, awq and "
         "*_mixed on cpu/cuda): stop, writing nothing, when the report shows the build broken "
-        "(mean logit cosine below 0.9 or top-1 agreement below 50% in prefill or decode); "
-        "false writes it anyway.")
+        "(mean logit cosine below 0.5 in prefill or decode); false writes it anyway.")
     int4_block_size: int = _opt(
         32, "Block size (along the input dimension) of int4/int8 weight quantization.",
         choices=(16, 32, 64, 128, 256))

@@ -294,9 +294,12 @@ def stream_report(cls, config, options, weights, policy, plugins, source: Path,
     return report
 
 
-# Below these, in prefill or decode, a quantized build is broken, not merely less accurate (the
-# trained test checkpoints measure 0.99+ and 95%+ at every precision builder writes)
-FLOOR = {"mean_cosine": 0.9, "top1_agreement": 0.5}
+# Below this mean logit cosine, in prefill or decode, a quantized build is broken, not merely
+# less accurate: the trained test checkpoints measure 0.99+ at every precision builder writes,
+# untrained random ones (near-flat logits) 0.84 at w4a16 on cpu and qnn alike; a build
+# calibrated on an empty KV cache, broken, 0.06-0.19 in decode. Top-1 agreement is no floor:
+# the random checkpoints, correct, agree on 25-49% of their near-ties.
+FLOOR = {"mean_cosine": 0.5}
 
 
 def check_accuracy(report: dict) -> None:
