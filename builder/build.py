@@ -22,8 +22,8 @@ from builder.options import (
 from builder.output import StagedOutput
 from builder.package import genai_config, write_genai_files, write_manifest
 from builder.pipeline import (check_options, compile_pipeline, device_memory,
-                              genai_pipeline_config, kv_bits, part_room, resolve_splits,
-                              write_pipeline)
+                              genai_pipeline_config, kv_bits, kv_cache_figures, part_room,
+                              resolve_splits, write_pipeline)
 from builder.plugins import Plugins, default_plugins
 from builder.models.static import check_lowered
 from builder.package import generation, token_ids
@@ -98,14 +98,6 @@ def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
 
 
 
-
-def kv_cache_figures(config: DecoderConfig, context: int, bits: int) -> dict:
-    """The KV cache a static folder's runtime allocates: its element type, and bytes per token
-    and at the context length (every layer's K and V buffer, batch 1)."""
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
-        * bits // 8
-    return {"dtype": "uint8" if bits == 8 else "float16", "bytes_per_token": per_token,
-            "context_length": context, "bytes": per_token * context}
 
 def check_blocks(config: DecoderConfig, block: int) -> None:
     """int4 blocks on MatMul must tile every projection's input: the HTP computes a block cut

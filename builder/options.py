@@ -206,7 +206,7 @@ class ExtraOptions:
     plugin_values: tuple[tuple[str, Any], ...] = field(default=(), metadata={"plugin": True})
     # the built-in options the user gave (parse), whatever their values: one that does nothing
     # in the build is refused even when given at its default
-    given: tuple[str, ...] = field(default=(), metadata={"plugin": True})
+    given: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def plugin(self, name: str) -> Any:
         """The value of a plugin's own option ``name`` (its default when not given)."""
@@ -219,7 +219,8 @@ class ExtraOptions:
     @classmethod
     def catalogue(cls) -> list[dataclasses.Field]:
         """The built-in options (a plugin's are PluginOption)."""
-        return [f for f in dataclasses.fields(cls) if not f.metadata.get("plugin")]
+        return [f for f in dataclasses.fields(cls)
+                if not f.metadata.get("plugin") and not f.metadata.get("internal")]
 
     @classmethod
     def parse(cls, items: list[str] | None,

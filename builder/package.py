@@ -36,13 +36,12 @@ def generation(source: Path) -> dict[str, Any]:
         return {}
     gen = read_json_file(source, "generation_config.json")
     check_types({k: v for k, v in gen.items() if k.endswith("_token_id")}, str(path))
-    searched = {"temperature": (_number, "a number, 0 or more"),
+    searched = {"temperature": (lambda v: _number(v) and v >= 0, "a number, 0 or more"),
                 "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                           "a whole number, 0 or more"),
                 "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")}
     for key, (ok, expected) in searched.items():
-        if gen.get(key) is not None and not (ok(gen[key]) and (key != "temperature"
-                                                               or gen[key] >= 0)):
+        if gen.get(key) is not None and not ok(gen[key]):
             raise SourceError(f"{path}: {key} must be {expected}, got {gen[key]!r}; fix the "
                               "file or remove the key")
     return {k: v for k, v in gen.items() if v is not None}

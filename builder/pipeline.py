@@ -152,14 +152,23 @@ def kv_bits(options: BuildOptions) -> int:
     return bits
 
 
+def kv_cache_figures(config: DecoderConfig, context: int, bits: int) -> dict:
+    """The KV cache a static folder's runtime allocates: its element type, and bytes per token
+    and at the context length (every layer's K and V buffer, batch 1)."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
+        * bits // 8
+    return {"dtype": "uint8" if bits == 8 else "float16", "bytes_per_token": per_token,
+            "context_length": context, "bytes": per_token * context}
+
+
 def part_costs(options: BuildOptions, config: DecoderConfig, cls) -> tuple[list[int], int]:
     """Each layer's bytes in its part's share of the NPU (its weights as built at the
     precision's bits, times the copies its part's contexts hold, plus its K and V buffers at
     C), and those copies (2, a context per graph; 1 with qnn_weight_sharing)."""
     x = options.extra
     copies = 1 if x.qnn_weight_sharing else 2
-    kv = 2 * config.num_key_value_heads * config.head_dim * x.qnn_context_length \
-        * kv_bits(options) // 8
+    kv = kv_cache_figures(config, x.qnn_context_length, kv_bits(options))["bytes"] \
+        // config.num_hidden_layers
     return [copies * layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
                                         x.int4_block_size, x.qnn_linear == "conv") + kv
             for i in range(config.num_hidden_layers)], copies
