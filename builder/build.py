@@ -20,7 +20,7 @@ from builder.options import (
     FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
 )
 from builder.output import StagedOutput
-from builder.package import genai_config, write_genai_files, write_manifest
+from builder.package import check_model_type, genai_config, write_genai_files, write_manifest
 from builder.pipeline import (check_options, compile_pipeline, device_memory,
                               genai_pipeline_config, kv_bits, kv_cache_figures, part_room,
                               resolve_splits, write_pipeline)
@@ -40,6 +40,7 @@ from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figure
                                        summarize, tensor_figures, weight_figures)
 from builder.quant.stream import LayerStream, TensorStats, sequence
 from builder.roles import TensorRole as R
+from builder.runcheck import run_check
 from builder.source import checkpoint_file, resolve
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader
@@ -65,8 +66,9 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
         valid = ", ".join(str(p) for p in target.precisions)
         raise OptionError(f"precision {str(options.precision)!r} is not supported yet for "
                           f"-e {target.name}; valid: {valid}")
-    given = set(options.extra.given) | {f.name for f in options.extra.catalogue()
-                                        if getattr(options.extra, f.name) != f.default}
+    builtin = {f.name for f in options.extra.catalogue()}
+    given = set(options.extra.given) & builtin | {
+        name for name in builtin if getattr(options.extra, name) != options.extra.default(name)}
     for name in sorted(given):  # (given at its default, too: the user asked for something)
         why = not_applicable(name, options.precision, target.static_shapes, options.extra)
         if why:
@@ -83,6 +85,39 @@ def _architecture(config: DecoderConfig, plugins: Plugins):
             f"{plugins.architectures.suggest(config.architecture)}; known: {known}. A plugin "
             "can add it (see plugins/ in the builder repository)")
     return cls
+
+
+def check_plugin_options(options: BuildOptions, plugins: Plugins, architecture: str) -> None:
+    """A plugin option given to a build whose architecture comes from another plugin would do
+    nothing (the plugin's own architectures read it): refused, naming both."""
+    extra = options.extra
+    values = dict(extra.plugin_values)
+    for name in sorted(set(extra.given) & set(values)):
+        owner = plugins.options.owner(name)
+        theirs = [a for a in plugins.architectures.names()
+                  if plugins.architectures.owner(a) == owner]
+        if theirs and architecture not in theirs:
+            raise OptionError(
+                f"extra option {name} is plugin {owner!r}'s, read by its architectures "
+                f"({', '.join(theirs)}); this build's {architecture} does not read it")
+
+
+def check_shared_table(options: BuildOptions, config: DecoderConfig) -> None:
+    """int4_op_types_to_quantize=...,Gather quantizes an unshared embedding; a shared table is
+    quantized for lm_head and read by both already, so Gather would do nothing."""
+    extra = options.extra
+    shared = extra.shared_embeddings if extra.shared_embeddings is not None \
+        else config.tie_word_embeddings
+    if "Gather" not in extra.int4_op_types_to_quantize:
+        return
+    if extra.exclude_embeds:
+        raise OptionError("extra option int4_op_types_to_quantize=...,Gather does nothing with "
+                          "exclude_embeds=true (the model has no embedding lookup)")
+    if shared:
+        raise OptionError(
+            "extra option int4_op_types_to_quantize=...,Gather does nothing with shared "
+            "embeddings (the one table is quantized for lm_head and the lookup reads it "
+            "quantized already); leave Gather out, or give shared_embeddings=false")
 
 
 def _fewer_layers(config: DecoderConfig, layers: int | None) -> DecoderConfig:
@@ -389,8 +424,12 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
                     plugins.architectures.owner(config.architecture), options.precision,
                     target.name)
         config = _fewer_layers(config, options.extra.num_hidden_layers)
+        check_plugin_options(options, plugins, config.architecture)
+        if options.precision in (Precision.INT4, Precision.INT8) and not target.static_shapes:
+            check_shared_table(options, config)
         folder = folder_for(options, target)
         folder.check(config, cls)
+        check_model_type(config, cls, target)
         policy = folder.policy(config, plugins)
 
         weight_files: list[Path] = []
@@ -406,10 +445,14 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
                 check_accuracy(folder.report)
         with meter("package"):
             write_genai_files(tmp, folder.genai_config(config, source.path), source.path)
+        checked = None
         if not options.extra.config_only:
+            with meter("run check"):  # (before EPContext compiles: the graphs run on the CPU)
+                checked = run_check(tmp, options)
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
-                       folder.sensitivity, folder.mixed, folder.awq, folder.kv, folder.device)
+                       folder.sensitivity, folder.mixed, folder.awq, folder.kv, folder.device,
+                       checked)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -142,6 +142,12 @@ class ExtraOptions:
         "model.onnx", "Name of the ONNX file; its weights go to <filename>.data.")
     config_only: bool = _opt(
         False, "Write genai_config.json and the tokenizer files only, no model.")
+    run_check: str = _opt(
+        "auto", "The build's last stage: open the folder as its user will (onnxruntime-genai "
+        "when installed, else onnxruntime, on the CPU) and generate one token, before the "
+        "folder is put in place. auto: when the folder's weights are at most 2 GiB (a larger "
+        "model would need its whole size in memory again; the log says it was skipped); "
+        "true: always; false: never.", choices=("auto", "true", "false"))
     qnn_prefill_length: int = _opt(
         64, "-e qnn: tokens per prefill call (P); longer prompts are prefilled in chunks of P.")
     qnn_context_length: int | None = _opt(
@@ -204,9 +210,14 @@ class ExtraOptions:
     # the values of the loaded plugins' own options (PluginOption), every one declared: (name,
     # value) pairs; read with ``plugin(name)``
     plugin_values: tuple[tuple[str, Any], ...] = field(default=(), metadata={"plugin": True})
-    # the built-in options the user gave (parse), whatever their values: one that does nothing
-    # in the build is refused even when given at its default
+    # the options the user gave (parse; built-in and plugins'), whatever their values: one that
+    # does nothing in the build is refused even when given at its default
     given: tuple[str, ...] = field(default=(), metadata={"internal": True})
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """A built-in option's default."""
+        return cls.__dataclass_fields__[name].default
 
     def plugin(self, name: str) -> Any:
         """The value of a plugin's own option ``name`` (its default when not given)."""
@@ -260,8 +271,9 @@ class ExtraOptions:
         for name in values:
             if not by_name[name][0].implemented:
                 raise OptionError(f"extra option {name!r} is not supported yet")
+        given = tuple(sorted(values))
         plugin = tuple((name, values.pop(name, o.default)) for name, o in sorted(declared.items()))
-        return cls(**values, plugin_values=plugin, given=tuple(sorted(values)))
+        return cls(**values, plugin_values=plugin, given=given)
 
 
 @dataclass(frozen=True)
@@ -393,6 +405,11 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
             and extra.int4_algo_config in DATA_AWARE_ALGORITHMS):
         return ("applies to builds with an accuracy report: quantized -e qnn, or -p int4/int8 "
                 "with int4_algo_config=gptq, awq or *_mixed")
+    if extra is not None and extra.config_only and (
+            name.startswith(("int4_", "quant_")) or name in QNN_QUANTIZED
+            or name in ("qnn_linear", "qnn_int4_format", "unpack_matmul", "prune_lm_head",
+                        "run_check")):
+        return "does nothing with config_only=true (no model is written)"
     if name in ("prune_lm_head", "include_hidden_states") and extra is not None \
             and extra.exclude_lm_head:
         return "does nothing with exclude_lm_head=true (the model has no lm_head)"

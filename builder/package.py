@@ -24,6 +24,12 @@ COPIED_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
+# the model types onnxruntime-genai runs as a text decoder (its ModelType::IsLLM, 0.18); any
+# other "type" in a decoder folder's genai_config.json fails to load ("Unsupported model_type")
+GENAI_MODEL_TYPES = frozenset((
+    "chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gpt2", "gptoss",
+    "granite", "internlm2", "lfm2", "llama", "mistral", "nemotron", "olmo", "phi", "phimoe",
+    "phi3", "phi3small", "qwen2", "qwen3", "smollm3"))
 VERSIONED_PACKAGES = ("builder", "onnx", "onnxruntime", "numpy", "safetensors",
                       "huggingface-hub", "pluggy", "tqdm", "ml_dtypes")
 
@@ -79,6 +85,20 @@ def token_ids(config: DecoderConfig, gen: dict[str, Any]) -> tuple[int, Any, int
     bos = gen.get("bos_token_id", config.bos_token_id)
     pad = gen.get("pad_token_id", config.pad_token_id)
     return (bos if bos is not None else first_eos, eos, pad if pad is not None else first_eos)
+
+
+def check_model_type(config: DecoderConfig, cls, target: TargetCaps) -> None:
+    """A decoder folder's genai_config.json names the model type onnxruntime-genai runs it as:
+    the architecture's ``genai_model_type``, else config.json's ``model_type``, which must be
+    one onnxruntime-genai knows (static targets write a "decoder-pipeline" and need none)."""
+    if target.static_shapes or cls.genai_model_type is not None:
+        return
+    if config.model_type not in GENAI_MODEL_TYPES:
+        raise ConfigError(
+            f"config.json: model_type {config.model_type!r} is not a model type "
+            f"onnxruntime-genai runs (known: {', '.join(sorted(GENAI_MODEL_TYPES))}), so the "
+            "folder would not load; fix the field (an architecture whose graph onnxruntime-genai "
+            "runs as a known type names it: genai_model_type)")
 
 
 def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
@@ -219,7 +239,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
                    stages: list[dict], accuracy: dict | None = None,
                    sensitivity: dict | None = None, mixed: dict | None = None,
                    awq: dict | None = None, kv_cache: dict | None = None,
-                   device_memory: dict | None = None) -> None:
+                   device_memory: dict | None = None, run_check: dict | None = None) -> None:
     needs = requirements(out)
     manifest = {
         "options": options.to_json(),
@@ -238,6 +258,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
         **({"awq": awq} if awq is not None else {}),
         **({"kv_cache": kv_cache} if kv_cache is not None else {}),
         **({"device_memory": device_memory} if device_memory is not None else {}),
+        **({"run_check": run_check} if run_check is not None else {}),
         "outputs": list_outputs(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

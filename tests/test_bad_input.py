@@ -321,6 +321,7 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
     ("rope_scaling", {"rope_type": "llama3", "factor": "8"}, "rope_scaling.factor has the "
                                                               "wrong type: '8'"),
     ("model_type", _DELETE, "'model_type' must name the model family"),
+    ("model_type", "lama", "model_type 'lama' is not a model type onnxruntime-genai runs"),
     # a field that changes the math is read or refused, never dropped (Gemma's key)
     ("hidden_activation", "gelu_pytorch_tanh", "hidden_act='silu' and "
                                                "hidden_activation='gelu_pytorch_tanh' disagree"),
@@ -587,9 +588,25 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
     (["--extra_options", "hf_token=hf_abc"], "hf_token applies to hub downloads only"),
     (["-p", "int4", "--extra_options", "quant_accuracy_check=false"],
      "quant_accuracy_check applies to builds with an accuracy report"),
+    (["-p", "int4", "--extra_options", "config_only=true", "int4_block_size=64"],
+     "int4_block_size does nothing with config_only=true (no model is written)"),
+    (["-e", "qnn", "-p", "w8a16", "--extra_options", "config_only=true",
+      "qnn_calibration_samples=4"], "qnn_calibration_samples does nothing with config_only"),
+    (["--extra_options", "config_only=true", "run_check=true"],
+     "run_check does nothing with config_only=true"),
+    (["-p", "int4", "--extra_options", "exclude_embeds=true",
+      "int4_op_types_to_quantize=MatMul,Gather"],
+     "int4_op_types_to_quantize=...,Gather does nothing with exclude_embeds=true"),
 ])
 def test_option_that_would_do_nothing(capsys, tmp_path, llama_checkpoint, flags, needle):
     refused(capsys, tmp_path, ["-m", llama_checkpoint, *flags], needle)
+
+
+def test_gather_with_a_shared_table_would_do_nothing(capsys, tmp_path, qwen3_checkpoint):
+    """Qwen3's table is tied: quantized once for lm_head, read quantized by the lookup."""
+    refused(capsys, tmp_path, ["-m", qwen3_checkpoint, "-p", "int4", "--extra_options",
+                               "int4_op_types_to_quantize=MatMul,Gather"],
+            "int4_op_types_to_quantize=...,Gather does nothing with shared embeddings")
 
 
 # -- 8. smaller ones ---------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def test_a_plugin_option_read_by_its_architecture(tmp_path):
     """The builder reads its plugin's option: the value given, or the default when the options
     were parsed without that plugin (a library caller passing its own plugins to build)."""
     from builder import BuildOptions, ExtraOptions, PluginOption, build
+    from builder.errors import OptionError
     from checkpoints import make_checkpoint
 
     seen = []
@@ -142,6 +143,14 @@ def test_a_plugin_option_read_by_its_architecture(tmp_path):
         build(BuildOptions(model_name=str(ck), output=tmp_path / f"o{value}",
                            extra=ExtraOptions.parse(items, declared)), plugins)
         assert seen and set(seen) == {value}
+    # given to a build of an architecture that is not the plugin's: it would do nothing
+    qwen3 = make_checkpoint(tmp_path / "q", "qwen3")
+    with pytest.raises(OptionError, match=r"extra option reads_scale is plugin 'reads''s, read "
+                                          r"by its architectures \(LlamaForCausalLM\); this "
+                                          r"build's Qwen3ForCausalLM does not read it"):
+        build(BuildOptions(model_name=str(qwen3), output=tmp_path / "oq", extra=ExtraOptions.parse(
+            ["reads_scale=0.5"], plugins.options.values())), plugins)
+    assert not (tmp_path / "oq").exists()
 
 
 def test_every_hookspec_has_a_test():
