@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import signal
 import sys
 from pathlib import Path
 
+from builder import interrupt
 from builder.errors import BuilderError, did_you_mean
 from builder.options import (
-    BuildOptions, ExecutionProvider, ExtraOptions, Precision, options_help,
+    BuildOptions,
+    ExecutionProvider,
+    ExtraOptions,
+    Precision,
+    options_help,
 )
 
 logger = logging.getLogger("builder")
@@ -83,8 +87,9 @@ def out_of_memory(e: BaseException) -> bool:
     return False
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+def _interrupted_line() -> int:
+    sys.stderr.write("error: interrupted; nothing was written\n")
+    return 130
 
 
 def _interrupted(e: BaseException | None) -> bool:
@@ -98,20 +103,28 @@ def _interrupted(e: BaseException | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # (while the parser loaded the plugins for --help, say)
+        return _interrupted_line()
+
+
+def _main(argv: list[str] | None) -> int:
+    interrupt.reset()
+    interrupt.take_signals(("SIGTERM", "SIGHUP"))  # clean up on kill, too
     args = parser().parse_args(argv)
+    if interrupt.requested():  # a Ctrl-C that a library swallowed (a bare except) still stops it
+        return _interrupted_line()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # clean up on kill, too
-        if sig is not None:
-            signal.signal(sig, _interrupt)
     try:
         options = BuildOptions(
             model_name=args.model_name, input=args.input, output=args.output,
             precision=Precision(args.precision) if args.precision else None,
             execution_provider=ExecutionProvider(args.execution_provider),
             cache_dir=args.cache_dir, extra=ExtraOptions.parse(args.extra_options))
-        from builder.build import build
+        from builder.build_model import build
         build(options)
     except BuilderError as e:
         sys.stderr.write(f"error: {e}\n")
@@ -127,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not _interrupted(e):
             raise
-        sys.stderr.write("error: interrupted; nothing was written\n")
-        return 130
+        return _interrupted_line()
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; nothing was written\n")
-        return 130
+        return _interrupted_line()
     return 0

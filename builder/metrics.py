@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from builder import interrupt
+
 logger = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -82,3 +84,4 @@ class StageMeter:
             self.stages.append({"stage": name, "seconds": round(seconds, 3),
                                 "peak_rss_mb": round(peak, 1)})
             logger.info("stage %s: %.2f s, peak RSS %.0f MB", name, seconds, peak)
+        interrupt.check()  # (a signal whose exception a library swallowed in the stage)

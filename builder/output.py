@@ -15,17 +15,20 @@ target are removed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
-import tempfile
+import string
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from builder import interrupt
 from builder.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -136,6 +139,7 @@ class StagedOutput:
         self.target = Path(target).absolute()
         check_replaceable(self.target)  # fail before anything is created
         self.tmp: Path | None = None
+        self._made = False  # tmp was made by this build
         self._created: list[Path] = []
         self._lock: FileLock | None = None
 
@@ -151,11 +155,13 @@ class StagedOutput:
             self._acquire()
             self._remove_stale()
             check_replaceable(self.target)
-            self.tmp = _staging(self.target, "building")
+            _staging(self.target, "building", self)
         except OSError as e:
+            self._unstage()
             self._leave()
             raise OutputError(f"{self.target}: cannot write there ({e.strerror})") from None
         except BaseException:
+            self._unstage()
             self._leave()
             raise
         self.tmp.chmod(0o755)
@@ -170,27 +176,45 @@ class StagedOutput:
                 committed = True
         finally:
             if not committed:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._unstage()
             self._leave(failed=not committed)
+
+    def _unstage(self) -> None:
+        """Remove the staging folder: the one this build made, or (a signal between its mkdir
+        and the bookkeeping) the empty folder of that name."""
+        if self.tmp is None:
+            return
+        if self._made:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            try:
+                self.tmp.rmdir()
+            except OSError:
+                pass
 
     # -- the lock ------------------------------------------------------------------------
     def _acquire(self) -> None:
-        lock = FileLock(self.lock_path, timeout=0, on_acquired=_write_pid)
+        self._lock = FileLock(self.lock_path, timeout=0, on_acquired=_write_pid)
         try:
-            lock.acquire()
+            self._lock.acquire()
         except Timeout:
+            self._lock = None
             holder = _read_pid(self.lock_path)
             raise OutputError(f"{self.target}: another build into this folder is running"
                               f"{f' (pid {holder})' if holder else ''}; wait for it to finish "
                               f"or choose another -o (lock: {self.lock_path})") from None
-        self._lock = lock
 
     def _leave(self, failed: bool = True) -> None:
-        if self._lock is not None:
+        lock, self._lock = self._lock, None
+        if lock is not None and not lock.is_locked:  # a signal inside acquire: the file may
+            try:                                      # be there, held by nobody: take it
+                lock.acquire()
+            except (Timeout, OSError):  # (another build's by now: not ours to remove)
+                lock = None
+        if lock is not None:
             if os.name == "posix":  # unlink while held (a peer that opened it retries); on
                 self.lock_path.unlink(missing_ok=True)  # Windows the release unlinks it
-            self._lock.release()
-            self._lock = None
+            lock.release()
         if failed:
             for p in self._created:
                 try:
@@ -218,6 +242,7 @@ class StagedOutput:
 
     # -- the commit ----------------------------------------------------------------------
     def _commit(self) -> None:
+        interrupt.check()  # a signal the build's libraries swallowed: nothing is put in place
         check_replaceable(self.target)  # again: something may have appeared while we built
         (self.tmp / STAGING_MARK).unlink()
         old = None
@@ -236,16 +261,35 @@ class StagedOutput:
             logger.info("replaced the previous build in %s", self.target)
 
 
-def _staging(target: Path, kind: str) -> Path:
-    """A new staging folder beside ``target`` (``.<name>.<kind>-xxxxxxxx``), marked as ours."""
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
-    (path / STAGING_MARK).write_text(f"{os.getpid()}\n", encoding="utf-8")
-    return path
+def _staging(target: Path, kind: str, owner: StagedOutput | None = None) -> Path:
+    """A new staging folder beside ``target`` (``.<name>.<kind>-xxxxxxxx``), marked as ours.
+    With ``owner``, its ``tmp`` names the folder before it is made, so that a signal at any
+    moment leaves nothing its cleanup does not know of."""
+    for _ in range(100):
+        path = target.parent / (f".{target.name}.{kind}-"
+                                + "".join(random.choices(string.ascii_lowercase + string.digits,
+                                                         k=8)))
+        if owner is not None:
+            owner.tmp = path
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        if owner is not None:
+            owner._made = True
+        (path / STAGING_MARK).write_text(f"{os.getpid()}\n", encoding="utf-8")
+        return path
+    raise FileExistsError(errno.EEXIST, "no free staging name", str(target.parent))
 
 
 def _write_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    """The holder's pid, for the message of a build that finds the lock taken; a full disk
+    leaves the file empty (the lock itself needs no space)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
 
 
 def _read_pid(path: Path) -> str | None:

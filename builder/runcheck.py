@@ -62,7 +62,7 @@ def run_check(out: Path, options) -> dict:
     from builder.errors import OutputError
 
     start = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", _CHILD, __file__, str(out)], cwd=out,
+    r = subprocess.run([sys.executable, "-c", _CHILD, __file__, str(out)], cwd=out, check=False,
                        capture_output=True, text=True, timeout=TIMEOUT_S)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:

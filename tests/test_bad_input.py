@@ -285,8 +285,12 @@ def test_signal_between_the_final_renames_keeps_the_previous_build(tmp_path, lla
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
-def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
+@pytest.mark.parametrize("sig, times", [(signal.SIGHUP, 1), (signal.SIGTERM, 1),
+                                        (signal.SIGINT, 1), (signal.SIGINT, 5)],
+                         ids=["SIGHUP", "SIGTERM", "SIGINT", "SIGINT-five-times"])
+def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig, times):
+    """A signal while the build writes; pressed five times, the later ones are ignored while
+    the first one's cleanup runs."""
     out = tmp_path / "deep" / "out"
 
     def as_in_a_terminal():  # a background job (CI) inherits SIGINT ignored; a terminal's not
@@ -300,11 +304,46 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig):
     while not list((tmp_path / "deep").glob(".out.building-*/context.onnx")):
         assert proc.poll() is None and time.monotonic() < deadline, "build ended too soon"
         time.sleep(0.05)
-    proc.send_signal(sig)
+    for _ in range(times):
+        proc.send_signal(sig)
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.splitlines()[-1] == "error: interrupted; nothing was written"
+    assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # not even the folder it created for -o
+
+
+def _loaded(pid, library):
+    try:
+        return library in open(f"/proc/{pid}/maps").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc/<pid>/maps")
+@pytest.mark.parametrize("moment", ["numpy", "ml_dtypes", "onnx_cpp2py", "lock"])
+def test_ctrl_c_while_it_starts(tmp_path, llama_checkpoint, moment):
+    """Ctrl-C while the libraries load (the first seconds: numpy, ml_dtypes, onnx, as the
+    plugins import them for the parser) and once the output is locked: one line, exit 130,
+    nothing left. (Before python -m builder's first instruction, Python is still starting:
+    what it prints then is its own.)"""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                             "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / ".out.lock").exists() if moment == "lock"
+               else _loaded(proc.pid, moment)):
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended too soon"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == "error: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- 5. types, OS errors, damaged tokenizers ---------------------------------------------------

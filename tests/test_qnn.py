@@ -524,7 +524,7 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
     it on real text with the sequence's own, growing cache (ours): same prompts, same prefill
     calibration, same quantizer; judged on the decode steps of the QDQ graphs (CPU EP) against
     the fp32 build."""
-    from builder.build import PipelineFolder
+    from builder.build_model import PipelineFolder
 
     monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     ck, fp32 = trained[arch]
