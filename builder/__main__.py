@@ -2,6 +2,14 @@ import os
 import signal
 import sys
 
+if getattr(sys.modules.get("builder"), "__file__", None) is None:
+    # run from the folder that holds a clone named "builder" (with an editable install):
+    # Python took that folder for the package. Forget it, and load the installed package.
+    _here = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", _here)]
+    for _name in [m for m in sys.modules if m == "builder" or m.startswith("builder.")]:
+        del sys.modules[_name]
+
 try:
     from builder.interrupt import take_signals
     take_signals()

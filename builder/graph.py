@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.errors import WeightError
+from builder.output import writing
 from builder.quant.kv import KV_BUFFER, kv_group, kv_params
 from builder.quant.qdq import QdqWeight, activation_params, pack_int4
 
@@ -152,12 +153,8 @@ class WeightStore:
         self.quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.dq_attrs: dict[str, dict] = {}  # QDQ weights: their DequantizeLinear's attributes
 
-    @contextlib.contextmanager
-    def _named(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as e:  # a full disk: name the file that could not be written
-            raise OSError(e.errno, e.strerror, str(self.data_path)) from None
+    def _named(self):  # a full disk: name the file that could not be written
+        return writing(self.data_path)
 
     def write(self, data) -> None:
         with self._named():
@@ -585,7 +582,8 @@ class GraphBuilder:
                               for name, elem in self.float_tensors().items()
                               if name not in known and (wanted is None or name in wanted)]
         model = self._model()
-        onnx.save_model(model, str(path))
+        with writing(path):
+            onnx.save_model(model, str(path))
         logger.log(log, "wrote %s: %d nodes, %d initializers, %.1f MB of weights", path.name,
                     len(self._nodes), len(self._initializers),
                     self.data_path.stat().st_size / 1e6)

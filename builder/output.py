@@ -15,6 +15,7 @@ target are removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -24,6 +25,7 @@ import random
 import re
 import shutil
 import string
+from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -38,6 +40,22 @@ _STAGING_KINDS = ("building", "old")
 # written into each staging folder when it is made: only folders holding it are ever removed as
 # a dead build's staging (a user's own folder of a similar name is not ours)
 STAGING_MARK = ".builder-staging"
+
+
+# a write refused for want of room: the file being written is to blame, not a source it copies
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while ``path`` is written names it: a write to an open file names no file,
+    and a copy that runs out of room names its source."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or e.errno in _NO_ROOM and e.filename != str(path):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def list_outputs(folder: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from builder.config import DecoderConfig, _number, check_types
 from builder.options import BuildOptions, ExtraOptions
-from builder.output import MANIFEST, list_outputs
+from builder.output import MANIFEST, list_outputs, writing
 from builder.errors import ConfigError, SourceError
 from builder.source import Source, checkpoint_file
 from builder.targets import TargetCaps
@@ -162,7 +162,8 @@ def read_genai_config(out: Path) -> dict[str, Any]:
 
 
 def write_genai_config(out: Path, genai: dict[str, Any]) -> None:
-    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
+    with writing(out / GENAI_CONFIG):
+        (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=4) + "\n", encoding="utf-8")
 
 
 def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
@@ -174,7 +175,8 @@ def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
             read_json_file(source, name)  # a damaged tokenizer or generation file stops here
         if name == "tokenizer.json":
             check_tokenizer(checkpoint_file(source, name))
-        shutil.copyfile(checkpoint_file(source, name), out / name)
+        with writing(out / name):
+            shutil.copyfile(checkpoint_file(source, name), out / name)
     logger.info("genai_config.json written; copied %s", ", ".join(copied) or "no tokenizer files")
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
         logger.warning("no tokenizer file in %s: onnxruntime-genai will not be able to "
@@ -261,4 +263,5 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
         **({"run_check": run_check} if run_check is not None else {}),
         "outputs": list_outputs(out),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    with writing(out / MANIFEST):
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

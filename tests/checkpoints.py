@@ -136,8 +136,8 @@ def make_tokenizer(folder: Path) -> None:
     """A byte-level BPE tokenizer with 256 tokens and no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # (a set's order: not the same each run)
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -224,9 +224,12 @@ def plant_outlier(src: Path, dst: Path, layer: int, channels: tuple[int, ...] = 
 
 
 if __name__ == "__main__":  # regenerate the shipped example: python tests/checkpoints.py
+    import argparse
     import shutil
-    import sys
 
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-qwen3")
+    p = argparse.ArgumentParser(description="Write the shipped tiny example checkpoint (a "
+                                "random Qwen3, 256 tokens; the folder is replaced).")
+    p.add_argument("folder", nargs="?", default="examples/tiny-qwen3", type=Path)
+    target = p.parse_args().folder
     shutil.rmtree(target, ignore_errors=True)
     make_checkpoint(target, "qwen3", shard=True, max_position_embeddings=256)

@@ -415,6 +415,33 @@ def test_disk_full(tmp_path, llama_checkpoint, flags):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_disk_full_before_the_start(tmp_path, llama_checkpoint):
+    """Not even the lock file's pid can be written: one line, and no lock or staging left."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
+                        "-o", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, preexec_fn=_file_size_limit(0))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1] == f"error: {out}: cannot write there (File too large)"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("errno_, filename", [(28, None), (28, "checkpoint/tokenizer.json"),
+                                              (122, "checkpoint/tokenizer.json")])
+def test_a_write_without_room_names_the_file_written(tmp_path, errno_, filename):
+    """A write to an open file names no file, and a copy names its source: a full disk names
+    the file being written."""
+    from builder.output import writing
+
+    target = tmp_path / "out" / "tokenizer.json"
+    with pytest.raises(OSError) as e, writing(target):
+        raise OSError(errno_, os.strerror(errno_), filename)
+    assert (e.value.errno, e.value.filename) == (errno_, str(target))
+    with pytest.raises(OSError) as e, writing(target):  # (a read error keeps its own file)
+        raise OSError(5, "Input/output error", "checkpoint/tokenizer.json")
+    assert e.value.filename == "checkpoint/tokenizer.json"
+
+
 @pytest.mark.parametrize("name, text, flags, needle", [
     ("tokenizer.json", "{ broken", [], "tokenizer.json: not valid JSON"),
     ("generation_config.json", "[1, 2]", [], "generation_config.json: expected a JSON object"),
@@ -656,6 +683,19 @@ def test_mistyped_local_folder(tmp_path):
     assert r.stderr.splitlines()[-1].startswith(
         "error: nope: no such local folder, and as a hub repository id it is not in the "
         "Hugging Face cache"), r.stderr
+
+
+def test_run_beside_a_clone_named_builder(tmp_path, llama_checkpoint):
+    """From the folder that holds a clone named builder, Python takes the clone for the
+    package (with an editable install); python -m builder still runs."""
+    for sub in ("builder/plugins/builder-seed-oss", "builder/builder", "builder/tests"):
+        (tmp_path / sub).mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "builder", "--help"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "extra options" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(llama_checkpoint), "-o",
+                        "out"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "out" / "model.onnx").is_file(), r.stderr[-2000:]
 
 
 def test_mistyped_flag(capsys, tmp_path, llama_checkpoint):

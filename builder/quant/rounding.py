@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from builder.errors import ConfigError, OptionError
+from builder.output import writing
 from builder.quant.base import QuantizedWeight
 from builder.quant.gptq import gptq_matmul_nbits, gptq_qdq, inverse_factor
 from builder.quant.qdq import QdqWeight
@@ -49,14 +50,16 @@ class RoundedWeights:
         return self.folder / f"{layer}.{role.value}.npz"
 
     def save(self, role: R, layer: int, w: QuantizedWeight | QdqWeight) -> None:
-        if isinstance(w, QdqWeight):
-            lpbq = {} if w.channel_scales is None else {"channel_scales": w.channel_scales}
-            np.savez(self.path(role, layer), codes=w.codes, scales=w.scales,
-                     meta=np.array([w.bits, w.block_size or 0, w.conv]), **lpbq)
-            return
-        extra = {} if w.zero_points is None else {"zero_points": w.zero_points}
-        np.savez(self.path(role, layer), data=w.data, scales=w.scales,
-                 meta=np.array([w.bits, w.block_size, w.k]), **extra)
+        path = self.path(role, layer)
+        with writing(path):
+            if isinstance(w, QdqWeight):
+                lpbq = {} if w.channel_scales is None else {"channel_scales": w.channel_scales}
+                np.savez(path, codes=w.codes, scales=w.scales,
+                         meta=np.array([w.bits, w.block_size or 0, w.conv]), **lpbq)
+                return
+            extra = {} if w.zero_points is None else {"zero_points": w.zero_points}
+            np.savez(path, data=w.data, scales=w.scales,
+                     meta=np.array([w.bits, w.block_size, w.k]), **extra)
 
     def log(self) -> None:
         logger.info("GPTQ: %d weights written as rounded with calibration data; by the "
