@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from builder.config import DecoderConfig
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
 from builder.graph import Calibrated, GraphBuilder
+from builder.memory import check_memory
 from builder.metrics import StageMeter
 from builder.options import (
     FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
@@ -431,6 +432,10 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         folder.check(config, cls)
         check_model_type(config, cls, target)
         policy = folder.policy(config, plugins)
+        peak = check_memory(options, config, cls, target.static_shapes)
+        logger.info("memory: about %.0f MiB at the peak, estimated from the shapes (largest: "
+                    "%s)", peak["total"] / 2**20,
+                    max((k for k in peak if k != "total"), key=peak.get))
 
         weight_files: list[Path] = []
         if options.extra.config_only:
@@ -452,7 +457,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
                        folder.sensitivity, folder.mixed, folder.awq, folder.kv, folder.device,
-                       checked)
+                       checked, peak)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

@@ -241,7 +241,8 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
                    stages: list[dict], accuracy: dict | None = None,
                    sensitivity: dict | None = None, mixed: dict | None = None,
                    awq: dict | None = None, kv_cache: dict | None = None,
-                   device_memory: dict | None = None, run_check: dict | None = None) -> None:
+                   device_memory: dict | None = None, run_check: dict | None = None,
+                   memory_estimate: dict | None = None) -> None:
     needs = requirements(out)
     manifest = {
         "options": options.to_json(),
@@ -261,6 +262,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
         **({"kv_cache": kv_cache} if kv_cache is not None else {}),
         **({"device_memory": device_memory} if device_memory is not None else {}),
         **({"run_check": run_check} if run_check is not None else {}),
+        **({"memory_estimate": memory_estimate} if memory_estimate is not None else {}),
         "outputs": list_outputs(out),
     }
     with writing(out / MANIFEST):
