@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def tensor_shapes(c: dict) -> dict[str, tuple[int, ...]]:
 def make_checkpoint(folder: Path, config: dict, shard_bytes: int = 500_000_000) -> None:
     """Random bf16 weights (std 0.02, norms 1.0), sharded with an index, as transformers saves."""
     if (folder / "model.safetensors.index.json").is_file():
-        if not (folder / "tokenizer.json").is_file():
+        if not (folder / "tokenizer_config.json").is_file():
             write_tokenizer(folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,19 +152,42 @@ def write_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(  # (onnxruntime-genai reads both)
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Wall seconds, peak RSS (MB) of one child process."""
+    """Wall seconds, peak RSS (MB) of one child process: its own high-water mark (VmHWM), read
+    from /proc while it runs. (wait4's ru_maxrss would not do: a child forked from this
+    process, which made the random checkpoint, inherits this process's resident size as its
+    maximum until it execs, and Linux keeps that maximum across the exec.)"""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    hwm = [0.0]
+    reading = threading.Thread(target=_watch_hwm, args=(proc.pid, hwm), daemon=True)
+    reading.start()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    reading.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr.decode()[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "peak_rss_mb": hwm[0] or usage.ru_maxrss / 1024,
             "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def _watch_hwm(pid: int, hwm: list[float]) -> None:
+    """Keep ``hwm[0]`` at the process's VmHWM (MB) until it exits (it only grows)."""
+    path = f"/proc/{pid}/status"
+    while True:
+        try:
+            with open(path, encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        hwm[0] = max(hwm[0], int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            return
+        time.sleep(0.02)
 
 
 def folder_bytes(folder: Path) -> int:

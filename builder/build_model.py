@@ -17,28 +17,60 @@ from builder.errors import OptionError, OutputError, UnsupportedArchitectureErro
 from builder.graph import Calibrated, GraphBuilder
 from builder.memory import check_memory
 from builder.metrics import StageMeter
+from builder.models.static import check_lowered
 from builder.options import (
-    FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExecutionProvider, Precision, not_applicable,
+    FOUR_BIT,
+    QDQ_PRECISIONS,
+    BuildOptions,
+    ExecutionProvider,
+    Precision,
+    not_applicable,
 )
 from builder.output import StagedOutput
-from builder.package import check_model_type, genai_config, write_genai_files, write_manifest
-from builder.pipeline import (check_options, compile_pipeline, device_memory,
-                              genai_pipeline_config, kv_bits, kv_cache_figures, part_room,
-                              resolve_splits, write_pipeline)
+from builder.package import (
+    check_model_type,
+    check_tokenizer_files,
+    genai_config,
+    generation,
+    token_ids,
+    write_genai_files,
+    write_manifest,
+)
+from builder.pipeline import (
+    check_options,
+    compile_pipeline,
+    device_memory,
+    genai_pipeline_config,
+    kv_bits,
+    kv_cache_figures,
+    part_room,
+    resolve_splits,
+    write_pipeline,
+)
 from builder.plugins import Plugins, default_plugins
-from builder.models.static import check_lowered
-from builder.package import generation, token_ids
 from builder.quant import QuantPolicy
+from builder.quant.awq import qdq_smoothing, smooth_layers, summary
 from builder.quant.calibration import calibrate, prompts
 from builder.quant.kv import tie_kv_ranges
-from builder.quant.awq import qdq_smoothing, smooth_layers, summary
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
+from builder.quant.report import (
+    accuracy_report,
+    check_accuracy,
+    evaluation_sequences,
+    float_head,
+    stream_report,
+)
 from builder.quant.rounding import qdq_rounding, round_layers
-from builder.quant.report import (accuracy_report, check_accuracy, evaluation_sequences, float_head,
-                                  stream_report)
-from builder.quant.sensitivity import (StreamProbe, kinds_of_error, layer_figures, overall,
-                                       summarize, tensor_figures, weight_figures)
+from builder.quant.sensitivity import (
+    StreamProbe,
+    kinds_of_error,
+    layer_figures,
+    overall,
+    summarize,
+    tensor_figures,
+    weight_figures,
+)
 from builder.quant.stream import LayerStream, TensorStats, sequence
 from builder.roles import TensorRole as R
 from builder.runcheck import run_check
@@ -417,6 +449,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             source = resolve(options.model_name, options.input, options.cache_dir,
                              options.extra.hf_token, weights=not options.extra.config_only)
         config = DecoderConfig.from_file(checkpoint_file(source.path, "config.json"))
+        check_tokenizer_files(source.path)
         cls = _architecture(config, plugins)
         if cls.config_class is not DecoderConfig or cls.config_defaults:
             config = cls.config_class.from_file(checkpoint_file(source.path, "config.json"),

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from builder.config import DecoderConfig, _number, check_types
+from builder.errors import ConfigError, SourceError
 from builder.options import BuildOptions, ExtraOptions
 from builder.output import MANIFEST, list_outputs, writing
-from builder.errors import ConfigError, SourceError
 from builder.source import Source, checkpoint_file
 from builder.targets import TargetCaps
 
@@ -181,6 +181,18 @@ def write_genai_files(out: Path, genai: dict[str, Any], source: Path) -> None:
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
         logger.warning("no tokenizer file in %s: onnxruntime-genai will not be able to "
                        "tokenize text for this model", source)
+
+
+def check_tokenizer_files(source: Path) -> None:
+    """onnxruntime-genai reads a tokenizer from tokenizer.json (or tokenizer.model) together
+    with tokenizer_config.json: one without the other loads nothing ("Failed to open a json
+    file"), so it is refused before the build starts."""
+    present = [n for n in ("tokenizer.json", "tokenizer.model") if (source / n).is_file()]
+    if present and not (source / "tokenizer_config.json").is_file():
+        raise SourceError(f"{source / present[0]} has no tokenizer_config.json beside it, and "
+                          "onnxruntime-genai reads both (the tokenizer's class and special "
+                          "tokens are there): copy it from the model's repository, or remove "
+                          f"{present[0]} to build a folder without a tokenizer")
 
 
 def check_tokenizer(path: Path) -> None:

@@ -109,8 +109,9 @@ def with_genai(folder: Path, cfg: dict) -> dict:
     config = og.Config(str(folder))
     config.clear_providers()
     model = og.Model(config)
-    tokenizer = og.Tokenizer(model)
-    ids = [int(i) for i in tokenizer.encode(PROMPT)] or [cfg["model"]["bos_token_id"]]
+    tokenizer = og.Tokenizer(model) if _has_tokenizer(folder) else None  # (none: warned of)
+    ids = [int(i) for i in tokenizer.encode(PROMPT)] if tokenizer else []
+    ids = ids or [cfg["model"]["bos_token_id"]]
     window = _window(cfg)
     padded = -(-len(ids) // window) * window if window else len(ids)
     params = og.GeneratorParams(model)
@@ -120,9 +121,13 @@ def with_genai(folder: Path, cfg: dict) -> dict:
     logits = np.asarray(generator.get_output("logits"))
     generator.generate_next_token()
     token = int(generator.get_sequence(0)[-1])
-    text = tokenizer.decode([token])
+    text = tokenizer.decode([token]) if tokenizer else None
     return {"runtime": f"onnxruntime-genai {og.__version__}", "prompt": ids, "token": token,
             "text": text, "error": _judge(logits, token, cfg["model"]["vocab_size"])}
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
 
 
 def with_onnxruntime(folder: Path, cfg: dict) -> dict:

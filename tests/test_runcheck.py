@@ -95,3 +95,22 @@ def test_what_is_skipped_and_why():
     assert skipped(options("run_check=true"), 10 * AUTO_LIMIT) is None
     assert "bf16" in skipped(options(precision="bf16"), 1)
     assert "exclude_lm_head" in skipped(options("exclude_lm_head=true"), 1)
+
+
+def test_tokenizer_files_onnxruntime_genai_reads_together(capsys, tmp_path, copy_checkpoint,
+                                                          llama_checkpoint):
+    """tokenizer.json without tokenizer_config.json loads nothing in onnxruntime-genai: refused
+    before the build starts. Without any tokenizer the folder is built (with a warning) and
+    the run check generates from the bos token."""
+    from test_bad_input import refused
+
+    ck = copy_checkpoint(llama_checkpoint)
+    (ck / "tokenizer_config.json").unlink()
+    refused(capsys, tmp_path, ["-m", ck], "tokenizer.json has no tokenizer_config.json beside "
+                                          "it, and onnxruntime-genai reads both")
+    (ck / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    build(BuildOptions(model_name=str(ck), output=out))
+    checked = json.loads((out / "build_manifest.json").read_text())["run_check"]
+    bos = json.loads((out / "genai_config.json").read_text())["model"]["bos_token_id"]
+    assert checked["ran"] and checked["prompt"] == [bos] and checked["text"] is None
