@@ -232,7 +232,7 @@ class DecoderConfig:
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=max_pos,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_norm_eps(d, source),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             rope=rope,
             layer_ropes=layer_ropes,
@@ -255,6 +255,21 @@ MAX_POSITIONS = 1 << 24
 _SIZES = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings",
           "sliding_window")
 _POSITIVE = ("rms_norm_eps", "rope_theta")
+# what other families call their norm's epsilon: read by none of ours, so a config that gives
+# one of them and no rms_norm_eps would silently get 1e-6, a different model
+_OTHER_EPS = ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
+              "rms_norm_epsilon", "epsilon")
+
+
+def _norm_eps(d: dict[str, Any], source: str) -> float:
+    if d.get("rms_norm_eps") is None:
+        other = next((k for k in _OTHER_EPS if d.get(k) is not None), None)
+        if other is not None:
+            raise ConfigError(f"{source}: the norms' epsilon is given as {other}="
+                              f"{_short(d[other])}, and builder reads rms_norm_eps (default "
+                              "1e-6, a different model): an architecture that uses this key "
+                              "maps it in its config class (see plugins/ in the repository)")
+    return float(d.get("rms_norm_eps", 1e-6))
 _FRACTION = ("partial_rotary_factor",)
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 _STRINGS = ("hidden_act", "hidden_activation")

@@ -385,6 +385,14 @@ def test_config_field_types(capsys, tmp_path, copy_checkpoint, llama_checkpoint,
     refused(capsys, tmp_path, ["-m", ck], "config.json", needle)
 
 
+def test_an_epsilon_under_another_name(capsys, tmp_path, copy_checkpoint, llama_checkpoint):
+    """layer_norm_eps without rms_norm_eps would silently be 1e-6: refused, naming it."""
+    ck = copy_checkpoint(llama_checkpoint)
+    _edit_config(ck, rms_norm_eps=_DELETE, layer_norm_eps=1e-5)
+    refused(capsys, tmp_path, ["-m", ck], "config.json: the norms' epsilon is given as "
+                                          "layer_norm_eps=1e-05, and builder reads rms_norm_eps")
+
+
 def test_index_with_a_non_string_shard(capsys, tmp_path, copy_checkpoint, qwen3_checkpoint):
     ck = copy_checkpoint(qwen3_checkpoint)
     index = json.loads((ck / "model.safetensors.index.json").read_text())
