@@ -258,7 +258,7 @@ _POSITIVE = ("rms_norm_eps", "rope_theta")
 # what other families call their norm's epsilon: read by none of ours, so a config that gives
 # one of them and no rms_norm_eps would silently get 1e-6, a different model
 _OTHER_EPS = ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
-              "rms_norm_epsilon", "epsilon")
+              "rms_norm_epsilon")
 
 
 def _norm_eps(d: dict[str, Any], source: str) -> float:
