@@ -67,6 +67,7 @@ def main() -> None:
         dev, kv = m["device_memory"], m["kv_cache"]
         parts = [p for p in dev["parts"] if p["kv_bytes"]]
         row = {"model": name, "build_s": run["wall_s"], "peak_mb": run["peak_rss_mb"],
+               "estimate_mb": m["memory_estimate"]["total"] / 1e6,
                "C": kv["context_length"], "parts": len(parts), "kv_mib": kv["bytes"] / MIB,
                "part_weights_mib": max(p["weight_bytes_shared"] for p in parts) / MIB,
                "part_per_graph_mib": max(p["weight_bytes_per_graph"] for p in parts) / MIB,

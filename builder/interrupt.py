@@ -11,7 +11,6 @@ it puts the folder in place. A library caller that takes no signals is not affec
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -48,7 +47,7 @@ def _interrupt(signum, frame):
     if _signalled:
         return
     if _waits(frame):  # sent again a moment later
-        retry = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+        retry = threading.Timer(RETRY_S, signal.raise_signal, (signum,))
         retry.daemon = True
         retry.start()
         return

@@ -32,9 +32,10 @@ STREAM_LENGTHS = (64, 512)
 
 
 def layer_elements(config: DecoderConfig, cls) -> int:
-    """The largest layer's weights, in elements."""
+    """The largest layer's weights, in elements (among the first 256: layers repeat a short
+    pattern, and config.json's layer count is not yet confirmed by the checkpoint here)."""
     return max(sum(math.prod(shape) for _, shape in cls.layer_weight_shapes(config, i))
-               for i in range(config.num_hidden_layers))
+               for i in range(min(config.num_hidden_layers, 256)))
 
 
 def runs_layers(options: BuildOptions, static: bool) -> bool:
