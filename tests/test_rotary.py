@@ -42,3 +42,24 @@ def test_old_style_rope_keys():
         "rope_theta": 1234.0, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (cfg.rope.theta, cfg.rope.type, cfg.rope.params) == (1234.0, "linear", {"factor": 2.0})
     assert cfg.head_dim == 16 and cfg.num_key_value_heads == 2
+
+
+def test_a_partial_rotary_the_fused_op_cannot_take(tmp_path):
+    """40 rotary dims of 64 (not a multiple of 16, as GPT-NeoX-20B's 24 and Pythia-2.8B's 20):
+    GroupQueryAttention's fused rotary refuses the tables at the first run, so the build uses
+    RotaryEmbedding ops; a left-padded batch against transformers, and onnxruntime-genai's
+    greedy tokens (the run check passes too)."""
+    from builder import BuildOptions, build
+    from builder.testing import genai_greedy, hf_greedy, hf_logits, run_decoder
+    from checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "phi3", partial_rotary_factor=0.625,
+                         num_attention_heads=2, num_key_value_heads=1)
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "out"))
+    ids = np.array([[3, 5, 7, 9, 11, 13], [0, 0, 7, 9, 11, 13]])
+    mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    ours = run_decoder(out, ids, mask, steps=0).prefill_logits
+    ref = hf_logits(ck, ids, mask, 6)
+    assert np.abs(ours - ref)[mask.astype(bool)].max() < 1e-4
+    prompt = [3, 5, 7, 9, 11, 13]
+    assert genai_greedy(out, prompt, 5) == hf_greedy(ck, prompt, 5)

@@ -64,7 +64,12 @@ class DecoderLowering:
         self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
                                                              b.target.attention_mask)
         ropes = [b.rope(layer) for layer in range(c.num_hidden_layers)]
-        self.explicit_rotary = any(r is not None and r.type in LONGROPE for r in ropes)
+        # GroupQueryAttention's fused rotary takes tables of a multiple of 8 columns only
+        # (rotary dims a multiple of 16: "cos_cache dimension 1 must be <= head_size / 2 and a
+        # multiple of 8" at the first run): other partial rotaries run as RotaryEmbedding ops
+        self.explicit_rotary = any(r is not None and (
+            r.type in LONGROPE or round(c.head_dim * r.partial_rotary_factor) % 16)
+            for r in ropes)
         self.ropes = RopeTables(ropes, self.rotary_tables, range(c.num_hidden_layers))
         self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 
