@@ -111,15 +111,15 @@ PART_LIMIT = 2 << 30
 
 
 def layer_weight_bytes(shapes: list[tuple[R, tuple[int, ...]]], precision: Precision,
-                       block_size: int, conv: bool) -> int:
+                       block_size: int, conv: bool, linear: frozenset = frozenset()) -> int:
     """What one layer's weights take in model.data: projections at the precision's weight bits
     (plus an fp32 scale and a zero point of the weight's bits per block of ``block_size`` for
     int4 on MatMul, per output channel otherwise), other tensors at 16 bits (QDQ builds store
-    them as uint16 codes; fp16) or 32."""
+    them as uint16 codes; fp16) or 32. ``linear``: an architecture's own linear roles."""
     total = 0
     for role, shape in shapes:
         n = math.prod(shape)
-        if precision in QDQ_PRECISIONS and role in LINEAR_ROLES:
+        if precision in QDQ_PRECISIONS and (role in LINEAR_ROLES or role in linear):
             bits = 4 if precision in FOUR_BIT else 8
             scales = n // block_size if bits == 4 and not conv else shape[0]
             total += (n + scales) * bits // 8 + 4 * scales
@@ -170,7 +170,8 @@ def part_costs(options: BuildOptions, config: DecoderConfig, cls) -> tuple[list[
     kv = kv_cache_figures(config, x.qnn_context_length, kv_bits(options))["bytes"] \
         // config.num_hidden_layers
     return [copies * layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
-                                        x.int4_block_size, x.qnn_linear == "conv") + kv
+                                        x.int4_block_size, x.qnn_linear == "conv",
+                                        cls.linear_roles) + kv
             for i in range(config.num_hidden_layers)], copies
 
 

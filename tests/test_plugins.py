@@ -284,6 +284,69 @@ def test_an_architecture_declares_roles_of_its_own(tmp_path):
         build(BuildOptions(model_name=str(ck), output=tmp_path / "x"), plugins(NoShape))
 
 
+def test_an_own_role_that_projects_is_declared(tmp_path):
+    """A projection under an architecture's own role: quantized at -p int4 and counted at the
+    precision's bits by the QNN sizing when declared in linear_roles, kept in float when in
+    float_roles, and an error when in neither (it was silently left in float)."""
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from builder import BuildOptions, ExtraOptions, build
+    from builder.config import DecoderConfig
+    from builder.errors import ConfigError
+    from builder.models.base import LLAMA_WEIGHT_NAMES
+    from builder.options import Precision
+    from builder.pipeline import layer_weight_bytes
+    from checkpoints import make_checkpoint
+
+    class Mixer(LlamaBuilder):  # a square projection after attention, of its own
+        architectures = ("LlamaForCausalLM",)
+        weight_names = {**LLAMA_WEIGHT_NAMES, "mixer": "model.layers.{i}.mixer.weight"}
+
+        @classmethod
+        def role_shape(cls, c, role):
+            return (c.hidden_size, c.hidden_size) if role == "mixer" \
+                else super().role_shape(c, role)
+
+        def attention_output(self, layer, a):
+            return self.project("mixer", a, "mixer", layer, self.weight("mixer", layer).T,
+                                self.weight_name("mixer", layer))
+
+    ck = make_checkpoint(tmp_path / "ck", "llama")
+    tensors = load_file(ck / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.mixer.weight"] = tensors[
+            f"model.layers.{i}.self_attn.o_proj.weight"].clone()
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+
+    def ops(cls, name):
+        plugins = load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                                 register(cls, replace=True)))])
+        out = build(BuildOptions(model_name=str(ck), output=tmp_path / name, precision=
+                                 Precision.INT4, extra=ExtraOptions.parse(
+                                     ["int4_algo_config=rtn"], [])), plugins)
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        return {n.op_type for n in graph.node if n.name.startswith("/model/layers.0/mixer/")}
+
+    with pytest.raises(ConfigError, match=r"Mixer projects with its own role 'mixer', which it "
+                                          r"declares neither in Mixer.linear_roles"):
+        ops(Mixer, "neither")
+
+    class Linear(Mixer):
+        linear_roles = frozenset({"mixer"})
+
+    class Float(Mixer):
+        float_roles = frozenset({"mixer"})
+
+    assert ops(Linear, "linear") == {"MatMulNBits"}
+    assert ops(Float, "float") == {"MatMul"}
+    config = DecoderConfig.from_file(ck / "config.json")
+    shapes = Linear.layer_weight_shapes(config, 0)
+    h = config.hidden_size  # at 8 bits plus a scale per row, where it counted 16 bits
+    assert layer_weight_bytes(shapes, Precision.W8A16, 32, False) - layer_weight_bytes(
+        shapes, Precision.W8A16, 32, False, Linear.linear_roles) == 2 * h * h - (h * h + 5 * h)
+
+
 TUTORIAL = ROOT / "plugins" / "builder-seed-oss" / "README.md"
 PUBLIC = {"builder", "builder.models", "builder.ops", "numpy"}
 

@@ -89,6 +89,12 @@ class DecoderBuilder:
     # genai_config.json's model type, where onnxruntime-genai does not know the checkpoint's
     # model_type but runs the graph as this one (None: the checkpoint's)
     genai_model_type: ClassVar[str | None] = None
+    # an architecture's own roles (keys of weight_names that are not TensorRole) that feed a
+    # projection (``project``): quantized as the layers' projections are (``linear_roles``) or
+    # kept in float on purpose (``float_roles``); one in neither is an error, never a weight
+    # silently left in float at -p int4
+    linear_roles: ClassVar[frozenset[str]] = frozenset()
+    float_roles: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
                  weights: CheckpointReader, gb: GraphBuilder,
@@ -244,13 +250,25 @@ class DecoderBuilder:
         """The weight as the quantization policy wants it for the node that will read it (its
         input columns scaled first where activation-aware scaling chose so: ``quant.awq``)."""
         weight = self.policy.fold_projection(role, layer, weight, self)
-        bits = self.policy.bits_for(role, layer, node)
+        bits = self.policy.bits_for(self.policy_role(role), layer, node)
         if bits is None:
             return weight
         quantized = self.policy.quantize(role, layer, weight, bits)
         logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
                      self.policy.algorithm, bits)
         return quantized
+
+    def policy_role(self, role: R | str) -> R | str:
+        """The role the quantization policy sees: an own linear role as a layer projection
+        (o's rules), an own float role as itself (not a projection: float)."""
+        if isinstance(role, R) or role in self.float_roles:
+            return role
+        if role in self.linear_roles:
+            return R.O
+        name = type(self).__name__
+        raise ConfigError(f"{name} projects with its own role {role!r}, which it declares "
+                          f"neither in {name}.linear_roles (quantized as the layers' "
+                          f"projections) nor in {name}.float_roles (kept in float)")
 
     def project(self, name: str, x: str, role: R, layer: int | None, weight: np.ndarray,
                 weight_name: str, bias: np.ndarray | None = None,
