@@ -347,6 +347,42 @@ def test_an_own_role_that_projects_is_declared(tmp_path):
         shapes, Precision.W8A16, 32, False, Linear.linear_roles) == 2 * h * h - (h * h + 5 * h)
 
 
+def test_a_packed_table_needs_no_names_for_its_parts(tmp_path):
+    """A table that names the stored qkv_proj and gate_up_proj only (not q, k, v, gate, up,
+    which the checkpoint does not hold): packed and unpacked builds match transformers' Phi-3;
+    a table naming neither a part nor its packed tensor is one error (it was a KeyError)."""
+    import numpy as np
+
+    from builder import BuildOptions, ExtraOptions, build
+    from builder.errors import ConfigError
+    from builder.models import Phi3Builder
+    from builder.roles import TensorRole as R
+    from builder.testing import hf_logits, run_decoder
+    from checkpoints import make_checkpoint
+
+    class Packed(Phi3Builder):
+        weight_names = {k: v for k, v in Phi3Builder.weight_names.items()
+                        if k not in (R.Q, R.K, R.V, R.GATE, R.UP)}
+
+    class Unnamed(Packed):
+        weight_names = {k: v for k, v in Packed.weight_names.items() if k != R.QKV}
+
+    def plugins(cls):
+        return load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                              register(cls, replace=True)))])
+
+    ck = make_checkpoint(tmp_path / "ck", "phi3")
+    ids = np.array([[3, 5, 7, 9, 11, 13]])
+    ref = hf_logits(ck, ids, np.ones_like(ids), 6)
+    for extra in ([], ["unpack_matmul=true"]):
+        out = build(BuildOptions(model_name=str(ck), output=tmp_path / f"o{len(extra)}",
+                                 extra=ExtraOptions.parse(extra, [])), plugins(Packed))
+        assert np.abs(run_decoder(out, ids, steps=0).prefill_logits - ref).max() < 1e-4
+    with pytest.raises(ConfigError, match=r"Unnamed.weight_names has no 'q' \(nor 'qkv', "
+                                          r"which holds it\)"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "x"), plugins(Unnamed))
+
+
 TUTORIAL = ROOT / "plugins" / "builder-seed-oss" / "README.md"
 PUBLIC = {"builder", "builder.models", "builder.ops", "numpy"}
 

@@ -61,6 +61,8 @@ LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
     R.FINAL_NORM: "model.norm.weight",
     R.LM_HEAD: "lm_head.weight",
 }
+# the packed tensor that holds a projection's weight, when a checkpoint stores them fused
+PACKED_IN = {R.Q: R.QKV, R.K: R.QKV, R.V: R.QKV, R.GATE: R.GATE_UP, R.UP: R.GATE_UP}
 
 
 def lowering_for(builder: DecoderBuilder):
@@ -221,7 +223,25 @@ class DecoderBuilder:
         return [(role, cls.role_shape(c, role)) for role in roles]
 
     def weight_name(self, role: R, layer: int | None = None, expert: int | None = None) -> str:
+        if role not in self.weight_names:
+            raise ConfigError(f"{type(self).__name__}.weight_names has no "
+                              f"{getattr(role, 'value', role)!r}: name the checkpoint's tensor "
+                              "for it")
         return self.weight_names[role].format(i=layer, e=expert)
+
+    def initializer_name(self, role: R, layer: int | None = None) -> str:
+        """The name a weight's initializer takes: its tensor's, or for a part of a packed tensor
+        the table does not name (q of a stored qkv, gate of a stored gate_up) the packed
+        tensor's name with the part (``...qkv_proj.weight.q``)."""
+        if role in self.weight_names:
+            return self.weight_name(role, layer)
+        packed = PACKED_IN.get(role)
+        if packed in self.weight_names:
+            return f"{self.weight_name(packed, layer)}.{role.value}"
+        name = type(self).__name__
+        raise ConfigError(f"{name}.weight_names has no {role.value!r}"
+                          + (f" (nor {packed.value!r}, which holds it)" if packed else "")
+                          + ": name the checkpoint's tensor for it")
 
     def weight(self, role: R, layer: int | None = None, expert: int | None = None) -> np.ndarray:
         """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
@@ -438,14 +458,15 @@ class DecoderBuilder:
         (qkv, '', '') so that GroupQueryAttention splits the packed tensor itself."""
         c, gb = self.config, self.gb
         qb, kb, vb, _ = self.attention_biases(layer)
-        names = [self.weight_name(r, layer) for r in (R.Q, R.K, R.V)]
+        names = [self.initializer_name(r, layer) for r in (R.Q, R.K, R.V)]
         if not self.packed:
             return tuple(self.project(f"{r.value}_proj", x, r, layer, w, n, b) for r, w, n, b in
                          zip((R.Q, R.K, R.V), self.attention_weights(layer), names, (qb, kb, vb)))
-        prefix = names[0].rsplit(".q_proj.", 1)[0]
+        packed = self.weight_name(R.QKV, layer) if R.QKV in self.weight_names else \
+            names[0].rsplit(".q_proj.", 1)[0] + ".qkv_proj.weight"
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
-                           f"{prefix}.qkv_proj.weight", bias, f"{prefix}.qkv_proj.bias")
+                           packed, bias, packed.removesuffix(".weight") + ".bias")
         if self.lowering.takes_packed_qkv and not self.qk_norm:
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -468,7 +489,7 @@ class DecoderBuilder:
             return gb.node("Reshape", [normed, gb.constant([0, -1, heads * hd])], "Reshape_1")
 
     def mlp(self, layer: int, x: str) -> str:
-        names = tuple(self.weight_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
+        names = tuple(self.initializer_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
         level = self.policy.accuracy_level
 
         def q(role, weight, proj):
@@ -476,7 +497,8 @@ class DecoderBuilder:
 
         if self.packed:
             gate_up, down = self.packed_mlp_weights(layer)
-            fused = names[0].replace("gate_proj", "gate_up_proj")
+            fused = self.weight_name(R.GATE_UP, layer) if R.GATE_UP in self.weight_names \
+                else names[0].replace("gate_proj", "gate_up_proj")
             return swiglu(self.gb, "mlp", x, None, None, q(R.DOWN, down, "down_proj"), names,
                           gate_up=(q(R.GATE_UP, gate_up, "gate_up_proj"), fused),
                           accuracy_level=level, conv=self.conv_projections,

@@ -175,7 +175,7 @@ def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tupl
                  if n.op_type in ("MatMul", "Conv")}
     values = {}
     for role in ROLES:
-        name = builder.weight_name(role, layer)
+        name = builder.initializer_name(role, layer)
         if name not in by_weight:
             raise OptionError(f"int4_algo_config={why}: {type(builder).__name__} has no "
                               f"{role.value} projection reading {name} in layer {layer} (it "
