@@ -19,6 +19,28 @@ def _plugin(**hooks):
     return types.SimpleNamespace(**{k: hookimpl(v) for k, v in hooks.items()})
 
 
+def _replacing(cls):
+    """The plugins, with ``cls`` registered in place of the built-in architecture it names."""
+    return load_plugins([("mine", _plugin(register_architectures=lambda register:
+                                          register(cls, replace=True)))])
+
+
+def _llama_with(folder, name: str, copy_of: str):
+    """A tiny Llama checkpoint holding one more tensor per layer, ``model.layers.{i}.<name>
+    .weight``, a copy of that layer's ``copy_of`` tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from checkpoints import make_checkpoint
+
+    ck = make_checkpoint(folder, "llama")
+    tensors = load_file(ck / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.{name}.weight"] = tensors[
+            f"model.layers.{i}.{copy_of}.weight"].clone()
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    return ck
+
+
 def test_builtins_register_through_our_entry_points():
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="builder")}
     assert eps["models"] == "builder.models" and eps["targets"] == "builder.targets"
@@ -234,13 +256,11 @@ def test_an_architecture_declares_roles_of_its_own(tmp_path):
     those of layers not built (num_hidden_layers) are ignored, and a role without a shape is
     one clear error."""
     import onnx
-    from safetensors.torch import load_file, save_file
 
     from builder import BuildOptions, ExtraOptions, build
     from builder.errors import ConfigError
     from builder.models.base import LLAMA_WEIGHT_NAMES
     from builder.ops import rms_norm
-    from checkpoints import make_checkpoint
 
     class PostNorm(LlamaBuilder):
         architectures = ("LlamaForCausalLM",)
@@ -255,16 +275,8 @@ def test_an_architecture_declares_roles_of_its_own(tmp_path):
             return rms_norm(self.gb, "post_attn_norm", a, self.weight("post_attn_norm", layer),
                             self.weight_name("post_attn_norm", layer), self.config.rms_norm_eps)
 
-    ck = make_checkpoint(tmp_path / "ck", "llama")
-    tensors = load_file(ck / "model.safetensors")
-    for i in range(2):
-        tensors[f"model.layers.{i}.post_attn_norm.weight"] = tensors[
-            f"model.layers.{i}.input_layernorm.weight"].clone()
-    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
-
-    def plugins(cls):
-        return load_plugins([("mine", _plugin(register_architectures=lambda register:
-                                              register(cls, replace=True)))])
+    ck = _llama_with(tmp_path / "ck", "post_attn_norm", "input_layernorm")
+    plugins = _replacing
 
     out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"), plugins(PostNorm))
     names = {n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -289,7 +301,6 @@ def test_an_own_role_that_projects_is_declared(tmp_path):
     precision's bits by the QNN sizing when declared in linear_roles, kept in float when in
     float_roles, and an error when in neither (it was silently left in float)."""
     import onnx
-    from safetensors.torch import load_file, save_file
 
     from builder import BuildOptions, ExtraOptions, build
     from builder.config import DecoderConfig
@@ -297,7 +308,6 @@ def test_an_own_role_that_projects_is_declared(tmp_path):
     from builder.models.base import LLAMA_WEIGHT_NAMES
     from builder.options import Precision
     from builder.pipeline import layer_weight_bytes
-    from checkpoints import make_checkpoint
 
     class Mixer(LlamaBuilder):  # a square projection after attention, of its own
         architectures = ("LlamaForCausalLM",)
@@ -312,16 +322,10 @@ def test_an_own_role_that_projects_is_declared(tmp_path):
             return self.project("mixer", a, "mixer", layer, self.weight("mixer", layer).T,
                                 self.weight_name("mixer", layer))
 
-    ck = make_checkpoint(tmp_path / "ck", "llama")
-    tensors = load_file(ck / "model.safetensors")
-    for i in range(2):
-        tensors[f"model.layers.{i}.mixer.weight"] = tensors[
-            f"model.layers.{i}.self_attn.o_proj.weight"].clone()
-    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    ck = _llama_with(tmp_path / "ck", "mixer", "self_attn.o_proj")
 
     def ops(cls, name):
-        plugins = load_plugins([("mine", _plugin(register_architectures=lambda register:
-                                                 register(cls, replace=True)))])
+        plugins = _replacing(cls)
         out = build(BuildOptions(model_name=str(ck), output=tmp_path / name, precision=
                                  Precision.INT4, extra=ExtraOptions.parse(
                                      ["int4_algo_config=rtn"], [])), plugins)
@@ -367,10 +371,7 @@ def test_a_packed_table_needs_no_names_for_its_parts(tmp_path):
     class Unnamed(Packed):
         weight_names = {k: v for k, v in Packed.weight_names.items() if k != R.QKV}
 
-    def plugins(cls):
-        return load_plugins([("mine", _plugin(register_architectures=lambda register:
-                                              register(cls, replace=True)))])
-
+    plugins = _replacing
     ck = make_checkpoint(tmp_path / "ck", "phi3")
     ids = np.array([[3, 5, 7, 9, 11, 13]])
     ref = hf_logits(ck, ids, np.ones_like(ids), 6)
