@@ -384,6 +384,44 @@ def test_a_packed_table_needs_no_names_for_its_parts(tmp_path):
         build(BuildOptions(model_name=str(ck), output=tmp_path / "x"), plugins(Unnamed))
 
 
+def test_q_k_norms_chosen_by_the_config(tmp_path, copy_checkpoint, qwen3_checkpoint):
+    """has_qk_norm(config) decides per checkpoint (Cohere's use_qk_norm): true gives the
+    built-in Qwen3's logits; false leaves q_norm/k_norm unused, an error; a qk_norm property
+    (truthy for the class, whatever the config says) is refused."""
+    import json
+
+    import numpy as np
+
+    from builder import BuildOptions, build
+    from builder.errors import ConfigError, WeightError
+    from builder.models import Qwen3Builder
+    from builder.testing import run_decoder
+
+    class ByConfig(Qwen3Builder):
+        qk_norm = False
+
+        @classmethod
+        def has_qk_norm(cls, config):
+            return config.flag("use_qk_norm")
+
+    class Property(Qwen3Builder):
+        qk_norm = property(lambda self: self.config.flag("use_qk_norm"))
+
+    ck = copy_checkpoint(qwen3_checkpoint)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "use_qk_norm": True}))
+    ids = np.array([[3, 5, 7, 9]])
+    ours = build(BuildOptions(model_name=str(ck), output=tmp_path / "b"), _replacing(ByConfig))
+    builtin = build(BuildOptions(model_name=str(qwen3_checkpoint), output=tmp_path / "q"))
+    np.testing.assert_array_equal(run_decoder(ours, ids, steps=0).prefill_logits,
+                                  run_decoder(builtin, ids, steps=0).prefill_logits)
+    with pytest.raises(ConfigError, match=r"Property.qk_norm must be True or False"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "p"), _replacing(Property))
+    (ck / "config.json").write_text(json.dumps({**cfg, "use_qk_norm": False}))
+    with pytest.raises(WeightError, match=r"q_norm"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "f"), _replacing(ByConfig))
+
+
 TUTORIAL = ROOT / "plugins" / "builder-seed-oss" / "README.md"
 PUBLIC = {"builder", "builder.models", "builder.ops", "numpy"}
 

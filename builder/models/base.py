@@ -217,7 +217,7 @@ class DecoderBuilder:
         lists them here."""
         roles = [R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN]
         roles += [r for r in (R.ATTN_NORM, R.MLP_NORM) if r in cls.weight_names]
-        roles += [R.Q_NORM, R.K_NORM] if cls.qk_norm else []
+        roles += [R.Q_NORM, R.K_NORM] if cls.has_qk_norm(c) else []
         roles += [r for r, name in cls.weight_names.items()  # an architecture's own roles
                   if not isinstance(r, R) and "{i}" in name]
         return [(role, cls.role_shape(c, role)) for role in roles]
@@ -228,6 +228,15 @@ class DecoderBuilder:
                               f"{getattr(role, 'value', role)!r}: name the checkpoint's tensor "
                               "for it")
         return self.weight_names[role].format(i=layer, e=expert)
+
+    @classmethod
+    def has_qk_norm(cls, config: DecoderConfig) -> bool:
+        """Per-head RMSNorm on q and k before rotary: the class flag ``qk_norm``; an
+        architecture whose config.json decides (Cohere's ``use_qk_norm``) overrides this."""
+        if not isinstance(cls.qk_norm, bool):  # (a property would be truthy for the class)
+            raise ConfigError(f"{cls.__name__}.qk_norm must be True or False; a choice made by "
+                              "config.json overrides has_qk_norm(config)")
+        return cls.qk_norm
 
     def initializer_name(self, role: R, layer: int | None = None) -> str:
         """The name a weight's initializer takes: its tensor's, or for a part of a packed tensor
@@ -446,7 +455,7 @@ class DecoderBuilder:
         c, gb = self.config, self.gb
         with gb.scope("attn"):
             q, k, v = self.qkv_projections(layer, x)
-            if self.qk_norm:
+            if self.has_qk_norm(c):
                 q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
                 k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
             out = self.lowering.attend(layer, q, k, v)
@@ -467,7 +476,7 @@ class DecoderBuilder:
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
                            packed, bias, packed.removesuffix(".weight") + ".bias")
-        if self.lowering.takes_packed_qkv and not self.qk_norm:
+        if self.lowering.takes_packed_qkv and not self.has_qk_norm(c):
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         with gb.scope("qkv_proj"):
