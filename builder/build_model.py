@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from builder.config import DecoderConfig
+from builder.config import DecoderConfig, check_keys
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
 from builder.graph import Calibrated, GraphBuilder
 from builder.memory import check_memory
@@ -109,13 +109,13 @@ def _target(options: BuildOptions, plugins: Plugins) -> TargetCaps:
     return target
 
 
-def _architecture(config: DecoderConfig, plugins: Plugins):
-    cls = plugins.architectures.get(config.architecture)
+def _architecture(architecture: str, plugins: Plugins):
+    cls = plugins.architectures.get(architecture)
     if cls is None:
         known = ", ".join(plugins.architectures.names()) or "none (is the package installed?)"
         raise UnsupportedArchitectureError(
-            f"architecture {config.architecture!r} is not supported"
-            f"{plugins.architectures.suggest(config.architecture)}; known: {known}. A plugin "
+            f"architecture {architecture!r} is not supported"
+            f"{plugins.architectures.suggest(architecture)}; known: {known}. A plugin "
             "can add it (see plugins/ in the builder repository)")
     return cls
 
@@ -350,16 +350,18 @@ class PipelineFolder(DecoderFolder):
             lm_head = weights.rows(
                 cls.weight_names[R.EMBED if config.tie_word_embeddings else R.LM_HEAD])
             finish = LayerStream(builder, *stream_args).final_logits
+            bias = builder.lm_head_bias()
             self.report = accuracy_report(stream.logit_slices, held_out, quantized, prefill,
-                                          lm_head, label, finish)
+                                          lm_head, label, finish, bias=bias)
         with meter("sensitivity"):
             kinds = None
             if o.extra.qnn_sensitivity:
                 def evaluate(head, sequences):
                     return overall(accuracy_report(head, held_out, sequences, prefill, lm_head,
-                                                   label, finish, log=False))
+                                                   label, finish, log=False, bias=bias))
                 kinds = kinds_of_error(builder, policy, activations, stream_args, held_out,
-                                       calibration.embeddings, float_head(lm_head, finish),
+                                       calibration.embeddings,
+                                       float_head(lm_head, finish, bias),
                                        evaluate)
             self.sensitivity = summarize(layer_figures(float_rows.rows, quantized_rows.rows),
                                          tensor_figures(held_out_values, activations), kinds,
@@ -448,12 +450,12 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         with meter("source"):
             source = resolve(options.model_name, options.input, options.cache_dir,
                              options.extra.hf_token, weights=not options.extra.config_only)
-        config = DecoderConfig.from_file(checkpoint_file(source.path, "config.json"))
+        config_file = checkpoint_file(source.path, "config.json")
+        cls = _architecture(DecoderConfig.architecture_in(config_file), plugins)
+        config = cls.config_class.from_file(config_file, cls.config_defaults,
+                                            cls.config_aliases)
+        check_keys(config, cls.read_keys(), cls.__name__)
         check_tokenizer_files(source.path)
-        cls = _architecture(config, plugins)
-        if cls.config_class is not DecoderConfig or cls.config_defaults:
-            config = cls.config_class.from_file(checkpoint_file(source.path, "config.json"),
-                                                cls.config_defaults)
         logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                     plugins.architectures.owner(config.architecture), options.precision,
                     target.name)

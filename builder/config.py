@@ -140,11 +140,9 @@ class DecoderConfig:
             return None
         return self.sliding_window
 
-    @classmethod
-    def from_file(cls, path: Path, defaults: dict[str, Any] | None = None) -> DecoderConfig:
-        """``defaults``: the values an architecture's transformers config class gives the keys
-        that config.json leaves out (Gemma: tie_word_embeddings true); a key given, even as
-        null, is the file's."""
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """config.json as a dict; a missing file, bad JSON or no object is one error."""
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
         try:
@@ -153,6 +151,31 @@ class DecoderConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        return d
+
+    @staticmethod
+    def architecture_in(path: Path) -> str:
+        """The architecture config.json names (its first of ``architectures``)."""
+        archs = DecoderConfig.read(path).get("architectures")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise ConfigError(f"{path}: 'architectures' must be a non-empty list of names")
+        return archs[0]
+
+    @classmethod
+    def from_file(cls, path: Path, defaults: dict[str, Any] | None = None,
+                  aliases: dict[str, str] | None = None) -> DecoderConfig:
+        """``defaults``: the values an architecture's transformers config class gives the keys
+        that config.json leaves out (Gemma: tie_word_embeddings true); a key given, even as
+        null, is the file's. ``aliases``: the family's names of keys builder reads under
+        another (GPT-NeoX's ``rotary_pct`` is ``partial_rotary_factor``)."""
+        d = cls.read(path)
+        for alias, key in (aliases or {}).items():
+            if d.get(alias) is None:
+                continue
+            if d.get(key) is not None and d[key] != d[alias]:
+                raise ConfigError(f"{path}: {alias}={_short(d[alias])} and {key}="
+                                  f"{_short(d[key])} name the same setting and disagree")
+            d = {**{k: v for k, v in d.items() if k != alias}, key: d[alias]}
         return cls.from_hf({**(defaults or {}), **d}, source=str(path))
 
     @classmethod
@@ -220,7 +243,8 @@ class DecoderConfig:
                                   "even whole number")
         known = {f for f in cls.__dataclass_fields__} | {
             "architectures", "rope_theta", "rope_scaling", "rope_parameters",
-            "partial_rotary_factor", "use_sliding_window", "hidden_activation"}
+            "partial_rotary_factor", "use_sliding_window", "hidden_activation",
+            "original_max_position_embeddings"}
         return cls(
             architecture=archs[0],
             model_type=model_type,
@@ -268,8 +292,45 @@ def _norm_eps(d: dict[str, Any], source: str) -> float:
             raise ConfigError(f"{source}: the norms' epsilon is given as {other}="
                               f"{_short(d[other])}, and builder reads rms_norm_eps (default "
                               "1e-6, a different model): an architecture that uses this key "
-                              "maps it in its config class (see plugins/ in the repository)")
+                              "maps it in its config_aliases (see plugins/ in the repository)")
     return float(d.get("rms_norm_eps", 1e-6))
+# config.json keys that never change a decoder's math: training, generation and bookkeeping
+# fields transformers writes (an architecture reads the others it understands: config_keys)
+HARMLESS_KEYS = frozenset((
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "initializer_range", "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
+    "embedding_dropout", "residual_dropout", "classifier_dropout", "chunk_size_feed_forward",
+    "id2label", "label2id", "is_decoder", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "problem_type",
+    "output_router_logits", "router_aux_loss_coef", "pretraining_tp", "attn_pdrop",
+    "tokenizer_class", "auto_map", "attn_implementation", "cache_implementation", "torchscript",
+    "use_bfloat16", "tie_encoder_decoder", "task_specific_params", "finetuning_task", "prefix",
+    "pruned_heads", "add_cross_attention", "cross_attention_hidden_size", "tf_legacy_loss",
+    "sep_token_id", "unk_token_id", "decoder_start_token_id", "forced_bos_token_id",
+    "forced_eos_token_id", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens"))
+
+
+def check_keys(config: DecoderConfig, reads: frozenset[str], who: str,
+               source: str = "config.json") -> None:
+    """Every key of config.json is read (DecoderConfig's fields, the architecture's
+    ``config_keys``) or known to change nothing (HARMLESS_KEYS): a key the architecture does
+    not read may change the math in transformers, so it is an error naming it, never a
+    setting silently dropped. A key given as null is not set."""
+    unread = sorted(k for k, v in config.extra.items()
+                    if k not in reads and k not in HARMLESS_KEYS and v is not None)
+    if unread:
+        raise ConfigError(
+            f"{source}: {', '.join(f'{k}={_short(config.extra[k])}' for k in unread)}: "
+            f"{'a key' if len(unread) == 1 else 'keys'} {who} does not read, which may change "
+            "the model's math in transformers. An architecture that reads a key declares it "
+            "in config_keys (a family's other name for a key builder reads: config_aliases)")
+
+
 _FRACTION = ("partial_rotary_factor",)
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 _STRINGS = ("hidden_act", "hidden_activation")

@@ -31,3 +31,21 @@ class TensorRole(enum.StrEnum):
     EXPERT_DOWN = "expert_down"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"
+    # LayerNorm biases (a norm has one when the architecture's table names it), the MLP's
+    # biases (mlp_bias, or an architecture that always has them) and lm_head's
+    ATTN_NORM_BIAS = "attn_norm_bias"
+    MLP_NORM_BIAS = "mlp_norm_bias"
+    FINAL_NORM_BIAS = "final_norm_bias"
+    Q_NORM_BIAS = "q_norm_bias"
+    K_NORM_BIAS = "k_norm_bias"
+    GATE_BIAS = "gate_bias"
+    UP_BIAS = "up_bias"
+    DOWN_BIAS = "down_bias"
+    LM_HEAD_BIAS = "lm_head_bias"
+
+
+def bias_of(role: TensorRole | str) -> TensorRole | str:
+    """The role of a norm's or projection's bias: ``attn_norm`` → ``attn_norm_bias``; an
+    architecture's own role ``post_norm`` → ``post_norm_bias``."""
+    name = f"{role}_bias"
+    return TensorRole(name) if name in TensorRole._value2member_map_ else name

@@ -129,7 +129,99 @@ TINY = {
         arch="Olmo2ForCausalLM", config="Olmo2Config", vocab_size=VOCAB, hidden_size=64,
         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    # The families with LayerNorms, MLPs without a gate, parallel blocks and interleaved rotary
+    # (tests/test_families.py), each with the features that set it apart binding
+    "phi": dict(
+        arch="PhiForCausalLM", config="PhiConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        qk_layernorm=True, tie_word_embeddings=False, max_position_embeddings=512,
+        vectors=True),
+    "starcoder2": dict(
+        arch="Starcoder2ForCausalLM", config="Starcoder2Config", vocab_size=VOCAB,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, tie_word_embeddings=True,
+        max_position_embeddings=512, vectors=True),
+    # Pythia's layout with rotary on 24 of 32 dims (not a multiple of 16: RotaryEmbedding ops)
+    "gpt_neox": dict(
+        arch="GPTNeoXForCausalLM", config="GPTNeoXConfig", vocab_size=VOCAB, hidden_size=128,
+        intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                         "partial_rotary_factor": 0.75},
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    "stablelm": dict(
+        arch="StableLmForCausalLM", config="StableLmConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_qkv_bias=True, use_parallel_residual=True, tie_word_embeddings=False,
+        max_position_embeddings=512, vectors=True),
+    "cohere": dict(
+        arch="CohereForCausalLM", config="CohereConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_qk_norm=True, logit_scale=0.5, tie_word_embeddings=True,
+        max_position_embeddings=512, vectors=True),
+    "cohere2": dict(
+        arch="Cohere2ForCausalLM", config="Cohere2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=8, logit_scale=0.5, tie_word_embeddings=True,
+        max_position_embeddings=512, vectors=True),
+    # partial (0.5) interleaved rotary, packed gate/up, q/k/v biases; GLM-4-0414's post-norms
+    "glm": dict(
+        arch="GlmForCausalLM", config="GlmConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    "glm4": dict(
+        arch="Glm4ForCausalLM", config="Glm4Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    "olmo3": dict(
+        arch="Olmo3ForCausalLM", config="Olmo3Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=8, tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    # three sliding layers that rotate, a global one without rotary
+    "exaone4": dict(
+        arch="Exaone4ForCausalLM", config="Exaone4Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=8, tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    "ernie4_5": dict(
+        arch="Ernie4_5ForCausalLM", config="Ernie4_5Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, use_bias=True, tie_word_embeddings=True, max_position_embeddings=512,
+        vectors=True),
+    "nemotron": dict(
+        arch="NemotronForCausalLM", config="NemotronConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        max_position_embeddings=512, vectors=True),
+    "arcee": dict(
+        arch="ArceeForCausalLM", config="ArceeConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    "helium": dict(
+        arch="HeliumForCausalLM", config="HeliumConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=512,
+        vectors=True),
+    # q/k norms after rotary
+    "hunyuan": dict(
+        arch="HunYuanDenseV1ForCausalLM", config="HunYuanDenseV1Config", vocab_size=VOCAB,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        max_position_embeddings=512, vectors=True),
+    # q/k norms over the whole projection; 8 experts, top 2 renormalized
+    "olmoe": dict(
+        arch="OlmoeForCausalLM", config="OlmoeConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=512, vectors=True),
+    # the plugin tutorial's third example (not built in): GPT-2's key names, rotary on 8 of 16
+    "gptj": dict(
+        arch="GPTJForCausalLM", config="GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2,
+        n_head=4, rotary_dim=8, n_positions=512, tie_word_embeddings=False, vectors=True),
 }
+
+
+# the families of tests/checkpoints.py's last block
+FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
+            "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]
 
 
 def make_tokenizer(folder: Path) -> None:

@@ -20,7 +20,7 @@ from builder.testing import max_abs_diff, run_decoder
 from checkpoints import hf_model
 from conftest import run_cli
 
-MOE = ["qwen3_moe", "qwen3_moe_step2", "mixtral"]
+MOE = ["qwen3_moe", "qwen3_moe_step2", "mixtral", "olmoe"]
 
 
 def _build(ck, out, precision="int4", *extra, ep="cpu"):
@@ -95,7 +95,7 @@ def _expert_names(prefix, e, tensors):
 
 
 @pytest.mark.parametrize("arch, algo", [("qwen3_moe", "rtn"), ("qwen3_moe_step2", "rtn"),
-                                        ("mixtral", "k_quant")])
+                                        ("mixtral", "k_quant"), ("olmoe", "rtn")])
 def test_int4_experts_match_transformers_on_our_dequantized_weights(arch, algo, checkpoints,
                                                                      tmp_path):
     """int4 QMoE with fp32 activations (accuracy_level=1) computes exactly what transformers

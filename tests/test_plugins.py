@@ -399,6 +399,7 @@ def test_q_k_norms_chosen_by_the_config(tmp_path, copy_checkpoint, qwen3_checkpo
 
     class ByConfig(Qwen3Builder):
         qk_norm = False
+        config_keys = frozenset({"use_qk_norm"})
 
         @classmethod
         def has_qk_norm(cls, config):
@@ -406,6 +407,7 @@ def test_q_k_norms_chosen_by_the_config(tmp_path, copy_checkpoint, qwen3_checkpo
 
     class Property(Qwen3Builder):
         qk_norm = property(lambda self: self.config.flag("use_qk_norm"))
+        config_keys = frozenset({"use_qk_norm"})
 
     ck = copy_checkpoint(qwen3_checkpoint)
     cfg = json.loads((ck / "config.json").read_text())
@@ -501,3 +503,59 @@ def test_the_tutorials_plugin_installed_as_a_package(tmp_path):
         ref = hf_logits(None, run.tokens, run.attention_mask, 10, model=model)
         ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
         assert max_abs_diff(ours, ref) <= 1e-4, way
+
+
+def test_the_tutorials_third_example_gptj(tmp_path):
+    """The tutorial's third example (GPT-J: LayerNorms, a parallel block, an MLP without a gate,
+    interleaved partial rotary, lm_head's bias, GPT-2's key names) under 40 lines, as its reader
+    would ship it: installed as a package, importing builder's public API only, built by the
+    CLI from a config.json as transformers writes it (n_inner null) and checked against
+    transformers' GPT-J (prefill and decode) and its greedy generation through
+    onnxruntime-genai."""
+    import ast
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from builder.testing import genai_greedy, hf_greedy, hf_logits, max_abs_diff, run_decoder
+    from checkpoints import make_checkpoint
+
+    text = TUTORIAL.read_text().split("## A third example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.splitlines()) < 40
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    assert imported <= PUBLIC, imported - PUBLIC
+    package = tmp_path / "pkg"
+    (package / "builder_gptj").mkdir(parents=True)
+    (package / "builder_gptj" / "__init__.py").write_text(code)
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"'
+        '\n[project]\nname = "builder-gptj"\nversion = "0.1"\n'
+        '[project.entry-points.builder]\ngptj = "builder_gptj"\n'
+        '[tool.setuptools]\npackages = ["builder_gptj"]\n')
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(site), str(package)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    ck = make_checkpoint(tmp_path / "ck", "gptj")
+    assert json.loads((ck / "config.json").read_text())["n_inner"] is None
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "builder", "-m", str(ck), "-o", str(out)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "GPTJBuilder (gptj)" in r.stderr
+    ids = np.random.default_rng(0).integers(3, 256, (1, 10))
+    run = run_decoder(out, ids, steps=6)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, 10)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+    prompt = [int(t) for t in ids[0]]
+    assert genai_greedy(out, prompt, 8) == hf_greedy(ck, prompt, 8)

@@ -27,10 +27,13 @@ from builder.config import DecoderConfig, RopeConfig
 from builder.errors import ConfigError, WeightError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
-from builder.ops import ACTIVATIONS, linear, rms_norm, skip_rms_norm, softcap, swiglu
-from builder.ops.mlp import Activation
+from builder.ops import ACTIVATIONS, linear, softcap, swiglu
+from builder.ops.mlp import Activation, plain_mlp
+from builder.ops.norms import NORM_KINDS, norm
+from builder.ops.rotary import interleaved_order
 from builder.quant import QuantizedWeight, QuantPolicy
 from builder.roles import TensorRole as R
+from builder.roles import bias_of
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader, Rows
 
@@ -60,6 +63,10 @@ LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
     R.DOWN: "model.layers.{i}.mlp.down_proj.weight",
     R.FINAL_NORM: "model.norm.weight",
     R.LM_HEAD: "lm_head.weight",
+    # read where config.json's mlp_bias says
+    R.GATE_BIAS: "model.layers.{i}.mlp.gate_proj.bias",
+    R.UP_BIAS: "model.layers.{i}.mlp.up_proj.bias",
+    R.DOWN_BIAS: "model.layers.{i}.mlp.down_proj.bias",
 }
 # the packed tensor that holds a projection's weight, when a checkpoint stores them fused
 PACKED_IN = {R.Q: R.QKV, R.K: R.QKV, R.V: R.QKV, R.GATE: R.GATE_UP, R.UP: R.GATE_UP}
@@ -87,7 +94,26 @@ class DecoderBuilder:
     config_defaults: ClassVar[dict] = {}
     weight_names: ClassVar[Mapping[R, str]] = LLAMA_WEIGHT_NAMES
     ignored_weights: ClassVar[tuple[str, ...]] = ("*.rotary_emb.inv_freq",)
-    qk_norm: ClassVar[bool] = False      # per-head RMSNorm on q and k before rotary
+    qk_norm: ClassVar[bool] = False      # per-head norm on q and k before rotary
+    qk_norm_after_rotary: ClassVar[bool] = False  # ... after it instead (HunYuan)
+    # every norm's math (builder.ops.norms): "rms" or "layer" (LayerNorm: with a bias where
+    # weight_names names the norm's bias role, ``bias_of(role)``; without where it does not)
+    norm_kind: ClassVar[str] = "rms"
+    norm_offset: ClassVar[float] = 0.0   # norms scale by offset + weight (Gemma, Nemotron: 1)
+    # the MLP: down(act(gate(x)) * up(x)); not gated: down(act(up(x))) (no gate weight)
+    gated_mlp: ClassVar[bool] = True
+    # rotary turns the pairs (2i, 2i + 1) of each head (GPT-J, Cohere, GLM) instead of
+    # (i, i + rotary_dim / 2): built as the rotate-half form on q and k rows reordered to match
+    # (``rotary_order``), so every target's rotary op runs it
+    rotary_interleaved: ClassVar[bool] = False
+    # config.json keys of the family's own naming → builder's (GPT-NeoX: {"rotary_pct":
+    # "partial_rotary_factor", "layer_norm_eps": "rms_norm_eps"}); both given and different is
+    # refused
+    config_aliases: ClassVar[dict[str, str]] = {}
+    # config.json keys the architecture reads beyond DecoderConfig's fields (``config.number``,
+    # ``config.flag``, ``config.extra``), with those of the classes it extends: any other key is
+    # an error (``builder.config.check_keys``) unless it is known to change nothing
+    config_keys: ClassVar[frozenset[str]] = frozenset()
     # genai_config.json's model type, where onnxruntime-genai does not know the checkpoint's
     # model_type but runs the graph as this one (None: the checkpoint's)
     genai_model_type: ClassVar[str | None] = None
@@ -120,6 +146,12 @@ class DecoderBuilder:
         logger.info("attention: %s on %s%s", target.attention, target.name,
                     f", sliding window {windows}" if windows else "")
 
+    @classmethod
+    def read_keys(cls) -> frozenset[str]:
+        """The config.json keys this architecture reads beyond DecoderConfig's fields: its
+        ``config_keys`` and its bases'."""
+        return frozenset().union(*(vars(k).get("config_keys", frozenset()) for k in cls.__mro__))
+
     # -- decisions -----------------------------------------------------------------------
     def check_supported(self) -> None:
         """Refuse configs this builder cannot express, before anything is written. What the
@@ -131,8 +163,9 @@ class DecoderBuilder:
             raise ConfigError(f"{type(self).__name__}.mlp_activation gives {activation!r}, "
                               f"which no MLP emitter has ({', '.join(ACTIVATIONS)}; or give a "
                               "function that writes it)")
-        if c.mlp_bias:
-            raise ConfigError("mlp_bias=true is not supported yet")
+        if self.norm_kind not in NORM_KINDS:
+            raise ConfigError(f"{type(self).__name__}.norm_kind is {self.norm_kind!r}: one of "
+                              f"{', '.join(NORM_KINDS)}")
         if self.target.attention == "gqa" and c.head_dim % 16:
             raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
                               "of 16")
@@ -203,7 +236,13 @@ class DecoderBuilder:
             R.Q_BIAS: (q,), R.K_BIAS: (kv,), R.V_BIAS: (kv,), R.O_BIAS: (h,),
             R.Q_NORM: (c.head_dim,), R.K_NORM: (c.head_dim,),
             R.GATE: (i, h), R.UP: (i, h), R.DOWN: (h, i), R.GATE_UP: (2 * i, h),
+            R.GATE_BIAS: (i,), R.UP_BIAS: (i,), R.DOWN_BIAS: (h,), R.LM_HEAD_BIAS: (c.vocab_size,),
+            R.ATTN_NORM_BIAS: (h,), R.MLP_NORM_BIAS: (h,), R.FINAL_NORM_BIAS: (h,),
+            R.Q_NORM_BIAS: (c.head_dim,), R.K_NORM_BIAS: (c.head_dim,),
         }
+        if role not in shapes and isinstance(role, str) and not isinstance(role, R) \
+                and role.endswith("_bias"):  # an own role's bias: its norm's size, its rows
+            return cls.role_shape(c, role.removesuffix("_bias"))[:1]
         if role not in shapes:
             raise ConfigError(f"{cls.__name__}.weight_names has role {role!r}, whose shape "
                               f"{cls.__name__}.role_shape does not give")
@@ -215,11 +254,13 @@ class DecoderBuilder:
         pipeline sizes its parts before any weight is read (``builder.pipeline``). The
         projections and norms; an architecture whose layers hold other weights (experts)
         lists them here."""
-        roles = [R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN]
+        roles = [R.Q, R.K, R.V, R.O, *([R.GATE] if cls.gated_mlp else []), R.UP, R.DOWN]
         roles += [r for r in (R.ATTN_NORM, R.MLP_NORM) if r in cls.weight_names]
         roles += [R.Q_NORM, R.K_NORM] if cls.has_qk_norm(c) else []
         roles += [r for r, name in cls.weight_names.items()  # an architecture's own roles
-                  if not isinstance(r, R) and "{i}" in name]
+                  if not isinstance(r, R) and "{i}" in name and r not in roles]
+        roles += [bias_of(r) for r in roles if bias_of(r) in cls.weight_names
+                  and bias_of(r) not in roles]
         return [(role, cls.role_shape(c, role)) for role in roles]
 
     def weight_name(self, role: R, layer: int | None = None, expert: int | None = None) -> str:
@@ -253,8 +294,31 @@ class DecoderBuilder:
                           + ": name the checkpoint's tensor for it")
 
     def weight(self, role: R, layer: int | None = None, expert: int | None = None) -> np.ndarray:
-        """Read one tensor (in its stored dtype) by role, checking its shape against the config."""
-        return self.weights.read(self.weight_name(role, layer, expert), self.expected_shape(role))
+        """Read one tensor (in its stored dtype) by role, checking its shape against the config
+        (q's and k's rows in ``rotary_order``)."""
+        w = self.weights.read(self.weight_name(role, layer, expert), self.expected_shape(role))
+        return self.rotary_order(role, layer, w)
+
+    def rotary_order(self, role: R | str, layer: int | None, w: np.ndarray) -> np.ndarray:
+        """For interleaved rotary, q's and k's values of each head reordered so that the pair
+        (2i, 2i + 1) becomes (i, i + rotary_dim / 2): rotate-half rotary on the reordered
+        values is the interleaved rotary on the stored ones, and q·k is unchanged (both are
+        reordered alike; v and the cache's use of k are indifferent to the order)."""
+        rows = {R.Q: "q", R.K: "k", R.Q_BIAS: "q", R.K_BIAS: "k", R.QKV: "qkv",
+                R.Q_NORM: "norm", R.K_NORM: "norm", R.Q_NORM_BIAS: "norm",
+                R.K_NORM_BIAS: "norm"}.get(role)
+        rope = self.rope(layer) if rows and self.rotary_interleaved else None
+        if rope is None:
+            return w
+        c, hd = self.config, self.config.head_dim
+        order = interleaved_order(hd, round(hd * rope.partial_rotary_factor))
+        if rows == "norm":  # over head_dim, or over each head of the projection
+            return w.reshape(*w.shape[:-1], -1, hd)[..., order].reshape(w.shape)
+        heads = w.shape[0] // hd
+        if rows == "qkv":  # q's and k's heads, then v's as they are
+            heads = c.num_attention_heads + c.num_key_value_heads
+        per_head = w[:heads * hd].reshape(heads, hd, *w.shape[1:])[:, order]
+        return np.concatenate([per_head.reshape(heads * hd, *w.shape[1:]), w[heads * hd:]])
 
     def experts(self, layer: int) -> range:
         """The experts of ``layer`` (none: a dense layer)."""
@@ -321,9 +385,10 @@ class DecoderBuilder:
             return (None, None, None, None)
         return tuple(self.weight(r, layer) for r in (R.Q_BIAS, R.K_BIAS, R.V_BIAS, R.O_BIAS))
 
-    def mlp_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(gate, up, down) weights, each [out, in]."""
-        return self.weight(R.GATE, layer), self.weight(R.UP, layer), self.weight(R.DOWN, layer)
+    def mlp_weights(self, layer: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(gate, up, down) weights, each [out, in]; gate None in a non-gated MLP."""
+        gate = self.weight(R.GATE, layer) if self.gated_mlp else None
+        return gate, self.weight(R.UP, layer), self.weight(R.DOWN, layer)
 
     def packed_mlp_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(gate and up stacked on the output axis, down)."""
@@ -335,11 +400,12 @@ class DecoderBuilder:
         c, x = self.config, self.extra
         names = list(self.ignored_weights)
         if c.tie_word_embeddings:  # Hugging Face ignores a stored lm_head.weight then; so do we
-            names.append(self.weight_names[R.LM_HEAD])
+            names.append(self.weight_name(R.LM_HEAD))
         if x.exclude_embeds:
-            names.append(self.weight_names[R.EMBED])
+            names.append(self.weight_name(R.EMBED))
         if x.exclude_lm_head:
-            names.append(self.weight_names[R.LM_HEAD])
+            names += [self.weight_name(r) for r in (R.LM_HEAD, R.LM_HEAD_BIAS)
+                      if r in self.weight_names]
         first_unbuilt = c.num_hidden_layers
         for layer in range(first_unbuilt, c.extra.get("checkpoint_num_hidden_layers",
                                                       first_unbuilt)):
@@ -396,6 +462,19 @@ class DecoderBuilder:
         with self.gb.scope("/model/embed_tokens/multiplier"):
             return self.gb.node("Mul", [h, self.gb.constant(multiplier, np.float32)])
 
+    def parallel_block(self) -> bool:
+        """Attention and the MLP side by side on the same stream, their outputs summed into one
+        residual add (GPT-J, Phi-2, Cohere, GPT-NeoX's use_parallel_residual), the MLP reading
+        the attention's normed input or its own norm of the stream (``parallel_mlp_norm``).
+        False: one after the other."""
+        return False
+
+    def parallel_mlp_norm(self) -> bool:
+        """In a parallel block, whether the MLP norms the stream itself (GPT-NeoX's
+        post_attention_layernorm) rather than reading the attention's norm (Phi-2, Cohere): by
+        default, where weight_names has a ``mlp_norm``."""
+        return R.MLP_NORM in self.weight_names
+
     def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str | None]:
         """Pre-norm block, composed of steps an architecture overrides one at a time:
         ``pre_norm`` (input_layernorm) → ``attention`` → ``attention_output`` → ``pre_norm``
@@ -406,6 +485,14 @@ class DecoderBuilder:
         with gb.scope(f"/model/layers.{layer}"):
             h, residual = self.pre_norm(layer, "input_layernorm", R.ATTN_NORM, x, residual)
             a = self.attention_output(layer, self.attention(layer, h))
+            if self.parallel_block():
+                if self.parallel_mlp_norm():
+                    h = self.norm("post_attention_layernorm", residual, R.MLP_NORM, layer)
+                m = gb.node("Add", [a, self.mlp_output(layer, self.mlp(layer, h))],
+                            "parallel/Add")
+                if not self.target.skip_norm:
+                    return gb.node("Add", [residual, m], "mlp_residual/Add"), None
+                return m, residual
             h, residual = self.pre_norm(layer, "post_attention_layernorm", R.MLP_NORM, a,
                                         residual, "attn_residual/Add")
             m = self.mlp_output(layer, self.mlp(layer, h))
@@ -418,19 +505,37 @@ class DecoderBuilder:
         """(RMSNorm of the stream, the stream): the stream is ``x`` plus ``residual`` (when
         there is one); fused into one SkipSimplifiedLayerNormalization where the target has it,
         else an Add named ``add`` and the norm."""
-        gb, eps = self.gb, self.config.rms_norm_eps
-        w, weight_name = self.weight(role, layer), self.weight_name(role, layer)
-        w = self.policy.fold_norm(role, layer, w)  # (divided by activation-aware scales)
         if residual is not None and self.target.skip_norm:
-            return skip_rms_norm(gb, name, x, residual, w, weight_name, eps)
-        stream = x if residual is None else gb.node("Add", [residual, x], add)
-        return rms_norm(gb, name, stream, w, weight_name, eps), stream
+            return self.normalize(name, x, role, layer, skip=residual, fold=True)
+        stream = x if residual is None else self.gb.node("Add", [residual, x], add)
+        return self.normalize(name, stream, role, layer, fold=True)[0], stream
 
     def norm(self, name: str, x: str, role: R | str, layer: int | None = None) -> str:
-        """RMSNorm of ``x`` with the weight of ``role`` (a norm of an architecture's own, such
+        """The norm of ``x`` with the weights of ``role`` (a norm of an architecture's own, such
         as Gemma's after attention, is one line of ``attention_output``)."""
-        return rms_norm(self.gb, name, x, self.weight(role, layer),
-                        self.weight_name(role, layer), self.config.rms_norm_eps)
+        return self.normalize(name, x, role, layer)[0]
+
+    def normalize(self, name: str, x: str, role: R | str, layer: int | None = None,
+                  skip: str | None = None, fold: bool = False) -> tuple[str, str]:
+        """(the norm of ``x`` (+ ``skip``, fused where given), the sum normed): every norm step
+        writes its norm here, as ``norm_kind`` and ``norm_offset`` say, with the bias the table
+        names for the role (a LayerNorm without one gets zeros on static targets: the HTP
+        runs LayerNorm only with a bias). ``fold``: a pre-norm, whose weight (and bias) take
+        activation-aware scales (``quant.awq``)."""
+        w, weight_name = self.weight(role, layer), self.weight_name(role, layer)
+        if self.norm_offset:
+            w = self.norm_offset + w.astype(np.float32)
+        b_role = bias_of(role)
+        bias = self.weight(b_role, layer) if b_role in self.weight_names else None
+        bias_name = self.weight_name(b_role, layer) if bias is not None else None
+        if bias is None and self.norm_kind == "layer" and self.target.static_shapes:
+            bias = np.zeros(w.shape[-1], np.float32)
+            bias_name = weight_name.removesuffix(".weight") + ".zero_bias"
+        if fold:  # (divided by activation-aware scales)
+            w = self.policy.fold_norm(role, layer, w)
+            bias = None if bias is None else self.policy.fold_norm(role, layer, bias)
+        return norm(self.gb, self.norm_kind, name, x, w, weight_name, self.config.rms_norm_eps,
+                    bias, bias_name, skip)
 
     def attention_output(self, layer: int, a: str) -> str:
         """The attention block's output before the residual add (Gemma: a norm); as is."""
@@ -441,13 +546,9 @@ class DecoderBuilder:
         return m
 
     def final_norm(self, x: str, residual: str | None) -> str:
-        """The last residual add (when still pending) and the final RMSNorm."""
-        gb, eps = self.gb, self.config.rms_norm_eps
-        w, name = self.weight(R.FINAL_NORM), self.weight_name(R.FINAL_NORM)
-        with gb.scope(f"/model/layers.{self.config.num_hidden_layers}"):
-            if residual is None:
-                return rms_norm(gb, "final_norm_layernorm", x, w, name, eps)
-            return skip_rms_norm(gb, "final_norm_layernorm", x, residual, w, name, eps)[0]
+        """The last residual add (when still pending) and the final norm."""
+        with self.gb.scope(f"/model/layers.{self.config.num_hidden_layers}"):
+            return self.normalize("final_norm_layernorm", x, R.FINAL_NORM, skip=residual)[0]
 
     def attention(self, layer: int, x: str) -> str:
         """q/k/v projections → [per-head q/k norm] → rotary, KV cache and attention (lowered per
@@ -455,12 +556,24 @@ class DecoderBuilder:
         c, gb = self.config, self.gb
         with gb.scope("attn"):
             q, k, v = self.qkv_projections(layer, x)
-            if self.has_qk_norm(c):
-                q = self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads)
-                k = self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads)
+            if self.has_qk_norm(c) and not self.qk_norm_after_rotary:
+                q, k = self.qk_norms(layer, q, k)
             out = self.lowering.attend(layer, q, k, v)
             return self.project("o_proj", out, R.O, layer, self.weight(R.O, layer),
                                 self.weight_name(R.O, layer), self.attention_biases(layer)[3])
+
+    def qk_norms(self, layer: int, q: str, k: str) -> tuple[str, str]:
+        """q and k, each normed per head (``head_norm``)."""
+        c = self.config
+        return (self.head_norm("q_norm", q, R.Q_NORM, layer, c.num_attention_heads),
+                self.head_norm("k_norm", k, R.K_NORM, layer, c.num_key_value_heads))
+
+    def after_rotary(self, layer: int, q: str, k: str) -> tuple[str, str]:
+        """q and k after the lowering's rotary (or where the layer has none): normed per head
+        where ``qk_norm_after_rotary``; as they are otherwise."""
+        if self.qk_norm_after_rotary and self.has_qk_norm(self.config):
+            return self.qk_norms(layer, q, k)
+        return q, k
 
     def qkv_projections(self, layer: int, x: str) -> tuple[str, str, str]:
         """(q, k, v) values; with packed projections and nothing between them and attention,
@@ -476,7 +589,8 @@ class DecoderBuilder:
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         qkv = self.project("qkv_proj", x, R.QKV, layer, self.packed_attention_weight(layer),
                            packed, bias, packed.removesuffix(".weight") + ".bias")
-        if self.lowering.takes_packed_qkv and not self.has_qk_norm(c):
+        if self.lowering.takes_packed_qkv and not self.has_qk_norm(c) \
+                and not self.qk_norm_after_rotary:
             return qkv, "", ""
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         with gb.scope("qkv_proj"):
@@ -493,29 +607,55 @@ class DecoderBuilder:
         gb, hd = self.gb, self.config.head_dim
         with gb.scope(name):
             split = gb.node("Reshape", [x, gb.constant([0, -1, hd])], "Reshape")
-            normed = rms_norm(gb, "", split, self.weight(role, layer),
-                              self.weight_name(role, layer), self.config.rms_norm_eps)
+            normed = self.norm("", split, role, layer)
             return gb.node("Reshape", [normed, gb.constant([0, -1, heads * hd])], "Reshape_1")
 
+    def mlp_biases(self, layer: int) -> tuple[np.ndarray | None, ...]:
+        """(gate, up, down) biases, as config.json's mlp_bias says; None where there is none
+        (gate's always, in a non-gated MLP)."""
+        if not self.config.mlp_bias:
+            return (None, None, None)
+        return (self.weight(R.GATE_BIAS, layer) if self.gated_mlp else None,
+                self.weight(R.UP_BIAS, layer), self.weight(R.DOWN_BIAS, layer))
+
     def mlp(self, layer: int, x: str) -> str:
-        names = tuple(self.initializer_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
+        """The gated MLP (packed gate/up where the target packs), or ``up → act → down``."""
         level = self.policy.accuracy_level
+        biases = self.mlp_biases(layer)
+        bias_names = [self.weight_name(bias_of(r), layer) if b is not None else None
+                      for r, b in zip((R.GATE, R.UP, R.DOWN), biases)]
 
         def q(role, weight, proj):
             return self.quantize(role, layer, weight, self.gb.path(f"mlp/{proj}/MatMul"))
 
+        if not self.gated_mlp:
+            up, down = self.mlp_weights(layer)[1:]
+            names = tuple(self.initializer_name(r, layer) for r in (R.UP, R.DOWN))
+            return plain_mlp(self.gb, "mlp", x, q(R.UP, up, "up_proj"),
+                             q(R.DOWN, down, "down_proj"), names, biases[1:], bias_names[1:],
+                             accuracy_level=level, conv=self.conv_projections,
+                             activation=self.mlp_activation())
+        names = tuple(self.initializer_name(r, layer) for r in (R.GATE, R.UP, R.DOWN))
         if self.packed:
             gate_up, down = self.packed_mlp_weights(layer)
             fused = self.weight_name(R.GATE_UP, layer) if R.GATE_UP in self.weight_names \
                 else names[0].replace("gate_proj", "gate_up_proj")
+            gate_up_bias = None if biases[0] is None else np.concatenate(biases[:2])
             return swiglu(self.gb, "mlp", x, None, None, q(R.DOWN, down, "down_proj"), names,
                           gate_up=(q(R.GATE_UP, gate_up, "gate_up_proj"), fused),
                           accuracy_level=level, conv=self.conv_projections,
-                          activation=self.mlp_activation())
+                          activation=self.mlp_activation(), biases=(
+                              gate_up_bias, None, biases[2]), bias_names=(
+                              fused.removesuffix(".weight") + ".bias", None, bias_names[2]))
         gate, up, down = self.mlp_weights(layer)
         return swiglu(self.gb, "mlp", x, q(R.GATE, gate, "gate_proj"), q(R.UP, up, "up_proj"),
                       q(R.DOWN, down, "down_proj"), names, accuracy_level=level,
-                      conv=self.conv_projections, activation=self.mlp_activation())
+                      conv=self.conv_projections, activation=self.mlp_activation(),
+                      biases=biases, bias_names=bias_names)
+
+    def lm_head_bias(self) -> np.ndarray | None:
+        """lm_head's bias (Phi-2's), where the table names one."""
+        return self.weight(R.LM_HEAD_BIAS) if R.LM_HEAD_BIAS in self.weight_names else None
 
     def lm_head(self, x: str) -> str:
         """The projection to the vocabulary (lowered per target), then ``logits``."""

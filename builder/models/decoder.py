@@ -69,7 +69,7 @@ class DecoderLowering:
         # multiple of 8" at the first run): other partial rotaries run as RotaryEmbedding ops
         self.explicit_rotary = any(r is not None and (
             r.type in LONGROPE or round(c.head_dim * r.partial_rotary_factor) % 16)
-            for r in ropes)
+            for r in ropes) or (b.qk_norm_after_rotary and b.has_qk_norm(c))  # (HunYuan)
         self.ropes = RopeTables(ropes, self.rotary_tables, range(c.num_hidden_layers))
         self.positions = position_ids(gb, tokens, mask) if self.explicit_rotary else None
 
@@ -154,6 +154,7 @@ class DecoderLowering:
                            rotary_dim=dims)
                     for n, t, h in (("q", q, c.num_attention_heads),
                                     ("k", k, c.num_key_value_heads)))
+        q, k = b.after_rotary(layer, q, k)
         return group_query_attention(
             gb, "GroupQueryAttention", q, k, v, self.past[layer],
             (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
@@ -164,12 +165,19 @@ class DecoderLowering:
 
     def lm_head_projection(self, x: str) -> str:
         b = self.b
+        bias = b.lm_head_bias()
+        bias_name = b.weight_name(R.LM_HEAD_BIAS) if bias is not None else None
         if b.shared_embeddings:
             table = self.embedding_table()
             if isinstance(table, tuple):  # quantized: MatMulNBits on the lookup's own codes
                 with b.gb.scope("/lm_head"):
-                    return matmul_nbits(b.gb, x, *table, b.policy.accuracy_level)
-            return linear_transposed(b.gb, "/lm_head", x, table)
+                    y = matmul_nbits(b.gb, x, *table, b.policy.accuracy_level)
+            else:
+                y = linear_transposed(b.gb, "/lm_head", x, table)
+            if bias is None:
+                return y
+            with b.gb.scope("/lm_head"):
+                return b.gb.node("Add", [y, b.gb.initializer(bias_name, bias)])
         role = R.EMBED if b.config.tie_word_embeddings else R.LM_HEAD
         return b.project("/lm_head", x, R.LM_HEAD, None, b.weight(role),
-                         b.weight_name(R.LM_HEAD))
+                         b.weight_name(R.LM_HEAD), bias, bias_name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 
 from builder.config import DecoderConfig
 from builder.errors import ConfigError
@@ -35,7 +34,7 @@ class Gemma2Config(DecoderConfig):
         """Configs written before transformers 5 have no layer_types: transformers fills them
         in, every ``sliding_window_pattern``-th layer global (Gemma 2: every other one)."""
         if d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
-            every = d.get("sliding_window_pattern", cls.pattern)
+            every = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", cls.pattern))
             if not isinstance(every, int) or isinstance(every, bool) or every < 1:
                 raise ConfigError(f"{source}: sliding_window_pattern must be a positive "
                                   f"integer, got {every!r}")
@@ -70,6 +69,9 @@ class Gemma3Config(Gemma2Config):
 
 class Gemma2Builder(LlamaBuilder):
     architectures = ("Gemma2ForCausalLM",)
+    config_keys = frozenset({"query_pre_attn_scalar", "attn_logit_softcapping",
+                             "final_logit_softcapping", "use_bidirectional_attention",
+                             "sliding_window_pattern", "_sliding_window_pattern"})
     config_class = Gemma2Config
     config_defaults = {"tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256,
                        "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096,
@@ -81,7 +83,7 @@ class Gemma2Builder(LlamaBuilder):
         POST_ATTN: "model.layers.{i}.post_attention_layernorm.weight",
         POST_MLP: "model.layers.{i}.post_feedforward_layernorm.weight",
     }
-    norms = (R.ATTN_NORM, R.MLP_NORM, R.FINAL_NORM, R.Q_NORM, R.K_NORM, POST_ATTN, POST_MLP)
+    norm_offset = 1.0  # Gemma's norms scale by 1 + weight
 
     @classmethod
     def role_shape(cls, c: DecoderConfig, role: R | str) -> tuple[int, ...]:
@@ -92,10 +94,6 @@ class Gemma2Builder(LlamaBuilder):
         if self.config.flag("use_bidirectional_attention"):
             raise ConfigError("config.json: use_bidirectional_attention=true (attention that "
                               "sees later tokens, for embedding models) is not supported")
-
-    def weight(self, role, layer=None, expert=None) -> np.ndarray:
-        w = super().weight(role, layer, expert)  # Gemma's norms scale by 1 + weight, in fp32
-        return 1.0 + w.astype(np.float32) if role in self.norms else w
 
     def embedding_multiplier(self) -> float:
         return math.sqrt(self.config.hidden_size)
@@ -118,6 +116,7 @@ class Gemma2Builder(LlamaBuilder):
 
 class Gemma3Builder(Gemma2Builder):
     architectures = ("Gemma3ForCausalLM",)
+    config_keys = frozenset({"rope_local_base_freq"})
     config_class = Gemma3Config
     config_defaults = {**Gemma2Builder.config_defaults, "max_position_embeddings": 131072,
                        "attn_logit_softcapping": None, "final_logit_softcapping": None}

@@ -15,6 +15,8 @@ from builder.models.llama import LlamaBuilder
 
 class GraniteBuilder(LlamaBuilder):
     architectures = ("GraniteForCausalLM",)
+    config_keys = frozenset({"embedding_multiplier", "attention_multiplier",
+                             "residual_multiplier", "logits_scaling"})
 
     def embedding_multiplier(self) -> float | None:
         m = self.config.number("embedding_multiplier", 1.0)

@@ -15,6 +15,7 @@ from builder.roles import TensorRole as R
 class MixtralBuilder(MoeBuilder):
     architectures = ("MixtralForCausalLM",)
     experts_fields = ("num_local_experts",)
+    config_keys = frozenset({"router_jitter_noise"})  # (Mixtral's: noise while training only)
     expert_size_field = None
     genai_model_type = "mistral"  # onnxruntime-genai knows no mixtral; the experts are in the graph
     weight_names = {

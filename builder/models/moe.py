@@ -37,6 +37,8 @@ def expert_weight_names(block: str, gate: str, up: str, down: str) -> dict[R, st
 
 class MoeBuilder(LlamaBuilder):
     """Subclasses name their config fields and add ROUTER / EXPERT_* name templates."""
+    config_keys = frozenset({"num_experts", "num_local_experts", "num_experts_per_tok",
+                             "moe_intermediate_size"})
 
     # config.json keys of the expert count, in order of preference (transformers maps
     # num_experts to num_local_experts and writes the latter)

@@ -18,6 +18,8 @@ from builder.roles import TensorRole as R
 
 class Phi3Builder(LlamaBuilder):
     architectures = ("Phi3ForCausalLM",)
+    # (Phi-4-mini's hub config has these three; transformers' Phi-3 reads none of them)
+    config_keys = frozenset({"full_attn_mod", "interpolate_factor", "lm_head_bias"})
     weight_names = {
         **LLAMA_WEIGHT_NAMES,
         R.QKV: "model.layers.{i}.self_attn.qkv_proj.weight",

@@ -15,6 +15,7 @@ from builder.roles import TensorRole as R
 
 class Qwen2Builder(LlamaBuilder):
     architectures = ("Qwen2ForCausalLM",)
+    config_keys = frozenset({"max_window_layers"})
     config_defaults = {"use_sliding_window": False, "max_position_embeddings": 32768}
 
     def attention_biases(self, layer: int):

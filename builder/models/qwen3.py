@@ -13,6 +13,7 @@ from builder.models.qwen2 import Qwen2Builder
 
 class Qwen3Builder(LlamaBuilder):
     architectures = ("Qwen3ForCausalLM",)
+    config_keys = frozenset({"max_window_layers"})
     qk_norm = True
     config_defaults = {"use_sliding_window": False, "max_position_embeddings": 32768}
     sliding_window = Qwen2Builder.sliding_window  # max_window_layers, as Qwen2

@@ -15,6 +15,8 @@ from builder.models.moe import MoeBuilder, expert_weight_names
 
 class Qwen3MoeBuilder(MoeBuilder):
     architectures = ("Qwen3MoeForCausalLM",)
+    config_keys = frozenset({"decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
+                             "max_window_layers"})
     qk_norm = True
     genai_model_type = "qwen3"  # onnxruntime-genai knows no qwen3_moe; the experts are in the graph
     weight_names = {**LLAMA_WEIGHT_NAMES,

@@ -15,6 +15,8 @@ from builder.models.llama import LlamaBuilder
 
 class SmolLM3Builder(LlamaBuilder):
     architectures = ("SmolLM3ForCausalLM",)
+    # (max_window_layers: in its hub configs, read by nothing in transformers' SmolLM3)
+    config_keys = frozenset({"no_rope_layers", "no_rope_layer_interval", "max_window_layers"})
     config_defaults = {"tie_word_embeddings": True, "use_sliding_window": False,
                        "max_position_embeddings": 32768}
 

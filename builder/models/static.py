@@ -165,6 +165,7 @@ class StaticLowering:
                                       seq_len=s, batch=batch)
                     for n, t, h in (("q", q, c.num_attention_heads),
                                     ("k", k, c.num_key_value_heads)))
+        q, k = b.after_rotary(layer, q, k)
         past, kv_type = self.past[layer], KV_TYPE
         if quantized_precision(b):  # the cache update in the float type: onnxruntime's CPU EP
             # quantizes fp16 13x slower than fp32 (calibration and the accuracy report run it)
@@ -192,14 +193,22 @@ class StaticLowering:
         b = self.b
         gb, c = b.gb, b.config
         role = R.EMBED if c.tie_word_embeddings else R.LM_HEAD
+        bias = b.lm_head_bias()
+        bias_name = b.weight_name(R.LM_HEAD_BIAS) if bias is not None else None
         if not quantized_precision(b):
             if self.vocab is not None:
                 raise ValueError("a vocabulary slice of lm_head is for calibrated builds only")
-            return linear(gb, "/lm_head", x, b.weight(role), b.weight_name(R.LM_HEAD))
+            return linear(gb, "/lm_head", x, b.weight(role), b.weight_name(R.LM_HEAD), bias,
+                          bias_name)
         name = b.weight_name(R.EMBED if b.extra.shared_embeddings else R.LM_HEAD)
         with gb.scope("/lm_head"):
-            return gb.node("MatMul", [x, dequantized(gb, *int8_table(b, role, name,
-                                                                     self.vocab))])
+            y = gb.node("MatMul", [x, dequantized(gb, *int8_table(b, role, name, self.vocab))])
+            if bias is None:
+                return y
+            if self.vocab is not None:  # the slice's own bias rows
+                bias = bias[self.vocab.start:self.vocab.stop]
+                bias_name = f"{bias_name}_{self.vocab.start}_{self.vocab.stop}"
+            return gb.node("Add", [y, gb.initializer(bias_name, bias)])
 
 
 # DecoderBuilder methods the static graphs never call: an architecture that overrides one

@@ -10,17 +10,18 @@ from builder.ops.attention import (
 )
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
-from builder.ops.mlp import ACTIVATIONS, activate, swiglu
+from builder.ops.mlp import ACTIVATIONS, activate, plain_mlp, relu2, swiglu
 from builder.ops.moe import interleave, moe
-from builder.ops.norms import rms_norm, skip_rms_norm
+from builder.ops.norms import NORM_KINDS, norm, rms_norm, skip_rms_norm
 from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rotary_decomposed
 from builder.ops.softcap import softcap
 
 __all__ = [
-    "ACTIVATIONS", "AttentionInputs", "RopeCache", "StaticAttentionInputs", "activate",
-    "attention_inputs", "decomposed_attention", "embedding", "embedding_quantized",
+    "ACTIVATIONS", "AttentionInputs", "NORM_KINDS", "RopeCache", "StaticAttentionInputs",
+    "activate", "attention_inputs", "decomposed_attention", "embedding", "embedding_quantized",
     "group_query_attention", "interleave", "linear", "linear_transposed", "matmul_nbits", "moe",
-    "position_ids", "quantized_initializers", "rms_norm", "rope_cache", "rotary",
-    "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
+    "norm", "plain_mlp", "position_ids", "quantized_initializers", "relu2", "rms_norm",
+    "rope_cache",
+    "rotary", "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
     "static_attention_mask", "swiglu", "write_kv",
 ]

@@ -136,6 +136,16 @@ class RopeTables(Generic[T]):
         return self.made[k]
 
 
+def interleaved_order(head_dim: int, rotary_dim: int) -> np.ndarray:
+    """The order of a head's values that makes rotate-half rotary (pairs i, i + rotary_dim / 2)
+    compute interleaved rotary (pairs 2i, 2i + 1): the even rotary dimensions, then the odd
+    ones, then the unrotated rest as it is."""
+    order = np.arange(head_dim)
+    order[:rotary_dim] = np.concatenate([np.arange(0, rotary_dim, 2),
+                                         np.arange(1, rotary_dim, 2)])
+    return order
+
+
 def position_ids(gb: GraphBuilder, tokens: str, attention_mask: str) -> str:
     """[B, S] positions of the current tokens, counted over the unmasked ones as transformers'
     generate() does: cumsum(mask) - 1, clipped at 0, last S columns."""

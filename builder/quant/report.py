@@ -111,15 +111,18 @@ def compare(expected: np.ndarray, actual: np.ndarray,
 
 
 def float_head(lm_head: np.ndarray | Rows,
-               finish: Callable[[np.ndarray], np.ndarray] | None = None):
-    """A ``head`` for ``accuracy_report``: lm_head in fp32 from the checkpoint, then the
-    architecture's final step, on [(graph kind, hidden [1, S, H], row)], a slice of VOCAB_ROWS
-    of the vocabulary at a time, as ``LayerStream.logit_slices``."""
+               finish: Callable[[np.ndarray], np.ndarray] | None = None,
+               bias: np.ndarray | None = None):
+    """A ``head`` for ``accuracy_report``: lm_head in fp32 from the checkpoint (plus its
+    ``bias``), then the architecture's final step, on [(graph kind, hidden [1, S, H], row)], a
+    slice of VOCAB_ROWS of the vocabulary at a time, as ``LayerStream.logit_slices``."""
     def head(picked: list):
         hidden = np.stack([h[0, row] for _, h, row in picked])[None]
         for start in range(0, lm_head.shape[0], VOCAB_ROWS):
             rows = range(start, min(lm_head.shape[0], start + VOCAB_ROWS))
             logits = float_logits(hidden, lm_head[rows.start:rows.stop])[0]
+            if bias is not None:
+                logits += bias[rows.start:rows.stop].astype(np.float32)
             yield rows, logits if finish is None else finish(logits)
     return head
 
@@ -192,12 +195,12 @@ class Agreement:
 def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequence],
                     quantized: list[Sequence], window: int, lm_head: np.ndarray | Rows,
                     label: str, finish: Callable[[np.ndarray], np.ndarray] | None = None,
-                    log: bool = True) -> dict:
+                    log: bool = True, bias: np.ndarray | None = None) -> dict:
     """``quantized`` (final hidden states of the calibrated layers, lm_head by ``head``: the
     calibrated stream's ``LayerStream.logit_slices``, the build's lm_head graphs a slice of the
     vocabulary at a time) against ``float_runs`` (float layers, lm_head in fp32, then
-    ``finish``: the builder's own step after the projection, ``LayerStream.final_logits``),
-    prefill and decode."""
+    ``finish``: the builder's own step after the projection, ``LayerStream.final_logits``;
+    ``bias``: lm_head's), prefill and decode."""
     positions = {"prefill": [], "decode": []}
     targets = {"prefill": [], "decode": []}
     for f, q in zip(float_runs, quantized):
@@ -211,7 +214,8 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
     agreement = Agreement(np.asarray(targets["prefill"] + targets["decode"], np.int64),
                           len(pairs))
     for (rows, expected), (got_rows, actual) in zip(
-            float_head(lm_head, finish)([f for f, _ in pairs]), head([q for _, q in pairs])):
+            float_head(lm_head, finish, bias)([f for f, _ in pairs]),
+            head([q for _, q in pairs])):
         if rows != got_rows:
             raise ValueError(f"vocabulary slices differ: {rows} and {got_rows}")
         agreement.update(rows, expected, actual)
@@ -235,7 +239,8 @@ def accuracy_report(head: Callable[[list], np.ndarray], float_runs: list[Sequenc
     return report
 
 
-def quantized_head(lm_head: Rows, policy, finish: Callable[[np.ndarray], np.ndarray] | None):
+def quantized_head(lm_head: Rows, policy, finish: Callable[[np.ndarray], np.ndarray] | None,
+                   bias: np.ndarray | None = None):
     """A ``head`` for ``accuracy_report`` (cpu/cuda builds): lm_head's weight as the build
     stores it (``policy``: its bits, rtn), dequantized, in fp32, then the final step, a slice of
     VOCAB_ROWS of the vocabulary at a time (MatMulNBits blocks run along each row: a slice's
@@ -256,6 +261,8 @@ def quantized_head(lm_head: Rows, policy, finish: Callable[[np.ndarray], np.ndar
         for start in range(0, lm_head.shape[0], VOCAB_ROWS):
             rows = range(start, min(lm_head.shape[0], start + VOCAB_ROWS))
             logits = float_logits(hidden, table(rows.start, rows.stop))[0]
+            if bias is not None:
+                logits += bias[rows.start:rows.stop].astype(np.float32)
             yield rows, logits if finish is None else finish(logits)
     return head
 
@@ -283,9 +290,10 @@ def stream_report(cls, config, options, weights, policy, plugins, source: Path,
     stream.run(quantized, desc="accuracy report")
     lm_head = weights.rows(cls.weight_names[R.EMBED if config.tie_word_embeddings
                                             else R.LM_HEAD])
-    report = accuracy_report(quantized_head(lm_head, policy, stream.final_logits), held_out,
-                             quantized, stream.prefill, lm_head, f"int{policy.bits}",
-                             stream.final_logits)
+    bias = builder.lm_head_bias()
+    report = accuracy_report(quantized_head(lm_head, policy, stream.final_logits, bias),
+                             held_out, quantized, stream.prefill, lm_head, f"int{policy.bits}",
+                             stream.final_logits, bias=bias)
     report["against"] = ("the float model: the float layers of -e qnn's graphs (the same "
                          "definition), lm_head in fp32 from the checkpoint and the "
                          "architecture's final logits step; quantized: those layers with "

@@ -15,6 +15,7 @@ from builder.models import LlamaBuilder
 
 class SeedOssBuilder(LlamaBuilder):
     architectures = ("SeedOssForCausalLM",)
+    config_keys = frozenset({"attention_out_bias"})
     genai_model_type = "llama"
     config_defaults = {"attention_bias": True}  # transformers' SeedOssConfig has q/k/v biases
 
