@@ -2,9 +2,8 @@
 
 Public API: ``build``, ``BuildOptions``, ``ExtraOptions``, ``DecoderBuilder``, ``DecoderConfig``,
 ``TensorRole``, the plugin marker ``hookimpl`` and ``PluginOption`` (a plugin's own extra
-option). Importing this package
-loads neither torch nor transformers, and nothing heavy until a name is used: ``python -m
-builder`` takes its signals (Ctrl-C) before numpy and onnx load.
+option). Importing this package loads neither torch nor transformers, and nothing heavy until a
+name is used: ``python -m builder`` takes its signals (Ctrl-C) before numpy and onnx load.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import importlib
 
 _EXPORTS = {
     "build": "builder.build_model", "BuilderError": "builder.errors", "hookimpl": "builder.hookspecs",
-    "DecoderBuilder": "builder.models.base", "DecoderConfig": "builder.config", "BuildOptions": "builder.options",
+    "DecoderBuilder": "builder.models.base", "DecoderConfig": "builder.config",
+    "BuildOptions": "builder.options",
     "ExecutionProvider": "builder.options", "ExtraOptions": "builder.options",
     "PluginOption": "builder.options", "Precision": "builder.options",
     "TensorRole": "builder.roles",

@@ -428,15 +428,45 @@ TUTORIAL = ROOT / "plugins" / "builder-seed-oss" / "README.md"
 PUBLIC = {"builder", "builder.models", "builder.ops", "numpy"}
 
 
+def _install_example(heading: str, name: str, tmp_path, max_lines: int | None = None) -> dict:
+    """The tutorial's code block under ``heading``, as its reader would ship it: a package
+    ``builder-<name>`` of its own (entry point ``name``), importing builder's public API only,
+    installed into a folder; returns the environment that finds it."""
+    import ast
+    import os
+    import re
+    import subprocess
+    import sys
+
+    text = TUTORIAL.read_text().split(heading, 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert max_lines is None or len(code.splitlines()) <= max_lines
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    assert imported <= PUBLIC, imported - PUBLIC
+    package = tmp_path / "pkg"
+    (package / f"builder_{name}").mkdir(parents=True)
+    (package / f"builder_{name}" / "__init__.py").write_text(code)
+    (package / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"'
+        f'\n[project]\nname = "builder-{name}"\nversion = "0.1"\n'
+        f'[project.entry-points.builder]\n{name} = "builder_{name}"\n'
+        f'[tool.setuptools]\npackages = ["builder_{name}"]\n')
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(site), str(package)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+
+
 def test_the_tutorials_plugin_installed_as_a_package(tmp_path):
     """The tutorial's second example (a norm, an activation and an option of its own), as its
     reader would ship it: a package of its own, installed, found through its entry point,
     importing builder's public API only; built by the CLI and checked against transformers'
     Llama carrying the same norm (a hook) and squared-ReLU MLP."""
-    import ast
     import json
-    import os
-    import re
     import subprocess
     import sys
 
@@ -448,26 +478,7 @@ def test_the_tutorials_plugin_installed_as_a_package(tmp_path):
     from builder.testing import hf_logits, hf_model, max_abs_diff, run_decoder
     from checkpoints import make_checkpoint
 
-    text = TUTORIAL.read_text().split("## A second example", 1)[1]
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
-                for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names}
-    assert imported <= PUBLIC, imported - PUBLIC
-    package = tmp_path / "pkg"
-    (package / "builder_tutorial").mkdir(parents=True)
-    (package / "builder_tutorial" / "__init__.py").write_text(code)
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"'
-        '\n[project]\nname = "builder-tutorial"\nversion = "0.1"\n'
-        '[project.entry-points.builder]\ntutorial = "builder_tutorial"\n'
-        '[tool.setuptools]\npackages = ["builder_tutorial"]\n')
-    site = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "--target", str(site), str(package)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    env = _install_example("## A second example", "tutorial", tmp_path)
 
     ck = make_checkpoint(tmp_path / "ck", "llama", hidden_act="relu2")
     tensors = load_file(ck / "model.safetensors")
@@ -512,10 +523,7 @@ def test_the_tutorials_third_example_gptj(tmp_path):
     CLI from a config.json as transformers writes it (n_inner null) and checked against
     transformers' GPT-J (prefill and decode) and its greedy generation through
     onnxruntime-genai."""
-    import ast
     import json
-    import os
-    import re
     import subprocess
     import sys
 
@@ -524,27 +532,7 @@ def test_the_tutorials_third_example_gptj(tmp_path):
     from builder.testing import genai_greedy, hf_greedy, hf_logits, max_abs_diff, run_decoder
     from checkpoints import make_checkpoint
 
-    text = TUTORIAL.read_text().split("## A third example", 1)[1]
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    assert len(code.splitlines()) < 40
-    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
-                for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names}
-    assert imported <= PUBLIC, imported - PUBLIC
-    package = tmp_path / "pkg"
-    (package / "builder_gptj").mkdir(parents=True)
-    (package / "builder_gptj" / "__init__.py").write_text(code)
-    (package / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"'
-        '\n[project]\nname = "builder-gptj"\nversion = "0.1"\n'
-        '[project.entry-points.builder]\ngptj = "builder_gptj"\n'
-        '[tool.setuptools]\npackages = ["builder_gptj"]\n')
-    site = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "--target", str(site), str(package)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    env = _install_example("## A third example", "gptj", tmp_path, max_lines=39)
     ck = make_checkpoint(tmp_path / "ck", "gptj")
     assert json.loads((ck / "config.json").read_text())["n_inner"] is None
     out = tmp_path / "o"

@@ -21,7 +21,6 @@ __all__ = [
     "activate", "attention_inputs", "decomposed_attention", "embedding", "embedding_quantized",
     "group_query_attention", "interleave", "linear", "linear_transposed", "matmul_nbits", "moe",
     "norm", "plain_mlp", "position_ids", "quantized_initializers", "relu2", "rms_norm",
-    "rope_cache",
-    "rotary", "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
-    "static_attention_mask", "swiglu", "write_kv",
+    "rope_cache", "rotary", "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads",
+    "static_attention_inputs", "static_attention_mask", "swiglu", "write_kv",
 ]

@@ -165,7 +165,7 @@ def groups_of(builder, graph: onnx.GraphProto, layer: int,
             consumers.setdefault(i, []).append(n)
     found = {}
     for group, norm in (("attn", R.ATTN_NORM), ("mlp", R.MLP_NORM)):
-        roles = GROUPS[group]
+        roles = [r for r in GROUPS[group] if r in values]  # (no gate: up alone)
         inputs = {values[r][0] for r in roles}
         if len(inputs) != 1 or norm not in builder.weight_names:
             continue
@@ -224,7 +224,7 @@ class AwqRounding:
                 continue
             a, q = (v / self.tokens for v in self.sums[group])
             parts = []
-            for role in GROUPS[group]:
+            for role in (r for r in GROUPS[group] if r in weights):
                 bits = self.policy.bits_for(role, layer, "") or self.policy.bits
                 parts.append((np.asarray(weights[role], np.float32),
                               self.policy.quantizer(bits)))

@@ -26,7 +26,9 @@ import numpy as np
 
 from builder.quant.policy import dequantized
 from builder.quant.stream import PREFILL
-from builder.quant.rounding import ROLES, layer_weights, projection_values, token_rows
+from builder.quant.rounding import (
+    ROLES, layer_weights, projection_values, roles_of, token_rows,
+)
 from builder.roles import TensorRole as R
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class OutputNoise:
         self.tokens += tokens
 
     def round(self, layer: int) -> None:
-        for role in ROLES:
+        for role in roles_of(self.b):
             signal, noise = self.sums.get(role, (0.0, 0.0))
             self.figures[layer, role] = signal, noise, self.sizes[role]
         self.values, self.errors, self.sizes, self.sums = None, {}, {}, {}
@@ -111,6 +113,11 @@ def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float, f
         groups = ([(R.QKV, UNITS[R.QKV]), (R.O, (R.O,)), (R.GATE_UP, UNITS[R.GATE_UP]),
                    (R.DOWN, (R.DOWN,))] if packed else [(r, (r,)) for r in ROLES])
         for role, parts in groups:
+            parts = tuple(p for p in parts if (layer, p) in figures)  # (no gate: up alone)
+            if not parts:
+                continue
+            if role == R.GATE_UP and parts == (R.UP,):
+                role = R.UP
             sums = [figures[layer, p] for p in parts]
             units.append(Unit(layer, role, sum(f[0] for f in sums), sum(f[1] for f in sums),
                               sum(f[2] for f in sums)))

@@ -35,6 +35,11 @@ ROLES = (R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN)  # what the static graphs pro
 PACKED = {R.QKV: (R.Q, R.K, R.V), R.GATE_UP: (R.GATE, R.UP)}  # rows of one packed weight
 
 
+def roles_of(builder) -> tuple[R, ...]:
+    """The ROLES ``builder``'s layers project with: no gate in an MLP without one."""
+    return ROLES if builder.gated_mlp else tuple(r for r in ROLES if r != R.GATE)
+
+
 class RoundedWeights:
     """The rounded projections of every layer, one file each in ``folder``: served to the graph
     writer by role and layer (packed q/k/v and gate/up put together by rows: MatMulNBits blocks
@@ -141,7 +146,7 @@ class GptqRounding:
         b = self.b
         weights = layer_weights(b, layer)
         by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
-        for role in ROLES:  # rounded as one weight at each bits (rows are rounded independently,
+        for role in roles_of(b):  # rounded as one weight at each bits (rows are rounded alone,
             bits = self.policy.bits_for(role, layer, "") or self.policy.bits  # given H)
             by_input.setdefault((self.inputs[role], bits), []).append(role)
         current = h = factor = None  # (one input's Hessian at a time: the groups of an input
@@ -174,7 +179,7 @@ def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tupl
     by_weight = {n.input[1]: (n.input[0], n.output[0]) for n in graph.node
                  if n.op_type in ("MatMul", "Conv")}
     values = {}
-    for role in ROLES:
+    for role in roles_of(builder):
         name = builder.initializer_name(role, layer)
         if name not in by_weight:
             raise OptionError(f"int4_algo_config={why}: {type(builder).__name__} has no "
@@ -188,7 +193,8 @@ def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tupl
 def layer_weights(builder, layer: int) -> dict[R, np.ndarray]:
     """The layer's projection weights (ROLES) as the architecture hands them to them."""
     weights = dict(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
-    weights.update(zip((R.GATE, R.UP, R.DOWN), builder.mlp_weights(layer)))
+    weights.update((r, w) for r, w in zip((R.GATE, R.UP, R.DOWN), builder.mlp_weights(layer))
+                   if w is not None)  # (gate: None in an MLP without one)
     weights[R.O] = builder.weight(R.O, layer)
     return weights
 
