@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from builder import interrupt
-from builder.errors import BuilderError, did_you_mean
+from builder.errors import OUT_OF_MEMORY, BuilderError, did_you_mean
 from builder.options import (
     BuildOptions,
     ExecutionProvider,
@@ -71,9 +71,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging (-v: debug)")
     return p
-
-
-OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "Cannot allocate memory")
 
 
 def out_of_memory(e: BaseException) -> bool:

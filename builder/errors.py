@@ -46,3 +46,8 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
 
 class AccuracyError(BuilderError):
     """A quantized build whose own accuracy report shows it broken."""
+
+
+# What onnxruntime's allocators, the safetensors reader and the OS say when memory runs out, in
+# their own exception types or a child process's stderr
+OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "Cannot allocate memory")

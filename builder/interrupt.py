@@ -4,9 +4,10 @@
 raises KeyboardInterrupt, which removes what the build staged; those that follow are ignored
 while that cleanup runs. One that arrives inside an import or while a log line is written
 waits a moment: a C extension interrupted while it initializes can crash the process (onnx's
-does), and tqdm interrupted while it makes its lock prints tracebacks from then on. And since a library may swallow the
-exception (a bare ``except``), the build checks ``requested()`` at each stage's end and before
-it puts the folder in place. A library caller that takes no signals is not affected.
+does), and tqdm interrupted while it makes its lock prints tracebacks from then on. And since
+a library may swallow the exception (a bare ``except``), the build checks ``requested()`` at
+each stage's end and before it puts the folder in place. A library caller that takes no signals
+is not affected.
 """
 
 from __future__ import annotations

@@ -22,13 +22,12 @@ from builder.config import DecoderConfig
 from builder.errors import OptionError
 from builder.options import QDQ_PRECISIONS, BuildOptions, Precision
 from builder.quant.policy import DATA_AWARE, MEASURED
+from builder.quant.rounding import stream_lengths
 
 MIB = 2 ** 20
 BASE = 64 * MIB  # Python, numpy and onnx loaded: a tiny cpu build's measured peak
 SESSIONS = 64 * MIB  # onnxruntime loaded and its sessions' arenas (a tiny qnn build's: 128)
 F32 = 4
-# cpu/cuda data-aware rounding runs the layers as -e qnn's graphs at these lengths
-STREAM_LENGTHS = (64, 512)
 
 
 def layer_elements(config: DecoderConfig, cls) -> int:
@@ -66,7 +65,8 @@ def estimate(options: BuildOptions, config: DecoderConfig, cls, static: bool) ->
     if runs_layers(options, static):
         parts["onnxruntime"] = SESSIONS
         x = options.extra
-        p, c = (x.qnn_prefill_length, x.qnn_context_length) if static else STREAM_LENGTHS
+        p, c = (x.qnn_prefill_length, x.qnn_context_length) if static else \
+            stream_lengths(config)  # (cpu/cuda data-aware rounding runs -e qnn's graphs)
         parts.update(activations(config, p, c))
     parts["total"] = sum(parts.values())
     return parts
@@ -96,12 +96,14 @@ def check_memory(options: BuildOptions, config: DecoderConfig, cls, static: bool
     if free is None or parts["total"] <= free:
         return parts
     largest = max((k for k in parts if k != "total"), key=parts.get)
-    if largest in ("attention scores", "kv", "mlp", "lm_head logits") and static:
+    calls = largest in activations(config, 1, 1)  # (a layer call's values)
+    if calls and static:
         x = options.extra
         fix = (f"the prefill length (qnn_prefill_length={x.qnn_prefill_length}) and context "
                f"(qnn_context_length={x.qnn_context_length}) set it: make them smaller")
-    elif largest in ("attention scores", "kv", "mlp", "lm_head logits"):
-        fix = "the calibration runs at 64 tokens in a context of 512: use rtn or k_quant"
+    elif calls:
+        p, c = stream_lengths(config)
+        fix = f"the calibration runs at {p} tokens in a context of {c}: use rtn or k_quant"
     else:
         fix = "the model's own shapes set it: build on a machine with more memory"
     raise OptionError(

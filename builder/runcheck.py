@@ -59,15 +59,14 @@ def run_check(out: Path, options) -> dict:
         else:
             logger.info("run check skipped: %s", why)
         return {"ran": False, "why": why}
-    from builder.errors import OutputError
+    from builder.errors import OUT_OF_MEMORY, OutputError
 
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-c", _CHILD, __file__, str(out)], cwd=out, check=False,
                        capture_output=True, text=True, timeout=TIMEOUT_S)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
-        if any(s in r.stderr for s in ("bad_alloc", "Failed to allocate memory",
-                                       "Cannot allocate memory", "MemoryError")):
+        if any(s in r.stderr for s in (*OUT_OF_MEMORY, "MemoryError")):
             raise MemoryError("the run check ran out of memory")
         said = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
         raise OutputError(

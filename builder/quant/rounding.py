@@ -35,6 +35,13 @@ ROLES = (R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN)  # what the static graphs pro
 PACKED = {R.QKV: (R.Q, R.K, R.V), R.GATE_UP: (R.GATE, R.UP)}  # rows of one packed weight
 
 
+def stream_lengths(config) -> tuple[int, int]:
+    """(P, C) of the -e qnn graphs that cpu/cuda data-aware rounding runs the layers as: 64 and
+    512, or half the model's context where that is shorter."""
+    prefill, context = 64, min(512, config.max_position_embeddings)
+    return (max(1, context // 2) if context <= prefill else prefill), context
+
+
 def roles_of(builder) -> tuple[R, ...]:
     """The ROLES ``builder``'s layers project with: no gate in an MLP without one."""
     return ROLES if builder.gated_mlp else tuple(r for r in ROLES if r != R.GATE)
@@ -274,9 +281,7 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     from builder.quant.stream import LayerStream, sequence
 
     static = plugins.targets.get("qnn")
-    prefill, context = 64, min(512, config.max_position_embeddings)
-    if context <= prefill:
-        prefill = max(1, context // 2)
+    prefill, context = stream_lengths(config)
     o = dataclasses.replace(options, execution_provider=ExecutionProvider.QNN,
                             precision=Precision.FP32, extra=dataclasses.replace(
                                 options.extra, qnn_prefill_length=prefill,
