@@ -212,6 +212,14 @@ TINY = {
         intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
         max_position_embeddings=512, vectors=True),
+    # Granite's multipliers; 4 experts stacked in the checkpoint, top 2
+    "granitemoe": dict(
+        arch="GraniteMoeForCausalLM", config="GraniteMoeConfig", vocab_size=VOCAB,
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        embedding_multiplier=12.0, attention_multiplier=0.03, residual_multiplier=0.5,
+        logits_scaling=4.0, tie_word_embeddings=True, max_position_embeddings=512,
+        vectors=True),
     # the plugin tutorial's third example (not built in): GPT-2's key names, rotary on 8 of 16
     "gptj": dict(
         arch="GPTJForCausalLM", config="GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2,

@@ -38,7 +38,7 @@ def checkpoints(qwen3_checkpoint, llama_checkpoint, tmp_path_factory) -> dict[st
                                   shard=name == "gemma3")
             for name in ("mistral", "phi3", "phi3_longrope", "phi4mini", "qwen3_moe",
                          "qwen3_moe_step2", "mixtral", "qwen2", "gemma2", "gemma3", "smollm3",
-                         "granite", "olmo2", *FAMILIES, "olmoe")}
+                         "granite", "olmo2", *FAMILIES, "olmoe", "granitemoe")}
     return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint, **made}
 
 

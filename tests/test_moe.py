@@ -20,7 +20,7 @@ from builder.testing import max_abs_diff, run_decoder
 from checkpoints import hf_model
 from conftest import run_cli
 
-MOE = ["qwen3_moe", "qwen3_moe_step2", "mixtral", "olmoe"]
+MOE = ["qwen3_moe", "qwen3_moe_step2", "mixtral", "olmoe", "granitemoe"]
 
 
 def _build(ck, out, precision="int4", *extra, ep="cpu"):

@@ -13,6 +13,7 @@ from builder.models.gemma import Gemma2Builder, Gemma3Builder
 from builder.models.glm import Glm4Builder, GlmBuilder
 from builder.models.gpt_neox import GPTNeoXBuilder
 from builder.models.granite import GraniteBuilder
+from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.helium import HeliumBuilder
 from builder.models.hunyuan import HunYuanDenseV1Builder
 from builder.models.llama import LlamaBuilder
@@ -32,7 +33,7 @@ from builder.models.starcoder2 import Starcoder2Builder
 
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
            "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
-           "GlmBuilder", "GraniteBuilder", "HeliumBuilder", "HunYuanDenseV1Builder", "LlamaBuilder",
+           "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder", "HunYuanDenseV1Builder", "LlamaBuilder",
            "MixtralBuilder", "NemotronBuilder", "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder",
            "Phi3Builder", "PhiBuilder", "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder",
            "SmolLM3Builder", "StableLmBuilder", "Starcoder2Builder"]
@@ -54,5 +55,5 @@ def register_architectures(register):
     for family in (PhiBuilder, Starcoder2Builder, GPTNeoXBuilder, StableLmBuilder, CohereBuilder,
                    Cohere2Builder, GlmBuilder, Glm4Builder, Olmo3Builder, Exaone4Builder,
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
-                   ArceeBuilder, HeliumBuilder):
+                   ArceeBuilder, HeliumBuilder, GraniteMoeBuilder):
         register(family)
