@@ -33,10 +33,11 @@ from builder.models.starcoder2 import Starcoder2Builder
 
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
            "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
-           "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder", "HunYuanDenseV1Builder", "LlamaBuilder",
-           "MixtralBuilder", "NemotronBuilder", "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder",
-           "Phi3Builder", "PhiBuilder", "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder",
-           "SmolLM3Builder", "StableLmBuilder", "Starcoder2Builder"]
+           "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
+           "HunYuanDenseV1Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
+           "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder", "PhiBuilder",
+           "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "SmolLM3Builder", "StableLmBuilder",
+           "Starcoder2Builder"]
 
 
 @hookimpl
