@@ -201,10 +201,13 @@ TINY = {
         head_dim=16, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=512,
         vectors=True),
     # q/k norms after rotary
+    # ... and the released checkpoints' fixed-alpha NTK rotary
     "hunyuan": dict(
         arch="HunYuanDenseV1ForCausalLM", config="HunYuanDenseV1Config", vocab_size=VOCAB,
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                         "factor": 1.0},
         max_position_embeddings=512, vectors=True),
     # q/k norms over the whole projection; 8 experts, top 2 renormalized
     "olmoe": dict(

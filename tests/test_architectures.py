@@ -85,6 +85,8 @@ FEATURES = {
     ("nemotron", "MLP biases"): {"zero": ["mlp.up_proj.bias", "mlp.down_proj.bias"]},
     ("hunyuan", "q/k norm after rotary"): {"identity": ["self_attn.query_layernorm",
                                                         "self_attn.key_layernorm"]},
+    ("hunyuan", "NTK alpha"): {"config": {"rope_parameters": {"rope_type": "default",
+                                                              "rope_theta": 10000.0}}},
     ("arcee", "relu2"): {"config": {"hidden_act": "relu"}},
     ("helium", "q/k/v biases"): {"zero": ["self_attn.q_proj.bias", "self_attn.k_proj.bias",
                                          "self_attn.v_proj.bias"]},
