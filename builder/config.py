@@ -297,7 +297,9 @@ def _norm_eps(d: dict[str, Any], source: str) -> float:
 # config.json keys that never change a decoder's math: training, generation and bookkeeping
 # fields transformers writes (an architecture reads the others it understands: config_keys)
 HARMLESS_KEYS = frozenset((
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "_name_or_path", "_attn_implementation", "_attn_implementation_autoset", "_commit_hash",
+    "_from_model_config", "initializer_factor", "use_flash_attention_2", "use_flash_attn",
+    "transformers_version", "dtype", "torch_dtype", "use_cache",
     "initializer_range", "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
     "embedding_dropout", "residual_dropout", "classifier_dropout", "chunk_size_feed_forward",
     "id2label", "label2id", "is_decoder", "is_encoder_decoder", "output_attentions",
@@ -328,7 +330,8 @@ def check_keys(config: DecoderConfig, reads: frozenset[str], who: str,
             f"{source}: {', '.join(f'{k}={_short(config.extra[k])}' for k in unread)}: "
             f"{'a key' if len(unread) == 1 else 'keys'} {who} does not read, which may change "
             "the model's math in transformers. An architecture that reads a key declares it "
-            "in config_keys (a family's other name for a key builder reads: config_aliases)")
+            "in config_keys (a family's other name for a key builder reads: config_aliases); a "
+            "key that changes nothing for this model can be deleted from config.json")
 
 
 _FRACTION = ("partial_rotary_factor",)
