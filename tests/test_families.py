@@ -249,3 +249,20 @@ def test_awq_scales_fold_into_a_layernorm_bias(checkpoints, tmp_path):
     print(f"starcoder2 with outlier channels: mean cosine {cosine}; AWQ {groups['attn']}")
     assert groups["attn"]["layers_scaled"] == 2
     assert cosine["awq"] >= 0.985 and cosine["awq"] > cosine["rtn"] + 0.01
+
+
+def test_exaone4_pattern_of_its_released_configs(checkpoints, built, tmp_path):
+    """EXAONE 4.0's released config.json may give its hybrid as sliding_window_pattern "LLLG"
+    (three local layers, one global) without layer_types: the same model as layer_types."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["exaone4"], ck)
+    config = json.loads((ck / "config.json").read_text())
+    assert config.pop("layer_types") == ["sliding_attention"] * 3 + ["full_attention"]
+    (ck / "config.json").write_text(json.dumps({**config, "sliding_window_pattern": "LLLG"}))
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
+    assert max_abs_diff(run_decoder(out, PROMPT).prefill_logits,
+                        run_decoder(built["exaone4"], PROMPT).prefill_logits) == 0
+    (ck / "config.json").write_text(json.dumps({**config, "sliding_window_pattern": "LGGG"}))
+    other = build(BuildOptions(model_name=str(ck), output=tmp_path / "other"))
+    assert max_abs_diff(run_decoder(other, PROMPT).prefill_logits,
+                        run_decoder(built["exaone4"], PROMPT).prefill_logits) > 1e-2
