@@ -454,7 +454,8 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         cls = _architecture(DecoderConfig.architecture_in(config_file), plugins)
         config = cls.config_class.from_file(config_file, cls.config_defaults,
                                             cls.config_aliases)
-        check_keys(config, cls.read_keys(), cls.__name__)
+        check_keys(config, cls.read_keys(), cls.__name__,
+                   ignored=options.extra.config_keys_ignored)
         check_tokenizer_files(source.path)
         logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                     plugins.architectures.owner(config.architecture), options.precision,

@@ -318,20 +318,26 @@ HARMLESS_KEYS = frozenset((
 
 
 def check_keys(config: DecoderConfig, reads: frozenset[str], who: str,
-               source: str = "config.json") -> None:
+               source: str = "config.json", ignored: tuple[str, ...] = ()) -> None:
     """Every key of config.json is read (DecoderConfig's fields, the architecture's
-    ``config_keys``) or known to change nothing (HARMLESS_KEYS): a key the architecture does
-    not read may change the math in transformers, so it is an error naming it, never a
-    setting silently dropped. A key given as null is not set."""
-    unread = sorted(k for k, v in config.extra.items()
-                    if k not in reads and k not in HARMLESS_KEYS and v is not None)
+    ``config_keys``) or known to change nothing (HARMLESS_KEYS, or ``ignored``: the user's
+    config_keys_ignored, each of which must be in the file): a key the architecture does not
+    read may change the math in transformers, so it is an error naming it, never a setting
+    silently dropped. A key given as null is not set."""
+    absent = [k for k in ignored if k not in config.extra]
+    if absent:
+        raise ConfigError(f"config_keys_ignored names {', '.join(absent)}, which {source} does "
+                          "not have as a key builder leaves unread")
+    unread = sorted(k for k, v in config.extra.items() if k not in reads
+                    and k not in HARMLESS_KEYS and k not in ignored and v is not None)
     if unread:
         raise ConfigError(
             f"{source}: {', '.join(f'{k}={_short(config.extra[k])}' for k in unread)}: "
             f"{'a key' if len(unread) == 1 else 'keys'} {who} does not read, which may change "
             "the model's math in transformers. An architecture that reads a key declares it "
             "in config_keys (a family's other name for a key builder reads: config_aliases); a "
-            "key that changes nothing for this model can be deleted from config.json")
+            "key you know changes nothing for this model: --extra_options "
+            f"config_keys_ignored={','.join(unread)}")
 
 
 _FRACTION = ("partial_rotary_factor",)

@@ -138,6 +138,10 @@ class ExtraOptions:
         False, "Compute logits for the last position only: logits is [batch, 1, vocab].")
     num_hidden_layers: int | None = _opt(
         None, "Build only the first N layers (the others' weights are left unused).")
+    config_keys_ignored: tuple[str, ...] = _opt(
+        (), "Comma-separated config.json keys the build may leave unread, where you know they "
+        "change nothing for this model (any other key the architecture does not read is an "
+        "error: it may change the math in transformers).")
     filename: str = _opt(
         "model.onnx", "Name of the ONNX file; its weights go to <filename>.data.")
     config_only: bool = _opt(

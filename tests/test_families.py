@@ -200,7 +200,27 @@ def test_a_key_the_architecture_does_not_read_is_refused(arch, key, value, check
     r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{key}={value!r}: a key" in r.stderr and "does not read" in r.stderr, r.stderr
+    assert f"config_keys_ignored={key}" in r.stderr  # (what to do when it changes nothing)
     assert not (tmp_path / "out").exists()
+
+
+def test_config_keys_ignored(checkpoints, built, tmp_path):
+    """A key the user knows changes nothing for this model is named in config_keys_ignored:
+    built as without it; a name config.json does not have is refused (a typo would otherwise
+    ignore nothing and say nothing)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["llama"], ck)
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "my_training_flag": True}))
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"), "--extra_options",
+                "config_keys_ignored=my_training_flag")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert max_abs_diff(run_decoder(tmp_path / "out", PROMPT).prefill_logits,
+                        run_decoder(built["llama"], PROMPT).prefill_logits) == 0
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "typo"), "--extra_options",
+                "config_keys_ignored=my_training_flag,my_traning_flag")
+    assert r.returncode == 2 and "config_keys_ignored names my_traning_flag" in r.stderr, \
+        r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("arch, algo", [("phi", "gptq"), ("gpt_neox", "rtn_mixed")])
