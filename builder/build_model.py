@@ -49,7 +49,7 @@ from builder.pipeline import (
 )
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
-from builder.quant.awq import qdq_smoothing, smooth_layers, summary
+from builder.quant.awq import AwqGptq, qdq_smoothing, smooth_layers, summary
 from builder.quant.calibration import calibrate, prompts
 from builder.quant.kv import tie_kv_ranges
 from builder.quant.mixed import OutputNoise, decide, measure, promote
@@ -224,7 +224,9 @@ class DecoderFolder:
         elif policy.data_aware:
             with meter("round"):
                 round_layers(cls, config, self.options, weights, policy, self.plugins, source,
-                             work)
+                             work, scaled=policy.data_aware == "awq_gptq")
+            if policy.smoothing is not None:
+                self.awq = summary(policy.smoothing)
         with meter("graph"):
             gb = GraphBuilder("main_graph", out / f"{filename}.data", float_type)
             try:
@@ -317,6 +319,9 @@ class PipelineFolder(DecoderFolder):
             float_rows, held_out_values = StreamProbe(held_out, prefill), TensorStats()
             if policy.data_aware == "awq":
                 rounding = qdq_smoothing(builder, work, policy)
+            elif policy.data_aware == "awq_gptq":
+                rounding = AwqGptq(qdq_smoothing(builder, work, policy),
+                                   qdq_rounding(builder, work, out / ".rounded", policy))
             elif policy.data_aware:
                 rounding = qdq_rounding(builder, work, out / ".rounded", policy)
             else:

@@ -174,9 +174,14 @@ class GraphBuilder:
     """Collects nodes, I/O and initializers of one graph; writes weights as they come."""
 
     def __init__(self, name: str, data_path: Path | None = None, float_dtype=np.float32,
-                 store: WeightStore | None = None, qdq: Qdq | None = None) -> None:
+                 store: WeightStore | None = None, qdq: Qdq | None = None,
+                 dequantized_weights: bool = False) -> None:
         self.name = name
         self.qdq = qdq
+        # QDQ weights stored as the float32 values their DequantizeLinear computes (codes x
+        # scale: the same numbers), for graphs that run on the CPU EP only (calibration's):
+        # onnxruntime dequantizes a constant weight at every run, not once
+        self.dequantized_weights = dequantized_weights and np.dtype(float_dtype) == np.float32
         self.float_dtype = np.dtype(float_dtype)  # every float weight is stored as this
         self._own_store = store is None
         self.store = store or WeightStore(data_path)
@@ -315,6 +320,9 @@ class GraphBuilder:
         names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
         lpbq = (f"{name}_scale_multipliers", f"{name}_channel_scale",
                 f"{name}_channel_zero_point")
+        if self.dequantized_weights:
+            return self._initializer(name, None if name in self.store.written else
+                                     weight.dequantize().reshape(weight.codes.shape))
         if names[0] in self.store.written:
             stored = lpbq if lpbq[0] in self.store.written else names[1:2]
             for n in (names[0], names[2], *stored):

@@ -94,13 +94,16 @@ class ExtraOptions:
         "GPTQ on calibration prompts, layer by layer (others rtn); gptq_last: and lm_head at 8 "
         "bits; awq: activation-aware scaling, per input channel of q/k/v, gate/up and down, "
         "searched on the calibration prompts layer by layer and folded into the norms and up "
-        "(then rtn); awq_last: and lm_head at 8 bits; rtn_mixed, gptq_mixed: lm_head at 8 bits "
+        "(then rtn); awq_last: and lm_head at 8 bits; awq_gptq, awq_gptq_last: AWQ's scales, "
+        "then GPTQ on the scaled weights, from one pass per layer; rtn_mixed, gptq_mixed: "
+        "lm_head at 8 bits "
         "and the projections whose output the 4-bit rounding hurts most, measured on the "
         "calibration prompts, at 8 bits within quant_budget. On -e qnn: default, rtn, gptq, "
-        "awq, and (w4a16) rtn_mixed, gptq_mixed.",
+        "awq, awq_gptq, and (w4a16) rtn_mixed, gptq_mixed.",
         aliases=("algo_config",),
         choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed",
-                 "gptq", "gptq_last", "awq", "awq_last", "rtn_mixed", "gptq_mixed"))
+                 "gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "awq_gptq_last",
+                 "rtn_mixed", "gptq_mixed"))
     quant_budget: float = _opt(
         0.1, "int4_algo_config=rtn_mixed or gptq_mixed: the extra bytes the 8-bit projections "
         "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
@@ -358,7 +361,7 @@ QNN_QUANTIZED = ("qnn_kv_bits", "qnn_calibration", "qnn_calibration_samples",
 
 CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
 MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")  # promoted to 8 bits by measurement
-DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last",
+DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "awq_gptq_last",
                          *MEASURED_MIXED)  # (they read the calibration text)
 
 
@@ -371,7 +374,7 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
                 and extra.int4_algo_config in DATA_AWARE_ALGORITHMS:
             return None
         return ("applies to -e qnn and to int4_algo_config=gptq, gptq_last, awq, awq_last, "
-                "rtn_mixed and gptq_mixed (-p int4, int8) only")
+                "awq_gptq, awq_gptq_last, rtn_mixed and gptq_mixed (-p int4, int8) only")
     if name == "quant_budget" and (extra is None
                                    or extra.int4_algo_config not in MEASURED_MIXED):
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"

@@ -85,17 +85,27 @@ class Smoothing:
         """``w`` [N, K] with its input columns times its group's scales, and up's rows (packed:
         the second half of gate_up's, as ``packed_mlp_weights`` stacks them) divided by down's."""
         group = COLUMNS.get(role)
-        s = self.scales.get((layer, group))
+        if group not in (None, "down") and (layer, group) in self.scales \
+                and (layer, group) not in self.folded:
+            raise ConfigError(
+                f"int4_algo_config=awq: {type(builder).__name__} did not fold layer "
+                f"{layer}'s {group} scales into its norm (it writes that norm its own "
+                "way, not with DecoderBuilder.pre_norm): use rtn or gptq for this model")
+        return self.scaled(role, layer, w)
+
+    def input_scales(self, role, layer: int) -> np.ndarray | None:
+        """The scales ``role``'s input is divided by (None: not scaled)."""
+        return self.scales.get((layer, COLUMNS.get(role)))
+
+    def scaled(self, role, layer: int | None, w: np.ndarray) -> np.ndarray:
+        """``projection``'s product, without the check that the norm was folded (GPTQ rounds
+        the scaled weights before the layer's graphs are written)."""
+        s = self.scales.get((layer, COLUMNS.get(role)))
         down = self.scales.get((layer, "down")) if role in (R.UP, R.GATE_UP) else None
         if s is None and down is None:
             return w
         w = np.array(w, np.float32)
         if s is not None:
-            if group != "down" and (layer, group) not in self.folded:
-                raise ConfigError(
-                    f"int4_algo_config=awq: {type(builder).__name__} did not fold layer "
-                    f"{layer}'s {group} scales into its norm (it writes that norm its own "
-                    "way, not with DecoderBuilder.pre_norm): use rtn or gptq for this model")
             w *= s
         if down is not None:
             w[w.shape[0] - down.size:] /= down[:, None]
@@ -238,6 +248,27 @@ class AwqRounding:
         self.groups, self.sums, self.tokens = None, {}, 0
         if self.reruns:
             self.b.policy = self.policy.only_layers(set(range(layer + 1)))
+
+
+class AwqGptq:
+    """``LayerStream.run``'s rounding for ``int4_algo_config=awq_gptq``: from one pass of a
+    layer, AWQ's scales (``AwqRounding``) and GPTQ's Hessians (``rounding.GptqRounding``);
+    then the scales are chosen and GPTQ rounds the scaled weights ``W diag(s)`` against the
+    scaled inputs' Hessians (``H / s s^T``: the folded norm hands the projections ``x / s``).
+    The layer then runs again with both, as GPTQ's does."""
+
+    reruns = True
+
+    def __init__(self, awq: AwqRounding, gptq) -> None:
+        self.awq, self.gptq = awq, gptq
+
+    def add(self, layer: int, calls: list, sequences: list, values: dict) -> None:
+        self.awq.add(layer, calls, sequences, values)
+        self.gptq.add(layer, calls, sequences, values)
+
+    def round(self, layer: int) -> None:
+        self.awq.round(layer)
+        self.gptq.round(layer, self.awq.smoothing)
 
 
 def summary(smoothing: Smoothing) -> dict:

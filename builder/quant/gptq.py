@@ -23,7 +23,9 @@ import numpy as np
 from builder.quant.base import QuantizedWeight, pack, round_half_away
 from builder.quant.qdq import SIGNED, QdqWeight, lpbq_block_scales, lpbq_channel_scales
 
-BATCH = 128        # columns per lazy update (a multiple of every block size up to 128)
+BATCH = 128        # columns per lazy update
+STEP = 8           # and within a block: a column's error reaches the next columns of its step
+                   # at once, the step's errors the rest of the block in one product
 DAMP = 0.01        # of the Hessian's mean diagonal, added to its diagonal
 
 
@@ -162,10 +164,11 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
     rounded by GPTQ with ``hessian`` [K, K] (``K`` a multiple of ``block_size``; ``factor``:
     ``inverse_factor(hessian)`` when already computed). float32 updates, as GPTQ's own.
 
-    Held transposed ([K, N]: a column of the weight is a contiguous row), and lazy on two
-    levels: a column's error reaches the rest of its block at once, the block's errors the rest
-    of the batch in one product when the block is done, the batch's the later columns in one
-    product (every column is updated before it is rounded, as in the column-at-a-time form)."""
+    Held transposed ([K, N]: a column of the weight is a contiguous row), and lazy on three
+    levels: a column's error reaches the rest of its STEP columns at once, a step's errors the
+    rest of its block in one product, the block's the rest of the batch when the block is
+    done, the batch's the later columns (every column is updated before it is rounded, as in
+    the column-at-a-time form)."""
     w = np.array(weight, np.float32)
     n, k = w.shape
     if k % block_size:
@@ -177,23 +180,29 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
     codes = np.empty((k, n), np.float32)
     scales = np.empty((k // block_size, n), np.float32)
     zeros = np.empty((k // block_size, n), np.float32)
-    batch = max(BATCH, block_size)
+    # a batch is whole blocks, or a block whole batches (per-channel: one block of K)
+    batch = BATCH if BATCH % block_size == 0 or block_size % BATCH == 0 else block_size
+    segment = min(batch, block_size)
     for a in range(0, k, batch):
         b = min(a + batch, k)
         errors = np.empty((b - a, n), np.float32)
-        for start in range(a, b, block_size):
-            end, g = start + block_size, start // block_size
-            s, z = grid.params(wt[start:end].T)  # the block as the earlier errors left it
-            scales[g], zeros[g] = s, z
-            hinv = inverse[start:end, start:end]
-            for i in range(block_size):
-                col = start + i
-                q = grid.codes(wt[col], s, z)
-                codes[col] = q
-                err = (wt[col] - grid.value(q, s, z)) / hinv[i, i]
-                if i + 1 < block_size:
-                    wt[col + 1:end] -= np.outer(hinv[i, i + 1:], err)
-                errors[col - a] = err
+        for start in range(a, b, segment):
+            end = min(start + segment, b)
+            if start % block_size == 0:  # the block as the earlier errors left it (a block
+                g = start // block_size  # of several batches starts a batch: none pending)
+                s, z = grid.params(wt[start:start + block_size].T)
+                scales[g], zeros[g] = s, z
+            for sub in range(start, end, STEP):
+                last = min(sub + STEP, end)
+                for col in range(sub, last):
+                    q = grid.codes(wt[col], s, z)
+                    codes[col] = q
+                    err = (wt[col] - grid.value(q, s, z)) / inverse[col, col]
+                    if col + 1 < last:
+                        wt[col + 1:last] -= np.outer(inverse[col, col + 1:last], err)
+                    errors[col - a] = err
+                if last < end:
+                    wt[last:end] -= inverse[sub:last, last:end].T @ errors[sub - a:last - a]
             if end < b:
                 wt[end:b] -= inverse[start:end, end:b].T @ errors[start - a:end - a]
         if b < k:

@@ -27,7 +27,7 @@ import numpy as np
 from builder.quant.policy import dequantized
 from builder.quant.stream import PREFILL
 from builder.quant.rounding import (
-    ROLES, layer_weights, projection_values, roles_of, token_rows,
+    ROLES, layer_weights, projection_values, roles_of, token_slices, valid,
 )
 from builder.roles import TensorRole as R
 
@@ -86,15 +86,15 @@ class OutputNoise:
                 self.sizes[role] = w.size
         energy = {}  # per input: each channel's sum of squares over the tokens
         for role, (x, y) in self.values.items():
-            if x not in energy:
-                rows = token_rows(values[x], calls, sequences)
-                energy[x] = np.square(rows).sum(axis=0, dtype=np.float64)
-                tokens = len(rows)
-            out = token_rows(values[y], calls, sequences)
+            if x not in energy:  # (float32 sums of a call's tokens, added up in float64)
+                energy[x] = sum((np.einsum("tk,tk->k", r, r).astype(np.float64)
+                                 for r in token_slices(values[x], calls, sequences)),
+                                np.zeros(values[x].shape[-1 if values[x].ndim == 3 else 1]))
             s = self.sums.setdefault(role, [0.0, 0.0])
-            s[0] += float(np.vdot(out, out))
+            s[0] += sum(float(np.einsum("tk,tk->", r, r))
+                        for r in token_slices(values[y], calls, sequences))
             s[1] += float(energy[x] @ self.errors[role])
-        self.tokens += tokens
+        self.tokens += sum(valid(c, q) for c, q in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
         for role in roles_of(self.b):

@@ -37,14 +37,18 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "gptq_mixed": ("rtn", True, False),  # (quant.mixed)
     "awq": ("rtn", False, False),
     "awq_last": ("rtn", True, False),
+    "awq_gptq": ("rtn", False, False),
+    "awq_gptq_last": ("rtn", True, False),
 }
 # The defaults, by measured accuracy per byte (README, "Choosing the defaults"): -p int4 is
 # k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 rtn_mixed
 DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "rtn_mixed", "w8": "rtn"}
 DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq",  # rounded in the layer
-              "awq": "awq", "awq_last": "awq"}
+              "awq": "awq", "awq_last": "awq", "awq_gptq": "awq_gptq",
+              "awq_gptq_last": "awq_gptq"}
 MEASURED = MEASURED_MIXED  # stream (quant.rounding); promoted by quant.mixed (options says which)
-STATIC_ALGORITHMS = ("default", "rtn", "gptq", "awq", "rtn_mixed", "gptq_mixed")  # -e qnn:
+STATIC_ALGORITHMS = ("default", "rtn", "gptq", "awq", "awq_gptq", "rtn_mixed",  # -e qnn:
+                     "gptq_mixed")
 # lm_head is int8 per channel there; *_mixed at w4a16 only
 LINEAR_ROLES = {R.Q, R.K, R.V, R.QKV, R.O, R.GATE, R.UP, R.GATE_UP, R.DOWN, R.LM_HEAD,
                 R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN}  # the router stays float

@@ -21,6 +21,8 @@ scales, rotary tables, constants) are stored the same way, over their own range.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -127,6 +129,7 @@ def _codes(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 
 
 LPBQ_MULTIPLIERS = 16  # the largest block multiplier (the HTP stores them in 4 bits, 1..16)
+PARALLEL = 1 << 21  # weights this large search their multipliers on every core
 
 
 def lpbq_channel_scales(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
@@ -141,10 +144,12 @@ def lpbq_block_scales(blocks: np.ndarray, channel: np.ndarray, bits: int = 4,
     """Each block's scale (float32 [blocks, N]), a whole multiple 1..16 of its ``channel``
     scale: of the multipliers ceil(float block scale / channel) - 2 .. + 1, the one whose
     rounding leaves the least squared error over the block (a smaller one trades clipping the
-    block's extremes for finer steps). ``columns`` of N at a time, to bound the temporaries."""
+    block's extremes for finer steps). ``columns`` of N at a time, to bound the temporaries,
+    on every core at once for a large weight (numpy's work releases the GIL)."""
     qmin, qmax, _ = SIGNED[bits]
     out = np.empty((blocks.shape[0], blocks.shape[2]), np.float32)
-    for a in range(0, blocks.shape[2], columns):
+
+    def chunk(a):
         w, c = blocks[:, :, a:a + columns], channel[a:a + columns]
         start = np.ceil(_raw_scales(np.abs(w).max(axis=1), bits) / c)  # (0: a zero block)
         best = best_error = None
@@ -158,6 +163,14 @@ def lpbq_block_scales(blocks: np.ndarray, channel: np.ndarray, bits: int = 4,
                 better = error < best_error
                 best, best_error = np.where(better, m, best), np.where(better, error, best_error)
         out[:, a:a + columns] = best * c
+
+    starts = range(0, blocks.shape[2], columns)
+    if blocks.size < PARALLEL or len(starts) == 1:
+        for a in starts:
+            chunk(a)
+    else:
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(chunk, starts))
     return out
 
 

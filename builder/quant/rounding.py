@@ -149,9 +149,14 @@ class GptqRounding:
         else:
             self.hessians[value] = g
 
-    def round(self, layer: int) -> None:
+    def round(self, layer: int, smoothing=None) -> None:
+        """GPTQ on the layer's projections. ``smoothing`` (``quant.awq.AwqGptq``): the weights
+        are rounded with AWQ's scales on their input columns, against the Hessians of the
+        inputs the scaled layer sees (``x / s``: ``H / s s^T``)."""
         b = self.b
         weights = layer_weights(b, layer)
+        if smoothing is not None:
+            weights = {r: smoothing.scaled(r, layer, w) for r, w in weights.items()}
         by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
         for role in roles_of(b):  # rounded as one weight at each bits (rows are rounded alone,
             bits = self.policy.bits_for(role, layer, "") or self.policy.bits  # given H)
@@ -163,6 +168,10 @@ class GptqRounding:
                 self._accumulate(value)
                 h = self.hessians.pop(value)
                 h *= np.float32(2 / max(1, self.tokens))  # 2 X^T X, in place
+                s = None if smoothing is None else smoothing.input_scales(roles[0], layer)
+                if s is not None:
+                    h /= s[:, None]
+                    h /= s[None, :]
                 factor = inverse_factor(h)
             stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
             rounded = self.round_weight(stacked, h, factor, bits)
@@ -209,10 +218,15 @@ def layer_weights(builder, layer: int) -> dict[R, np.ndarray]:
 def token_rows(x: np.ndarray, calls: list, sequences: list) -> np.ndarray:
     """A projection input's rows of prompt tokens, float32 [tokens, K], from a batch's value
     ([batch, S, K]; a 1x1 Conv's: [batch, K, 1, S]), padding left out."""
+    return np.concatenate(list(token_slices(x, calls, sequences))).astype(np.float32,
+                                                                           copy=False)
+
+
+def token_slices(x: np.ndarray, calls: list, sequences: list):
+    """``token_rows``' rows a call at a time, as views [tokens, K] of ``x``."""
     if x.ndim == 4:
         x = x[:, :, 0, :].transpose(0, 2, 1)
-    rows = [x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences))]
-    return np.concatenate(rows).astype(np.float32)
+    return (x[b, :valid(c, s)] for b, (c, s) in enumerate(zip(calls, sequences)))
 
 
 def split_rows(w: QuantizedWeight | QdqWeight, sizes: list[int]) -> list:
@@ -299,27 +313,38 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     return builder, LayerStream(builder, work, prefill, context, np.float32), sequences, ids
 
 
-def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path) -> None:
+def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path,
+                 scaled: bool = False) -> None:
     """GPTQ for every layer's projections of a cpu/cuda build, streamed (``static_stream``):
-    ``policy.rounded`` then serves them to the graph writer."""
+    ``policy.rounded`` then serves them to the graph writer. ``scaled`` (awq_gptq): AWQ's
+    scales first, in the same pass (``policy.smoothing``, folded by the graph writer)."""
+    from builder.quant.awq import AwqGptq, AwqRounding, Smoothing
     from builder.quant.policy import QuantPolicy
 
     builder, stream, sequences, ids = static_stream(cls, config, options, weights, plugins,
                                                     source, work / "stream")
     rounded = RoundedWeights(work / "rounded")
+    smoothing = Smoothing() if scaled else None
     layer_policy = QuantPolicy(bits=policy.bits, block_size=policy.block_size,
                                promoted=policy.promoted,
                                symmetric=policy.symmetric, accuracy_level=policy.accuracy_level,
-                               quantizers=policy.quantizers, rounded=rounded)
+                               quantizers=policy.quantizers, rounded=rounded,
+                               smoothing=smoothing)
     logger.info("GPTQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
                 "layer's q/k/v, o, gate/up and down rounded against the inputs the rounded "
-                "layers before it give them", config.num_hidden_layers, len(ids),
-                sum(map(len, ids)))
+                "layers before it give them%s", config.num_hidden_layers, len(ids),
+                sum(map(len, ids)), ", their input channels scaled first by AWQ's search"
+                if scaled else "")
     stream.embed(sequences)
-    stream.run(sequences, desc="GPTQ", rounding=GptqRounding(
-        builder, stream.work, rounded, lambda w, h, f, bits: gptq_matmul_nbits(
-            w, h, bits, policy.block_size, policy.symmetric, f), layer_policy))
+    rounding = GptqRounding(builder, stream.work, rounded, lambda w, h, f, bits: gptq_matmul_nbits(
+        w, h, bits, policy.block_size, policy.symmetric, f), layer_policy)
+    if scaled:
+        rounding = AwqGptq(AwqRounding(builder, stream.work, smoothing, layer_policy, True),
+                           rounding)
+    stream.run(sequences, desc="GPTQ", rounding=rounding)
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()
     object.__setattr__(policy, "rounded", rounded)
+    if scaled:
+        object.__setattr__(policy, "smoothing", smoothing)

@@ -235,7 +235,7 @@ class LayerStream:
                store: WeightStore) -> None:
         qdq = None if self.qdq is None or kind is None else self.qdq.graph(kind)
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
-                          store=store, qdq=qdq)
+                          store=store, qdq=qdq, dequantized_weights=qdq is None)
         self.b.gb = gb
         build(self.b)
         gb.save(self.work / filename, expose=expose, log=logging.DEBUG)
