@@ -8,7 +8,7 @@ calibration and accuracy report; gptq, awq and ``*_mixed``), one layer call's ac
 calibration graphs hand every intermediate value back at once, so a prefill call of P tokens
 against a context of C holds its attention scores (heads x P x C, four copies: the product,
 scaled, masked, softmax), its MLP's four P x intermediate values, the layer's K and V at C, and
-lm_head's P x vocab logits. ``check_memory`` refuses a build whose estimate exceeds the memory
+lm_head's P x vocab logits; with GPTQ, one layer's Hessians and a factor. ``check_memory`` refuses a build whose estimate exceeds the memory
 available, naming the option that makes it large (an absurd ``qnn_prefill_length=100000``
 fails in milliseconds instead of allocating until the system gives out).
 """
@@ -20,8 +20,8 @@ import os
 
 from builder.config import DecoderConfig
 from builder.errors import OptionError
-from builder.options import QDQ_PRECISIONS, BuildOptions, Precision
-from builder.quant.policy import DATA_AWARE, MEASURED
+from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, Precision
+from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED
 from builder.quant.rounding import stream_lengths
 
 MIB = 2 ** 20
@@ -46,6 +46,22 @@ def runs_layers(options: BuildOptions, static: bool) -> bool:
         and (algorithm in DATA_AWARE or algorithm in MEASURED)
 
 
+def rounds_by_gptq(options: BuildOptions, static: bool) -> bool:
+    """The build rounds the layers by GPTQ (its peak holds one layer's Hessians)."""
+    algorithm = options.extra.int4_algo_config
+    if algorithm == "default":
+        algorithm = DEFAULT["w4a16"] if static and options.precision in FOUR_BIT else None
+    return runs_layers(options, static) and DATA_AWARE.get(algorithm) in ("gptq", "awq_gptq")
+
+
+def hessians(config: DecoderConfig) -> int:
+    """Bytes of GPTQ's Hessians of a layer (one per projection input, float32) and of the
+    factor of the largest (``quant.gptq.inverse_factor``: one copy)."""
+    c = config
+    inputs = (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)
+    return (sum(k * k for k in inputs) + max(inputs) ** 2) * F32
+
+
 def activations(config: DecoderConfig, prefill: int, context: int) -> dict[str, int]:
     """Bytes of one layer call's values at its largest (a prefill call), and of lm_head's."""
     c = config
@@ -68,6 +84,8 @@ def estimate(options: BuildOptions, config: DecoderConfig, cls, static: bool) ->
         p, c = (x.qnn_prefill_length, x.qnn_context_length) if static else \
             stream_lengths(config)  # (cpu/cuda data-aware rounding runs -e qnn's graphs)
         parts.update(activations(config, p, c))
+    if rounds_by_gptq(options, static):
+        parts["GPTQ Hessians"] = hessians(config)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -104,6 +122,9 @@ def check_memory(options: BuildOptions, config: DecoderConfig, cls, static: bool
     elif calls:
         p, c = stream_lengths(config)
         fix = f"the calibration runs at {p} tokens in a context of {c}: use rtn or k_quant"
+    elif largest == "GPTQ Hessians":
+        fix = ("GPTQ's Hessians grow with the square of the projections' inputs: "
+               "int4_algo_config=rtn_mixed (or rtn) needs none")
     else:
         fix = "the model's own shapes set it: build on a machine with more memory"
     raise OptionError(

@@ -85,7 +85,7 @@ class ExtraOptions:
         None, "Hugging Face token for gated or private repositories (default: the cached login).")
     int4_algo_config: str = _opt(
         "default", "Weight quantization algorithm and lm_head policy for -p int4/int8: "
-        "default: k_quant_last at -p int4, rtn at int8, rtn_mixed at -e qnn -p w4a16 (chosen "
+        "default: k_quant_last at -p int4, rtn at int8, gptq_mixed at -e qnn -p w4a16 (chosen "
         "by measured accuracy per byte); rtn (round to nearest, as onnxruntime's quantizer); "
         "k_quant (llama.cpp's "
         "scale and minimum search; always with zero points); *_last: lm_head at 8 bits; "

@@ -49,9 +49,11 @@ def kv_params(lo: float, hi: float, bits: int, dtype=np.float32
     """(scale, zero point) of a value of an 8-bit KV buffer's chain at ``bits``: the 8-bit
     parameters of [lo, hi], and at 16 bits exactly that grid refined 257 times (scale / 257,
     zero point x 257), so that every uint8 code is a uint16 code: a row passed through keeps
-    its byte."""
-    scale, zero = activation_params(lo, hi, 8, dtype)
+    its byte. The 8-bit parameters are the float16 buffers' own whatever ``dtype`` the value
+    has: its zero point, rounded from a float32 scale, could differ by one from theirs (a
+    chain of float32 values then shifted the top codes of rows it passed through)."""
+    scale, zero = activation_params(lo, hi, 8, np.float16)  # (models.static.KV_TYPE)
     if bits == 8:
-        return scale, zero
-    return (np.asarray(scale / np.asarray(257, dtype), dtype),
+        return np.asarray(scale, dtype), zero
+    return (np.asarray(np.float32(scale) / np.float32(257), dtype),
             np.asarray(int(zero) * 257, np.uint16))
