@@ -8,9 +8,10 @@ calibration and accuracy report; gptq, awq and ``*_mixed``), one layer call's ac
 calibration graphs hand every intermediate value back at once, so a prefill call of P tokens
 against a context of C holds its attention scores (heads x P x C, four copies: the product,
 scaled, masked, softmax), its MLP's four P x intermediate values, the layer's K and V at C, and
-lm_head's P x vocab logits; with GPTQ, one layer's Hessians and a factor. ``check_memory`` refuses a build whose estimate exceeds the memory
-available, naming the option that makes it large (an absurd ``qnn_prefill_length=100000``
-fails in milliseconds instead of allocating until the system gives out).
+lm_head's P x vocab logits; with GPTQ, one layer's Hessians and a factor. ``check_memory``
+refuses a build whose estimate exceeds the memory available, naming the option that makes it
+large (an absurd ``qnn_prefill_length=100000`` fails in milliseconds instead of allocating
+until the system gives out).
 """
 
 from __future__ import annotations

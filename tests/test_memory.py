@@ -61,6 +61,13 @@ def test_the_estimate_names_what_sets_it():
     assert "attention scores" not in estimate(_options("int4"), config, Qwen3Builder, False)
     gptq = estimate(_options("int4", "int4_algo_config=gptq"), config, Qwen3Builder, False)
     assert gptq["attention scores"] == 4 * 16 * 64 * 512 * 4
+    # GPTQ's Hessians (hidden^2, heads x head_dim^2, intermediate^2) and the largest's factor:
+    # in the default w4a16 build (gptq_mixed), not in rtn_mixed's
+    assert gptq["GPTQ Hessians"] == parts["GPTQ Hessians"] == 4 * (
+        1024 ** 2 + 2048 ** 2 + 2 * 3072 ** 2)
+    assert "GPTQ Hessians" not in estimate(_options("w4a16", "int4_algo_config=rtn_mixed",
+                                                    "qnn_context_length=2048"),
+                                           config, Qwen3Builder, True)
 
 
 @pytest.mark.parametrize("flags", [[], ["-e", "qnn", "-p", "w8a16"]], ids=["cpu", "qnn"])
