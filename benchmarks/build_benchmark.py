@@ -233,6 +233,11 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-int4-shared-gptq_mixed": (["-p", "int4", "-e", "qnn", "--extra_options",
                                     "shared_embeddings=true", "int4_algo_config=gptq_mixed"],
                                    None),
+    "qnn-int4-shared-rtn_mixed": (["-p", "int4", "-e", "qnn", "--extra_options",
+                                   "shared_embeddings=true", "int4_algo_config=rtn_mixed"],
+                                  None),  # (the default before gptq_mixed)
+    "qnn-int4-shared-awq_gptq": (["-p", "int4", "-e", "qnn", "--extra_options",
+                                  "shared_embeddings=true", "int4_algo_config=awq_gptq"], None),
     # the first 2 or 4 layers only (per-layer figures of a cut checkpoint)
     "int4-rtn-2l": (["-p", "int4", "--extra_options", "int4_algo_config=rtn",
                      "num_hidden_layers=2"], None),
@@ -348,11 +353,13 @@ def main() -> None:
         base = by_case["int4-rtn"]["wall_s"]
         print("\nbuild time against -p int4 (rtn) on cpu: " + ", ".join(
             f"{case} {o['wall_s'] / base:.1f}x" for case, o in by_case.items()))
-    if "qnn-int4-shared" in by_case:
-        base = by_case["qnn-int4-shared"]["wall_s"]
-        print("build time against the mission command at its defaults: " + ", ".join(
-            f"{case} {o['wall_s'] / base:.1f}x" for case, o in by_case.items()
-            if case.startswith("qnn-int4-shared")))
+    for name, what in (("qnn-int4-shared", "the mission command at its defaults"),
+                       ("qnn-int4-shared-rtn_mixed", "the mission command with rtn_mixed")):
+        if name in by_case:
+            base = by_case[name]["wall_s"]
+            print(f"build time against {what}: " + ", ".join(
+                f"{case} {o['wall_s'] / base:.2f}x" for case, o in by_case.items()
+                if case.startswith("qnn-int4-shared")))
     if "int4-rtn-2l" in by_case and "int4-rtn-4l" in by_case:
         two, four = by_case["int4-rtn-2l"], by_case["int4-rtn-4l"]
         per_s = (four["wall_s"] - two["wall_s"]) / 2
