@@ -50,7 +50,7 @@ from builder.pipeline import (
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.quant.awq import AwqGptq, qdq_smoothing, smooth_layers, summary
-from builder.quant.calibration import calibrate, prompts
+from builder.quant.calibration import calibrate, prompts, unite_phases
 from builder.quant.kv import tie_kv_ranges
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
@@ -329,6 +329,7 @@ class PipelineFolder(DecoderFolder):
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
+            unite_phases(calibration.ranges)
             if o.extra.qnn_kv_bits == 8:
                 tie_kv_ranges(calibration.ranges)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits),

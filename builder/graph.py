@@ -197,6 +197,9 @@ class GraphBuilder:
         self._constants: dict[tuple, str] = {}
         self._domains: set[str] = set()
         self._dequantized: dict[str, tuple] = {}  # DequantizeLinear output → (scale, zero)
+        # values a QDQ graph adds after calibration, with the range and width they take
+        # (lo, hi, bits, on the 8-bit KV grid): see ops.attention.activation_matmul
+        self.narrow: dict[str, tuple[float, float, int, bool]] = {}
 
     # -- names ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -460,6 +463,15 @@ class GraphBuilder:
         return {n: types[n] for n in names
                 if types[n] in FLOAT_ELEM_TYPES and n not in dequantized}
 
+    def calibrated_range(self, value: str) -> tuple[float, float]:
+        """The range a QDQ graph quantizes ``value`` over: its calibrated one, or that of the
+        value an op that only moves values (Reshape, Transpose, ...) took it from."""
+        producers = {o: n for n in self._nodes for o in n.output}
+        while value not in self.qdq.ranges and value in producers \
+                and producers[value].op_type in SAME_AS_INPUT:
+            value = producers[value].input[0]
+        return self.qdq.range(value, None)
+
     def _moved(self) -> set[str]:
         """Outputs of ops that only move values: quantized as their input, no range of their
         own."""
@@ -471,7 +483,8 @@ class GraphBuilder:
         HTP runs whole (the pairs on graph inputs and outputs stay on the CPU)."""
         types, ranges, bits = self.float_tensors(), self.qdq.ranges, self.qdq.bits
         moved = self._moved()
-        missing = [t for t in types if t not in ranges and t not in moved]
+        missing = [t for t in types if t not in ranges and t not in moved
+                   and t not in self.narrow]
         if missing:
             raise RuntimeError(f"{self.name}: no calibrated range for {len(missing)} tensor(s) "
                                f"such as {missing[:3]}")
@@ -492,7 +505,11 @@ class GraphBuilder:
 
         nodes, renamed = [], {}
         def quantize(t, producer=None):
-            if producer is not None and producer.op_type in SAME_AS_INPUT \
+            dtype = helper.tensor_dtype_to_np_dtype(types[t])
+            if t in self.narrow:
+                lo, hi, width, kv_grid = self.narrow[t]
+                params[t] = (kv_params if kv_grid else activation_params)(lo, hi, width, dtype)
+            elif producer is not None and producer.op_type in SAME_AS_INPUT \
                     and producer.input[0] in params:  # moves values: its input's parameters
                 params[t] = params[producer.input[0]]
             elif kv8 and kv_group(t) is not None:  # the 8-bit KV buffer's grid (kv_params)

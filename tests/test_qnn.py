@@ -432,14 +432,16 @@ def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, t
         assert got["positions"] == len(e) == (
             sum(min(len(p), PROMPT_POSITIONS) for p in prompts) if phase == "prefill"
             else len(prompts) * (STEPS - 1))
-        # the fp32 build masks attention as float graphs do, the report's reference (the float
-        # layers calibration ran) with the calibrated graphs' relative mask: the figures agree
-        # closely, not to the last digit (compare() itself: the test below)
+        # the fp32 build masks attention as float graphs do and keeps an fp16 KV cache, the
+        # report's reference (the float layers calibration ran) the calibrated graphs' relative
+        # mask and a float one: the figures agree closely, not to the last digit (compare()
+        # itself: the test below). Measured: the two references' float perplexities 1.4e-4
+        # apart, and at w8a16's KL of a few 1e-6 that difference is a third of it
         assert abs(got["mean_cosine"] - cos.mean().item()) < 1e-5
         assert abs(got["min_cosine"] - cos.min().item()) < 1e-4
         assert abs(got["top1_agreement"] - top1) <= 1 / len(e)
-        assert abs(got["mean_kl"] - kl.mean().item()) < 0.2 * kl.mean().item() + 1e-7
-        assert got["float_perplexity"] == pytest.approx(ppl["float"], rel=1e-4)
+        assert abs(got["mean_kl"] - kl.mean().item()) < 0.2 * kl.mean().item() + 2e-6
+        assert got["float_perplexity"] == pytest.approx(ppl["float"], rel=3e-4)
         assert got["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-4)
         assert got["mean_cosine"] >= 0.999 and got["top1_agreement"] >= 0.9  # clear winners
 
@@ -503,7 +505,10 @@ def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     top1 = float(np.mean(np.array(ours) == greedy))
     print(f"{arch} w8a16 {lengths} on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "
           f"{top1:.0%}, max abs logit error {err:.3f}")
-    assert min(cos) >= 0.99
+    # at the defaults, w8a16's targets (measured: mean 0.99993-0.99998, min 0.99954-0.99998);
+    # at P 8, C 64 Phi-3 measured 0.99964 (min 0.99770)
+    mean_target, min_target = (0.9999, 0.999) if lengths == "default" else (0.9995, 0.997)
+    assert np.mean(cos) >= mean_target and min(cos) >= min_target
     assert top1 >= 0.95
 
 
@@ -522,12 +527,17 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
                                                   monkeypatch):
     """Calibrating the decode graph on an empty KV cache (the naive method) against calibrating
     it on real text with the sequence's own, growing cache (ours): same prompts, same prefill
-    calibration, same quantizer; judged on the decode steps of the QDQ graphs (CPU EP) against
-    the fp32 build."""
+    calibration, same quantizer, each graph on its own ranges (the shipped builds also give a
+    tensor both graphs compute the union of both graphs' ranges, which covers what the empty
+    cache misses: both then measure 0.99997); judged on the decode steps of the QDQ graphs (CPU
+    EP) against the fp32 build, and the shipped build (the union) no worse."""
+    import builder.build_model
     from builder.build_model import PipelineFolder
 
-    monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     ck, fp32 = trained[arch]
+    monkeypatch.setattr(builder.build_model, "unite_phases", lambda ranges: None)
+    ours = qnn_build(ck, tmp_path / "trajectory", "w8a16", lengths=lengths)
+    monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     # (a build calibrated this way is broken: its own report would stop it)
     naive = qnn_build(ck, tmp_path / "empty_cache", "w8a16", "quant_accuracy_check=false",
                       lengths=lengths)
@@ -536,7 +546,8 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
     ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
     greedy = [int(r.argmax()) for r in ref]
     scores, top1 = {}, {}
-    for mode, out in (("trajectory", w8a16_built[lengths, arch]), ("empty_cache", naive)):
+    for mode, out in (("trajectory", ours), ("empty_cache", naive),
+                      ("shipped", w8a16_built[lengths, arch])):
         run = run_pipeline(out, prompt, 17, forced=greedy)
         scores[mode] = float(np.mean(_cosines(run.step_logits[1:], ref[1:])))
         top1[mode] = float(np.mean([int(x.argmax()) == g
@@ -546,6 +557,7 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
           f"({top1['empty_cache']:.0%})")
     assert scores["trajectory"] >= 0.99
     assert scores["trajectory"] - scores["empty_cache"] >= W8A16_EMPTY_CACHE_GAP[arch]
+    assert scores["shipped"] >= scores["trajectory"] - 1e-5
 
 
 # measured (HTP, trained checkpoints): see the closing notes; guarded with a margin (decode
@@ -692,19 +704,22 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
     assert len(params) == 3 * 2 and all(len(p) == 1 for p in params.values()), params
 
 
+# the w4a16 forms' KL against either other form's, prefill plus decode and each phase: at most
+FORM_COST = {"qwen3": (1.2, 1.8), "llama": (1.2, 1.8), "phi3": (2.5, 2.5)}
+
+
 @pytest.mark.xdist_group("trained")
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "phi3"])
-def test_lpbq_and_uint8_kv_cost_nothing_measurable(arch, trained, tmp_path):
+def test_lpbq_and_uint8_kv_cost_what_was_measured(arch, trained, tmp_path):
     """The w4a16 forms (LPBQ weights, uint8 KV) against the float-block and the 16-bit-KV
     builds of the same trained checkpoint, with round-to-nearest weights (rtn_mixed, the
-    default when the forms were chosen): the accuracy report's KL, prefill plus decode, no
-    worse than either beyond noise, and neither phase far worse (measured, prefill / decode,
-    LPBQ + uint8 KV vs float blocks vs 16-bit KV: qwen3 8.9e-4 / 1.6e-3, 9.9e-4 / 1.6e-3,
-    9.2e-4 / 1.6e-3; llama 1.0e-4 / 1.1e-4, 1.1e-4 / 1.2e-4, 1.0e-4 / 1.1e-4; phi3 2.5e-4 /
-    4.2e-4, 1.6e-4 / 2.4e-3, 2.3e-4 / 4.1e-4: README). With GPTQ's weights (gptq_mixed, the
-    default now) the weights' error falls ~10x and these forms' own costs show: llama decode
-    3.0e-5 against 1.6e-5 with 16-bit KV, phi3 decode 4.3e-4 against 8.3e-5 with float blocks
-    (README, "Choosing the defaults")."""
+    default when the forms were chosen): the accuracy report's KL, prefill / decode, measured
+    (LPBQ + uint8 KV vs float blocks vs 16-bit KV): qwen3 7.0e-4 / 1.6e-3, 8.7e-4 / 1.1e-3,
+    7.2e-4 / 1.5e-3; llama 1.1e-4 / 1.7e-4, 1.4e-4 / 2.0e-4, 1.1e-4 / 1.6e-4; phi3 2.3e-4 /
+    2.0e-3, 2.3e-4 / 1.0e-3, 1.1e-4 / 9.8e-4. Nothing measurable on qwen3 and llama; phi3 pays
+    about 2x for each form (its layer-1 keys span +-17 for the uint8 cache; LPBQ's decode
+    position not traced). (Measured before builder's CPU sessions computed QDQ graphs exactly,
+    phi3's forms cost nothing: README, "Attention's products on the HTP".)"""
     def kl(*extra):
         out = qnn_build(trained[arch][0], tmp_path / "-".join(extra or ("default",)),
                         "w4a16", "int4_algo_config=rtn_mixed", *extra, lengths="default")
@@ -712,12 +727,13 @@ def test_lpbq_and_uint8_kv_cost_nothing_measurable(arch, trained, tmp_path):
         return report["prefill"]["mean_kl"], report["decode"]["mean_kl"]
 
     ours = kl()
+    both, each = FORM_COST[arch]
     for extra in ("qnn_int4_format=float_block", "qnn_kv_bits=16"):
         theirs = kl(extra)
         print(f"{arch} w4a16 defaults KL {ours[0]:.2e} / {ours[1]:.2e}; {extra} "
               f"{theirs[0]:.2e} / {theirs[1]:.2e}")
-        assert sum(ours) <= 1.2 * sum(theirs)
-        assert ours[0] <= 1.8 * theirs[0] and ours[1] <= 1.8 * theirs[1]
+        assert sum(ours) <= both * sum(theirs)
+        assert ours[0] <= each * theirs[0] and ours[1] <= each * theirs[1]
 
 
 @pytest.mark.parametrize("lengths", ["default"])
@@ -1016,3 +1032,52 @@ def test_int4_algo_config_on_qnn(checkpoints, tmp_path):
                 "-p", "fp16", "--extra_options", "int4_algo_config=gptq")
     assert r.returncode == 2 and "applies on -e qnn to -p w8a16, w4a16" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_activation_matmul_is_exact_on_the_htp(kv_bits, tmp_path):
+    """The HTP rounds the second input of a MatMul of two 16-bit activations to 8 bits (this
+    is why attention's q @ k^T and weights @ v go through ops.attention.activation_matmul): a
+    plain [4, 64] @ [64, 128] lands tens of its 65536 output steps off the exact product, the
+    8-bit terms within a few; with an 8-bit KV cache the second input is on an 8-bit grid
+    already and its one 8-bit term is exact. onnxruntime's CPU EP computes both exactly."""
+    import onnx
+
+    from builder.graph import GraphBuilder, Qdq
+    from builder.ops.attention import activation_matmul
+    from builder.quant.kv import kv_params
+    from builder.quant.qdq import activation_params
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1.9, 1.9, (4, 64)).astype(np.float32)
+    b = rng.uniform(-1.4, 1.4, (64, 128)).astype(np.float32)
+    if kv_bits == 8:  # b on the 8-bit KV grid of its range, as an 8-bit cache's values are
+        scale, zero = kv_params(-1.4, 1.4, 8)
+        b = ((np.clip(np.rint(b / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    out_range = (float(exact.min()) * 1.1, float(exact.max()) * 1.1)
+    ranges = {"a": (-1.9, 1.9), "b": (-1.4, 1.4), "/plain/MatMul/output_0": out_range,
+              "/split/MatMul/output_0": out_range}
+    gb = GraphBuilder("g", tmp_path / "g.data",
+                      qdq=Qdq(16, ranges | {"plain": out_range, "split": out_range},
+                              kv_bits=kv_bits))
+    gb.input("a", onnx.TensorProto.FLOAT, [4, 64])
+    gb.input("b", onnx.TensorProto.FLOAT, [64, 128])
+    gb.output(gb.node("MatMul", ["a", "b"], "/plain/MatMul"), "plain", onnx.TensorProto.FLOAT,
+              [4, 128])
+    gb.output(activation_matmul(gb, "/split", "a", "b", 64 * 1.9), "split",
+              onnx.TensorProto.FLOAT, [4, 128])
+    gb.save(tmp_path / "g.onnx")
+    step = float(activation_params(*out_range, 16)[0])
+    feeds = {"a": a, "b": b}
+    on_cpu = dict(zip(("plain", "split"), session(tmp_path, "g.onnx").run(None, feeds)))
+    on_htp = run_on_qnn(tmp_path / "g.onnx", feeds).outputs
+    off = {(where, k): float(np.abs(got[k] - exact).max()) / step
+           for where, got in (("cpu", on_cpu), ("htp", on_htp)) for k in ("plain", "split")}
+    print(f"kv_bits {kv_bits}: steps off the exact product: " + ", ".join(
+        f"{w} {k} {v:.1f}" for (w, k), v in off.items()))
+    assert max(off["cpu", "plain"], off["cpu", "split"]) <= 3
+    if kv_bits == 16:  # the HTP's rounding (a fact: if it goes, so can the terms)
+        assert off["htp", "plain"] >= 20 and off["htp", "split"] <= 16
+    else:  # measured: 4.7 steps off plain (the HTP's 8-bit grid is not the cache's), 0.9 here
+        assert off["htp", "split"] <= 2 < off["htp", "plain"]

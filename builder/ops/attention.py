@@ -23,6 +23,7 @@ import numpy as np
 
 from builder.graph import MS_DOMAIN, GraphBuilder, batch_dim
 from builder.ops.softcap import softcap as softcap_op
+from builder.quant.qdq import activation_params
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,9 @@ class StaticAttentionInputs:
     rows: str         # [1, C] int32: 0 .. C-1
     queries: str      # [S, 1] int32: the positions as a column
     place: str        # [C, S] float one-hot: the new token i goes to cache row start + i
+    place_t: str      # [S, C]: its transpose
     keep: str         # [C, 1] float: 1 for cache rows this call does not write
-    # (batched: queries [B, 1, S, 1], place [B, 1, C, S], keep [B, 1, C, 1])
+    # (batched: queries [B, 1, S, 1], place [B, 1, C, S], place_t [B, 1, S, C], keep [B, 1, C, 1])
     seq_len: int
     context_len: int
     batch: int | str = 1  # B (1 in the shipped graphs); a name: any batch
@@ -138,11 +140,13 @@ def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
                               "place/Unsqueeze")                              # [B, 1, 1, S]
         place = gb.node("Cast", [gb.node("Equal", [rows, targets], "place/Equal")],
                         "place/Cast", to=gb.float_type)                       # [(B, 1,) C, S]
+        place_t = gb.node("Cast", [gb.node("Equal", [queries, row_t], "place_t/Equal")],
+                          "place_t/Cast", to=gb.float_type)                   # [(B, 1,) S, C]
         written = gb.node("ReduceSum", [place, gb.constant([1] if batch == 1 else [3])],
                           "keep/ReduceSum", keepdims=1)
         keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [.., C, 1]
-    return StaticAttentionInputs(positions, row_t, queries, place, keep, seq_len, context_len,
-                                 batch)
+    return StaticAttentionInputs(positions, row_t, queries, place, place_t, keep, seq_len,
+                                 context_len, batch)
 
 
 def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
@@ -172,16 +176,29 @@ def static_attention_mask(gb: GraphBuilder, inputs: StaticAttentionInputs,
 
 def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAttentionInputs,
              kv_type: int) -> str:
-    """present = past with rows start .. start+S-1 replaced by ``new`` [B, kv, S, hd]: a
-    one-hot MatMul and a row mask (exact: each row sums one product with 1.0)."""
+    """present = past with rows start .. start+S-1 replaced by ``new`` [B, kv, S, hd]: the new
+    rows placed by the one-hot (exact: each row sums one product with 1.0) and a row mask.
+
+    The HTP multiplies two 16-bit activations with the second one rounded to 8 bits (measured
+    on the simulator: a one-hot MatMul moved the new rows by up to 128 of their 65536 steps), so
+    the new rows are never MatMul's second input: one row (decode) is a broadcast product, more
+    (prefill) new^T @ place^T, whose second input, 0 or 1, is exact at any width."""
     with gb.scope(name):
         if kv_type != gb.float_type:
             new = gb.node("Cast", [new], "new/Cast", to=kv_type)
-        place, keep = inputs.place, inputs.keep
+        keep = inputs.keep
         if kv_type != gb.float_type:
-            place = gb.node("Cast", [place], "place/Cast", to=kv_type)
             keep = gb.node("Cast", [keep], "keep/Cast", to=kv_type)
-        written = gb.node("MatMul", [place, new], "place/MatMul")
+        if inputs.seq_len == 1:
+            place = inputs.place if kv_type == gb.float_type else gb.node(
+                "Cast", [inputs.place], "place/Cast", to=kv_type)
+            written = gb.node("Mul", [place, new], "place/Mul")  # [C, 1] * [B, kv, 1, hd]
+        else:
+            place_t = inputs.place_t if kv_type == gb.float_type else gb.node(
+                "Cast", [inputs.place_t], "place/Cast", to=kv_type)
+            new_t = gb.node("Transpose", [new], "place/new/Transpose", perm=[0, 1, 3, 2])
+            written = gb.node("Transpose", [gb.node("MatMul", [new_t, place_t], "place/MatMul")],
+                              "place/Transpose", perm=[0, 1, 3, 2])       # [B, kv, C, hd]
         kept = gb.node("Mul", [past, keep], "keep/Mul")
         return gb.node("Add", [kept, written], "Add")
 
@@ -193,6 +210,35 @@ def split_heads(gb: GraphBuilder, name: str, x: str, heads: int, head_dim: int,
         split = gb.node("Reshape", [x, gb.constant([batch_dim(batch), seq_len, heads,
                                                     head_dim])])
         return gb.node("Transpose", [split], perm=[0, 2, 1, 3])
+
+
+def activation_matmul(gb: GraphBuilder, name: str, a: str, b: str, a_row_sum: float) -> str:
+    """MatMul of two activations, ``a`` @ ``b``. In a QDQ graph of 16-bit activations the HTP
+    rounds the second input of such a MatMul to 8 bits (measured on the simulator: a 64-deep
+    product 91 of 65536 steps off, against 1 with an 8-bit second input), so there ``b`` goes in
+    as 8-bit terms: its high part on an 8-bit grid over its range (the KV buffer's own grid when
+    the cache is 8-bit, where that part is ``b`` exactly) and, otherwise, the rest, ``b`` - high,
+    8-bit over half a step each side; a MatMul each, summed (the HTP: 9 steps off). The rest's
+    product is at most ``a_row_sum`` (a bound on the sum of |a| along a row) times half a step.
+    The MatMul of the high part keeps the plain MatMul's name, and so its calibrated range."""
+    qdq = gb.qdq
+    if qdq is None or qdq.bits != 16:
+        return gb.node("MatMul", [a, b], f"{name}/MatMul")
+    lo, hi = gb.calibrated_range(b)
+    on_kv_grid = qdq.kv_bits == 8
+    high = gb.node("Identity", [b], f"{name}/high/Identity")
+    gb.narrow[high] = (lo, hi, 8, on_kv_grid)
+    out = gb.node("MatMul", [a, high], f"{name}/MatMul")
+    if on_kv_grid:
+        return out
+    step = float(activation_params(lo, hi, 8)[0])
+    rest = gb.node("Sub", [b, high], f"{name}/rest/Sub")
+    gb.narrow[rest] = (-step / 2, step / 2, 8, False)
+    small = gb.node("MatMul", [a, rest], f"{name}/rest/MatMul")
+    gb.narrow[small] = (-a_row_sum * step / 2, a_row_sum * step / 2, 16, False)
+    total = gb.node("Add", [out, small], f"{name}/rest/Add")
+    gb.narrow[total] = (*gb.calibrated_range(out), 16, False)
+    return total
 
 
 RELATIVE_MASK_MARGIN = 30.0  # exp(-30) ~ 1e-13: a masked key's weight, at most
@@ -227,7 +273,8 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
                                  gb.constant([b, kv_heads, groups * seq_len, head_dim])],
                      "q/Group")
         kt = gb.node("Transpose", [keys], "k/Transpose", perm=[0, 1, 3, 2])
-        scores = gb.node("MatMul", [qh, kt], "scores/MatMul")
+        q_sum = head_dim * max(map(abs, gb.calibrated_range(q))) if gb.qdq is not None else 0.0
+        scores = activation_matmul(gb, "scores", qh, kt, q_sum)
         scores = gb.node("Mul", [scores, gb.constant(scale, np.float32)], "scores/Mul")
         if softcap is not None:
             scores = softcap_op(gb, "scores/softcap", scores, softcap)
@@ -241,7 +288,7 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
             bias = gb.node("Mul", [bias, depth], "bias/Mul")
         scores = gb.node("Add", [scores, bias], "scores/Add")
         probs = gb.node("Softmax", [scores], "Softmax", axis=-1)
-        out = gb.node("MatMul", [probs, values], "out/MatMul")
+        out = activation_matmul(gb, "out", probs, values, 1.0)  # a row of weights sums to 1
         out = gb.node("Reshape", [out, gb.constant([b, num_heads, seq_len, head_dim])],
                       "out/Ungroup")
         out = gb.node("Transpose", [out], "out/Transpose", perm=[0, 2, 1, 3])
