@@ -88,7 +88,7 @@ class Smoothing:
         if group not in (None, "down") and (layer, group) in self.scales \
                 and (layer, group) not in self.folded:
             raise ConfigError(
-                f"int4_algo_config=awq: {type(builder).__name__} did not fold layer "
+                f"AWQ (int4_algo_config=awq*): {type(builder).__name__} did not fold layer "
                 f"{layer}'s {group} scales into its norm (it writes that norm its own "
                 "way, not with DecoderBuilder.pre_norm): use rtn or gptq for this model")
         return self.scaled(role, layer, w)
