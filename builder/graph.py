@@ -513,12 +513,10 @@ class GraphBuilder:
                     and producer.input[0] in params:  # moves values: its input's parameters
                 params[t] = params[producer.input[0]]
             elif kv8 and kv_group(t) is not None:  # the 8-bit KV buffer's grid (kv_params)
-                params[t] = kv_params(*self.qdq.range(t, None), bits,
-                                      helper.tensor_dtype_to_np_dtype(types[t]))
+                params[t] = kv_params(*self.qdq.range(t, None), bits, dtype)
             else:
                 op = None if producer is None else producer.op_type
-                params[t] = activation_params(*self.qdq.range(t, op), bits,
-                                              helper.tensor_dtype_to_np_dtype(types[t]))
+                params[t] = activation_params(*self.qdq.range(t, op), bits, dtype)
 
         kv8 = set()  # uint8 KV buffers: the graph takes and gives their codes
         if self.qdq.kv_bits == 8:

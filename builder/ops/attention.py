@@ -105,7 +105,7 @@ class StaticAttentionInputs:
     rows: str         # [1, C] int32: 0 .. C-1
     queries: str      # [S, 1] int32: the positions as a column
     place: str        # [C, S] float one-hot: the new token i goes to cache row start + i
-    place_t: str      # [S, C]: its transpose
+    place_t: str | None  # [S, C]: its transpose (None when S = 1)
     keep: str         # [C, 1] float: 1 for cache rows this call does not write
     # (batched: queries [B, 1, S, 1], place [B, 1, C, S], place_t [B, 1, S, C], keep [B, 1, C, 1])
     seq_len: int
@@ -140,8 +140,9 @@ def static_attention_inputs(gb: GraphBuilder, past_seq_len: str, seq_len: int,
                               "place/Unsqueeze")                              # [B, 1, 1, S]
         place = gb.node("Cast", [gb.node("Equal", [rows, targets], "place/Equal")],
                         "place/Cast", to=gb.float_type)                       # [(B, 1,) C, S]
-        place_t = gb.node("Cast", [gb.node("Equal", [queries, row_t], "place_t/Equal")],
-                          "place_t/Cast", to=gb.float_type)                   # [(B, 1,) S, C]
+        place_t = None if seq_len == 1 else gb.node(  # (write_kv's prefill form)
+            "Cast", [gb.node("Equal", [queries, row_t], "place_t/Equal")], "place_t/Cast",
+            to=gb.float_type)                                                 # [(B, 1,) S, C]
         written = gb.node("ReduceSum", [place, gb.constant([1] if batch == 1 else [3])],
                           "keep/ReduceSum", keepdims=1)
         keep = gb.node("Sub", [gb.constant(1.0, np.float32), written], "keep/Sub")  # [.., C, 1]
@@ -184,18 +185,16 @@ def write_kv(gb: GraphBuilder, name: str, past: str, new: str, inputs: StaticAtt
     the new rows are never MatMul's second input: one row (decode) is a broadcast product, more
     (prefill) new^T @ place^T, whose second input, 0 or 1, is exact at any width."""
     with gb.scope(name):
-        if kv_type != gb.float_type:
-            new = gb.node("Cast", [new], "new/Cast", to=kv_type)
-        keep = inputs.keep
-        if kv_type != gb.float_type:
-            keep = gb.node("Cast", [keep], "keep/Cast", to=kv_type)
+        def as_kv(x, what):
+            return x if kv_type == gb.float_type else gb.node("Cast", [x], f"{what}/Cast",
+                                                              to=kv_type)
+
+        new, keep = as_kv(new, "new"), as_kv(inputs.keep, "keep")
         if inputs.seq_len == 1:
-            place = inputs.place if kv_type == gb.float_type else gb.node(
-                "Cast", [inputs.place], "place/Cast", to=kv_type)
+            place = as_kv(inputs.place, "place")
             written = gb.node("Mul", [place, new], "place/Mul")  # [C, 1] * [B, kv, 1, hd]
         else:
-            place_t = inputs.place_t if kv_type == gb.float_type else gb.node(
-                "Cast", [inputs.place_t], "place/Cast", to=kv_type)
+            place_t = as_kv(inputs.place_t, "place")
             new_t = gb.node("Transpose", [new], "place/new/Transpose", perm=[0, 1, 3, 2])
             written = gb.node("Transpose", [gb.node("MatMul", [new_t, place_t], "place/MatMul")],
                               "place/Transpose", perm=[0, 1, 3, 2])       # [B, kv, C, hd]
