@@ -17,7 +17,7 @@ from builder.errors import OptionError, OutputError, UnsupportedArchitectureErro
 from builder.graph import Calibrated, GraphBuilder
 from builder.memory import check_memory
 from builder.metrics import StageMeter
-from builder.models.static import check_lowered
+from builder.models.static import check_layer_kinds, check_lowered
 from builder.options import (
     FOUR_BIT,
     QDQ_PRECISIONS,
@@ -245,7 +245,7 @@ class DecoderFolder:
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
         return genai_config(config, self.target, source, self.options.extra,
-                            self.cls.genai_model_type)
+                            self.cls.genai_model_type, self.cls.genai_decoder(config))
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         pass
@@ -259,6 +259,7 @@ class PipelineFolder(DecoderFolder):
     def check(self, config: DecoderConfig, cls) -> None:
         super().check(config, cls)
         check_options(self.options, config)
+        check_layer_kinds(cls, config, self.target.name)
         resolve_splits(self.options, config, cls)
 
     def policy(self, config: DecoderConfig, plugins: Plugins) -> QuantPolicy:

@@ -7,7 +7,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from builder.errors import ConfigError
 
@@ -77,6 +77,10 @@ class RopeConfig:
 class DecoderConfig:
     """What a decoder builder needs from config.json. Unknown keys stay in ``extra``."""
 
+    # layer types beyond attention's that an architecture's config class accepts in
+    # layer_types (LFM2: "conv"): each such layer is built by the architecture's own mixer
+    # (``DecoderBuilder.mixer``) with its own state (``DecoderBuilder.layer_states``)
+    other_layer_types: ClassVar[tuple[str, ...]] = ()
     architecture: str
     model_type: str
     vocab_size: int
@@ -221,7 +225,7 @@ class DecoderConfig:
             window = None  # the window never binds: plain causal attention
         layer_types = d.get("layer_types")
         if layer_types is not None:
-            kinds = LAYER_TYPES
+            kinds = LAYER_TYPES + cls.other_layer_types
             if (not isinstance(layer_types, list) or len(layer_types) < d["num_hidden_layers"]
                     or any(t not in kinds for t in layer_types)):
                 raise ConfigError(f"{source}: layer_types must list one of {', '.join(kinds)} "

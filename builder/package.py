@@ -102,10 +102,14 @@ def check_model_type(config: DecoderConfig, cls, target: TargetCaps) -> None:
 
 
 def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
-                 extra: ExtraOptions | None = None,
-                 model_type: str | None = None) -> dict[str, Any]:
-    """onnxruntime-genai's decoder description of the model we wrote."""
+                 extra: ExtraOptions | None = None, model_type: str | None = None,
+                 decoder: dict[str, Any] | None = None) -> dict[str, Any]:
+    """onnxruntime-genai's decoder description of the model we wrote; ``decoder``: the
+    architecture's further fields of it (``DecoderBuilder.genai_decoder``), its "inputs" and
+    "outputs" added to the attention model's."""
     extra = extra or ExtraOptions()
+    decoder = dict(decoder or {})
+    more_inputs, more_outputs = decoder.pop("inputs", {}), decoder.pop("outputs", {})
     gen = generation(source)
     bos, eos, pad = token_ids(config, gen)
     provider_options = [{target.genai_provider: {}}] if target.genai_provider else []
@@ -126,6 +130,7 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
                     "attention_mask": "attention_mask",
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
+                    **more_inputs,
                 },
                 "outputs": {
                     **({} if extra.exclude_lm_head else {"logits": "logits"}),
@@ -133,10 +138,12 @@ def genai_config(config: DecoderConfig, target: TargetCaps, source: Path,
                        if extra.exclude_lm_head or extra.include_hidden_states else {}),
                     "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value",
+                    **more_outputs,
                 },
                 "num_attention_heads": config.num_attention_heads,
                 "num_hidden_layers": config.num_hidden_layers,
                 "num_key_value_heads": config.num_key_value_heads,
+                **decoder,
             },
             "eos_token_id": eos,
             "pad_token_id": pad,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.package import read_genai_config
 from builder.runner import PipelineRun, run_pipeline, session
 
 __all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "hf_greedy", "hf_logits",
@@ -33,26 +32,33 @@ class DecodeRun:
 
 
 
-def _kv_spec(model_dir: Path) -> tuple[int, int, int]:
-    decoder = read_genai_config(Path(model_dir))["model"]["decoder"]
-    return decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
+def _initial_states(sess, batch: int) -> dict[str, np.ndarray]:
+    """Zeros for every state input of a decoder session: the KV cache (``past_key_values.*``,
+    0 rows) and the states of layers of other kinds (``past.{i}.{name}``, their fixed shape)."""
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    sizes = {"batch_size": batch, "past_sequence_length": 0}
+    return {i.name: np.zeros([d if isinstance(d, int) else sizes[d] for d in i.shape],
+                             types[i.type])
+            for i in sess.get_inputs() if i.name.startswith("past")}
+
+
+def _present(past: str) -> str:
+    """The output that carries input ``past``'s next value."""
+    return "present." + past.removeprefix("past_key_values.").removeprefix("past.")
 
 
 def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                 steps: int = 8, forced: np.ndarray | None = None) -> DecodeRun:
-    """Prefill ``input_ids`` then decode ``steps`` tokens with the KV cache.
+    """Prefill ``input_ids`` then decode ``steps`` tokens with the KV cache (and the states of
+    layers of other kinds).
 
     Decoded tokens are greedy, or ``forced[:, j]`` at step j when given.
     """
     sess = session(model_dir)
-    layers, kv_heads, head_dim = _kv_spec(model_dir)
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
     batch = ids.shape[0]
-    kv_type = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[
-        next(i.type for i in sess.get_inputs() if i.name.startswith("past_key_values"))]
-    past = {f"past_key_values.{i}.{k}": np.zeros((batch, kv_heads, 0, head_dim), kv_type)
-            for i in range(layers) for k in ("key", "value")}
+    past = _initial_states(sess, batch)
     out_names = [o.name for o in sess.get_outputs()]
     feed_ids, tokens, steps_out, prefill = ids, [ids], [], None
     for step in range(steps + 1):
@@ -69,8 +75,7 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
         feed_ids = np.asarray(nxt, np.int64).reshape(batch, 1)
         tokens.append(feed_ids)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        past = {f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"]
-                for i in range(layers) for k in ("key", "value")}
+        past = {name: outs[_present(name)] for name in past}
     return DecodeRun(prefill, steps_out, np.concatenate(tokens, axis=1), mask)
 
 

@@ -223,6 +223,20 @@ TINY = {
         embedding_multiplier=12.0, attention_multiplier=0.03, residual_multiplier=0.5,
         logits_scaling=4.0, tie_word_embeddings=True, max_position_embeddings=512,
         vectors=True),
+    # hybrids (test_hybrids). LFM2: conv layers (3 taps, no biases, as released) around one
+    # attention layer; the MLP's width 192 becomes 128 (block_auto_adjust_ff_dim)
+    "lfm2": dict(
+        arch="Lfm2ForCausalLM", config="Lfm2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3,
+        block_multiple_of=32, tie_word_embeddings=True, max_position_embeddings=512,
+        vectors=True),
+    # and with biases, 4 taps, attention layers given by full_attn_idxs
+    "lfm2_bias": dict(
+        arch="Lfm2ForCausalLM", config="Lfm2Config", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+        full_attn_idxs=[1], conv_L_cache=4, conv_bias=True, block_multiple_of=32,
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
     # the plugin tutorial's third example (not built in): GPT-2's key names, rotary on 8 of 16
     "gptj": dict(
         arch="GPTJForCausalLM", config="GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2,
@@ -230,6 +244,7 @@ TINY = {
 }
 
 
+HYBRIDS = ["lfm2", "lfm2_bias"]
 # the families of tests/checkpoints.py's last block
 FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
             "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]

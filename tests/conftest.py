@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import FAMILIES, make_checkpoint
+from checkpoints import FAMILIES, HYBRIDS, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,13 +32,14 @@ def checkpoints(qwen3_checkpoint, llama_checkpoint, tmp_path_factory) -> dict[st
     Phi-3 family (fused qkv/gate_up; LongRoPE crossing its original context; partial rotary),
     the mixtures of experts (Qwen3-MoE with a dense layer, or every other layer sparse and
     top 3 unnormalized; Mixtral) and the architectures that state only their differences
-    (Qwen2, Gemma 2 and 3 (sharded), SmolLM3, Granite, OLMo 2) and the families of LayerNorms,
-    parallel blocks and MLPs without a gate (FAMILIES: see tests/checkpoints.py)."""
+    (Qwen2, Gemma 2 and 3 (sharded), SmolLM3, Granite, OLMo 2), the families of LayerNorms,
+    parallel blocks and MLPs without a gate (FAMILIES: see tests/checkpoints.py) and the hybrids
+    (HYBRIDS: LFM2)."""
     made = {name: make_checkpoint(tmp_path_factory.mktemp("ck") / name, name,
                                   shard=name == "gemma3")
             for name in ("mistral", "phi3", "phi3_longrope", "phi4mini", "qwen3_moe",
                          "qwen3_moe_step2", "mixtral", "qwen2", "gemma2", "gemma3", "smollm3",
-                         "granite", "olmo2", *FAMILIES, "olmoe", "granitemoe")}
+                         "granite", "olmo2", *FAMILIES, "olmoe", "granitemoe", *HYBRIDS)}
     return {"qwen3": qwen3_checkpoint, "llama": llama_checkpoint, **made}
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from builder.testing import genai_greedy, max_abs_diff, run_decoder
-from checkpoints import FAMILIES, hf_greedy, hf_logits
+from checkpoints import FAMILIES, HYBRIDS, hf_greedy, hf_logits
 
 ARCHS = ["qwen3", "llama", "mistral", "phi3", "phi3_longrope", "phi4mini", "qwen3_moe",
          "qwen3_moe_step2", "mixtral", "qwen2", "gemma2", "gemma3", "smollm3", "granite",
-         "olmo2", *FAMILIES, "olmoe", "granitemoe"]
+         "olmo2", *FAMILIES, "olmoe", "granitemoe", *HYBRIDS]
 PROMPT_LEN, STEPS, TOL = 12, 10, 1e-4
 
 

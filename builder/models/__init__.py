@@ -16,6 +16,7 @@ from builder.models.granite import GraniteBuilder
 from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.helium import HeliumBuilder
 from builder.models.hunyuan import HunYuanDenseV1Builder
+from builder.models.lfm2 import Lfm2Builder
 from builder.models.llama import LlamaBuilder
 from builder.models.mixtral import MixtralBuilder
 from builder.models.nemotron import NemotronBuilder
@@ -34,7 +35,7 @@ from builder.models.starcoder2 import Starcoder2Builder
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
            "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
            "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
-           "HunYuanDenseV1Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
+           "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
            "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder", "PhiBuilder",
            "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "SmolLM3Builder", "StableLmBuilder",
            "Starcoder2Builder"]
@@ -56,5 +57,5 @@ def register_architectures(register):
     for family in (PhiBuilder, Starcoder2Builder, GPTNeoXBuilder, StableLmBuilder, CohereBuilder,
                    Cohere2Builder, GlmBuilder, Glm4Builder, Olmo3Builder, Exaone4Builder,
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
-                   ArceeBuilder, HeliumBuilder, GraniteMoeBuilder):
+                   ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder):
         register(family)

@@ -6,7 +6,9 @@ override (``attention_weights``, ``mlp_weights``), a math hook (``mlp_activation
 ``embedding_multiplier``, ``attention_scale``, ``attention_softcap``, ``final_logit_softcap``,
 ``rope``, ``sliding_window``), a step of the layer (``pre_norm``, ``attention_output``,
 ``mlp_output``, ``head_norm``), and only then a method override of the dataflow
-(``attention``, ``mlp``, ``decoder_layer``).
+(``attention``, ``mixer``, ``mlp``, ``decoder_layer``). A hybrid's layers of other kinds
+than attention (LFM2's convolutions) are ``mixer`` overrides with the states they declare
+(``layer_states``).
 
 Every target runs this same code. What must differ between targets (the graph's inputs and
 outputs, rotary + KV cache + attention, the embedding lookup, lm_head's projection) is written
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from builder.config import DecoderConfig, RopeConfig
+from builder.config import LAYER_TYPES, DecoderConfig, RopeConfig
 from builder.errors import ConfigError, WeightError
 from builder.graph import GraphBuilder
 from builder.options import BuildOptions
@@ -70,6 +73,17 @@ LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
 }
 # the packed tensor that holds a projection's weight, when a checkpoint stores them fused
 PACKED_IN = {R.Q: R.QKV, R.K: R.QKV, R.V: R.QKV, R.GATE: R.GATE_UP, R.UP: R.GATE_UP}
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """What a layer of a kind other than attention carries from one call to the next (LFM2's
+    convolution window): graph input ``past.{layer}.{name}`` and output
+    ``present.{layer}.{name}``, [batch, *shape] in the graph's float type, zeros before the
+    first call (onnxruntime-genai's names for them)."""
+
+    name: str
+    shape: tuple[int, ...]
 
 
 def lowering_for(builder: DecoderBuilder):
@@ -147,6 +161,20 @@ class DecoderBuilder:
                     f", sliding window {windows}" if windows else "")
 
     @classmethod
+    def genai_decoder(cls, c: DecoderConfig) -> dict:
+        """What genai_config.json's "decoder" says beyond the attention model's fields: for a
+        model with layers of other kinds, ``layer_types`` and the names of their states
+        (``past_<state>_names``: ``past.%d.<state>``, as ``layer_states`` declares them and
+        onnxruntime-genai reads them)."""
+        if c.layer_types is None or all(t in LAYER_TYPES for t in c.layer_types):
+            return {}
+        names = {s.name for layer in range(c.num_hidden_layers)
+                 for s in cls.layer_states(c, layer)}
+        return {"layer_types": list(c.layer_types[:c.num_hidden_layers]),
+                "inputs": {f"past_{n}_names": f"past.%d.{n}" for n in sorted(names)},
+                "outputs": {f"present_{n}_names": f"present.%d.{n}" for n in sorted(names)}}
+
+    @classmethod
     def read_keys(cls) -> frozenset[str]:
         """The config.json keys this architecture reads beyond DecoderConfig's fields: its
         ``config_keys`` and its bases'."""
@@ -166,6 +194,12 @@ class DecoderBuilder:
         if self.norm_kind not in NORM_KINDS:
             raise ConfigError(f"{type(self).__name__}.norm_kind is {self.norm_kind!r}: one of "
                               f"{', '.join(NORM_KINDS)}")
+        for layer in range(c.num_hidden_layers if c.layer_types is not None else 0):
+            kind = self.layer_kind(c, layer)  # (without layer_types every layer is attention)
+            if kind != "attention" and type(self).mixer is DecoderBuilder.mixer:
+                raise ConfigError(f"config.json: layer {layer} is a {kind!r} layer "
+                                  f"(layer_types), which {type(self).__name__} does not build "
+                                  "(its mixer builds attention only)")
         if self.target.attention == "gqa" and c.head_dim % 16:
             raise ConfigError(f"head_dim={c.head_dim}: GroupQueryAttention needs a multiple "
                               "of 16")
@@ -477,14 +511,14 @@ class DecoderBuilder:
 
     def decoder_layer(self, layer: int, x: str, residual: str | None) -> tuple[str, str | None]:
         """Pre-norm block, composed of steps an architecture overrides one at a time:
-        ``pre_norm`` (input_layernorm) → ``attention`` → ``attention_output`` → ``pre_norm``
-        (the residual add, then the MLP's norm) → ``mlp`` → ``mlp_output``. Returns (the
-        block's output, the residual stream to add to it), or (the block's output with its
-        residual added, None) where norms do not fuse adds."""
+        ``pre_norm`` (input_layernorm) → ``mixer`` (attention) → ``attention_output`` →
+        ``pre_norm`` (the residual add, then the MLP's norm) → ``mlp`` → ``mlp_output``.
+        Returns (the block's output, the residual stream to add to it), or (the block's output
+        with its residual added, None) where norms do not fuse adds."""
         gb = self.gb
         with gb.scope(f"/model/layers.{layer}"):
             h, residual = self.pre_norm(layer, "input_layernorm", R.ATTN_NORM, x, residual)
-            a = self.attention_output(layer, self.attention(layer, h))
+            a = self.attention_output(layer, self.mixer(layer, h))
             if self.parallel_block():
                 if self.parallel_mlp_norm():
                     h = self.norm("post_attention_layernorm", residual, R.MLP_NORM, layer)
@@ -536,6 +570,25 @@ class DecoderBuilder:
             bias = None if bias is None else self.policy.fold_norm(role, layer, bias)
         return norm(self.gb, self.norm_kind, name, x, w, weight_name, self.config.rms_norm_eps,
                     bias, bias_name, skip)
+
+    @classmethod
+    def layer_kind(cls, c: DecoderConfig, layer: int) -> str:
+        """"attention" (full or sliding), or the layer's type in config.json's layer_types
+        where it is another kind (``DecoderConfig.other_layer_types``: LFM2's "conv")."""
+        kind = "full_attention" if c.layer_types is None else c.layer_types[layer]
+        return "attention" if kind in LAYER_TYPES else kind
+
+    @classmethod
+    def layer_states(cls, c: DecoderConfig, layer: int) -> tuple[LayerState, ...]:
+        """The states a layer of another kind than attention carries between calls (the
+        lowering declares them as graph inputs and outputs: ``lowering.state``); attention's
+        KV cache is the lowering's own."""
+        return ()
+
+    def mixer(self, layer: int, x: str) -> str:
+        """The layer's token mixer: attention; an architecture with layers of other kinds
+        (``layer_kind``) builds those here, from standard ops or onnxruntime's."""
+        return self.attention(layer, x)
 
     def attention_output(self, layer: int, a: str) -> str:
         """The attention block's output before the residual add (Gemma: a norm); as is."""

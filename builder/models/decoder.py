@@ -41,6 +41,7 @@ class DecoderLowering:
         self.b = builder
         self.explicit_rotary = False  # LongRoPE: see rotary_tables()
         self._table = None
+        self._valid = None  # zero_padding's [B, S, 1] mask of the chunk's positions
 
     @property
     def takes_packed_qkv(self) -> bool:
@@ -58,9 +59,14 @@ class DecoderLowering:
             tokens = gb.input("input_ids", INT64, ["batch_size", "sequence_length"])
         mask = gb.input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
         kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
-        self.past = [(gb.input(f"past_key_values.{i}.key", io, kv_shape),
-                      gb.input(f"past_key_values.{i}.value", io, kv_shape))
-                     for i in range(c.num_hidden_layers)]
+        attention = [i for i in range(c.num_hidden_layers) if b.layer_kind(c, i) == "attention"]
+        self.past = {i: (gb.input(f"past_key_values.{i}.key", io, kv_shape),
+                         gb.input(f"past_key_values.{i}.value", io, kv_shape))
+                     for i in attention}
+        self.states = {(i, s.name): (gb.input(f"past.{i}.{s.name}", io,
+                                               ["batch_size", *s.shape]), s.shape)
+                       for i in range(c.num_hidden_layers) for s in b.layer_states(c, i)}
+        self.mask = mask
         self.attn_inputs: AttentionInputs = attention_inputs(gb, tokens, mask,
                                                              b.target.attention_mask)
         ropes = [b.rope(layer) for layer in range(c.num_hidden_layers)]
@@ -89,9 +95,11 @@ class DecoderLowering:
                 positions = 1
             gb.output(b.lm_head(h), "logits", io, ["batch_size", positions, c.vocab_size])
         present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
-        for i in range(c.num_hidden_layers):
+        for i in attention:
             for kind in ("key", "value"):
                 gb.output(f"present.{i}.{kind}", f"present.{i}.{kind}", io, present_shape)
+        for (i, name), (_, shape) in self.states.items():
+            gb.output(f"present.{i}.{name}", f"present.{i}.{name}", io, ["batch_size", *shape])
         b.weights.check_all_consumed(b.ignored())
         b.policy.check_exclusions()
 
@@ -162,6 +170,25 @@ class DecoderLowering:
             scale=b.attention_scale(), softcap=b.attention_softcap(),
             window=b.sliding_window(layer),
             do_rotary=tables is not None and not self.explicit_rotary)
+
+    def state(self, layer: int, name: str) -> tuple[str, str]:
+        """(past, present) of one of ``layer``'s states (``DecoderBuilder.layer_states``): the
+        graph input to read and the output name to write."""
+        return self.states[layer, name][0], f"present.{layer}.{name}"
+
+    def zero_padding(self, x: str) -> str:
+        """``x`` [B, S, hidden] with the rows of padding positions (attention_mask 0) set to 0,
+        as transformers does before a convolution or recurrence, so that a left-padded row's
+        state starts as it would without the padding."""
+        gb = self.b.gb
+        with gb.scope("/model/zero_padding"):
+            if self._valid is None:
+                rows = gb.node("Shape", [x], start=1, end=2)
+                mask = gb.node("Slice", [self.mask, gb.node("Neg", [rows]),
+                                         gb.constant([2**62]), gb.constant([1])])
+                self._valid = gb.node("Unsqueeze", [gb.node("Cast", [mask], to=gb.float_type),
+                                                    gb.constant([-1])])
+            return gb.node("Mul", [x, self._valid])
 
     def lm_head_projection(self, x: str) -> str:
         b = self.b

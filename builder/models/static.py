@@ -228,6 +228,16 @@ def check_lowered(b: DecoderBuilder, target: str) -> None:
         if getattr(type(b), name) is not getattr(DecoderBuilder, name):
             raise ConfigError(f"{owner(name)}.{name} overrides {what}, which -e {target} "
                               f"does not use: it has no lowering for -e {target} yet")
+    check_layer_kinds(type(b), b.config, target)
+
+
+def check_layer_kinds(cls, c, target: str) -> None:
+    """Static graphs lower attention layers only: a layer of another kind (LFM2's conv) stops
+    the build, naming it."""
+    kinds = {cls.layer_kind(c, i) for i in range(c.num_hidden_layers)} - {"attention"}
+    if kinds:
+        raise ConfigError(f"{cls.__name__}'s {', '.join(sorted(kinds))} layers (config.json's "
+                          f"layer_types) have no lowering for -e {target}'s static graphs yet")
 
 
 def build_embeddings(b: DecoderBuilder) -> None:
