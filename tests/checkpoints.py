@@ -237,6 +237,15 @@ TINY = {
         intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
         full_attn_idxs=[1], conv_L_cache=4, conv_bias=True, block_multiple_of=32,
         tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    # Qwen3.5 (text): Gated DeltaNet layers (2 key heads, 4 value heads, 4 taps) and gated
+    # attention (head_dim 64: 16 rotary dims at partial_rotary_factor 0.25)
+    "qwen3_5": dict(
+        arch="Qwen3_5ForCausalLM", config="Qwen3_5TextConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        tie_word_embeddings=True, max_position_embeddings=512, vectors=True),
     # the plugin tutorial's third example (not built in): GPT-2's key names, rotary on 8 of 16
     "gptj": dict(
         arch="GPTJForCausalLM", config="GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2,
@@ -244,7 +253,7 @@ TINY = {
 }
 
 
-HYBRIDS = ["lfm2", "lfm2_bias"]
+HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5"]
 # the families of tests/checkpoints.py's last block
 FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
             "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]

@@ -27,6 +27,7 @@ from builder.models.phi import PhiBuilder
 from builder.models.phi3 import Phi3Builder
 from builder.models.qwen2 import Qwen2Builder
 from builder.models.qwen3 import Qwen3Builder
+from builder.models.qwen3_5 import Qwen3_5Builder, Qwen3_5VisionLanguageBuilder
 from builder.models.qwen3_moe import Qwen3MoeBuilder
 from builder.models.smollm3 import SmolLM3Builder
 from builder.models.stablelm import StableLmBuilder
@@ -37,7 +38,8 @@ __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", 
            "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
            "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
            "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder", "PhiBuilder",
-           "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "SmolLM3Builder", "StableLmBuilder",
+           "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "Qwen3_5Builder",
+           "Qwen3_5VisionLanguageBuilder", "SmolLM3Builder", "StableLmBuilder",
            "Starcoder2Builder"]
 
 
@@ -57,5 +59,6 @@ def register_architectures(register):
     for family in (PhiBuilder, Starcoder2Builder, GPTNeoXBuilder, StableLmBuilder, CohereBuilder,
                    Cohere2Builder, GlmBuilder, Glm4Builder, Olmo3Builder, Exaone4Builder,
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
-                   ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder):
+                   ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder, Qwen3_5Builder,
+                   Qwen3_5VisionLanguageBuilder):
         register(family)

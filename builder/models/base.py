@@ -611,9 +611,14 @@ class DecoderBuilder:
             q, k, v = self.qkv_projections(layer, x)
             if self.has_qk_norm(c) and not self.qk_norm_after_rotary:
                 q, k = self.qk_norms(layer, q, k)
-            out = self.lowering.attend(layer, q, k, v)
+            out = self.attention_gate(layer, x, self.lowering.attend(layer, q, k, v))
             return self.project("o_proj", out, R.O, layer, self.weight(R.O, layer),
                                 self.weight_name(R.O, layer), self.attention_biases(layer)[3])
+
+    def attention_gate(self, layer: int, x: str, out: str) -> str:
+        """The heads' output before o_proj, from the attention's input ``x`` (Qwen3.5: times
+        sigmoid of a gate projection); as is."""
+        return out
 
     def qk_norms(self, layer: int, q: str, k: str) -> tuple[str, str]:
         """q and k, each normed per head (``head_norm``)."""
