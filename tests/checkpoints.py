@@ -246,6 +246,17 @@ TINY = {
         linear_num_key_heads=2, linear_num_value_heads=4,
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         tie_word_embeddings=True, max_position_embeddings=512, vectors=True),
+    # GPT-OSS: attention sinks, 6-token windows on every other layer, YaRN past 64 positions,
+    # 4 stacked experts with biases (top 2), a router bias, and a SwiGLU clamp low enough to
+    # bind on random weights
+    "gpt_oss": dict(
+        arch="GptOssForCausalLM", config="GptOssConfig", vocab_size=VOCAB, hidden_size=64,
+        intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        swiglu_limit=0.5, max_position_embeddings=512, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                         "original_max_position_embeddings": 64}, vectors=True),
     # the plugin tutorial's third example (not built in): GPT-2's key names, rotary on 8 of 16
     "gptj": dict(
         arch="GPTJForCausalLM", config="GPTJConfig", vocab_size=VOCAB, n_embd=64, n_layer=2,
@@ -253,7 +264,7 @@ TINY = {
 }
 
 
-HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5"]
+HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5", "gpt_oss"]  # (and GPT-OSS's sinks: test_hybrids)
 # the families of tests/checkpoints.py's last block
 FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
             "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]

@@ -1,5 +1,5 @@
-"""Hybrid models, whose layers are not all attention (LFM2's short convolutions, Qwen3.5's
-Gated DeltaNet): each
+"""The new small models: hybrids, whose layers are not all attention (LFM2's short
+convolutions, Qwen3.5's Gated DeltaNet), and GPT-OSS (attention sinks, clamped experts): each
 distinguishing feature moves transformers' logits, -p int4 quantizes the conv layers'
 projections too, and what cannot be lowered yet (qnn's static graphs) is refused in one line.
 fp32 parity against transformers (prefill, decode with the states carried, a left-padded batch,
@@ -95,7 +95,40 @@ def _value_heads_share_keys_wrongly(model):
             w[start:start + kd] = heads.flip(0).reshape(kd, -1)
 
 
+def _sinks_off(model):
+    for layer in model.model.layers:
+        layer.self_attn.sinks.fill_(-1e4)
+
+
+def _router_bias_off(model):
+    for layer in model.model.layers:
+        layer.mlp.router.bias.zero_()
+
+
+def _expert_biases_off(model):
+    for layer in model.model.layers:
+        layer.mlp.experts.gate_up_proj_bias.zero_()
+        layer.mlp.experts.down_proj_bias.zero_()
+
+
+def _clamp_off(model):
+    for layer in model.model.layers:
+        layer.mlp.experts.limit = 1e4
+
+
+def _alpha_one(model):
+    for layer in model.model.layers:
+        layer.mlp.experts.alpha = 1.0
+
+
 FEATURES = {
+    ("gpt_oss", "attention sinks"): _sinks_off,
+    ("gpt_oss", "the router's bias"): _router_bias_off,
+    ("gpt_oss", "the experts' biases"): _expert_biases_off,
+    ("gpt_oss", "the SwiGLU clamp"): _clamp_off,
+    ("gpt_oss", "the SwiGLU alpha"): _alpha_one,
+    ("gpt_oss", "the sliding window"): {"sliding_window": 1000},
+    ("gpt_oss", "YaRN"): {"rope_parameters": {"rope_type": "default", "rope_theta": 150000.0}},
     ("qwen3_5", "(1 + w) norms"): _norms_minus_one,
     ("qwen3_5", "the attention output gate"): _attention_gate_off,
     ("qwen3_5", "the DeltaNet's conv window"): _delta_conv_window_off,
@@ -110,10 +143,11 @@ FEATURES = {
 
 @pytest.mark.parametrize("arch, feature", list(FEATURES), ids=[f"{a}-{f}" for a, f in FEATURES])
 def test_each_feature_moves_transformers_logits(arch, feature, checkpoints):
-    ck = checkpoints[arch]
-    model = hf_model(ck)
+    ck, off = checkpoints[arch], FEATURES[arch, feature]
+    model = hf_model(ck, **(off if isinstance(off, dict) else {}))
     with torch.no_grad():
-        FEATURES[arch, feature](model)
+        if callable(off):
+            off(model)
     moved = max_abs_diff(_logits(ck, model), _logits(ck))
     print(f"{arch} without {feature}: logits move by {moved:.3f}")
     assert moved > 1e-2

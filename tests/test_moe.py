@@ -59,6 +59,10 @@ def _dequantized_checkpoint(ck, folder, dst):
                                         inits[zp][e] if zp else None, bits, block,
                                         kb * 8 // bits)
                     w = q.dequantize()
+                    if f"{prefix}.gate_up_proj" in tensors:  # GPT-OSS: stacked, [K, N]
+                        tensors[f"{prefix}.{'gate_up_proj' if fused else 'down_proj'}"][e] = w.T
+                        replaced += 1
+                        continue
                     names = _expert_names(prefix, e, tensors)
                     if fused:  # (copies: safetensors writes a strided view's buffer as is)
                         tensors[names[0]] = np.ascontiguousarray(w[0::2])
@@ -95,7 +99,8 @@ def _expert_names(prefix, e, tensors):
 
 
 @pytest.mark.parametrize("arch, algo", [("qwen3_moe", "rtn"), ("qwen3_moe_step2", "rtn"),
-                                        ("mixtral", "k_quant"), ("olmoe", "rtn")])
+                                        ("mixtral", "k_quant"), ("olmoe", "rtn"),
+                                        ("gpt_oss", "rtn")])
 def test_int4_experts_match_transformers_on_our_dequantized_weights(arch, algo, checkpoints,
                                                                      tmp_path):
     """int4 QMoE with fp32 activations (accuracy_level=1) computes exactly what transformers

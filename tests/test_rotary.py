@@ -34,6 +34,36 @@ def test_scaled_inverse_frequencies_match_transformers(rope):
     assert np.abs(default.cos - ours.cos).max() > 0.1  # the scaling really changes the table
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+     "truncate": False, "original_max_position_embeddings": 4096},  # GPT-OSS's
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+     "original_max_position_embeddings": 256},
+])
+def test_yarn_matches_transformers(rope):
+    """YaRN's blended frequencies and attention factor (the tables' scale), truncated ramp or
+    not, as transformers computes them (GPT-OSS's head_dim 64, theta 150000)."""
+    import transformers
+
+    hf = transformers.GptOssConfig(head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                                   hidden_size=256,
+                                   max_position_embeddings=131072,
+                                   rope_parameters={**rope, "rope_theta": 150000.0})
+    inv_freq, scale = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    ours = rope_cache(DecoderConfig.from_hf({**hf.to_dict(), "architectures": ["x"]}).rope,
+                      64, 512, 131072)
+    angles = torch.arange(512, dtype=torch.float32)[:, None] * inv_freq[None, :].float()
+    # (a frequency one float32 ulp off, ~1e-7 relative, times 512 positions: 2e-5)
+    np.testing.assert_allclose(ours.cos, (angles.cos() * scale).numpy(), atol=5e-5)
+    np.testing.assert_allclose(ours.sin, (angles.sin() * scale).numpy(), atol=5e-5)
+    assert scale > 1.0
+    plain = rope_cache(DecoderConfig.from_hf({**hf.to_dict(), "architectures": ["x"],
+                                              "rope_parameters": {"rope_theta": 150000.0}}
+                                             ).rope, 64, 512)
+    assert np.abs(plain.cos - ours.cos).max() > 0.1  # the scaling really changes the table
+
+
 def test_old_style_rope_keys():
     cfg = DecoderConfig.from_hf({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8,

@@ -12,6 +12,7 @@ from builder.models.exaone4 import Exaone4Builder
 from builder.models.gemma import Gemma2Builder, Gemma3Builder
 from builder.models.glm import Glm4Builder, GlmBuilder
 from builder.models.gpt_neox import GPTNeoXBuilder
+from builder.models.gpt_oss import GptOssBuilder
 from builder.models.granite import GraniteBuilder
 from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.helium import HeliumBuilder
@@ -34,7 +35,7 @@ from builder.models.stablelm import StableLmBuilder
 from builder.models.starcoder2 import Starcoder2Builder
 
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
-           "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
+           "Exaone4Builder", "GPTNeoXBuilder", "GptOssBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
            "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
            "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
            "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder", "PhiBuilder",
@@ -60,5 +61,5 @@ def register_architectures(register):
                    Cohere2Builder, GlmBuilder, Glm4Builder, Olmo3Builder, Exaone4Builder,
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
                    ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder, Qwen3_5Builder,
-                   Qwen3_5VisionLanguageBuilder):
+                   Qwen3_5VisionLanguageBuilder, GptOssBuilder):
         register(family)

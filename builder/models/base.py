@@ -469,6 +469,11 @@ class DecoderBuilder:
         """Scores become cap * tanh(scores / cap) before the mask (Gemma 2); None: none."""
         return None
 
+    def attention_sinks(self, layer: int) -> tuple[np.ndarray, str] | None:
+        """(values, tensor name): per head, a logit that joins each softmax's denominator and
+        attends to nothing (GPT-OSS's sinks), [num_attention_heads]; None: none."""
+        return None
+
     def final_logit_softcap(self) -> float | None:
         """Logits become cap * tanh(logits / cap); None: none."""
         return None

@@ -163,13 +163,16 @@ class DecoderLowering:
                     for n, t, h in (("q", q, c.num_attention_heads),
                                     ("k", k, c.num_key_value_heads)))
         q, k = b.after_rotary(layer, q, k)
+        sinks = b.attention_sinks(layer)
+        if sinks is not None:
+            sinks = gb.initializer(sinks[1], sinks[0])
         return group_query_attention(
             gb, "GroupQueryAttention", q, k, v, self.past[layer],
             (f"present.{layer}.key", f"present.{layer}.value"), self.attn_inputs,
             cos, sin, num_heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
             scale=b.attention_scale(), softcap=b.attention_softcap(),
             window=b.sliding_window(layer),
-            do_rotary=tables is not None and not self.explicit_rotary)
+            do_rotary=tables is not None and not self.explicit_rotary, head_sink=sinks)
 
     def state(self, layer: int, name: str) -> tuple[str, str]:
         """(past, present) of one of ``layer``'s states (``DecoderBuilder.layer_states``): the

@@ -19,6 +19,7 @@ from builder.config import DecoderConfig
 from builder.errors import ConfigError
 from builder.models.llama import LlamaBuilder
 from builder.ops import interleave, moe
+from builder.ops.moe import SwiGLU
 from builder.quant.base import QuantizedWeight
 from builder.roles import TensorRole as R
 from builder.weights import SAFETENSORS_DTYPES
@@ -69,6 +70,19 @@ class MoeBuilder(LlamaBuilder):
         """Whether the k picked weights are renormalized to sum to 1."""
         return True
 
+    def swiglu(self) -> SwiGLU:
+        """The experts' activation (GPT-OSS: alpha, beta and a clamp); the standard SwiGLU."""
+        return SwiGLU()
+
+    def router_bias(self, layer: int) -> tuple[np.ndarray, str] | None:
+        """(values, tensor name) of the router's bias; None: none."""
+        return None
+
+    def expert_biases(self, layer: int) -> tuple[str, str]:
+        """Initializer names of the experts' stacked fc1 [experts, 2I] (gate and up
+        interleaved) and fc2 [experts, hidden] biases; '' where there is none."""
+        return ("", "")
+
     def sparse(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is the experts (else the dense MLP)."""
         return True
@@ -115,7 +129,8 @@ class MoeBuilder(LlamaBuilder):
         gb = self.gb
         with gb.scope("mlp"):
             router = self.project("gate", x, R.ROUTER, layer, self.weight(R.ROUTER, layer),
-                                  self.weight_name(R.ROUTER, layer))
+                                  self.weight_name(R.ROUTER, layer),
+                                  *(self.router_bias(layer) or (None, None)))
             node = gb.path("experts/MoE")
             bits = (self.policy.bits_for(R.EXPERT_GATE, layer, node),
                     self.policy.bits_for(R.EXPERT_DOWN, layer, node))
@@ -138,7 +153,8 @@ class MoeBuilder(LlamaBuilder):
                 quantized = (*bits, self.policy.block_size)
             return moe(gb, "experts", x, router, fc1, fc2, k=self.top_k(),
                        normalize=self.normalize_top_k(), quantized=quantized,
-                       accuracy_level=self.policy.accuracy_level)
+                       accuracy_level=self.policy.accuracy_level,
+                       biases=self.expert_biases(layer), swiglu=self.swiglu())
 
     def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
         """One expert's FC1 (gate and up rows interleaved, [2I, hidden]) or FC2 (down,

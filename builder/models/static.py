@@ -213,7 +213,8 @@ class StaticLowering:
 
 # DecoderBuilder methods the static graphs never call: an architecture that overrides one
 # would be a different model here, so the build stops instead.
-NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, layer loop)"}
+NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, layer loop)",
+               "attention_sinks": "attention sinks (a logit per head in each softmax)"}
 
 
 def check_lowered(b: DecoderBuilder, target: str) -> None:

@@ -72,7 +72,7 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
                           inputs: AttentionInputs, cos_cache: str, sin_cache: str, *,
                           num_heads: int, kv_heads: int, scale: float,
                           softcap: float | None = None, window: int | None = None,
-                          do_rotary: bool = True) -> str:
+                          do_rotary: bool = True, head_sink: str | None = None) -> str:
     """com.microsoft GroupQueryAttention with fused rotary; k and v are '' when q is packed QKV.
 
     Writes the present key/value to the graph outputs named in ``present``. ``window`` is a
@@ -81,6 +81,8 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
     transformers in the tests; older onnxruntime sources counted one more key). With
     ``do_rotary`` false, q and k arrive rotated and the caches are not passed. ``scale``
     multiplies q·k; ``softcap`` (None: none) makes the scores cap * tanh(scores / cap).
+    ``head_sink`` [num_heads] (GPT-OSS's sinks): one more logit per head in each softmax's
+    denominator, attending to nothing (onnxruntime >= 1.23).
     """
     if not do_rotary:
         cos_cache = sin_cache = ""
@@ -88,7 +90,7 @@ def group_query_attention(gb: GraphBuilder, name: str, q: str, k: str, v: str,
         out = gb.node(
             "GroupQueryAttention",
             [q, k, v, past[0], past[1], inputs.seqlens_k, inputs.total_length, cos_cache,
-             sin_cache, "", inputs.bias],
+             sin_cache, "", inputs.bias, *([head_sink] if head_sink else [])],
             outputs=[None, present[0], present[1]], domain=MS_DOMAIN,
             num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale),
             do_rotary=int(do_rotary), rotary_interleaved=0,

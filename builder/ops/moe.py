@@ -24,6 +24,8 @@ the tests against transformers):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from builder.graph import GraphBuilder
@@ -38,28 +40,46 @@ def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class SwiGLU:
+    """The experts' activation: G * sigmoid(alpha * G) * (L + beta), with G clamped at
+    ``limit`` from above and L to [-limit, limit] when a limit is given (GPT-OSS: alpha 1.702,
+    beta 1, limit 7); the default is the standard silu(gate) * up."""
+
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float | None = None
+
+
 def moe(gb: GraphBuilder, name: str, x: str, router_logits: str, fc1: list[str],
         fc2: list[str], *, k: int, normalize: bool, quantized: tuple[int, int, int] | None = None,
-        accuracy_level: int = 0) -> str:
+        accuracy_level: int = 0, biases: tuple[str, str] = ("", ""),
+        swiglu: SwiGLU = SwiGLU()) -> str:
     """``x`` [B, S, hidden] and the router's logits [B, S, experts] → [B, S, hidden].
 
     ``fc1`` / ``fc2``: initializer names of the fused gate/up and of down: [weights] for float
     experts; [codes, scales] or [codes, scales, zero points] for ``quantized`` = (fc1 bits, fc2
-    bits, block size)."""
+    bits, block size). ``biases``: the experts' stacked fc1 [experts, 2I] (interleaved as fc1's
+    rows) and fc2 [experts, hidden] biases ('': none)."""
     with gb.scope(name):
         # router_probs is [tokens, experts]
         experts_logits = gb.node("Flatten", [router_logits], "router/Flatten", axis=2)
         attrs = dict(k=k, normalize_routing_weights=int(normalize), activation_type="swiglu",
-                     swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
+                     swiglu_fusion=1, activation_alpha=float(swiglu.alpha),
+                     activation_beta=float(swiglu.beta))
+        if swiglu.limit is not None:
+            attrs["swiglu_limit"] = float(swiglu.limit)
         if quantized is None:
-            inputs = [x, experts_logits, fc1[0], "", fc2[0]]
+            inputs = [x, experts_logits, fc1[0], biases[0], fc2[0], biases[1]]
+            while inputs[-1] == "":
+                inputs.pop()
             return gb.node("MoE", inputs, "MoE", domain=MS_DOMAIN, **attrs)
         bits1, bits2, block = quantized
         attrs["normalize_routing_weights"] = 1  # what QMoE does in any case (above)
         zp1 = fc1[2] if len(fc1) > 2 else ""
         zp2 = fc2[2] if len(fc2) > 2 else ""
-        inputs = [x, experts_logits, fc1[0], fc1[1], "", fc2[0], fc2[1], "", "", "", "",
-                  zp1, zp2]
+        inputs = [x, experts_logits, fc1[0], fc1[1], biases[0], fc2[0], fc2[1], biases[1], "",
+                  "", "", zp1, zp2]
         while inputs[-1] == "":
             inputs.pop()
         extra = {} if bits1 == bits2 else dict(fc1_expert_weight_bits=bits1,

@@ -88,6 +88,48 @@ def _longrope(rope: RopeConfig, rotary_dim: int, max_positions: int,
     return RopeCache(cos, sin, rotary_dim, long=long_tables, switch_length=original)
 
 
+def _yarn(rope: RopeConfig, rotary_dim: int, max_positions: int,
+          model_max_positions: int) -> RopeCache:
+    """YaRN (GPT-OSS): each frequency blended between the original (extrapolated) and the
+    factor-slowed (interpolated) one by a linear ramp over the dimensions whose wavelengths fall
+    between beta_fast and beta_slow rotations of the original context (the ramp's ends floored
+    and ceiled under ``truncate``, the default), both tables scaled by the attention factor
+    (0.1 ln(factor) + 1 unless given), as transformers computes them."""
+    p = rope.params
+    try:
+        original = float(p["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ConfigError(f"rope type yarn needs {e.args[0]!r}") from None
+    factor = p.get("factor") or model_max_positions / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    scale = p.get("attention_factor")
+    if scale is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction(rotations):
+        return (rotary_dim * math.log(original / (rotations * 2 * math.pi))
+                / (2 * math.log(rope.theta)))
+
+    low, high = correction(fast), correction(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim
+    base = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+    extrapolated = 1 - ramp.astype(np.float32)
+    inv_freq = (1.0 / (np.float32(factor) * base)) * (1 - extrapolated) + \
+        (1.0 / base) * extrapolated
+    return RopeCache(*_tables(inv_freq.astype(np.float32), max_positions, scale), rotary_dim)
+
+
 def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int,
                model_max_positions: int | None = None) -> RopeCache:
     """cos/sin tables for positions [0, max_positions). ``model_max_positions`` (default
@@ -96,9 +138,11 @@ def rope_cache(rope: RopeConfig, head_dim: int, max_positions: int,
     rotary_dim = round(head_dim * rope.partial_rotary_factor)  # whole, even: DecoderConfig
     if rope.type in LONGROPE:
         return _longrope(rope, rotary_dim, max_positions, model_max_positions or max_positions)
+    if rope.type == "yarn":
+        return _yarn(rope, rotary_dim, max_positions, model_max_positions or max_positions)
     if rope.type not in _INV_FREQ_SCALERS:
         raise ConfigError(f"rope type {rope.type!r} is not supported yet; supported: "
-                          f"{', '.join((*_INV_FREQ_SCALERS, *LONGROPE))}")
+                          f"{', '.join((*_INV_FREQ_SCALERS, *LONGROPE, 'yarn'))}")
     inv_freq = _default_inv_freq(rope.theta, rotary_dim)
     scaler = _INV_FREQ_SCALERS[rope.type]
     if scaler is not None:

@@ -1,0 +1,97 @@
+"""GPT-OSS: mirrors Hugging Face ``GptOssForCausalLM``.
+
+The mixture-of-experts template (``builder.models.moe``) with:
+
+- attention sinks: a learned logit per head in every softmax's denominator
+  (``self_attn.sinks``: GroupQueryAttention's ``head_sink`` input), biases on q, k, v and o,
+  sliding-window layers alternating with full ones (``layer_types``), YaRN rotary;
+- a router with a bias, whose top k logits are softmaxed (the same as the renormalized top k
+  of the softmax over all experts, which onnxruntime's MoE computes);
+- experts stored stacked: ``gate_up_proj`` [experts, hidden, 2 x intermediate] with gate and up
+  in alternate columns (the fused, interleaved layout MoE takes, transposed) and its bias,
+  ``down_proj`` [experts, intermediate, hidden] and its bias; read an expert at a time;
+- the experts' SwiGLU (up + 1) * gate * sigmoid(1.702 gate), gate clamped at ``swiglu_limit``
+  from above and up to ±limit (MoE's activation_alpha, activation_beta, swiglu_limit).
+
+cpu and cuda, float experts or -p int4 (QMoE); the released checkpoints store the experts in
+MXFP4 (``*_blocks``, ``*_scales``, with a ``quantization_config``), which is not read yet: the
+build refuses them, naming the key. -e qnn refuses the model (routed experts, sinks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from builder.config import DecoderConfig
+from builder.models.base import LLAMA_WEIGHT_NAMES
+from builder.models.moe import MoeBuilder
+from builder.ops.moe import SwiGLU
+from builder.roles import TensorRole as R
+
+MLP = "model.layers.{i}.mlp."
+GATE_UP, DOWN = "experts_gate_up", "experts_down"  # the stacked experts' own roles
+GATE_UP_BIAS, DOWN_BIAS = GATE_UP + "_bias", DOWN + "_bias"
+ROUTER_BIAS, SINKS = "router_bias", "attention_sinks"
+STACKS = {R.EXPERT_GATE: GATE_UP, R.EXPERT_UP: GATE_UP, R.EXPERT_DOWN: DOWN}
+
+
+class GptOssBuilder(MoeBuilder):
+    architectures = ("GptOssForCausalLM",)
+    genai_model_type = "gptoss"
+    config_keys = frozenset({"swiglu_limit", "swiglu_alpha", "experts_per_token",
+                             "initial_context_length"})
+    # GptOssConfig's values for the keys a config.json may leave out
+    config_defaults = {"attention_bias": True, "rms_norm_eps": 1e-5, "head_dim": 64,
+                       "sliding_window": 128, "max_position_embeddings": 131072,
+                       "rope_theta": 150000.0,
+                       "rope_parameters": {"rope_type": "yarn", "factor": 32.0,
+                                           "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False,
+                                           "original_max_position_embeddings": 4096}}
+    experts_fields = ("num_local_experts",)
+    expert_size_field = None  # the experts are intermediate_size wide
+    weight_names = {**{r: n for r, n in LLAMA_WEIGHT_NAMES.items()
+                       if r not in (R.GATE, R.UP, R.DOWN, R.GATE_BIAS, R.UP_BIAS, R.DOWN_BIAS)},
+                    R.ROUTER: MLP + "router.weight", ROUTER_BIAS: MLP + "router.bias",
+                    GATE_UP: MLP + "experts.gate_up_proj", DOWN: MLP + "experts.down_proj",
+                    GATE_UP_BIAS: MLP + "experts.gate_up_proj_bias",
+                    DOWN_BIAS: MLP + "experts.down_proj_bias",
+                    SINKS: "model.layers.{i}.self_attn.sinks"}
+
+    @classmethod
+    def role_shape(cls, c: DecoderConfig, role):
+        experts, h, i = cls.num_experts(c), c.hidden_size, c.intermediate_size
+        own = {GATE_UP: (experts, h, 2 * i), DOWN: (experts, i, h),
+               GATE_UP_BIAS: (experts, 2 * i), DOWN_BIAS: (experts, h),
+               ROUTER_BIAS: (experts,), SINKS: (c.num_attention_heads,)}
+        return own[role] if role in own else super().role_shape(c, role)
+
+    def weight_name(self, role, layer=None, expert=None) -> str:
+        """An expert's projection is named by the stack that holds it."""
+        return super().weight_name(STACKS.get(role, role), layer, expert)
+
+    def top_k(self) -> int:
+        c = self.config
+        return c.extra.get("num_experts_per_tok") or c.extra["experts_per_token"]
+
+    def swiglu(self) -> SwiGLU:
+        c = self.config
+        return SwiGLU(alpha=c.number("swiglu_alpha", 1.702), beta=1.0,
+                      limit=c.number("swiglu_limit", 7.0))
+
+    def router_bias(self, layer: int):
+        return self.weight(ROUTER_BIAS, layer), self.weight_name(ROUTER_BIAS, layer)
+
+    def attention_sinks(self, layer: int):
+        return self.weight(SINKS, layer), self.weight_name(SINKS, layer)
+
+    def expert_biases(self, layer: int) -> tuple[str, str]:
+        return tuple(self.gb.initializer(self.weight_name(role, layer), self.weight(role, layer))
+                     for role in (GATE_UP_BIAS, DOWN_BIAS))
+
+    def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
+        """[2I, hidden] (gate and up rows interleaved, as stored in alternate columns) or
+        [hidden, I]: the stack's expert, transposed."""
+        role = GATE_UP if fused else DOWN
+        stack = self.weights.rows(self.weight_name(role, layer), self.expected_shape(role))
+        return np.ascontiguousarray(stack[expert:expert + 1][0].T)
