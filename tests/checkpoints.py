@@ -246,6 +246,16 @@ TINY = {
         linear_num_key_heads=2, linear_num_value_heads=4,
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         tie_word_embeddings=True, max_position_embeddings=512, vectors=True),
+    # Qwen3.5-MoE: Qwen3.5's layers with 4 experts (top 2) and a gated shared expert in every
+    # layer
+    "qwen3_5_moe": dict(
+        arch="Qwen3_5MoeForCausalLM", config="Qwen3_5MoeTextConfig", vocab_size=VOCAB,
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
     # GPT-OSS: attention sinks, 6-token windows on every other layer, YaRN past 64 positions,
     # 4 stacked experts with biases (top 2), a router bias, and a SwiGLU clamp low enough to
     # bind on random weights
@@ -264,7 +274,7 @@ TINY = {
 }
 
 
-HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5", "gpt_oss"]  # (and GPT-OSS's sinks: test_hybrids)
+HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5", "qwen3_5_moe", "gpt_oss"]  # (and GPT-OSS: test_hybrids)
 # the families of tests/checkpoints.py's last block
 FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
             "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]

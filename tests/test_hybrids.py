@@ -121,7 +121,14 @@ def _alpha_one(model):
         layer.mlp.experts.alpha = 1.0
 
 
+def _shared_expert_gate_off(model):
+    """The shared expert's gate at 0: sigmoid 0.5 everywhere."""
+    for layer in model.model.layers:
+        layer.mlp.shared_expert_gate.weight.zero_()
+
+
 FEATURES = {
+    ("qwen3_5_moe", "the shared expert's gate"): _shared_expert_gate_off,
     ("gpt_oss", "attention sinks"): _sinks_off,
     ("gpt_oss", "the router's bias"): _router_bias_off,
     ("gpt_oss", "the experts' biases"): _expert_biases_off,
@@ -299,7 +306,8 @@ def test_layer_types_and_full_attn_idxs_must_agree(checkpoints, tmp_path):
     assert "layer_types and full_attn_idxs disagree" in r.stderr, r.stderr[-2000:]
 
 
-def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(tmp_path):
+@pytest.mark.parametrize("arch, prefix", [("qwen3_5", "Qwen3_5"), ("qwen3_5_moe", "Qwen3_5Moe")])
+def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(arch, prefix, tmp_path):
     """Qwen3.5's small models are released as Qwen3_5ForConditionalGeneration: config.json
     nests the text model's fields in text_config and the weights sit under
     model.language_model. beside the vision tower's. The build is the text model (the vision
@@ -309,8 +317,8 @@ def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(tmp_path):
 
     from checkpoints import TINY, make_tokenizer
 
-    text = {k: v for k, v in TINY["qwen3_5"].items() if k not in ("arch", "config", "vectors")}
-    config = transformers.Qwen3_5Config(
+    text = {k: v for k, v in TINY[arch].items() if k not in ("arch", "config", "vectors")}
+    config = getattr(transformers, f"{prefix}Config")(
         text_config={**text, "tie_word_embeddings": False, "bos_token_id": 1,
                      "eos_token_id": 2, "pad_token_id": 0},
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
@@ -318,15 +326,16 @@ def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(tmp_path):
                            temporal_patch_size=2, num_position_embeddings=16),
         tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = transformers.Qwen3_5ForConditionalGeneration(config)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.08) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.3)
     ck = tmp_path / "vl"
     model.to(torch.bfloat16).save_pretrained(ck)
     make_tokenizer(ck)
-    text_model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
-        **{**config.text_config.to_dict(), "tie_word_embeddings": True}))
+    text_model = getattr(transformers, f"{prefix}ForCausalLM")(
+        getattr(transformers, f"{prefix}TextConfig")(
+            **{**config.text_config.to_dict(), "tie_word_embeddings": True}))
     text_model.model.load_state_dict(model.model.language_model.state_dict())
     text_model.tie_weights()
     out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
@@ -336,4 +345,4 @@ def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(tmp_path):
     ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
     assert max_abs_diff(ours, ref) <= 1e-4
     genai = json.loads((out / "genai_config.json").read_text())["model"]
-    assert genai["type"] == "qwen3_5_text"
+    assert genai["type"] == f"{arch}_text"

@@ -42,7 +42,7 @@ def _dequantized_checkpoint(ck, folder, dst):
     m, inits = _initializers(folder)
     tensors = {k: v.astype(np.float32) for k, v in
                load_file(str(ck / "model.safetensors")).items()}  # bf16 → fp32
-    replaced = 0
+    replaced, parts = 0, {}
     for node in m.graph.node:
         if node.op_type == "QMoE":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -77,8 +77,18 @@ def _dequantized_checkpoint(ck, folder, dst):
             zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
             q = QuantizedWeight(data, inits[node.input[2]].reshape(data.shape[0], -1),
                                 None if zp is None else inits[zp].reshape(data.shape[0], -1),
-                                bits, data.shape[2] * 8 // bits, tensors[name].shape[1])
-            tensors[name] = q.dequantize()
+                                bits, data.shape[2] * 8 // bits,
+                                tensors[name.removesuffix(".gate")].shape[1])
+            parts[name] = np.ascontiguousarray(q.dequantize())  # (K cut from whole blocks)
+    for name, w in parts.items():  # (Qwen3.5: q_proj's query and gate rows, side by side)
+        if name.endswith(".gate"):
+            q = parts[name.removesuffix(".gate")]
+            config = json.loads((ck / "config.json").read_text())
+            n, d = config["num_attention_heads"], config["head_dim"]
+            tensors[name.removesuffix(".gate")] = np.stack(
+                [q.reshape(n, d, -1), w.reshape(n, d, -1)], 1).reshape(2 * n * d, -1)
+        elif name + ".gate" not in parts:
+            tensors[name] = w
     dst.mkdir()
     for f in ck.iterdir():
         if f.suffix != ".safetensors":
@@ -100,7 +110,7 @@ def _expert_names(prefix, e, tensors):
 
 @pytest.mark.parametrize("arch, algo", [("qwen3_moe", "rtn"), ("qwen3_moe_step2", "rtn"),
                                         ("mixtral", "k_quant"), ("olmoe", "rtn"),
-                                        ("gpt_oss", "rtn")])
+                                        ("gpt_oss", "rtn"), ("qwen3_5_moe", "rtn")])
 def test_int4_experts_match_transformers_on_our_dequantized_weights(arch, algo, checkpoints,
                                                                      tmp_path):
     """int4 QMoE with fp32 activations (accuracy_level=1) computes exactly what transformers

@@ -29,19 +29,20 @@ from builder.models.phi3 import Phi3Builder
 from builder.models.qwen2 import Qwen2Builder
 from builder.models.qwen3 import Qwen3Builder
 from builder.models.qwen3_5 import Qwen3_5Builder, Qwen3_5VisionLanguageBuilder
+from builder.models.qwen3_5_moe import Qwen3_5MoeBuilder, Qwen3_5MoeVisionLanguageBuilder
 from builder.models.qwen3_moe import Qwen3MoeBuilder
 from builder.models.smollm3 import SmolLM3Builder
 from builder.models.stablelm import StableLmBuilder
 from builder.models.starcoder2 import Starcoder2Builder
 
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
-           "Exaone4Builder", "GPTNeoXBuilder", "GptOssBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
-           "GlmBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
-           "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder", "NemotronBuilder",
-           "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder", "PhiBuilder",
-           "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "Qwen3_5Builder",
-           "Qwen3_5VisionLanguageBuilder", "SmolLM3Builder", "StableLmBuilder",
-           "Starcoder2Builder"]
+           "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
+           "GlmBuilder", "GptOssBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
+           "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder",
+           "NemotronBuilder", "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder",
+           "PhiBuilder", "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "Qwen3_5Builder",
+           "Qwen3_5MoeBuilder", "Qwen3_5MoeVisionLanguageBuilder", "Qwen3_5VisionLanguageBuilder",
+           "SmolLM3Builder", "StableLmBuilder", "Starcoder2Builder"]
 
 
 @hookimpl
@@ -61,5 +62,6 @@ def register_architectures(register):
                    Cohere2Builder, GlmBuilder, Glm4Builder, Olmo3Builder, Exaone4Builder,
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
                    ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder, Qwen3_5Builder,
-                   Qwen3_5VisionLanguageBuilder, GptOssBuilder):
+                   Qwen3_5VisionLanguageBuilder, GptOssBuilder, Qwen3_5MoeBuilder,
+                   Qwen3_5MoeVisionLanguageBuilder):
         register(family)

@@ -239,6 +239,13 @@ class Qwen3_5Builder(Qwen3Builder):
             return gb.node("Reshape", [gated, gb.node("Shape", [y])], "Reshape_1")
 
 
+def language_model(names: dict) -> dict:
+    """A multimodal checkpoint's names of the text model's tensors (under
+    ``model.language_model.``; lm_head where it was)."""
+    return {role: name.replace("model.", "model.language_model.", 1)
+            for role, name in names.items()}
+
+
 class Qwen3_5VisionLanguageBuilder(Qwen3_5Builder):
     """The text model of a multimodal Qwen3.5 checkpoint (``Qwen3_5ForConditionalGeneration``,
     as Qwen3.5's small models are released): its weights under ``model.language_model.``; the
@@ -246,6 +253,5 @@ class Qwen3_5VisionLanguageBuilder(Qwen3_5Builder):
     left unused. The folder generates text; images need the vision tower, which is not built."""
 
     architectures = ("Qwen3_5ForConditionalGeneration",)
-    weight_names = {role: name.replace("model.", "model.language_model.", 1)
-                    for role, name in Qwen3_5Builder.weight_names.items()}
+    weight_names = language_model(Qwen3_5Builder.weight_names)
     ignored_weights = (*Qwen3_5Builder.ignored_weights, "model.visual.*", "mtp.*")
