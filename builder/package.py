@@ -28,8 +28,9 @@ COPIED_FILES = (
 # other "type" in a decoder folder's genai_config.json fails to load ("Unsupported model_type")
 GENAI_MODEL_TYPES = frozenset((
     "chatglm", "decoder", "ernie4_5", "gemma", "gemma2", "gemma3_text", "gpt2", "gptoss",
-    "granite", "internlm2", "lfm2", "llama", "mistral", "nemotron", "olmo", "phi", "phimoe",
-    "phi3", "phi3small", "qwen2", "qwen3", "qwen3_5_moe_text", "qwen3_5_text", "smollm3"))
+    "granite", "granitemoehybrid", "internlm2", "lfm2", "llama", "mistral", "nemotron", "olmo",
+    "phi", "phimoe", "phi3", "phi3small", "qwen2", "qwen3", "qwen3_5_moe_text", "qwen3_5_text",
+    "smollm3"))
 VERSIONED_PACKAGES = ("builder", "onnx", "onnxruntime", "numpy", "safetensors",
                       "huggingface-hub", "pluggy", "tqdm", "ml_dtypes")
 

@@ -256,6 +256,25 @@ TINY = {
         shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
+    # Granite 4.0-H: Mamba2 layers (8 heads of 16 in 2 groups, a state of 16, 4 taps) and
+    # rotary attention, Granite's multipliers, 4 experts (top 2) beside a shared MLP
+    "granitemoehybrid": dict(
+        arch="GraniteMoeHybridForCausalLM", config="GraniteMoeHybridConfig", vocab_size=VOCAB,
+        hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "mamba"],
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        position_embedding_type="rope", embedding_multiplier=2.0, attention_multiplier=0.2,
+        residual_multiplier=0.5, logits_scaling=2.0, tie_word_embeddings=True,
+        max_position_embeddings=512, vectors=True),
+    # and Granite 4.0-H-Micro's kind: no experts, attention without rotary, one group
+    "granitemoehybrid_dense": dict(
+        arch="GraniteMoeHybridForCausalLM", config="GraniteMoeHybridConfig", vocab_size=VOCAB,
+        hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, layer_types=["mamba", "attention", "mamba"],
+        num_local_experts=0, shared_intermediate_size=64, mamba_n_heads=4, mamba_n_groups=1,
+        mamba_d_state=16, mamba_d_conv=3, mamba_expand=1, position_embedding_type="nope",
+        tie_word_embeddings=False, max_position_embeddings=512, vectors=True),
     # GPT-OSS: attention sinks, 6-token windows on every other layer, YaRN past 64 positions,
     # 4 stacked experts with biases (top 2), a router bias, and a SwiGLU clamp low enough to
     # bind on random weights
@@ -274,7 +293,8 @@ TINY = {
 }
 
 
-HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5", "qwen3_5_moe", "gpt_oss"]  # (and GPT-OSS: test_hybrids)
+HYBRIDS = ["lfm2", "lfm2_bias", "qwen3_5", "qwen3_5_moe", "granitemoehybrid",
+           "granitemoehybrid_dense", "gpt_oss"]  # (and GPT-OSS: test_hybrids)
 # the families of tests/checkpoints.py's last block
 FAMILIES = ["phi", "starcoder2", "gpt_neox", "stablelm", "cohere", "cohere2", "glm", "glm4",
             "olmo3", "exaone4", "ernie4_5", "nemotron", "hunyuan", "arcee", "helium"]

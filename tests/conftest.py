@@ -34,7 +34,7 @@ def checkpoints(qwen3_checkpoint, llama_checkpoint, tmp_path_factory) -> dict[st
     top 3 unnormalized; Mixtral) and the architectures that state only their differences
     (Qwen2, Gemma 2 and 3 (sharded), SmolLM3, Granite, OLMo 2), the families of LayerNorms,
     parallel blocks and MLPs without a gate (FAMILIES: see tests/checkpoints.py) and the hybrids
-    (HYBRIDS: LFM2, Qwen3.5, and GPT-OSS)."""
+    (HYBRIDS: LFM2, Qwen3.5, Granite 4.0-H, and GPT-OSS)."""
     made = {name: make_checkpoint(tmp_path_factory.mktemp("ck") / name, name,
                                   shard=name == "gemma3")
             for name in ("mistral", "phi3", "phi3_longrope", "phi4mini", "qwen3_moe",

@@ -63,6 +63,15 @@ def _dequantized_checkpoint(ck, folder, dst):
                         tensors[f"{prefix}.{'gate_up_proj' if fused else 'down_proj'}"][e] = w.T
                         replaced += 1
                         continue
+                    granite = prefix.removesuffix(".router.experts")
+                    if f"{granite}.input_linear.weight" in tensors:  # stacked, gate then up
+                        if fused:
+                            tensors[f"{granite}.input_linear.weight"][e] = np.concatenate(
+                                [w[0::2], w[1::2]])
+                        else:
+                            tensors[f"{granite}.output_linear.weight"][e] = w
+                        replaced += 1
+                        continue
                     names = _expert_names(prefix, e, tensors)
                     if fused:  # (copies: safetensors writes a strided view's buffer as is)
                         tensors[names[0]] = np.ascontiguousarray(w[0::2])
@@ -78,17 +87,23 @@ def _dequantized_checkpoint(ck, folder, dst):
             q = QuantizedWeight(data, inits[node.input[2]].reshape(data.shape[0], -1),
                                 None if zp is None else inits[zp].reshape(data.shape[0], -1),
                                 bits, data.shape[2] * 8 // bits,
-                                tensors[name.removesuffix(".gate")].shape[1])
+                                tensors[name.removesuffix(".gate").removesuffix(".up")
+                                        ].shape[1])
             parts[name] = np.ascontiguousarray(q.dequantize())  # (K cut from whole blocks)
-    for name, w in parts.items():  # (Qwen3.5: q_proj's query and gate rows, side by side)
-        if name.endswith(".gate"):
+    for name, w in parts.items():
+        if name.endswith(".up"):  # a packed gate/up stored as one tensor: gate's rows first
+            base = name.removesuffix(".up")
+            tensors[base] = np.concatenate([parts[base + ".gate"], w])
+        elif name.endswith(".gate") and name.removesuffix(".gate") + ".up" in parts:
+            continue
+        elif name.endswith(".gate"):  # Qwen3.5: q_proj's query and gate rows, side by side
             q = parts[name.removesuffix(".gate")]
             config = json.loads((ck / "config.json").read_text())
             n, d = config["num_attention_heads"], config["head_dim"]
             tensors[name.removesuffix(".gate")] = np.stack(
                 [q.reshape(n, d, -1), w.reshape(n, d, -1)], 1).reshape(2 * n * d, -1)
-        elif name + ".gate" not in parts:
-            tensors[name] = w
+        elif name + ".gate" not in parts:  # (Granite 4.0-H: in_proj's rows but dt's, float)
+            tensors[name] = np.concatenate([w, tensors[name][w.shape[0]:]])
     dst.mkdir()
     for f in ck.iterdir():
         if f.suffix != ".safetensors":
@@ -110,7 +125,8 @@ def _expert_names(prefix, e, tensors):
 
 @pytest.mark.parametrize("arch, algo", [("qwen3_moe", "rtn"), ("qwen3_moe_step2", "rtn"),
                                         ("mixtral", "k_quant"), ("olmoe", "rtn"),
-                                        ("gpt_oss", "rtn"), ("qwen3_5_moe", "rtn")])
+                                        ("gpt_oss", "rtn"), ("qwen3_5_moe", "rtn"),
+                                        ("granitemoehybrid", "rtn"), ("granitemoe", "rtn")])
 def test_int4_experts_match_transformers_on_our_dequantized_weights(arch, algo, checkpoints,
                                                                      tmp_path):
     """int4 QMoE with fp32 activations (accuracy_level=1) computes exactly what transformers

@@ -15,6 +15,7 @@ from builder.models.gpt_neox import GPTNeoXBuilder
 from builder.models.gpt_oss import GptOssBuilder
 from builder.models.granite import GraniteBuilder
 from builder.models.granitemoe import GraniteMoeBuilder
+from builder.models.granitemoehybrid import GraniteMoeHybridBuilder
 from builder.models.helium import HeliumBuilder
 from builder.models.hunyuan import HunYuanDenseV1Builder
 from builder.models.lfm2 import Lfm2Builder
@@ -37,12 +38,13 @@ from builder.models.starcoder2 import Starcoder2Builder
 
 __all__ = ["ArceeBuilder", "Cohere2Builder", "CohereBuilder", "DecoderBuilder", "Ernie4_5Builder",
            "Exaone4Builder", "GPTNeoXBuilder", "Gemma2Builder", "Gemma3Builder", "Glm4Builder",
-           "GlmBuilder", "GptOssBuilder", "GraniteBuilder", "GraniteMoeBuilder", "HeliumBuilder",
-           "HunYuanDenseV1Builder", "Lfm2Builder", "LlamaBuilder", "MixtralBuilder",
-           "NemotronBuilder", "Olmo2Builder", "Olmo3Builder", "OlmoeBuilder", "Phi3Builder",
-           "PhiBuilder", "Qwen2Builder", "Qwen3Builder", "Qwen3MoeBuilder", "Qwen3_5Builder",
-           "Qwen3_5MoeBuilder", "Qwen3_5MoeVisionLanguageBuilder", "Qwen3_5VisionLanguageBuilder",
-           "SmolLM3Builder", "StableLmBuilder", "Starcoder2Builder"]
+           "GlmBuilder", "GptOssBuilder", "GraniteBuilder", "GraniteMoeBuilder",
+           "GraniteMoeHybridBuilder", "HeliumBuilder", "HunYuanDenseV1Builder", "Lfm2Builder",
+           "LlamaBuilder", "MixtralBuilder", "NemotronBuilder", "Olmo2Builder", "Olmo3Builder",
+           "OlmoeBuilder", "Phi3Builder", "PhiBuilder", "Qwen2Builder", "Qwen3Builder",
+           "Qwen3MoeBuilder", "Qwen3_5Builder", "Qwen3_5MoeBuilder",
+           "Qwen3_5MoeVisionLanguageBuilder", "Qwen3_5VisionLanguageBuilder", "SmolLM3Builder",
+           "StableLmBuilder", "Starcoder2Builder"]
 
 
 @hookimpl
@@ -63,5 +65,5 @@ def register_architectures(register):
                    Ernie4_5Builder, NemotronBuilder, HunYuanDenseV1Builder, OlmoeBuilder,
                    ArceeBuilder, HeliumBuilder, GraniteMoeBuilder, Lfm2Builder, Qwen3_5Builder,
                    Qwen3_5VisionLanguageBuilder, GptOssBuilder, Qwen3_5MoeBuilder,
-                   Qwen3_5MoeVisionLanguageBuilder):
+                   Qwen3_5MoeVisionLanguageBuilder, GraniteMoeHybridBuilder):
         register(family)

@@ -18,10 +18,10 @@ from builder.ops.rotary import RopeCache, position_ids, rope_cache, rotary, rota
 from builder.ops.softcap import softcap
 
 __all__ = [
-    "ACTIVATIONS", "AttentionInputs", "CONV_ACTIVATIONS", "NORM_KINDS", "RopeCache", "StaticAttentionInputs",
-    "activate", "attention_inputs", "causal_conv", "decomposed_attention", "embedding", "embedding_quantized",
-    "group_query_attention", "interleave", "linear", "linear_transposed", "matmul_nbits", "moe",
-    "norm", "plain_mlp", "position_ids", "quantized_initializers", "relu2", "rms_norm",
-    "rope_cache", "rotary", "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads",
-    "static_attention_inputs", "static_attention_mask", "swiglu", "write_kv",
-]
+    "ACTIVATIONS", "AttentionInputs", "CONV_ACTIVATIONS", "NORM_KINDS", "RopeCache",
+    "StaticAttentionInputs", "activate", "attention_inputs", "causal_conv",
+    "decomposed_attention", "embedding", "embedding_quantized", "group_query_attention",
+    "interleave", "linear", "linear_transposed", "matmul_nbits", "moe", "norm", "plain_mlp",
+    "position_ids", "quantized_initializers", "relu2", "rms_norm", "rope_cache", "rotary",
+    "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
+    "static_attention_mask", "swiglu", "write_kv"]
