@@ -421,3 +421,72 @@ def test_qwen3_5_multimodal_checkpoint_builds_its_text_model(arch, prefix, tmp_p
     assert max_abs_diff(ours, ref) <= 1e-4
     genai = json.loads((out / "genai_config.json").read_text())["model"]
     assert genai["type"] == f"{arch}_text"
+
+
+def test_a_plugin_declares_a_layer_kind_with_its_own_state(checkpoints, tmp_path):
+    """A layer kind of a plugin's own, through the public API alone: a config class naming it
+    in layer_types, a mixer that builds it (each channel averaged with its previous token's,
+    through ``builder.ops.causal_conv``) and the state it carries (the previous token). The
+    graph gets past.0.window / present.0.window and genai_config.json names them; a prompt
+    then decode steps with the state carried give the logits of one prefill of the whole
+    sequence (the state is really carried: with it zeroed each step they differ)."""
+    from builder import DecoderConfig
+    from builder.models import LlamaBuilder
+    from builder.models.base import LayerState
+    from builder.ops import causal_conv
+    from test_plugins import _replacing
+
+    class ShiftConfig(DecoderConfig):
+        other_layer_types = ("shift",)
+
+    class Shift(LlamaBuilder):
+        architectures = ("LlamaForCausalLM",)
+        config_class = ShiftConfig
+        ignored_weights = (*LlamaBuilder.ignored_weights, "model.layers.0.self_attn.*")
+
+        @classmethod
+        def layer_states(cls, c, layer):
+            return ((LayerState("window", (c.hidden_size, 1)),)
+                    if cls.layer_kind(c, layer) == "shift" else ())
+
+        def mixer(self, layer, x):
+            if self.layer_kind(self.config, layer) != "shift":
+                return super().mixer(layer, x)
+            past, present = self.lowering.state(layer, "window")
+            taps = self.gb.initializer(f"shift.{layer}", np.full(
+                (self.config.hidden_size, 1, 2), 0.5, np.float32))
+            return causal_conv(self.gb, "shift", x, taps, None, past, present)
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["llama"], ck)
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "layer_types": [
+        "shift", "full_attention"]}))
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o",
+                             extra=ExtraOptions(run_check="false")), _replacing(Shift))
+    decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["inputs"]["past_window_names"] == "past.%d.window"
+    assert decoder["layer_types"] == ["shift", "full_attention"]
+    ids = IDS[:, :PROMPT_LEN + 4]
+    whole = run_decoder(out, ids, steps=0).prefill_logits[0, PROMPT_LEN - 1:]
+    stepped = run_decoder(out, ids[:, :PROMPT_LEN], steps=4, forced=ids[:, PROMPT_LEN:])
+    ours = np.concatenate([stepped.prefill_logits[0, -1:]] + [s for s in stepped.step_logits])
+    assert max_abs_diff(ours, whole) < 1e-4
+    # the first decode step again, its window state zeroed: another result
+    from builder.testing import session
+
+    sess = session(out)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {i.name: np.zeros([1 if d == "batch_size" else 0 if isinstance(d, str) else d
+                               for d in i.shape], np.float32)
+             for i in sess.get_inputs() if i.name.startswith("past")}
+    prompt = dict(zip(names, sess.run(None, {"input_ids": ids[:, :PROMPT_LEN],
+                                             "attention_mask": np.ones((1, PROMPT_LEN),
+                                                                       np.int64), **feeds})))
+    feeds = {k: prompt["present." + k.removeprefix("past_key_values.").removeprefix("past.")]
+             for k in feeds}
+    feeds["past.0.window"] = np.zeros_like(feeds["past.0.window"])
+    step = dict(zip(names, sess.run(None, {"input_ids": ids[:, PROMPT_LEN:PROMPT_LEN + 1],
+                                           "attention_mask": np.ones((1, PROMPT_LEN + 1),
+                                                                     np.int64), **feeds})))
+    assert max_abs_diff(step["logits"][0, -1], whole[1]) > 1e-2
