@@ -101,8 +101,9 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     sliding_window: int | None = None   # None: full attention
-    # per-layer attention kinds ("full_attention" | "sliding_attention"); None: every layer
-    # uses sliding_window (Mistral, Phi-3)
+    # per-layer kinds ("full_attention" | "sliding_attention", or a hybrid's own:
+    # ``other_layer_types``); None: every layer is attention and uses sliding_window (Mistral,
+    # Phi-3)
     layer_types: tuple[str, ...] | None = None
     # rotary parameters per layer type (transformers 5's rope_parameters keyed by layer type);
     # {}: ``rope`` for every layer

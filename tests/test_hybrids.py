@@ -490,3 +490,78 @@ def test_a_plugin_declares_a_layer_kind_with_its_own_state(checkpoints, tmp_path
                                            "attention_mask": np.ones((1, PROMPT_LEN + 1),
                                                                      np.int64), **feeds})))
     assert max_abs_diff(step["logits"][0, -1], whole[1]) > 1e-2
+
+
+def test_qwen3_5_moe_stacked_experts_as_released(checkpoints, built, tmp_path):
+    """The released Qwen3.5-MoE checkpoints store each layer's experts stacked
+    (``experts.gate_up_proj`` [experts, 2I, hidden], gate's rows then up's, and
+    ``experts.down_proj``); transformers saves them one tensor per expert. The same weights in
+    the stacked layout build the same model, float and int4."""
+    from safetensors.numpy import load_file, save_file
+
+    src = checkpoints["qwen3_5_moe"]
+    ck = tmp_path / "stacked"
+    shutil.copytree(src, ck)
+    tensors = load_file(str(ck / "model.safetensors"))
+    config = json.loads((ck / "config.json").read_text())
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(config["num_experts"])
+        parts = {p: [tensors.pop(f"{prefix}.{e}.{p}.weight") for e in experts]
+                 for p in ("gate_proj", "up_proj", "down_proj")}
+        tensors[f"{prefix}.gate_up_proj"] = np.stack([
+            np.concatenate([g, u]) for g, u in zip(parts["gate_proj"], parts["up_proj"])])
+        tensors[f"{prefix}.down_proj"] = np.stack(parts["down_proj"])
+    save_file(tensors, str(ck / "model.safetensors"))
+    ids = IDS[:, :PROMPT_LEN]
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
+    assert max_abs_diff(run_decoder(out, ids, steps=4).prefill_logits,
+                        run_decoder(built["qwen3_5_moe"], ids, steps=4).prefill_logits) == 0
+    quantized = [build(BuildOptions(model_name=str(c), output=tmp_path / f"q{i}",
+                                    precision=Precision.INT4)) for i, c in enumerate((ck, src))]
+    assert max_abs_diff(*(run_decoder(q, ids, steps=0).prefill_logits for q in quantized)) == 0
+
+
+RELEASED_KEYS = {
+    # LFM2's released configs: block_ff_dim and tie_embedding win over intermediate_size and
+    # tie_word_embeddings in transformers; the rest it does not read
+    "lfm2": {"intermediate_size": 999, "block_ff_dim": 192, "tie_embedding": True,
+             "tie_word_embeddings": False, "block_dim": 64, "block_norm_eps": 1e-5,
+             "block_use_swiglu": True, "block_mlp_init_scale": 1.0, "block_out_init_scale": 1.0,
+             "block_use_xavier_init": True, "conv_dim": 64, "conv_dim_out": 64,
+             "conv_use_xavier_init": True, "num_heads": 4, "use_pos_enc": True,
+             "model_name": "tiny"},
+    "qwen3_5": {"attn_output_gate": True, "mtp_num_hidden_layers": 1,
+                "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32",
+                "output_gate_type": "swish"},
+    "gpt_oss": {"layer_types": None},  # (transformers alternates sliding and full layers)
+}
+
+
+@pytest.mark.parametrize("arch", list(RELEASED_KEYS))
+def test_released_config_keys(arch, checkpoints, built, tmp_path):
+    """The keys the released config.json files carry build the same model."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints[arch], ck)
+    config = {**json.loads((ck / "config.json").read_text()), **RELEASED_KEYS[arch]}
+    (ck / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                if v is not None}))
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
+    ids = IDS[:, :PROMPT_LEN]
+    assert max_abs_diff(run_decoder(out, ids, steps=2).prefill_logits,
+                        run_decoder(built[arch], ids, steps=2).prefill_logits) == 0
+
+
+@pytest.mark.parametrize("arch, changes, message", [
+    ("qwen3_5", {"attn_output_gate": False}, "attn_output_gate=false"),
+    ("qwen3_5", {"hidden_act": "gelu"}, "hidden_act 'gelu': the DeltaNet's convolution"),
+    ("granitemoehybrid_dense", {"hidden_act": "gelu"}, "hidden_act 'gelu': the Mamba layers'"),
+    ("granitemoehybrid", {"mamba_d_head": 8.0}, "mamba_d_head must be \"auto\" or an integer"),
+])
+def test_hybrid_config_fields_are_refused(arch, changes, message, checkpoints, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints[arch], ck)
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, **changes}))
+    r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]

@@ -480,7 +480,10 @@ class DecoderBuilder:
 
     def rope(self, layer: int) -> RopeConfig | None:
         """The rotary embedding of ``layer`` (its layer type's where the config gives one per
-        type); None: the layer's attention has no rotary (SmolLM3's NoPE layers)."""
+        type); None: the layer's attention has no rotary (SmolLM3's NoPE layers), or the layer
+        is of another kind than attention (a hybrid's)."""
+        if self.layer_kind(self.config, layer) != "attention":
+            return None
         return self.config.rope_of(layer)
 
     def sliding_window(self, layer: int) -> int | None:

@@ -20,6 +20,8 @@ build refuses them, naming the key. -e qnn refuses the model (routed experts, si
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from builder.config import DecoderConfig
@@ -35,8 +37,20 @@ ROUTER_BIAS, SINKS = "router_bias", "attention_sinks"
 STACKS = {R.EXPERT_GATE: GATE_UP, R.EXPERT_UP: GATE_UP, R.EXPERT_DOWN: DOWN}
 
 
+class GptOssConfig(DecoderConfig):
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+        """Without layer_types, even layers slide and odd ones attend to everything, as
+        transformers fills them."""
+        if d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
+            d = {**d, "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                      for i in range(d["num_hidden_layers"])]}
+        return super().from_hf(d, source)
+
+
 class GptOssBuilder(MoeBuilder):
     architectures = ("GptOssForCausalLM",)
+    config_class = GptOssConfig
     genai_model_type = "gptoss"
     config_keys = frozenset({"swiglu_limit", "swiglu_alpha", "experts_per_token",
                              "initial_context_length"})

@@ -34,6 +34,7 @@ from builder.models.base import DecoderBuilder, LayerState
 from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.moe import MoeBuilder
 from builder.ops import causal_conv
+from builder.ops.norms import float32_constant, from_float32, to_float32
 from builder.roles import TensorRole as R
 
 MAMBA = "linear_attention"
@@ -60,7 +61,7 @@ class GraniteMoeHybridConfig(DecoderConfig):
         if types is None and isinstance(d.get("num_hidden_layers"), int):
             types = [MAMBA] * d["num_hidden_layers"]
         if isinstance(types, list):
-            types = [KINDS.get(t, t) for t in types]
+            types = [KINDS.get(t, t) if isinstance(t, str) else t for t in types]
         d = {k: v for k, v in d.items() if k != "layers_block_type"}
         return super().from_hf({**d, "layer_types": types}, source)
 
@@ -95,6 +96,9 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
         s["inner"] = s["expand"] * c.hidden_size
         head = c.extra.get("mamba_d_head", "auto")
         s["d_head"] = s["inner"] // s["n_heads"] if head in ("auto", None) else head
+        if not isinstance(s["d_head"], int) or isinstance(s["d_head"], bool):
+            raise ConfigError(f"config.json: mamba_d_head must be \"auto\" or an integer, got "
+                              f"{head!r}")
         if s["d_head"] * s["n_heads"] != s["inner"] or s["n_heads"] % s["n_groups"]:
             raise ConfigError(f"config.json: mamba_n_heads={s['n_heads']} of mamba_d_head="
                               f"{s['d_head']} must make mamba_expand * hidden_size = "
@@ -137,6 +141,9 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
         else:  # (no experts: the shared MLP alone, Granite 4.0-H-Micro)
             DecoderBuilder.check_supported(self)
         self.sizes(c)
+        if c.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"config.json: hidden_act {c.hidden_act!r}: the Mamba layers' "
+                              "convolution (CausalConvWithState) takes silu or none")
         kind = c.extra.get("position_embedding_type")
         if kind not in (None, "rope", "nope"):
             raise ConfigError(f"config.json: position_embedding_type {kind!r}: \"rope\" or none")
@@ -162,8 +169,7 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
                               "Infinity] is supported")
 
     def rope(self, layer: int):
-        c = self.config
-        if self.layer_kind(c, layer) == MAMBA or c.extra.get("position_embedding_type") != "rope":
+        if self.config.extra.get("position_embedding_type") != "rope":
             return None
         return super().rope(layer)
 
@@ -245,13 +251,15 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
     def gated_norm(self, layer: int, y: str, z: str, group: int) -> str:
         """RMSNorm of y · silu(z) over each group of ``group`` channels, times the weight."""
         gb, eps = self.gb, self.config.rms_norm_eps
-        with gb.scope("norm"):
+        with gb.scope("norm"):  # (in float32, as transformers)
+            y, z = to_float32(gb, y), to_float32(gb, z)
             t = gb.node("Mul", [y, gb.node("Mul", [z, gb.node("Sigmoid", [z])])])
             groups = gb.node("Reshape", [t, gb.constant([0, 0, -1, group])])
             mean = gb.node("ReduceMean", [gb.node("Mul", [groups, groups]), gb.constant([-1])],
                            keepdims=1)
             normed = gb.node("Div", [groups, gb.node("Sqrt", [gb.node("Add", [
-                mean, gb.constant(eps, np.float32)])])])
-            flat = gb.node("Reshape", [normed, gb.constant([0, 0, -1])], "Reshape_1")
+                mean, float32_constant(gb, eps)])])])
+            flat = from_float32(gb, gb.node("Reshape", [normed, gb.constant([0, 0, -1])],
+                                            "Reshape_1"))
             return gb.node("Mul", [flat, gb.initializer(self.weight_name(NORM, layer),
                                                          self.weight(NORM, layer))], "Mul_w")

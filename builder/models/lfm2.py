@@ -38,6 +38,13 @@ class Lfm2Config(DecoderConfig):
         """layer_types from ``full_attn_idxs`` where a config has no layer_types (every layer
         attention when it has neither, as transformers fills them), and the MLP's width as
         transformers derives it from intermediate_size."""
+        # the released configs' names, which win in transformers as here
+        if d.get("block_ff_dim") is not None:
+            d = {**{k: v for k, v in d.items() if k != "block_ff_dim"},
+                 "intermediate_size": d["block_ff_dim"]}
+        if d.get("tie_embedding") is not None:
+            d = {**{k: v for k, v in d.items() if k != "tie_embedding"},
+                 "tie_word_embeddings": d["tie_embedding"]}
         layers = d.get("num_hidden_layers")
         idxs = d.get("full_attn_idxs")
         if idxs is not None and (not isinstance(idxs, list) or not all(
@@ -50,7 +57,7 @@ class Lfm2Config(DecoderConfig):
             types = d.get("layer_types")
             if types is None:
                 d = {**d, "layer_types": from_idxs}
-            elif idxs is not None and list(types)[:layers] != from_idxs:
+            elif idxs is not None and isinstance(types, list) and types[:layers] != from_idxs:
                 raise ConfigError(f"{source}: layer_types and full_attn_idxs disagree on which "
                                   "layers are attention")
         if d.get("intermediate_size") is not None:
@@ -88,9 +95,14 @@ class Lfm2Builder(LlamaBuilder):
     architectures = ("Lfm2ForCausalLM",)
     config_class = Lfm2Config
     config_aliases = {"norm_eps": "rms_norm_eps"}
+    # (and keys the released configs carry that transformers' LFM2 does not read: the
+    # dimensions they repeat, their initializations, the norm eps it reads as norm_eps)
     config_keys = frozenset({"conv_bias", "conv_L_cache", "block_multiple_of",
                              "block_ffn_dim_multiplier", "block_auto_adjust_ff_dim",
-                             "full_attn_idxs"})
+                             "full_attn_idxs", "block_dim", "block_norm_eps",
+                             "block_use_swiglu", "block_mlp_init_scale", "block_out_init_scale",
+                             "block_use_xavier_init", "conv_dim", "conv_dim_out",
+                             "conv_use_xavier_init", "num_heads", "use_pos_enc", "model_name"})
     # Lfm2Config's values for the keys a config.json may leave out
     config_defaults = {"tie_word_embeddings": True, "rope_theta": 1000000.0,
                        "rms_norm_eps": 1e-5, "max_position_embeddings": 128000,
@@ -142,9 +154,6 @@ class Lfm2Builder(LlamaBuilder):
         if cls.layer_kind(c, layer) != "conv":
             return ()
         return (LayerState("conv", (c.hidden_size, cls.taps(c) - 1)),)
-
-    def rope(self, layer: int):
-        return None if self.layer_kind(self.config, layer) == "conv" else super().rope(layer)
 
     def mixer(self, layer: int, x: str) -> str:
         if self.layer_kind(self.config, layer) != "conv":

@@ -1,4 +1,5 @@
-"""Sparse mixture of experts: the shared template of Qwen3-MoE and Mixtral.
+"""Sparse mixture of experts: the shared template of Qwen3-MoE, Mixtral, OLMoE, Granite-MoE,
+Qwen3.5-MoE and GPT-OSS.
 
 The Llama block whose MLP, in the layers the config makes sparse, is a router (a float linear
 layer to one logit per expert) and ``experts`` gated MLPs, the top k of which each token runs,
@@ -164,11 +165,16 @@ class MoeBuilder(LlamaBuilder):
         return interleave(self.weight(R.EXPERT_GATE, layer, expert),
                           self.weight(R.EXPERT_UP, layer, expert))
 
+    def expert_dtype(self, layer: int, fused: bool) -> str:
+        """The checkpoint's dtype of ``layer``'s experts (safetensors' name: "BF16")."""
+        return self.weights.dtype(self.weight_name(
+            R.EXPERT_GATE if fused else R.EXPERT_DOWN, layer, 0))
+
     def _float_stack(self, name: str, layer: int, fused: bool) -> str:
         role = R.EXPERT_GATE if fused else R.EXPERT_DOWN
         n, k = self.expected_shape(role)
         shape = (len(self.experts(layer)), 2 * n if fused else n, k)
-        stored = SAFETENSORS_DTYPES[self.weights.dtype(self.weight_name(role, layer, 0))]
+        stored = SAFETENSORS_DTYPES[self.expert_dtype(layer, fused)]
         parts = (self.expert_weight(layer, e, fused) for e in self.experts(layer))
         return self.gb.stacked_initializer(name, shape, stored, parts)
 

@@ -37,7 +37,7 @@ from builder.errors import ConfigError
 from builder.models.base import LayerState
 from builder.models.qwen3 import Qwen3Builder
 from builder.ops import causal_conv
-from builder.ops.norms import norm
+from builder.ops.norms import float32_constant, from_float32, norm, to_float32
 from builder.roles import TensorRole as R
 
 LINEAR = "linear_attention"
@@ -85,7 +85,12 @@ class Qwen3_5Config(DecoderConfig):
 class Qwen3_5Builder(Qwen3Builder):
     architectures = ("Qwen3_5ForCausalLM",)
     config_class = Qwen3_5Config
-    config_keys = frozenset({*SIZES, "full_attention_interval"})
+    # (attn_output_gate must be true; the released configs' mtp_*, mamba_ssm_dtype,
+    # output_gate_type and language_model_only are not read by transformers' Qwen3.5 either:
+    # the multi-token-prediction head's weights are left unused)
+    config_keys = frozenset({*SIZES, "full_attention_interval", "attn_output_gate",
+                             "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings",
+                             "mamba_ssm_dtype", "output_gate_type", "language_model_only"})
     # Qwen3_5TextConfig's values for the keys a config.json may leave out
     config_defaults = {"max_position_embeddings": 32768, "head_dim": 256,
                        "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4,
@@ -147,9 +152,13 @@ class Qwen3_5Builder(Qwen3Builder):
     def check_supported(self) -> None:
         super().check_supported()
         self.check_config(self.config)
-
-    def rope(self, layer: int):
-        return None if self.layer_kind(self.config, layer) == LINEAR else super().rope(layer)
+        c = self.config
+        if not c.flag("attn_output_gate", True):
+            raise ConfigError("config.json: attn_output_gate=false: Qwen3.5's attention without "
+                              "its output gate is not supported (q_proj then has no gate rows)")
+        if c.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"config.json: hidden_act {c.hidden_act!r}: the DeltaNet's "
+                              "convolution (CausalConvWithState) takes silu or none")
 
     # -- gated full attention ------------------------------------------------------------
     def query_and_gate(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,16 +213,16 @@ class Qwen3_5Builder(Qwen3Builder):
 
     def l2norm(self, name: str, x: str, head_dim: int) -> str:
         """Each head's vector over its own L2 norm, as transformers' ``l2norm`` (eps 1e-6 on
-        the sum of squares): [B, S, heads * d]."""
+        the sum of squares; in float32, as there): [B, S, heads * d]."""
         gb = self.gb
         with gb.scope(name):
-            heads = gb.node("Reshape", [x, gb.constant([0, 0, -1, head_dim])])
+            heads = gb.node("Reshape", [to_float32(gb, x), gb.constant([0, 0, -1, head_dim])])
             squares = gb.node("ReduceSum", [gb.node("Mul", [heads, heads]), gb.constant([-1])],
                               keepdims=1)
             inverse = gb.node("Reciprocal", [gb.node("Sqrt", [gb.node("Add", [
-                squares, gb.constant(1e-6, np.float32)])])])
-            return gb.node("Reshape", [gb.node("Mul", [heads, inverse]),
-                                       gb.constant([0, 0, -1])], "Reshape_1")
+                squares, float32_constant(gb, 1e-6)])])])
+            return from_float32(gb, gb.node("Reshape", [gb.node("Mul", [heads, inverse]),
+                                                        gb.constant([0, 0, -1])], "Reshape_1"))
 
     def gates(self, layer: int, a: str, b: str) -> tuple[str, str]:
         """(g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b)), [B, S, value heads]."""

@@ -5,10 +5,31 @@ SkipSimplifiedLayerNormalization / SkipLayerNormalization)."""
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from builder.graph import MS_DOMAIN, GraphBuilder
 
 NORM_KINDS = ("rms", "layer")
+
+
+def to_float32(gb: GraphBuilder, x: str) -> str:
+    """``x`` in float32 for a norm written out of elementwise ops (sums of squares overflow
+    fp16 from values of 256); as it is in a float32 graph."""
+    if gb.float_dtype == np.float32:
+        return x
+    return gb.node("Cast", [x], "Cast_float32", to=TensorProto.FLOAT)
+
+
+def float32_constant(gb: GraphBuilder, value: float) -> str:
+    """A scalar for such a norm's float32 arithmetic (in an fp16 graph: its fp16 value, cast)."""
+    return to_float32(gb, gb.constant(value, np.float32))
+
+
+def from_float32(gb: GraphBuilder, x: str) -> str:
+    """A float32 result back in the graph's float type."""
+    if gb.float_dtype == np.float32:
+        return x
+    return gb.node("Cast", [x], "Cast_back", to=gb.float_type)
 
 
 def rms_norm(gb: GraphBuilder, name: str, x: str, weight: np.ndarray, weight_name: str,
