@@ -565,3 +565,19 @@ def test_hybrid_config_fields_are_refused(arch, changes, message, checkpoints, t
     (ck / "config.json").write_text(json.dumps({**config, **changes}))
     r = run_cli("-m", str(ck), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+def test_gpt_oss_default_rotary(checkpoints, tmp_path):
+    """config.json without rope_parameters: GPT-OSS's YaRN (factor 32 over 4096 positions), as
+    transformers fills it, against transformers on the same folder."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["gpt_oss"], ck)
+    config = json.loads((ck / "config.json").read_text())
+    del config["rope_parameters"]
+    (ck / "config.json").write_text(json.dumps(config))
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
+    run = run_decoder(out, IDS[:, :PROMPT_LEN], steps=3)
+    ref = hf_logits(ck, run.tokens, run.attention_mask, PROMPT_LEN)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+    assert hf_model(ck).config.rope_parameters["factor"] == 32.0

@@ -35,6 +35,8 @@ GATE_UP, DOWN = "experts_gate_up", "experts_down"  # the stacked experts' own ro
 GATE_UP_BIAS, DOWN_BIAS = GATE_UP + "_bias", DOWN + "_bias"
 ROUTER_BIAS, SINKS = "router_bias", "attention_sinks"
 STACKS = {R.EXPERT_GATE: GATE_UP, R.EXPERT_UP: GATE_UP, R.EXPERT_DOWN: DOWN}
+YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 4096}
 
 
 class GptOssConfig(DecoderConfig):
@@ -45,6 +47,8 @@ class GptOssConfig(DecoderConfig):
         if d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
             d = {**d, "layer_types": ["sliding_attention" if (i + 1) % 2 else "full_attention"
                                       for i in range(d["num_hidden_layers"])]}
+        if d.get("rope_parameters") is None and d.get("rope_scaling") is None:
+            d = {**d, "rope_parameters": YARN}  # (GptOssConfig's, only where none is given)
         return super().from_hf(d, source)
 
 
@@ -57,11 +61,7 @@ class GptOssBuilder(MoeBuilder):
     # GptOssConfig's values for the keys a config.json may leave out
     config_defaults = {"attention_bias": True, "rms_norm_eps": 1e-5, "head_dim": 64,
                        "sliding_window": 128, "max_position_embeddings": 131072,
-                       "rope_theta": 150000.0,
-                       "rope_parameters": {"rope_type": "yarn", "factor": 32.0,
-                                           "beta_fast": 32.0, "beta_slow": 1.0,
-                                           "truncate": False,
-                                           "original_max_position_embeddings": 4096}}
+                       "rope_theta": 150000.0}
     experts_fields = ("num_local_experts",)
     expert_size_field = None  # the experts are intermediate_size wide
     weight_names = {**{r: n for r, n in LLAMA_WEIGHT_NAMES.items()

@@ -96,10 +96,8 @@ def _yarn(rope: RopeConfig, rotary_dim: int, max_positions: int,
     and ceiled under ``truncate``, the default), both tables scaled by the attention factor
     (0.1 ln(factor) + 1 unless given), as transformers computes them."""
     p = rope.params
-    try:
-        original = float(p["original_max_position_embeddings"])
-    except KeyError as e:
-        raise ConfigError(f"rope type yarn needs {e.args[0]!r}") from None
+    # (transformers fills a missing original context with max_position_embeddings)
+    original = float(p.get("original_max_position_embeddings") or model_max_positions)
     factor = p.get("factor") or model_max_positions / original
 
     def mscale(scale, m=1.0):
