@@ -38,7 +38,8 @@ def nonfinite(array: np.ndarray) -> int:
                for i in range(0, flat.size, CHECK_ELEMENTS))
 
 
-SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+                      "U8": np.uint8}  # (U8: a pre-quantized checkpoint's codes and scales)
 
 
 class CheckpointReader:
@@ -208,6 +209,19 @@ class CheckpointReader:
         self._consumed.add(name)
         return Rows(self, name, shard)
 
+    def code_rows(self, name: str, shape: tuple[int, ...] | None = None) -> Rows:
+        """A pre-quantized checkpoint's U8 tensor (packed codes, exponent scales), shape-checked
+        and read a range of rows at a time."""
+        shard = self._locate(name)
+        if self.dtype(name) != "U8":
+            raise WeightError(f"tensor {name!r} in {shard.name} has dtype {self.dtype(name)}; "
+                              "expected U8 (packed codes or scales)")
+        if shape is not None and self.shape(name) != tuple(shape):
+            raise WeightError(f"tensor {name!r} in {shard.name} has shape "
+                              f"{list(self.shape(name))}; the config implies {list(shape)}")
+        self._consumed.add(name)
+        return Rows(self, name, shard)
+
     def _read_rows(self, name: str, shard: Path, start: int, stop: int) -> np.ndarray:
         shape = self.shape(name)
         dtype = np.dtype(SAFETENSORS_DTYPES[self.dtype(name)])
@@ -223,7 +237,8 @@ class CheckpointReader:
             raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
         if got != array.nbytes:
             raise WeightError(f"{shard}: tensor {name!r} rows {start}:{stop} cut short")
-        self._check_finite(name, array, start, stop)
+        if array.dtype != np.uint8:
+            self._check_finite(name, array, start, stop)
         logger.debug("read %s rows %d:%d from %s", name, start, stop, shard.name)
         return array
 

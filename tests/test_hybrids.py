@@ -557,6 +557,8 @@ def test_released_config_keys(arch, checkpoints, built, tmp_path):
     ("qwen3_5", {"hidden_act": "gelu"}, "hidden_act 'gelu': the DeltaNet's convolution"),
     ("granitemoehybrid_dense", {"hidden_act": "gelu"}, "hidden_act 'gelu': the Mamba layers'"),
     ("granitemoehybrid", {"mamba_d_head": 8.0}, "mamba_d_head must be \"auto\" or an integer"),
+    ("gpt_oss", {"quantization_config": {"quant_method": "awq"}},
+     "of GPT-OSS's pre-quantized checkpoints only MXFP4 experts are read"),
 ])
 def test_hybrid_config_fields_are_refused(arch, changes, message, checkpoints, tmp_path):
     ck = tmp_path / "ck"
@@ -581,3 +583,57 @@ def test_gpt_oss_default_rotary(checkpoints, tmp_path):
     ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
     assert max_abs_diff(ours, ref) <= 1e-4
     assert hf_model(ck).config.rope_parameters["factor"] == 32.0
+
+
+def _mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., N, K] float → MXFP4 blocks [..., N, K / 32, 16] and E8M0 scales [..., N, K / 32]:
+    each block of 32 over the power of two that brings its largest value to at most 6, each
+    value to the nearest e2m1 code (the released checkpoints' format)."""
+    from builder.models.gpt_oss import FP4
+
+    blocks = w.reshape(*w.shape[:-1], -1, 32).astype(np.float32)
+    top = np.abs(blocks).max(-1, keepdims=True)
+    exponent = np.ceil(np.log2(np.maximum(top, 1e-30) / 6.0)).astype(np.int32)
+    scaled = blocks / np.exp2(exponent)
+    codes = np.abs(scaled[..., None] - FP4).argmin(-1).astype(np.uint8)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    # (contiguous: safetensors writes a strided array's buffer as is)
+    return (np.ascontiguousarray(packed),
+            np.ascontiguousarray((exponent[..., 0] + 127).astype(np.uint8)))
+
+
+def test_gpt_oss_mxfp4_checkpoint(checkpoints, tmp_path):
+    """GPT-OSS as released: MXFP4 experts (``*_blocks``, ``*_scales``, quantization_config
+    mxfp4). The build decodes them as transformers does (its own decoder, on the same bytes,
+    makes the float reference) and matches that model, float and through QMoE's int4."""
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ck = tmp_path / "mxfp4"
+    shutil.copytree(checkpoints["gpt_oss"], ck)
+    tensors = load_file(str(ck / "model.safetensors"))
+    decoded = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _mxfp4(np.swapaxes(tensors.pop(name).astype(np.float32), 1, 2))
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        decoded[name] = convert_moe_packed_tensors(torch.from_numpy(blocks),
+                                                   torch.from_numpy(scales), dtype=torch.float32)
+    save_file(tensors, str(ck / "model.safetensors"))
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}}))
+    reference = hf_model(checkpoints["gpt_oss"])
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, w in decoded.items():
+            params[name].copy_(w)
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o"))
+    run = run_decoder(out, IDS[:, :PROMPT_LEN], steps=4)
+    ref = hf_logits(None, run.tokens, run.attention_mask, PROMPT_LEN, model=reference)
+    ours = np.concatenate([run.prefill_logits] + [s[:, None] for s in run.step_logits], 1)
+    assert max_abs_diff(ours, ref) <= 1e-4
+    unquantized = hf_logits(checkpoints["gpt_oss"], run.tokens, run.attention_mask, PROMPT_LEN)
+    assert max_abs_diff(ref, unquantized) > 1e-3  # (the decoded experts are another model)
+    q = build(BuildOptions(model_name=str(ck), output=tmp_path / "q", precision=Precision.INT4))
+    assert "QMoE" in [n.op_type for n in onnx.load(str(q / "model.onnx"),
+                                                   load_external_data=False).graph.node]
