@@ -287,10 +287,13 @@ class DecoderBuilder:
         """(role, shape) of one layer's weights, from config.json alone: how a static
         pipeline sizes its parts before any weight is read (``builder.pipeline``). The
         projections and norms; an architecture whose layers hold other weights (experts)
-        lists them here."""
-        roles = [R.Q, R.K, R.V, R.O, *([R.GATE] if cls.gated_mlp else []), R.UP, R.DOWN]
+        lists them here. A layer of another kind than attention (a hybrid's) has no q, k, v, o
+        or their norms; its own roles are counted in every layer (an upper bound)."""
+        attention = cls.layer_kind(c, layer) == "attention"
+        roles = [*([R.Q, R.K, R.V, R.O] if attention else []),
+                 *([R.GATE] if cls.gated_mlp else []), R.UP, R.DOWN]
         roles += [r for r in (R.ATTN_NORM, R.MLP_NORM) if r in cls.weight_names]
-        roles += [R.Q_NORM, R.K_NORM] if cls.has_qk_norm(c) else []
+        roles += [R.Q_NORM, R.K_NORM] if cls.has_qk_norm(c) and attention else []
         roles += [r for r, name in cls.weight_names.items()  # an architecture's own roles
                   if not isinstance(r, R) and "{i}" in name and r not in roles]
         roles += [bias_of(r) for r in roles if bias_of(r) in cls.weight_names
