@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.package import read_genai_config
 from builder.runner import PipelineRun, run_pipeline, session
 
 __all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "hf_greedy", "hf_logits",
@@ -32,13 +33,16 @@ class DecodeRun:
 
 
 
-def _initial_states(sess, batch: int) -> dict[str, np.ndarray]:
+def _initial_states(model_dir: Path, sess, batch: int) -> dict[str, np.ndarray]:
     """Zeros for every state input of a decoder session: the KV cache (``past_key_values.*``,
-    0 rows) and the states of layers of other kinds (``past.{i}.{name}``, their fixed shape)."""
+    [batch, kv heads, 0, head size] as genai_config.json gives them: other builders name the
+    last dimension symbolically) and the states of layers of other kinds
+    (``past.{i}.{name}``, their fixed shape)."""
+    decoder = read_genai_config(Path(model_dir))["model"]["decoder"]
+    kv = [batch, decoder["num_key_value_heads"], 0, decoder["head_size"]]
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    sizes = {"batch_size": batch, "past_sequence_length": 0}
-    return {i.name: np.zeros([d if isinstance(d, int) else sizes[d] for d in i.shape],
-                             types[i.type])
+    return {i.name: np.zeros(kv if i.name.startswith("past_key_values.") else
+                             [batch if d == "batch_size" else d for d in i.shape], types[i.type])
             for i in sess.get_inputs() if i.name.startswith("past")}
 
 
@@ -58,7 +62,7 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
     batch = ids.shape[0]
-    past = _initial_states(sess, batch)
+    past = _initial_states(model_dir, sess, batch)
     out_names = [o.name for o in sess.get_outputs()]
     feed_ids, tokens, steps_out, prefill = ids, [ids], [], None
     for step in range(steps + 1):
