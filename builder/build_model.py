@@ -17,7 +17,7 @@ from builder.errors import OptionError, OutputError, UnsupportedArchitectureErro
 from builder.graph import Calibrated, GraphBuilder
 from builder.memory import check_memory
 from builder.metrics import StageMeter
-from builder.models.static import check_layer_kinds, check_lowered
+from builder.models.static import check_layer_kinds, check_lowered, other_layer_kinds
 from builder.options import (
     FOUR_BIT,
     QDQ_PRECISIONS,
@@ -267,9 +267,20 @@ class PipelineFolder(DecoderFolder):
         if o.precision not in QDQ_PRECISIONS:
             return QuantPolicy()
         algorithm = o.extra.int4_algo_config
+        hybrid = other_layer_kinds(self.cls, config)
         if algorithm == "default":
             algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
-            logger.info("weights: %s (the default at -p %s)", algorithm, o.precision)
+            if hybrid and (algorithm in DATA_AWARE or algorithm in MEASURED):
+                algorithm = "rtn"
+                logger.info("weights: rtn (the default at -p %s for a model with %s layers: "
+                            "the data-aware methods round attention and MLP projections "
+                            "only)", o.precision, ", ".join(hybrid))
+            else:
+                logger.info("weights: %s (the default at -p %s)", algorithm, o.precision)
+        elif hybrid and (algorithm in DATA_AWARE or algorithm in MEASURED):
+            raise OptionError(f"int4_algo_config={algorithm} rounds or measures attention and "
+                              f"MLP projections only, and this model has "
+                              f"{', '.join(hybrid)} layers: use rtn")
         if algorithm not in STATIC_ALGORITHMS:
             raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
                               "is int8 there); choose from "
@@ -294,13 +305,13 @@ class PipelineFolder(DecoderFolder):
         check_lowered(builder, self.target.name)
         self.kv = kv_cache_figures(config, o.extra.qnn_context_length,
                                    self.kv_bits() if o.precision in QDQ_PRECISIONS else 16)
+        pad = token_ids(config, generation(source))[2]
         if o.precision not in QDQ_PRECISIONS:
             with meter("graph"):
-                write_pipeline(out, builder, float_type)
+                write_pipeline(out, builder, float_type, pad)
             return
         bits = 8 if o.precision == Precision.W8A8 else 16
         prefill, context = o.extra.qnn_prefill_length, o.extra.qnn_context_length
-        pad = token_ids(config, generation(source))[2]
         work = out / ".work"
         stream_args = (work, prefill, context, float_type)
         noise = None  # *_mixed: measured in calibration's pass; before it with gptq, whose
@@ -345,7 +356,7 @@ class PipelineFolder(DecoderFolder):
         builder.policy = policy
         object.__setattr__(policy, "weight_errors", {})  # (the sensitivity's weights)
         with meter("graph"):
-            write_pipeline(out, builder, float_type, activations)
+            write_pipeline(out, builder, float_type, pad, activations)
         with meter("report"):
             quantized = evaluation_sequences(source, context, prefill, pad)
             for s, embeddings in zip(quantized, calibration.embeddings):
@@ -405,7 +416,7 @@ class PipelineFolder(DecoderFolder):
         return bits
 
     def genai_config(self, config: DecoderConfig, source: Path) -> dict:
-        return genai_pipeline_config(config, self.options, self.target, source)
+        return genai_pipeline_config(config, self.options, self.target, source, self.cls)
 
     def finish(self, out: Path, source: Path, meter: StageMeter) -> None:
         o = self.options

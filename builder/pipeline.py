@@ -28,8 +28,9 @@ from builder.config import DecoderConfig
 from builder.epcontext import compile_contexts, compiled_name
 from builder.errors import ConfigError, OptionError
 from builder.graph import Calibrated, GraphBuilder, WeightStore
-from builder.models.static import (build_embeddings, build_lm_head, build_transformer, kv_names,
-                                   layer_stream)
+from builder.models.static import (CHUNK_MASK, build_embeddings, build_lm_head,
+                                   build_transformer, has_states, kv_names, layer_stream,
+                                   state_names)
 from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, ExtraOptions, Precision
 from builder.package import generation, read_genai_config, token_ids, write_genai_config
 from builder.quant.policy import LINEAR_ROLES
@@ -243,9 +244,11 @@ class Stage:
         return self.filename.removesuffix(".onnx")
 
 
-def stages(prefill: int, context: int, splits: list[range]) -> list[Stage]:
-    """The graphs in the order the runtime runs them."""
-    out = [Stage("embeddings.onnx", build_embeddings, (), "embeddings")]
+def stages(prefill: int, context: int, splits: list[range], pad: int | None = None
+           ) -> list[Stage]:
+    """The graphs in the order the runtime runs them (``pad``: the pad token id, for the
+    embeddings graph's chunk mask where layers carry states)."""
+    out = [Stage("embeddings.onnx", build_embeddings, (pad,), "embeddings")]
     for k, layers in enumerate(splits):
         tag = "" if len(splits) == 1 else f"_{k}"
         out += [Stage(f"context{tag}.onnx", build_transformer, (prefill, context, layers),
@@ -261,18 +264,21 @@ def transformer_splits(options: BuildOptions, config: DecoderConfig) -> list[ran
     return layer_ranges(config.num_hidden_layers, int(options.extra.qnn_num_splits))
 
 
-def write_pipeline(out: Path, builder, float_dtype, qdq: Calibrated | None = None) -> None:
+def write_pipeline(out: Path, builder, float_dtype, pad: int,
+                   qdq: Calibrated | None = None) -> None:
     """Build every graph of the pipeline into ``out`` with ``builder`` (one builder, its
-    decisions logged once; one graph at a time), weights shared in one data file. ``qdq``:
-    the calibrated activations: the transformer and lm_head graphs are written as QDQ graphs.
-    (``check_options`` and ``check_lowered`` have already passed.)"""
+    decisions logged once; one graph at a time), weights shared in one data file. ``pad``: the
+    pad token id (genai_config.json's); ``qdq``: the calibrated activations: the transformer
+    and lm_head graphs are written as QDQ graphs. (``check_options`` and ``check_lowered`` have
+    already passed.)"""
     extra, target = builder.options.extra, builder.target
     prefill, context = extra.qnn_prefill_length, extra.qnn_context_length
     logger.info("static pipeline: prefill %d tokens per call, context %d, KV cache %s",
                 prefill, context, "uint8" if qdq is not None and qdq.kv_bits == 8 else "fp16")
     store = WeightStore(out / DATA_FILE)
     try:
-        for stage in stages(prefill, context, transformer_splits(builder.options, builder.config)):
+        for stage in stages(prefill, context, transformer_splits(builder.options, builder.config),
+                            pad):
             quantized = qdq is not None and stage.build is not build_embeddings
             builder.gb = GraphBuilder(stage.stem, float_dtype=float_dtype, store=store,
                                       qdq=qdq.graph(stage.kind) if quantized else None)
@@ -320,9 +326,20 @@ def qnn_options(options: BuildOptions) -> dict[str, str]:
 
 
 def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: TargetCaps,
-                          source: Path) -> dict[str, Any]:
-    """genai_config.json for the pipeline written by write_pipeline."""
+                          source: Path, cls) -> dict[str, Any]:
+    """genai_config.json for the pipeline written by write_pipeline. Layers of other kinds
+    (LFM2's conv layers) add their states to the transformer graphs' inputs and outputs (the
+    runtime keeps them as it keeps the KV cache: ``past_<state>_names``, shared past/present
+    buffers) and the chunk mask, from the embeddings graph, to the prefill graphs'."""
     x = options.extra
+    decoder_fields = cls.genai_decoder(config)
+    stateful = has_states(cls, config)
+
+    def states(layers, end):
+        return [state_names(i, s.name)[end] for i in layers for s in cls.layer_states(config, i)]
+
+    def kv(layers, names):
+        return [n for i in layers if cls.layer_kind(config, i) == "attention" for n in names(i)]
     prefill, context = x.qnn_prefill_length, x.qnn_context_length
     qnn = {"qnn": qnn_options(options)}
 
@@ -335,8 +352,10 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
         first = "inputs_embeds" if layers.start == 0 else layer_stream(layers.start)
         then = "hidden_states" if layers.stop == last else layer_stream(layers.stop)
         inputs = [first, "past_seq_len", "total_seq_len",
-                  *(n for i in layers for n in kv_names(i)[:2])]
-        outputs = [then, *(n for i in layers for n in kv_names(i)[2:])]
+                  *kv(layers, lambda i: kv_names(i)[:2]), *states(layers, 0)]
+        if stateful and part.kind == "context" and states(layers, 0):
+            inputs.append(CHUNK_MASK)
+        outputs = [then, *kv(layers, lambda i: kv_names(i)[2:]), *states(layers, 1)]
         return {part.stem: stage(part.filename, inputs, outputs, part.kind == "context",
                                  part.kind == "iterator")}
 
@@ -360,14 +379,18 @@ def genai_pipeline_config(config: DecoderConfig, options: BuildOptions, target: 
                 "num_key_value_heads": config.num_key_value_heads,
                 "inputs": {"input_ids": "input_ids", "past_sequence_length": "past_seq_len",
                            "total_sequence_length": "total_seq_len",
-                           "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
+                           "past_key_names": "past_key_%d", "past_value_names": "past_value_%d",
+                           **decoder_fields.get("inputs", {})},
                 "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
-                            "present_value_names": "present_value_%d"},
+                            "present_value_names": "present_value_%d",
+                            **decoder_fields.get("outputs", {})},
+                **{k: v for k, v in decoder_fields.items() if k not in ("inputs", "outputs")},
                 "sliding_window": {"window_size": prefill, "pad_value": 0, "alignment": "left",
                                    "slide_inputs": True, "slide_key_value_cache": False},
                 "pipeline": [
                     {"embeddings": stage(
-                        "embeddings.onnx", ["input_ids"], ["inputs_embeds"], True, True,
+                        "embeddings.onnx", ["input_ids"],
+                        ["inputs_embeds", *([CHUNK_MASK] if stateful else [])], True, True,
                         session_options={"log_id": "onnxruntime-genai.embeddings",
                                          "provider_options": []})},
                     *transformers,

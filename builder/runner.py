@@ -45,28 +45,39 @@ class PipelineRun:
     tokens: list[int]                 # greedy tokens (or the forced ones)
 
 
-def kv_types(model_dir: Path, stages: list[dict]) -> dict[str, np.dtype]:
-    """Each KV buffer's element type (float16, or uint8 in an 8-bit-KV folder), from the graph
-    that takes it, as onnxruntime-genai allocates it."""
+def buffers(model_dir: Path, stages: list[dict]) -> dict[str, np.ndarray]:
+    """Each buffer the runtime keeps between calls, zeroed as onnxruntime-genai allocates it:
+    the KV cache (float16, or uint8 in an 8-bit-KV folder) and the other layers' states
+    (``past.<layer>.<state>``), with the shape and element type of the graph input that takes
+    it (batch 1)."""
     import onnx
     from onnx import helper
 
-    types = {}
+    kept = {}
     for spec in stages:
-        if any(n.startswith("past_key_") for n in spec["inputs"]):
-            graph = onnx.load(str(model_dir / spec["filename"]), load_external_data=False).graph
-            types.update((v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-                         for v in graph.input if v.name.startswith(("past_key_", "past_value_")))
-    return types
+        graph = onnx.load(str(model_dir / spec["filename"]), load_external_data=False).graph
+        for v in graph.input:
+            if v.name.startswith(("past_key_", "past_value_", "past.")):
+                t = v.type.tensor_type
+                shape = [d.dim_value or 1 for d in t.shape.dim]
+                kept[v.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return kept
+
+
+def present_of(past: str) -> str:
+    """The output that becomes the buffer ``past`` at the next call."""
+    return past.replace("past_", "present_", 1) if past.startswith("past_") \
+        else "present." + past.removeprefix("past.")
 
 
 def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
                  forced: list[int] | None = None, runner=None) -> PipelineRun:
     """Drive a static decoder-pipeline folder as onnxruntime-genai does: the prompt in chunks of
     P (the last padded at its end), past_seq_len = row of each call's last token, one shared KV
-    buffer per layer, then one token per step. Each call runs the stages of genai_config.json in
-    order (those marked for the prompt, or for token generation), each fed by name from the
-    call's inputs and the earlier stages' outputs; the presents become the next call's pasts.
+    buffer per attention layer (and the other layers' states), then one token per step. Each
+    call runs the stages of genai_config.json in order (those marked for the prompt, or for
+    token generation), each fed by name from the call's inputs and the earlier stages' outputs
+    (the embeddings graph's chunk mask too); the presents become the next call's pasts.
     ``runner(filename, feeds) -> outputs`` runs one graph (default: onnxruntime's CPU EP)."""
     cfg = read_genai_config(Path(model_dir))["model"]
     dec = cfg["decoder"]
@@ -74,10 +85,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
     stages = [spec for s in dec["pipeline"] for spec in s.values()]
     run = runner or graph_runner(model_dir)
 
-    layers, kv, hd = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
-    types = kv_types(Path(model_dir), stages)
-    cache = {f"past_{kind}_{i}": np.zeros((1, kv, context, hd), types[f"past_{kind}_{i}"])
-             for i in range(layers) for kind in ("key", "value")}
+    cache = buffers(Path(model_dir), stages)
 
     def call(ids, last_row, phase):
         values = {"input_ids": np.asarray([ids], np.int64),
@@ -88,7 +96,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
                 out = run(spec["filename"], {name: values[name] for name in spec["inputs"]})
                 values.update((name, out[name]) for name in spec["outputs"])
         for key in cache:
-            cache[key] = values[key.replace("past_", "present_")]
+            cache[key] = values[present_of(key)]
         return values["logits"][0]
 
     pad = cfg["pad_token_id"]

@@ -1,7 +1,8 @@
 """The new small models: hybrids, whose layers are not all attention (LFM2's short
 convolutions, Qwen3.5's Gated DeltaNet), and GPT-OSS (attention sinks, clamped experts): each
 distinguishing feature moves transformers' logits, -p int4 quantizes the conv layers'
-projections too, and what cannot be lowered yet (qnn's static graphs) is refused in one line.
+projections too, and what cannot be lowered yet (qnn's static graphs of the recurrences) is
+refused in one line. LFM2 on qnn: test_qnn_hybrids.
 fp32 parity against transformers (prefill, decode with the states carried, a left-padded batch,
 onnxruntime-genai's greedy generation through its LFM2 cache) is in test_parity (HYBRIDS)."""
 
@@ -321,13 +322,18 @@ def test_int4_graph_matches_dequantized_reference(arch, checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("arch, args, message", [
-    ("lfm2", ["-e", "qnn"], "Lfm2Builder's conv layers (config.json's layer_types) have no "
-                            "lowering for -e qnn's static graphs yet"),
-    ("qwen3_5", ["-e", "qnn", "-p", "w4a16"], "Qwen3_5Builder's linear_attention layers"),
+    ("qwen3_5", ["-e", "qnn"], "Qwen3_5Builder's linear_attention layers (config.json's "
+                               "layer_types) have no lowering for -e qnn's static graphs yet"),
+    ("granitemoehybrid_dense", ["-e", "qnn", "-p", "w4a16"],
+     "GraniteMoeHybridBuilder's linear_attention layers"),
     ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=gptq"],
-     "int4_algo_config=gptq runs the layers as -e qnn's graphs"),
+     "int4_algo_config=gptq runs the layers as -e qnn's graphs, and its data-aware methods "
+     "round attention and MLP projections only, but this model has conv layers"),
     ("qwen3_5", ["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed"],
      "int4_algo_config=rtn_mixed runs the layers as -e qnn's graphs"),
+    ("lfm2", ["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_algo_config=gptq_mixed"],
+     "int4_algo_config=gptq_mixed rounds or measures attention and MLP projections only, and "
+     "this model has conv layers: use rtn"),
 ])
 def test_what_is_not_lowered_is_refused(arch, args, message, checkpoints, tmp_path):
     r = run_cli("-m", str(checkpoints[arch]), "-o", str(tmp_path / "out"), *args)

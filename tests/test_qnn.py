@@ -20,7 +20,9 @@ from checkpoints import make_checkpoint, plant_outlier
 from conftest import run_cli
 from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, genai, genai_sequence,
                          graph_feeds, one_data_file_without_dead_bytes, only_graph_io_on_cpu,
-                         qnn_build)
+                         qnn_build, recompute_report)
+from qnn_helpers import against_cpu as _against_cpu
+from qnn_helpers import cosines as _cosines
 
 pytest.importorskip("onnxruntime_qnn", reason="the QNN tests need onnxruntime-qnn")
 @pytest.fixture(scope="session")  # session: kept when other modules run between
@@ -77,21 +79,6 @@ def test_every_node_placed_on_qnn(arch, graph, lengths, qnn_built):
     folder = qnn_built[lengths, arch]
     run = run_on_qnn(folder / graph, graph_feeds(folder, graph, np.random.default_rng(0)))
     assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}, run.placed
-
-
-def _cosines(a, b):
-    return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
-
-
-def _against_cpu(folder, cpu_folder, steps=17, prompt=PROMPT):
-    """The QNN pipeline fed the fp32 CPU decoder's greedy path: (reference logits, the CPU's
-    greedy ids, our logits on that path, cosine per step, max abs logit error, our argmaxes)."""
-    cpu = run_decoder(cpu_folder, np.array([prompt]), steps=steps - 1)
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    greedy = [int(r.argmax()) for r in ref]
-    ours = run_pipeline_on_qnn(folder, prompt, steps, forced=greedy).step_logits
-    err = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
-    return ref, greedy, ours, _cosines(ours, ref), err, [int(x.argmax()) for x in ours]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "w8a16"])
@@ -362,88 +349,12 @@ def w8a16_built(trained, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["qwen3", "phi3"])  # tied (embedding table) and untied lm_head
 def test_accuracy_report_matches_an_independent_computation(arch, w8a16_built, trained,
                                                             tmp_path):
-    """The manifest's accuracy report, recomputed here: the held-out prompts, each continued by
-    the next prompts' tokens, through the fp32 -e qnn build's whole graphs with lm_head in
-    float64 from the checkpoint (torch), and through the w8a16 folder's whole graphs; at each
-    prompt's last 32 tokens (the prefill graph's rows) and every decode call: cosine, top-1, KL
-    and the perplexity of the next tokens computed with torch. (The report runs the same graphs one
-    layer at a time.)"""
-    import torch
-    from safetensors.torch import load_file
-
-    from builder.quant.report import PROMPT_POSITIONS, STEPS, evaluation_prompts
-    from builder.runner import graph_runner, run_pipeline, session
-
+    """The w8a16 folder's accuracy report against an independent computation through whole
+    graphs (``recompute_report``)."""
     folder = w8a16_built["default", arch]
-    report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
     ck = trained[arch][0]
-    fp32 = qnn_build(ck, tmp_path / "fp32", "fp32", lengths="default")
-    context = json.loads((folder / "genai_config.json").read_text())["model"]["context_length"]
-    prompts = evaluation_prompts(ck, context)
-    assert report["prompts"] == len(prompts) == 4 and report["steps"] == STEPS
-    tensors = load_file(ck / "model.safetensors")
-    weight = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"]).double()
-    sessions = {}
-
-    def float_head(filename, feeds):
-        if filename.startswith("lm_head"):
-            hidden = torch.from_numpy(feeds["hidden_states"].astype(np.float64))
-            return {"logits": (hidden @ weight.T).numpy()}
-        sess = sessions.setdefault(filename, session(fp32, filename))
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-    def capturing(run, calls):
-        def runner(filename, feeds):
-            out = run(filename, feeds)
-            if filename.startswith("lm_head"):
-                calls.append(out["logits"][0])
-            return out
-        return runner
-
-    phases = {"prefill": ([], [], []), "decode": ([], [], [])}  # expected, actual, next token
-    for i, ids in enumerate(prompts):
-        following = [t for p in prompts[i + 1:] + prompts[:i + 1] for t in p][:STEPS]
-        logits = {}
-        for name, f, run in (("ref", fp32, float_head), ("got", folder, graph_runner(folder))):
-            calls = []
-            run_pipeline(f, ids, STEPS, forced=following[:STEPS - 1] + [0],
-                         runner=capturing(run, calls))
-            prefill = np.concatenate(calls[:-(STEPS - 1)])[:len(ids)][-PROMPT_POSITIONS:]
-            logits[name] = (prefill, np.stack([c[0] for c in calls[-(STEPS - 1):]]))
-        targets = ((ids[1:] + following[:1])[-PROMPT_POSITIONS:], following[1:])
-        for phase, k in (("prefill", 0), ("decode", 1)):
-            phases[phase][0].append(logits["ref"][k])
-            phases[phase][1].append(logits["got"][k])
-            phases[phase][2].append(targets[k])
-    for phase, (expected, actual, targets) in phases.items():
-        e = torch.tensor(np.concatenate(expected), dtype=torch.float64)
-        a = torch.tensor(np.concatenate(actual), dtype=torch.float64)
-        t = torch.tensor(np.concatenate(targets))
-        cos = torch.nn.functional.cosine_similarity(e, a, dim=-1)
-        top1 = (e.argmax(-1) == a.argmax(-1)).double().mean().item()
-        kl = torch.nn.functional.kl_div(torch.log_softmax(a, -1), torch.log_softmax(e, -1),
-                                        log_target=True, reduction="none").sum(-1)
-        ppl = {name: torch.exp(torch.nn.functional.cross_entropy(x, t)).item()
-               for name, x in (("float", e), ("quantized", a))}
-        got = report[phase]
-        print(f"{arch} {phase}: report {got}; here cosine {cos.mean().item():.6f} "
-              f"(min {cos.min().item():.6f}), top-1 {top1:.3f}, KL {kl.mean().item():.3e}, "
-              f"perplexity {ppl}")
-        assert got["positions"] == len(e) == (
-            sum(min(len(p), PROMPT_POSITIONS) for p in prompts) if phase == "prefill"
-            else len(prompts) * (STEPS - 1))
-        # the fp32 build masks attention as float graphs do and keeps an fp16 KV cache, the
-        # report's reference (the float layers calibration ran) the calibrated graphs' relative
-        # mask and a float one: the figures agree closely, not to the last digit (compare()
-        # itself: the test below). Measured: the two references' float perplexities 1.4e-4
-        # apart, and at w8a16's KL of a few 1e-6 that difference is a third of it
-        assert abs(got["mean_cosine"] - cos.mean().item()) < 1e-5
-        assert abs(got["min_cosine"] - cos.min().item()) < 1e-4
-        assert abs(got["top1_agreement"] - top1) <= 1 / len(e)
-        assert abs(got["mean_kl"] - kl.mean().item()) < 0.2 * kl.mean().item() + 2e-6
-        assert got["float_perplexity"] == pytest.approx(ppl["float"], rel=3e-4)
-        assert got["perplexity"] == pytest.approx(ppl["quantized"], rel=1e-4)
-        assert got["mean_cosine"] >= 0.999 and got["top1_agreement"] >= 0.9  # clear winners
+    recompute_report(folder, ck, qnn_build(ck, tmp_path / "fp32", "fp32", lengths="default"),
+                     arch)
 
 
 def test_accuracy_metrics_against_torch():

@@ -137,6 +137,10 @@ class DecoderBuilder:
     # silently left in float at -p int4
     linear_roles: ClassVar[frozenset[str]] = frozenset()
     float_roles: ClassVar[frozenset[str]] = frozenset()
+    # layer kinds beside attention whose ``mixer`` the static graphs (qnn) lower: it uses only
+    # what their lowering writes from standard ops (``lowering.conv``, ``lowering.state``'s
+    # buffers); a kind not listed stops a qnn build, naming it
+    static_layer_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
                  weights: CheckpointReader, gb: GraphBuilder,

@@ -21,8 +21,9 @@ from onnx import TensorProto
 from tqdm.auto import tqdm
 
 from builder.ops import (
-    AttentionInputs, attention_inputs, embedding, embedding_quantized, group_query_attention,
-    linear_transposed, matmul_nbits, position_ids, quantized_initializers, rope_cache, rotary,
+    AttentionInputs, attention_inputs, causal_conv, embedding, embedding_quantized,
+    group_query_attention, linear_transposed, matmul_nbits, position_ids, quantized_initializers,
+    rope_cache, rotary,
 )
 from builder.ops.rotary import LONGROPE, RopeTables
 from builder.config import RopeConfig
@@ -178,6 +179,18 @@ class DecoderLowering:
         """(past, present) of one of ``layer``'s states (``DecoderBuilder.layer_states``): the
         graph input to read and the output name to write."""
         return self.states[layer, name][0], f"present.{layer}.{name}"
+
+    def conv(self, name: str, layer: int, state: str, x: str, weight: np.ndarray,
+             weight_name: str, bias: np.ndarray | None, bias_name: str | None,
+             activation: str = "none") -> str:
+        """A short causal convolution over ``x`` [B, S, C] with ``weight`` [C, 1, K] that
+        carries its window in ``layer``'s state ``state``: onnxruntime's
+        CausalConvWithState."""
+        gb = self.b.gb
+        past, present = self.state(layer, state)
+        return causal_conv(gb, name, x, gb.initializer(weight_name, weight),
+                           None if bias is None else gb.initializer(bias_name, bias), past,
+                           present, activation)
 
     def zero_padding(self, x: str) -> str:
         """``x`` [B, S, hidden] with the rows of padding positions (attention_mask 0) set to 0,

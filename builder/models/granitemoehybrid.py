@@ -33,7 +33,6 @@ from builder.errors import ConfigError
 from builder.models.base import DecoderBuilder, LayerState
 from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.moe import MoeBuilder
-from builder.ops import causal_conv
 from builder.ops.norms import float32_constant, from_float32, to_float32
 from builder.roles import TensorRole as R
 
@@ -209,13 +208,12 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
                               None if bias is None else bias[rows:], name + ".dt_bias")
             z, xbc = gb.node("Split", [zxbc, gb.constant([s["inner"], s["conv_dim"]])],
                              outputs=2, axis=-1)
-            past, present = self.lowering.state(layer, "conv")
-            conv_bias = (gb.initializer(self.weight_name(CONV + "_bias", layer),
-                                        self.weight(CONV + "_bias", layer))
-                         if c.flag("mamba_conv_bias", True) else None)
-            xbc = causal_conv(gb, "conv1d", xbc, gb.initializer(
-                self.weight_name(CONV, layer), self.weight(CONV, layer)), conv_bias, past,
-                present, activation="silu")
+            biased_conv = c.flag("mamba_conv_bias", True)
+            xbc = self.lowering.conv(
+                "conv1d", layer, "conv", xbc, self.weight(CONV, layer),
+                self.weight_name(CONV, layer),
+                self.weight(CONV + "_bias", layer) if biased_conv else None,
+                self.weight_name(CONV + "_bias", layer) if biased_conv else None, "silu")
             xbc = self.lowering.zero_padding(xbc)
             xs, b, cc = gb.node("Split", [xbc, gb.constant(
                 [s["inner"], groups * state, groups * state])], outputs=3, axis=-1)

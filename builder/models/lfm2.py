@@ -24,7 +24,6 @@ from builder.config import DecoderConfig
 from builder.errors import ConfigError
 from builder.models.base import LLAMA_WEIGHT_NAMES, LayerState
 from builder.models.llama import LlamaBuilder
-from builder.ops import causal_conv
 from builder.roles import TensorRole as R
 
 CONV_IN, CONV_OUT, CONV_KERNEL = "conv_in", "conv_out", "conv_kernel"
@@ -129,6 +128,7 @@ class Lfm2Builder(LlamaBuilder):
         CONV_KERNEL + "_bias": "model.layers.{i}.conv.conv.bias",
     }
     linear_roles = frozenset({CONV_IN, CONV_OUT})
+    static_layer_kinds = ("conv",)  # lowering.conv: standard ops on qnn
 
     @staticmethod
     def taps(c: DecoderConfig) -> int:
@@ -172,13 +172,9 @@ class Lfm2Builder(LlamaBuilder):
                                self.weight_name(CONV_IN, layer), *bias(CONV_IN))
             h = c.hidden_size
             b, gate, v = gb.node("Split", [bcx, gb.constant([h, h, h])], outputs=3, axis=-1)
-            kernel = gb.initializer(self.weight_name(CONV_KERNEL, layer),
-                                    self.weight(CONV_KERNEL, layer))
-            k_bias, k_bias_name = bias(CONV_KERNEL)
-            past, present = self.lowering.state(layer, "conv")
-            y = causal_conv(gb, "conv", gb.node("Mul", [b, v]), kernel,
-                            None if k_bias is None else gb.initializer(k_bias_name, k_bias),
-                            past, present)
+            y = self.lowering.conv("conv", layer, "conv", gb.node("Mul", [b, v]),
+                                   self.weight(CONV_KERNEL, layer),
+                                   self.weight_name(CONV_KERNEL, layer), *bias(CONV_KERNEL))
             y = gb.node("Mul", [gate, y], "Mul_1")
             return self.project("out_proj", y, CONV_OUT, layer, self.weight(CONV_OUT, layer),
                                 self.weight_name(CONV_OUT, layer), *bias(CONV_OUT))

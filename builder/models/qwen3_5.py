@@ -36,7 +36,6 @@ from builder.config import DecoderConfig
 from builder.errors import ConfigError
 from builder.models.base import LayerState
 from builder.models.qwen3 import Qwen3Builder
-from builder.ops import causal_conv
 from builder.ops.norms import float32_constant, from_float32, norm, to_float32
 from builder.roles import TensorRole as R
 
@@ -194,10 +193,8 @@ class Qwen3_5Builder(Qwen3Builder):
             qkv = project("in_proj_qkv", QKV, x)
             z = project("in_proj_z", Z, x)
             a, b = project("in_proj_a", A, x), project("in_proj_b", B, x)
-            conv_past, conv_present = self.lowering.state(layer, "conv")
-            kernel = gb.initializer(self.weight_name(CONV, layer), self.weight(CONV, layer))
-            mixed = causal_conv(gb, "conv1d", qkv, kernel, None, conv_past, conv_present,
-                                activation="silu")
+            mixed = self.lowering.conv("conv1d", layer, "conv", qkv, self.weight(CONV, layer),
+                                       self.weight_name(CONV, layer), None, None, "silu")
             q, k, v = gb.node("Split", [mixed, gb.constant(
                 [s["key_dim"], s["key_dim"], s["value_dim"]])], outputs=3, axis=-1)
             q = self.l2norm("q_l2norm", q, s["key_head_dim"])

@@ -27,7 +27,7 @@ from builder.config import RopeConfig
 from builder.errors import ConfigError
 from builder.ops import (
     decomposed_attention, embedding, linear, rope_cache, rotary_decomposed, split_heads,
-    static_attention_inputs, static_attention_mask, write_kv,
+    static_attention_inputs, static_attention_mask, static_causal_conv, write_kv,
 )
 from builder.ops.rotary import RopeTables
 from builder.options import QDQ_PRECISIONS
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from builder.models.base import DecoderBuilder
 
 KV_TYPE = TensorProto.FLOAT16  # the KV cache is fp16 whatever the graph's float type
+STATE_TYPE = TensorProto.FLOAT16  # and so are the other layers' states (LFM2's conv window)
+# a prefill call's [1, P] float mask of its real tokens: those before the chunk's first pad
+# token, as onnxruntime-genai counts them; the embeddings graph computes it from input_ids
+CHUNK_MASK = "chunk_mask"
 INT32, INT64 = TensorProto.INT32, TensorProto.INT64
 TABLE_ROWS = 8192  # vocabulary rows quantized at a time
 
@@ -44,6 +48,16 @@ TABLE_ROWS = 8192  # vocabulary rows quantized at a time
 def kv_names(layer: int) -> tuple[str, str, str, str]:
     return (f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}",
             f"present_value_{layer}")
+
+
+def state_names(layer: int, state: str) -> tuple[str, str]:
+    """(past, present) names of one of a layer's states (``DecoderBuilder.layer_states``), as
+    the single-graph decoder names them."""
+    return f"past.{layer}.{state}", f"present.{layer}.{state}"
+
+
+def has_states(cls, c) -> bool:
+    return any(cls.layer_states(c, i) for i in range(c.num_hidden_layers))
 
 
 def quantized_precision(b: DecoderBuilder) -> bool:
@@ -121,11 +135,17 @@ class StaticLowering:
         rows = context_len if rows is None else rows
         kv_shape = [batch, c.num_key_value_heads, rows, c.head_dim]
         self.past = {i: (gb.input(kv_names(i)[0], KV_TYPE, kv_shape),
-                         gb.input(kv_names(i)[1], KV_TYPE, kv_shape)) for i in layers}
+                         gb.input(kv_names(i)[1], KV_TYPE, kv_shape))
+                     for i in layers if b.layer_kind(c, i) == "attention"}
         self.present: dict[int, tuple[str, str]] = {}
         self.seq_len, self.batch = seq_len, batch
         self.inputs = static_attention_inputs(gb, past_seq_len, seq_len, rows, batch)
         self.masks: dict[int | None, str] = {}
+        self.states = {(i, st.name): (gb.input(state_names(i, st.name)[0], STATE_TYPE,
+                                               [batch, *st.shape]), st.shape)
+                       for i in layers for st in b.layer_states(c, i)}
+        self.present_states: dict[tuple[int, str], str] = {}
+        self._last = None
         self.ropes = RopeTables([b.rope(layer) for layer in range(c.num_hidden_layers)],
                                 functools.partial(self.rotary_tables, context_len), layers)
 
@@ -186,6 +206,47 @@ class StaticLowering:
                                     softcap=b.attention_softcap(),
                                     relative_mask=quantized_precision(b), batch=batch)
 
+    def last_token(self) -> str | None:
+        """A prefill call's [B, 1, S] one-hot of its last real token (``CHUNK_MASK``: the mask
+        minus itself shifted by one), made once per graph; None in a decode graph (S = 1: its
+        token is real)."""
+        if self.seq_len == 1:
+            return None
+        if self._last is None:
+            gb, s = self.b.gb, self.seq_len
+            mask = gb.input(CHUNK_MASK, gb.float_type, [self.batch, s])
+            with gb.scope("/model/chunk_mask"):
+                shift = np.eye(s, k=-1, dtype=np.float32)  # [t + 1, t] = 1: the next one's
+                following = gb.node("MatMul", [mask, gb.initializer("chunk_mask_shift", shift)])
+                self._last = gb.node("Unsqueeze", [gb.node("Sub", [mask, following]),
+                                                   gb.constant([1])])
+        return self._last
+
+    def conv(self, name: str, layer: int, state: str, x: str, weight: np.ndarray,
+             weight_name: str, bias: np.ndarray | None, bias_name: str | None,
+             activation: str = "none") -> str:
+        """The short causal convolution from standard ops (``static_causal_conv``): the
+        window's K - 1 rows before the call come from the state buffer (fp16, [B, C, K - 1]),
+        and the K - 1 rows up to the call's last real token go back into it."""
+        gb = self.b.gb
+        taps = [gb.initializer(f"{weight_name}.tap{j}", weight[:, 0, j])
+                for j in range(weight.shape[-1])]
+        past = self.states[layer, state][0]
+        if gb.float_type != STATE_TYPE:
+            past = gb.node("Cast", [past], f"{name}/past/Cast", to=gb.float_type)
+        y, present = static_causal_conv(
+            gb, name, x, taps, None if bias is None else gb.initializer(bias_name, bias), past,
+            self.seq_len, self.last_token(), activation)
+        if gb.float_type != STATE_TYPE:
+            present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
+        self.present_states[layer, state] = present
+        return y
+
+    def zero_padding(self, x: str) -> str:
+        """Static graphs take no left padding: a prefill's padding is at its end, after every
+        real token (``last_token``)."""
+        return x
+
     def lm_head_projection(self, x: str) -> str:
         """Float MatMul, or in quantized builds int8 per channel (DequantizeLinear → MatMul);
         calibration then adds the uint16 Quantize/Dequantize pairs around it
@@ -232,21 +293,37 @@ def check_lowered(b: DecoderBuilder, target: str) -> None:
     check_layer_kinds(type(b), b.config, target)
 
 
+def other_layer_kinds(cls, c) -> list[str]:
+    """The model's layer kinds beside attention, sorted."""
+    return sorted({cls.layer_kind(c, i) for i in range(c.num_hidden_layers)} - {"attention"})
+
+
 def check_layer_kinds(cls, c, target: str) -> None:
-    """Static graphs lower attention layers only: a layer of another kind (LFM2's conv) stops
-    the build, naming it."""
-    kinds = {cls.layer_kind(c, i) for i in range(c.num_hidden_layers)} - {"attention"}
+    """Static graphs lower attention layers and the kinds an architecture says they lower
+    (``DecoderBuilder.static_layer_kinds``: LFM2's conv layers); a layer of another kind
+    (Qwen3.5's linear attention) stops the build, naming it."""
+    kinds = set(other_layer_kinds(cls, c)) - set(cls.static_layer_kinds)
     if kinds:
         raise ConfigError(f"{cls.__name__}'s {', '.join(sorted(kinds))} layers (config.json's "
                           f"layer_types) have no lowering for -e {target}'s static graphs yet")
 
 
-def build_embeddings(b: DecoderBuilder) -> None:
-    """input_ids [1, S] (any S) → inputs_embeds; run on the CPU EP."""
+def build_embeddings(b: DecoderBuilder, pad: int | None = None) -> None:
+    """input_ids [1, S] (any S) → inputs_embeds; run on the CPU EP. With ``pad`` (the pad
+    token id) in a model whose layers carry states: also ``CHUNK_MASK``, 1 at the tokens before
+    the first pad, which the prefill graphs read to stop each state at the chunk's last real
+    token (onnxruntime-genai pads a prompt's last chunk at its end)."""
     gb, c = b.gb, b.config
     ids = gb.input("input_ids", INT64, [1, "sequence_length"])
     gb.output(b.embedding(ids), "inputs_embeds", gb.float_type,
               [1, "sequence_length", c.hidden_size])
+    if pad is not None and has_states(type(b), c):
+        with gb.scope("/model/chunk_mask"):
+            pads = gb.node("CumSum", [gb.node("Cast", [gb.node(
+                "Equal", [ids, gb.constant([pad])])], to=INT64), gb.constant(1)])
+            real = gb.node("Equal", [pads, gb.constant([0])], "Equal_1")
+            gb.output(gb.node("Cast", [real], "Cast_1", to=gb.float_type), CHUNK_MASK,
+                      gb.float_type, [1, "sequence_length"])
 
 
 def build_lm_head(b: DecoderBuilder, seq_len: int, batch: int | str = 1,
@@ -324,5 +401,9 @@ def build_transformer(b: DecoderBuilder, seq_len: int, context_len: int,
         gb.output(x, layer_stream(layers.stop), gb.float_type, hidden)
     kv_shape = [batch, c.num_key_value_heads, rows, c.head_dim]
     for i in layers:
-        gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
-        gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)
+        if i in lowering.present:
+            gb.output(lowering.present[i][0], kv_names(i)[2], KV_TYPE, kv_shape)
+            gb.output(lowering.present[i][1], kv_names(i)[3], KV_TYPE, kv_shape)
+    for (i, name), (_, shape) in lowering.states.items():
+        gb.output(lowering.present_states[i, name], state_names(i, name)[1], STATE_TYPE,
+                  [batch, *shape])

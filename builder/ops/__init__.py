@@ -8,7 +8,7 @@ from builder.ops.attention import (
     group_query_attention, split_heads, static_attention_inputs, static_attention_mask,
     write_kv,
 )
-from builder.ops.conv import CONV_ACTIVATIONS, causal_conv
+from builder.ops.conv import CONV_ACTIVATIONS, causal_conv, static_causal_conv
 from builder.ops.embedding import embedding, embedding_quantized
 from builder.ops.linear import linear, linear_transposed, matmul_nbits, quantized_initializers
 from builder.ops.mlp import ACTIVATIONS, activate, plain_mlp, relu2, swiglu
@@ -24,4 +24,4 @@ __all__ = [
     "interleave", "linear", "linear_transposed", "matmul_nbits", "moe", "norm", "plain_mlp",
     "position_ids", "quantized_initializers", "relu2", "rms_norm", "rope_cache", "rotary",
     "rotary_decomposed", "skip_rms_norm", "softcap", "split_heads", "static_attention_inputs",
-    "static_attention_mask", "swiglu", "write_kv"]
+    "static_attention_mask", "static_causal_conv", "swiglu", "write_kv"]

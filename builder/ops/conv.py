@@ -26,3 +26,45 @@ def causal_conv(gb: GraphBuilder, name: str, x: str, weight: str, bias: str | No
                        outputs=[None, present], domain="com.microsoft", ndim=1,
                        activation=activation)
         return gb.node("Transpose", [y], "Transpose_1", perm=[0, 2, 1])
+
+
+def static_causal_conv(gb: GraphBuilder, name: str, x: str, taps: list[str], bias: str | None,
+                       past: str, seq_len: int, last: str | None,
+                       activation: str = "none") -> tuple[str, str]:
+    """The same convolution from standard ops, for static-shape graphs (the HTP has no
+    CausalConvWithState): ``past`` [B, C, K - 1] (in ``x``'s type) is transposed and put before
+    ``x`` [B, S, C]; output t is the sum over taps j of ``taps[j]`` [C] times row t + j of that
+    [B, K - 1 + S, C] window (+ ``bias``).
+
+    Returns (output [B, S, C], the new state [B, C, K - 1]): the window's K - 1 rows that end
+    at the call's last token: its last rows, or with ``last`` [B, 1, S] (a one-hot of the last
+    real token of a prefill chunk whose end is padding) the K - 1 rows ending there."""
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: one of {', '.join(CONV_ACTIVATIONS)}")
+    k = len(taps)
+    with gb.scope(name):
+        window = gb.node("Concat", [gb.node("Transpose", [past], perm=[0, 2, 1]), x],
+                         axis=1)                                       # [B, K - 1 + S, C]
+
+        def rows(start, name):
+            return gb.node("Slice", [window, gb.constant([start]),
+                                     gb.constant([start + seq_len]), gb.constant([1])],
+                           f"{name}/Slice")
+
+        y = None
+        for j, tap in enumerate(taps):
+            term = gb.node("Mul", [rows(j, f"tap_{j}"), tap], f"tap_{j}/Mul")
+            y = term if y is None else gb.node("Add", [y, term], f"tap_{j}/Add")
+        if bias is not None:
+            y = gb.node("Add", [y, bias], "bias/Add")
+        if activation == "silu":
+            y = gb.node("Mul", [y, gb.node("Sigmoid", [y])], "silu/Mul")
+        if last is None:
+            state = gb.node("Slice", [window, gb.constant([seq_len]),
+                                      gb.constant([seq_len + k - 1]), gb.constant([1])],
+                            "state/Slice")                              # [B, K - 1, C]
+        else:  # row j of the state: the window's row (last real token) + 1 + j
+            state = gb.node("Concat", [gb.node("MatMul", [last, rows(1 + j, f"state_{j}")],
+                                               f"state_{j}/MatMul") for j in range(k - 1)],
+                            "state/Concat", axis=1)
+        return y, gb.node("Transpose", [state], "state/Transpose", perm=[0, 2, 1])

@@ -251,15 +251,10 @@ def split_rows(w: QuantizedWeight | QdqWeight, sizes: list[int]) -> list:
 
 
 def valid(call, sequence) -> int:
-    """How many of a call's rows are prompt tokens (the last prefill chunk is padded at its
-    end): the rows a Hessian counts."""
-    from builder.quant.stream import PREFILL
+    """How many of a call's rows are prompt tokens: the rows a Hessian counts."""
+    from builder.quant.stream import real_tokens
 
-    if call.kind != PREFILL:
-        return len(call.ids)
-    prompt = sum(c.kind == PREFILL for c in sequence.calls) * len(call.ids) - sequence.padding
-    first = call.row - len(call.ids) + 1
-    return max(0, min(len(call.ids), prompt - first))
+    return real_tokens(call, sequence)
 
 
 def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
@@ -287,7 +282,7 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     prompts as sequences: (builder, stream, sequences, prompts' token ids)."""
     import dataclasses
 
-    from builder.models.static import check_lowered
+    from builder.models.static import check_lowered, other_layer_kinds
     from builder.options import ExecutionProvider, Precision
     from builder.package import generation, token_ids
     from builder.quant.calibration import prompts
@@ -303,6 +298,10 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     try:
         builder = cls(config, o, static, weights, None, QuantPolicy())
         check_lowered(builder, "qnn")
+        hybrid = other_layer_kinds(cls, config)
+        if hybrid:
+            raise ConfigError(f"its data-aware methods round attention and MLP projections "
+                              f"only, but this model has {', '.join(hybrid)} layers")
     except ConfigError as e:  # what the static graphs cannot take: said as this option's
         raise OptionError(f"int4_algo_config={options.extra.int4_algo_config} runs the layers "
                           f"as -e qnn's graphs, and {e}: use rtn or k_quant for this model"

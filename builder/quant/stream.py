@@ -30,8 +30,8 @@ from builder.errors import SourceError
 from builder.graph import (PROJECTION_VALUES, WITH_PROJECTIONS, Calibrated, GraphBuilder,
                            WeightStore)
 from builder.models.static import (
-    KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer, kv_names,
-    layer_stream,
+    CHUNK_MASK, KV_TYPE, build_embeddings, build_lm_head, build_logits, build_transformer,
+    kv_names, layer_stream, state_names,
 )
 from builder.runner import session
 
@@ -73,6 +73,15 @@ def sequence(prompt: list[int], forced: list[int], window: int, pad: int,
              for k in range(0, padded, window)]
     calls += [Call([t], len(prompt) + j, DECODE, record_decode) for j, t in enumerate(forced)]
     return Sequence(calls, padded - len(prompt))
+
+
+def real_tokens(call: Call, s: Sequence) -> int:
+    """How many of a call's rows are tokens (the last prefill chunk is padded at its end)."""
+    if call.kind != PREFILL:
+        return len(call.ids)
+    prompt = sum(c.kind == PREFILL for c in s.calls) * len(call.ids) - s.padding
+    first = call.row - len(call.ids) + 1
+    return max(0, min(len(call.ids), prompt - first))
 
 
 def steps(sequences: list[Sequence], by_record: bool) -> list[tuple[str, bool, list]]:
@@ -298,7 +307,7 @@ class LayerStream:
         rows = buffer_rows(sequences, self.context, None if ranges is None else ranges.method)
 
         def record(kind, feeds, out, rerun, batch):
-            if empty_cache and kind == DECODE:
+            if empty_cache and kind == DECODE and kv_names(layer)[0] in feeds:
                 past_k, past_v = kv_names(layer)[:2]
                 feeds = {**feeds, past_k: feeds[past_k] * 0, past_v: feeds[past_v] * 0}
                 out = rerun(feeds)
@@ -355,18 +364,29 @@ class LayerStream:
         sess = loaded = None
         first = "inputs_embeds" if layer == 0 else layer_stream(layer)
         last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
-        past_k, past_v, present_k, present_v = kv_names(layer)
+        c = self.b.config
         kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
             else self.kv_dtype  # (the QDQ graphs' uint8 buffers: zero bytes are masked rows)
-        kv = [np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), kv_dtype)
-              for _ in "kv"]
+        # what each sequence carries from call to call in this layer: its KV rows, or the
+        # states of a layer of another kind (``layer_states``)
+        kept = {pair: np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), kv_dtype)
+                for pair in zip(kv_names(layer)[:2], kv_names(layer)[2:])} \
+            if self.b.layer_kind(c, layer) == "attention" else {}
+        kept.update((state_names(layer, st.name), np.zeros((len(sequences), *st.shape),
+                                                           self.kv_dtype))
+                    for st in self.b.layer_states(c, layer))
+        masked = bool(self.b.layer_states(c, layer))  # prefill graphs read CHUNK_MASK
         for kind, recorded, batch in plan:  # batch: [(sequence index, call index)]
             members = [i for i, _ in batch]
             feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
                      "past_seq_len": np.array([[sequences[i].calls[j].row]
                                                for i, j in batch], np.int32),
                      "total_seq_len": np.array([self.context], np.int32),
-                     past_k: kv[0][members], past_v: kv[1][members]}
+                     **{past: buffer[members] for (past, _), buffer in kept.items()}}
+            if masked and kind == PREFILL:
+                feeds[CHUNK_MASK] = np.array([
+                    np.arange(self.prefill) < real_tokens(sequences[i].calls[j], sequences[i])
+                    for i, j in batch], self.float_dtype)
             if kind != loaded:
                 sess = None  # the other kind's session freed before this one loads
                 sess, loaded = session(self.work, f"{kind}.onnx"), kind
@@ -380,10 +400,11 @@ class LayerStream:
             if update_recorded or not recorded:
                 for r, (i, j) in enumerate(batch):
                     sequences[i].hidden[j] = out[last][r:r + 1].copy()
-            kv[0][members], kv[1][members] = out[present_k], out[present_v]
+            for (_, present), buffer in kept.items():
+                buffer[members] = out[present]
             out = feeds = None  # memory holds one batch's values at a time
         sess = None  # freed before the next layer's load
-        del kv
+        del kept
         self._clean()
 
     def _lm_head_graphs(self, expose: bool):
