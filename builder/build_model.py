@@ -50,7 +50,7 @@ from builder.pipeline import (
 from builder.plugins import Plugins, default_plugins
 from builder.quant import QuantPolicy
 from builder.quant.awq import AwqGptq, qdq_smoothing, smooth_layers, summary
-from builder.quant.calibration import calibrate, prompts, unite_phases
+from builder.quant.calibration import calibrate, prompts, unite_phases, unite_tokens
 from builder.quant.kv import tie_kv_ranges
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
@@ -304,7 +304,7 @@ class PipelineFolder(DecoderFolder):
         builder = cls(config, o, self.target, weights, None, QuantPolicy())
         check_lowered(builder, self.target.name)
         self.kv = kv_cache_figures(config, o.extra.qnn_context_length,
-                                   self.kv_bits() if o.precision in QDQ_PRECISIONS else 16)
+                                   self.kv_bits() if o.precision in QDQ_PRECISIONS else 16, cls)
         pad = token_ids(config, generation(source))[2]
         if o.precision not in QDQ_PRECISIONS:
             with meter("graph"):
@@ -341,6 +341,7 @@ class PipelineFolder(DecoderFolder):
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
                                     held_out, empty_cache=self.empty_cache, observe=float_rows,
                                     unrecorded=held_out_values, rounding=rounding)
+            unite_tokens(calibration.ranges)
             unite_phases(calibration.ranges)
             if o.extra.qnn_kv_bits == 8:
                 tie_kv_ranges(calibration.ranges)

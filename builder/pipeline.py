@@ -153,13 +153,23 @@ def kv_bits(options: BuildOptions) -> int:
     return bits
 
 
-def kv_cache_figures(config: DecoderConfig, context: int, bits: int) -> dict:
-    """The KV cache a static folder's runtime allocates: its element type, and bytes per token
-    and at the context length (every layer's K and V buffer, batch 1)."""
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim \
-        * bits // 8
+def kv_cache_figures(config: DecoderConfig, context: int, bits: int, cls) -> dict:
+    """The buffers a static folder's runtime allocates, batch 1: the KV cache's element type,
+    bytes per token and at the context length (each attention layer's K and V buffer), and
+    the other layers' states (fp16, fixed: ``state_bytes``)."""
+    attention = sum(cls.layer_kind(config, i) == "attention"
+                    for i in range(config.num_hidden_layers))
+    per_token = 2 * attention * config.num_key_value_heads * config.head_dim * bits // 8
     return {"dtype": "uint8" if bits == 8 else "float16", "bytes_per_token": per_token,
-            "context_length": context, "bytes": per_token * context}
+            "context_length": context, "bytes": per_token * context,
+            "attention_layers": attention,
+            "state_bytes": sum(layer_state_bytes(cls, config, i)
+                               for i in range(config.num_hidden_layers))}
+
+
+def layer_state_bytes(cls, config: DecoderConfig, layer: int) -> int:
+    """The fp16 bytes of a layer's states (``DecoderBuilder.layer_states``; 0 for attention)."""
+    return sum(2 * math.prod(st.shape) for st in cls.layer_states(config, layer))
 
 
 def part_costs(options: BuildOptions, config: DecoderConfig, cls) -> tuple[list[int], int]:
@@ -168,11 +178,15 @@ def part_costs(options: BuildOptions, config: DecoderConfig, cls) -> tuple[list[
     C), and those copies (2, a context per graph; 1 with qnn_weight_sharing)."""
     x = options.extra
     copies = 1 if x.qnn_weight_sharing else 2
-    kv = kv_cache_figures(config, x.qnn_context_length, kv_bits(options))["bytes"] \
-        // config.num_hidden_layers
+    figures = kv_cache_figures(config, x.qnn_context_length, kv_bits(options), cls)
+    kv = figures["bytes"] // max(1, figures["attention_layers"])
+
+    def buffers(i):  # its K and V buffers, or its states
+        return kv if cls.layer_kind(config, i) == "attention" \
+            else layer_state_bytes(cls, config, i)
     return [copies * layer_weight_bytes(cls.layer_weight_shapes(config, i), options.precision,
                                         x.int4_block_size, x.qnn_linear == "conv",
-                                        cls.linear_roles) + kv
+                                        cls.linear_roles) + buffers(i)
             for i in range(config.num_hidden_layers)], copies
 
 
@@ -411,7 +425,8 @@ def device_memory(out: Path, kv_cache: dict, activation_bytes: int) -> dict:
     """What the folder's graphs hold on the device, per part (a part: its prefill and decode
     graphs; lm_head's two; the embeddings): the weights' bytes once (the two graphs sharing
     one context binary) and once per graph (a context each), its layers' KV buffers at the
-    context length (``kv_cache``: ``kv_cache_figures``), and its largest activation: the
+    context length (``kv_cache``: ``kv_cache_figures``) and other states, and its largest
+    activation: the
     largest value computed inside either graph (shapes inferred; graph inputs, outputs and
     weights excluded), at ``activation_bytes`` per element (what the HTP holds it in: 2 for
     16-bit activations and fp16, 1 for 8-bit)."""
@@ -419,7 +434,7 @@ def device_memory(out: Path, kv_cache: dict, activation_bytes: int) -> dict:
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     decoder = read_genai_config(out)["model"]["decoder"]
-    per_layer = kv_cache["bytes"] // max(1, decoder["num_hidden_layers"])
+    per_layer = kv_cache["bytes"] // max(1, kv_cache["attention_layers"])
     parts: dict[str, dict] = {}
     for spec in (spec for stage in decoder["pipeline"] for spec in stage.values()):
         model = onnx.load(str(out / spec["filename"]), load_external_data=False)
@@ -432,7 +447,9 @@ def device_memory(out: Path, kv_cache: dict, activation_bytes: int) -> dict:
                 tensors.add((spec["filename"], t.name, len(t.raw_data) or t.ByteSize()))
         part = parts.setdefault(spec["filename"].replace("iterator", "context"), {
             "graphs": [], "tensors": set(), "per_graph": 0, "activation": None,
-            "layers": sum(n.startswith("past_key_") for n in spec["inputs"])})
+            "layers": sum(n.startswith("past_key_") for n in spec["inputs"]),
+            "states": sum(2 * math.prod(d.dim_value for d in v.type.tensor_type.shape.dim)
+                          for v in model.graph.input if v.name.startswith("past."))})
         part["graphs"].append(spec["filename"])
         part["tensors"] |= tensors
         part["per_graph"] += sum(t[2] for t in tensors)
@@ -442,6 +459,7 @@ def device_memory(out: Path, kv_cache: dict, activation_bytes: int) -> dict:
     return {"context_length": kv_cache["context_length"], "parts": [
         {"graphs": p["graphs"], "weight_bytes_shared": sum(t[2] for t in p["tensors"]),
          "weight_bytes_per_graph": p["per_graph"], "kv_bytes": p["layers"] * per_layer,
+         **({"state_bytes": p["states"]} if p["states"] else {}),
          **({"largest_activation": {
              "graph": p["activation"][1], "value": p["activation"][2],
              "shape": p["activation"][3], "bytes": p["activation"][0] * activation_bytes}}

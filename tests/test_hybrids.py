@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from builder import BuildOptions, build
-from builder.options import ExtraOptions, Precision
-from builder.testing import max_abs_diff, run_decoder
+from builder.errors import ConfigError
+from builder.options import ExecutionProvider, ExtraOptions, Precision
+from builder.testing import max_abs_diff, run_decoder, run_pipeline
 from checkpoints import hf_logits, hf_model
 from conftest import run_cli
 
@@ -322,10 +323,10 @@ def test_int4_graph_matches_dequantized_reference(arch, checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("arch, args, message", [
-    ("qwen3_5", ["-e", "qnn"], "Qwen3_5Builder's linear_attention layers (config.json's "
-                               "layer_types) have no lowering for -e qnn's static graphs yet"),
-    ("granitemoehybrid_dense", ["-e", "qnn", "-p", "w4a16"],
-     "GraniteMoeHybridBuilder's linear_attention layers"),
+    ("qwen3_5_moe", ["-e", "qnn"], "Qwen3_5MoeForCausalLM (mixture of experts) is not "
+                                   "supported yet for -e qnn"),
+    ("granitemoehybrid", ["-e", "qnn", "-p", "w4a16"],
+     "GraniteMoeHybridForCausalLM (mixture of experts) is not supported yet for -e qnn"),
     ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=gptq"],
      "int4_algo_config=gptq runs the layers as -e qnn's graphs, and its data-aware methods "
      "round attention and MLP projections only, but this model has conv layers"),
@@ -496,6 +497,30 @@ def test_a_plugin_declares_a_layer_kind_with_its_own_state(checkpoints, tmp_path
                                            "attention_mask": np.ones((1, PROMPT_LEN + 1),
                                                                      np.int64), **feeds})))
     assert max_abs_diff(step["logits"][0, -1], whole[1]) > 1e-2
+
+    # on qnn: a kind whose mixer calls an op of its own is refused, naming it; written with
+    # lowering.conv and listed in static_layer_kinds, it builds, and its static pipeline
+    # computes what the cpu graph does
+    qnn = dict(execution_provider=ExecutionProvider.QNN, precision=Precision.FP32)
+    with pytest.raises(ConfigError, match="Shift's shift layers .* have no lowering for -e qnn"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "q", **qnn), _replacing(Shift))
+
+    class StaticShift(Shift):
+        static_layer_kinds = ("shift",)
+
+        def mixer(self, layer, x):
+            if self.layer_kind(self.config, layer) != "shift":
+                return LlamaBuilder.mixer(self, layer, x)
+            return self.lowering.conv("shift", layer, "window", x, np.full(
+                (self.config.hidden_size, 1, 2), 0.5, np.float32), f"shift.{layer}", None, None)
+
+    folder = build(BuildOptions(model_name=str(ck), output=tmp_path / "q", **qnn,
+                                extra=ExtraOptions.parse(["run_check=false",
+                                                          "qnn_prefill_length=8"])),
+                   _replacing(StaticShift))
+    prompt = [int(t) for t in IDS[0, :PROMPT_LEN]]  # two chunks of 8, the second padded
+    static = run_pipeline(folder, prompt, 5, forced=[int(t) for t in ids[0, PROMPT_LEN:]] + [0])
+    assert max_abs_diff(np.stack(static.step_logits), ours) < 1e-3
 
 
 def test_qwen3_5_moe_stacked_experts_as_released(checkpoints, built, tmp_path):

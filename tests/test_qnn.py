@@ -573,7 +573,8 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
     manifest = json.loads((folder / "build_manifest.json").read_text())
     assert manifest["options"]["extra_options"]["qnn_kv_bits"] == 8
     assert manifest["kv_cache"] == {"dtype": "uint8", "bytes_per_token": 2 * 3 * 2 * 32,
-                                    "context_length": 512, "bytes": 2 * 3 * 2 * 32 * 512}
+                                    "context_length": 512, "bytes": 2 * 3 * 2 * 32 * 512,
+                                    "attention_layers": 3, "state_bytes": 0}
     parts = manifest["device_memory"]["parts"]  # embeddings, the transformer, lm_head
     assert [p["graphs"] for p in parts] == [["embeddings.onnx"], ["context.onnx", "iterator.onnx"],
                                             ["lm_head_context.onnx", "lm_head_iterator.onnx"]]

@@ -192,6 +192,18 @@ class DecoderLowering:
                            None if bias is None else gb.initializer(bias_name, bias), past,
                            present, activation)
 
+    def recurrence(self, name: str, layer: int, state: str, q: str, k: str, v: str,
+                   decay: str, rate: str | None, *, q_heads: int, v_heads: int,
+                   update_rule: str, scale: float) -> str:
+        """Linear attention's state update over ``layer``'s state ``state`` [B, v_heads, dk, dv]
+        (``builder.ops.recurrence`` says the math): onnxruntime's LinearAttention."""
+        past, present = self.state(layer, state)
+        y, _ = self.b.gb.node("LinearAttention", [q, k, v, past, decay, rate or ""], name,
+                              outputs=[None, present], domain="com.microsoft",
+                              q_num_heads=q_heads, kv_num_heads=v_heads,
+                              update_rule=update_rule, scale=scale)
+        return y
+
     def zero_padding(self, x: str) -> str:
         """``x`` [B, S, hidden] with the rows of padding positions (attention_mask 0) set to 0,
         as transformers does before a convolution or recurrence, so that a left-padded row's

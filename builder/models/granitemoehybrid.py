@@ -83,6 +83,7 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
                     A_LOG: LAYER + "mamba.A_log", D: LAYER + "mamba.D",
                     DT_BIAS: LAYER + "mamba.dt_bias", NORM: LAYER + "mamba.norm.weight"}
     linear_roles = frozenset({IN, OUT})
+    static_layer_kinds = ("linear_attention",)  # lowering.conv and .recurrence
     float_roles = frozenset({DT})
 
     @staticmethod
@@ -221,11 +222,9 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
             per_head = gb.node("Reshape", [xs, gb.constant([0, 0, heads, head])])
             v = gb.node("Reshape", [gb.node("Mul", [per_head, gb.node(
                 "Unsqueeze", [dt, gb.constant([-1])])]), gb.constant([0, 0, -1])], "Reshape_v")
-            past, present = self.lowering.state(layer, "recurrent")
-            y, _ = gb.node("LinearAttention", [cc, b, v, past, decay, ""],
-                           outputs=[None, present], domain="com.microsoft",
-                           q_num_heads=groups, kv_num_heads=heads, update_rule="gated",
-                           scale=1.0)
+            y = self.lowering.recurrence("LinearAttention", layer, "recurrent", cc, b, v,
+                                         decay, None, q_heads=groups, v_heads=heads,
+                                         update_rule="gated", scale=1.0)
             skip = gb.initializer(self.weight_name(D, layer) + ".per_value", np.repeat(
                 np.asarray(self.weight(D, layer), np.float32), head))
             y = gb.node("Add", [y, gb.node("Mul", [xs, skip])], "skip/Add")

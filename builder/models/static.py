@@ -29,6 +29,7 @@ from builder.ops import (
     decomposed_attention, embedding, linear, rope_cache, rotary_decomposed, split_heads,
     static_attention_inputs, static_attention_mask, static_causal_conv, write_kv,
 )
+from builder.ops.recurrence import static_linear_attention
 from builder.ops.rotary import RopeTables
 from builder.options import QDQ_PRECISIONS
 from builder.roles import TensorRole as R
@@ -145,7 +146,7 @@ class StaticLowering:
                                                [batch, *st.shape]), st.shape)
                        for i in layers for st in b.layer_states(c, i)}
         self.present_states: dict[tuple[int, str], str] = {}
-        self._last = None
+        self._last = self._mask = None
         self.ropes = RopeTables([b.rope(layer) for layer in range(c.num_hidden_layers)],
                                 functools.partial(self.rotary_tables, context_len), layers)
 
@@ -206,6 +207,13 @@ class StaticLowering:
                                     softcap=b.attention_softcap(),
                                     relative_mask=quantized_precision(b), batch=batch)
 
+    def chunk_mask(self) -> str:
+        """The prefill graph's ``CHUNK_MASK`` input [B, S], declared on first use."""
+        if self._mask is None:
+            self._mask = self.b.gb.input(CHUNK_MASK, self.b.gb.float_type,
+                                         [self.batch, self.seq_len])
+        return self._mask
+
     def last_token(self) -> str | None:
         """A prefill call's [B, 1, S] one-hot of its last real token (``CHUNK_MASK``: the mask
         minus itself shifted by one), made once per graph; None in a decode graph (S = 1: its
@@ -214,7 +222,7 @@ class StaticLowering:
             return None
         if self._last is None:
             gb, s = self.b.gb, self.seq_len
-            mask = gb.input(CHUNK_MASK, gb.float_type, [self.batch, s])
+            mask = self.chunk_mask()
             with gb.scope("/model/chunk_mask"):
                 shift = np.eye(s, k=-1, dtype=np.float32)  # [t + 1, t] = 1: the next one's
                 following = gb.node("MatMul", [mask, gb.initializer("chunk_mask_shift", shift)])
@@ -237,6 +245,26 @@ class StaticLowering:
         y, present = static_causal_conv(
             gb, name, x, taps, None if bias is None else gb.initializer(bias_name, bias), past,
             self.seq_len, self.last_token(), activation)
+        if gb.float_type != STATE_TYPE:
+            present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
+        self.present_states[layer, state] = present
+        return y
+
+    def recurrence(self, name: str, layer: int, state: str, q: str, k: str, v: str,
+                   decay: str, rate: str | None, *, q_heads: int, v_heads: int,
+                   update_rule: str, scale: float) -> str:
+        """Linear attention's state update from standard ops, token by token
+        (``static_linear_attention``), over the fp16 state buffer; padded tokens leave the
+        state as it is."""
+        gb = self.b.gb
+        past, (_, key_dim, value_dim) = self.states[layer, state]
+        if gb.float_type != STATE_TYPE:
+            past = gb.node("Cast", [past], f"{name}/past/Cast", to=gb.float_type)
+        mask = None if self.seq_len == 1 else self.chunk_mask()
+        y, present = static_linear_attention(
+            gb, name, q, k, v, past, decay, rate, q_heads=q_heads, v_heads=v_heads,
+            key_dim=key_dim, value_dim=value_dim, seq_len=self.seq_len, scale=scale,
+            update_rule=update_rule, mask=mask, quantized=quantized_precision(self.b))
         if gb.float_type != STATE_TYPE:
             present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
         self.present_states[layer, state] = present

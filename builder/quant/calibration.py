@@ -13,6 +13,7 @@ gives it; ``builder.pipeline`` then writes the QDQ graphs with them.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,3 +186,24 @@ def unite_phases(ranges: dict[str, dict[str, tuple]]) -> None:
             united = (min(ra[0], rb[0]), max(ra[1], rb[1]))
             ranges[a][name] = (*united, *ra[2:])
             ranges[b][name] = (*united, *rb[2:])
+
+
+TOKEN_STEP = re.compile(r"/token_\d+/")  # a recurrence's step for one token (ops.recurrence)
+
+
+def unite_tokens(ranges: dict[str, dict[str, tuple]]) -> None:
+    """The values of a recurrence unrolled over the prefill's tokens (``/token_<t>/``: the
+    state after token t, its decay, its update...) take, in each graph, the union of the
+    ranges over every t: one kind of value at other positions, where one position alone sees
+    few samples (measured on a tiny Qwen3.5 at w8a16: 246 of 1404 tensors clipped on the
+    held-out prompts, the state by up to 116% of its range). Before ``unite_phases``, so the
+    decode graph's one step takes the prefill's union too."""
+    for graph in ranges.values():
+        groups: dict[str, list[str]] = {}
+        for name in graph:
+            if TOKEN_STEP.search(name):
+                groups.setdefault(TOKEN_STEP.sub("/token_*/", name), []).append(name)
+        for names in groups.values():
+            united = (min(graph[n][0] for n in names), max(graph[n][1] for n in names))
+            for n in names:
+                graph[n] = (*united, *graph[n][2:])
