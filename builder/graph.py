@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -444,6 +445,8 @@ class GraphBuilder:
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
             shown = "_".join(str(v) for v in array.ravel()[:8]) or "empty"
+            if array.size > 8:  # (two constants may begin alike: an identity, a triangle)
+                shown += "_" + hashlib.sha1(array.tobytes()).hexdigest()[:12]
             name = f"/constants/{array.dtype.name}/{list(array.shape)}/{shown}"
             self._constants[key] = self.initializer(name, array)
         return self._constants[key]

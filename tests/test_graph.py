@@ -125,3 +125,22 @@ def test_dequantized_weights_are_what_dequantize_linear_computes(tmp_path, bits,
         got[flag] = session(tmp_path, f"{flag}.onnx").run(None, {})[0]
     assert np.array_equal(got[True], got[False])
     assert np.abs(got[True] - w.T).max() > 0  # (rounded: not the float weight)
+
+
+def test_constants_that_begin_alike_are_two_tensors(tmp_path):
+    """A constant is named after its first values and, when it has more, a digest of them: an
+    identity and a lower triangle of ones (alike in their first row) stay two tensors."""
+    gb = GraphBuilder("g", tmp_path / "g.data")
+    eye = gb.constant(np.eye(12), np.float32)
+    tril = gb.constant(np.tril(np.ones((12, 12))), np.float32)
+    assert eye != tril and gb.constant(np.eye(12), np.float32) == eye
+    gb.close()
+
+
+def test_a_range_too_narrow_for_the_float_type_still_quantizes():
+    """A calibrated range whose 16-bit step underflows fp16 gets fp16's smallest normal step,
+    not a zero scale (a division by zero when the zero point is computed)."""
+    from builder.quant.qdq import activation_params
+
+    scale, zero = activation_params(-1e-9, 1e-9, 16, np.float16)
+    assert float(scale) == float(np.finfo(np.float16).tiny) and int(zero) == 0

@@ -198,7 +198,8 @@ def activation_params(lo: float, hi: float, bits: int, dtype=np.float32
     qmax, _, zdtype = UNSIGNED[bits]
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = (hi - lo) / qmax if hi > lo else 1.0
-    scale = np.asarray(scale, dtype)
+    # (a range so narrow that its step underflows the float type: its smallest normal step)
+    scale = np.asarray(max(scale, float(np.finfo(dtype).tiny)), dtype)
     zero = np.asarray(np.clip(np.rint(-lo / float(scale)), 0, qmax), zdtype)
     return scale, zero
 
