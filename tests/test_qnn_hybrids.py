@@ -181,9 +181,10 @@ def test_genai_generates_through_the_pipeline(arch, mode, fp16_built):
 #   Qwen3.5       1.00000 (0.99999)  0.99994 (0.99984)  0.99212 (0.98047)
 #   Granite 4.0-H 0.99999 (0.99998)  0.99964 (0.99475)  0.99309 (0.98853)
 # (w4a16 is rtn: the data-aware methods do not round these layers' projections yet); fp16 is
-# guarded by the HTP-against-CPU-EP and transformers tests above (CI time)
+# guarded by the HTP-against-CPU-EP and transformers tests above, and Granite by those alone
+# (CI time: training the tiny Granite 4.0-H takes 160 s here, its torch Mamba2 being slow)
 MEAN_COSINE = {("lfm2", "w8a16"): 0.9995, ("qwen3_5", "w8a16"): 0.9998,
-               ("granitemoehybrid_dense", "w8a16"): 0.999, ("qwen3_5", "w4a16"): 0.985}
+               ("qwen3_5", "w4a16"): 0.985}
 
 
 @pytest.mark.xdist_group("hybrids_trained")

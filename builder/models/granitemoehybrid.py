@@ -34,6 +34,7 @@ from builder.models.base import DecoderBuilder, LayerState
 from builder.models.granitemoe import GraniteMoeBuilder
 from builder.models.moe import MoeBuilder
 from builder.ops.norms import float32_constant, from_float32, to_float32
+from builder.ops.recurrence import time_step_decay
 from builder.roles import TensorRole as R
 
 MAMBA = "linear_attention"
@@ -239,11 +240,9 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
         [B, S, heads]."""
         gb = self.gb
         with gb.scope("time_step"):
-            bias = gb.initializer(self.weight_name(DT_BIAS, layer), self.weight(DT_BIAS, layer))
-            dt = gb.node("Softplus", [gb.node("Add", [dt, bias])])
-            a = -np.exp(np.asarray(self.weight(A_LOG, layer), np.float32))
-            return dt, gb.node("Mul", [dt, gb.initializer(
-                self.weight_name(A_LOG, layer) + ".neg_exp", a.astype(np.float32))])
+            return time_step_decay(gb, dt, self.weight(DT_BIAS, layer),
+                                   self.weight_name(DT_BIAS, layer), self.weight(A_LOG, layer),
+                                   self.weight_name(A_LOG, layer))
 
     def gated_norm(self, layer: int, y: str, z: str, group: int) -> str:
         """RMSNorm of y · silu(z) over each group of ``group`` channels, times the weight."""

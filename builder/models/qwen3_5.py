@@ -37,6 +37,7 @@ from builder.errors import ConfigError
 from builder.models.base import LayerState
 from builder.models.qwen3 import Qwen3Builder
 from builder.ops.norms import norm
+from builder.ops.recurrence import time_step_decay
 from builder.roles import TensorRole as R
 
 LINEAR = "linear_attention"
@@ -225,11 +226,9 @@ class Qwen3_5Builder(Qwen3Builder):
         """(g = -exp(A_log) · softplus(a + dt_bias), beta = sigmoid(b)), [B, S, value heads]."""
         gb = self.gb
         with gb.scope("gates"):
-            a_log = np.asarray(self.weight(A_LOG, layer), np.float32)
-            scale = gb.initializer(self.weight_name(A_LOG, layer) + ".neg_exp",
-                                   (-np.exp(a_log)).astype(np.float32))
-            bias = gb.initializer(self.weight_name(DT_BIAS, layer), self.weight(DT_BIAS, layer))
-            g = gb.node("Mul", [gb.node("Softplus", [gb.node("Add", [a, bias])]), scale])
+            _, g = time_step_decay(gb, a, self.weight(DT_BIAS, layer),
+                                   self.weight_name(DT_BIAS, layer), self.weight(A_LOG, layer),
+                                   self.weight_name(A_LOG, layer))
             return g, gb.node("Sigmoid", [b])
 
     def gated_norm(self, layer: int, y: str, z: str, head_dim: int) -> str:

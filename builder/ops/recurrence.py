@@ -33,6 +33,15 @@ def _heads(gb: GraphBuilder, name: str, x: str, heads: int, dim: int, seq_len: i
                    f"{name}/Reshape_1")
 
 
+def time_step_decay(gb: GraphBuilder, x: str, bias: np.ndarray, bias_name: str,
+                    a_log: np.ndarray, a_log_name: str) -> tuple[str, str]:
+    """(dt = softplus(x + dt_bias), the log decay dt · A with A = -exp(A_log)), per head:
+    Mamba2's time step and Gated DeltaNet's decay (with ``x`` its ``a`` projection)."""
+    dt = gb.node("Softplus", [gb.node("Add", [x, gb.initializer(bias_name, bias)])])
+    a = (-np.exp(np.asarray(a_log, np.float32))).astype(np.float32)
+    return dt, gb.node("Mul", [dt, gb.initializer(a_log_name + ".neg_exp", a)])
+
+
 EXP_FLOOR = -16.0  # e^-16 ~ 1e-7, fp16's smallest values; the HTP's Exp of fp16 inputs far
 # below it came out wrong (measured on a chunk's summed decays of a trained Qwen3.5, -700)
 
