@@ -206,3 +206,23 @@ def test_accuracy_on_a_trained_checkpoint(arch, precision, trained, tmp_path):
         # measured 2.3e-4 apart
         recompute_report(folder, ck, qnn_build(ck, tmp_path / "fp32", "fp32",
                                                lengths="default"), arch, 1e-3)
+
+
+def test_parts_carry_their_own_layers_states(fp16_built, checkpoints, tmp_path):
+    """qnn_num_splits=2: each part's graphs take the states of its own layers (and its prefill
+    graph the chunk mask where it has such layers); the pipeline computes what the whole one
+    does, and onnxruntime-genai runs it."""
+    folder = qnn_build(checkpoints["qwen3_5"], tmp_path / "o", "fp16", "qnn_num_splits=2",
+                       lengths="default")
+    stages = {name: spec for stage in json.loads((folder / "genai_config.json").read_text())[
+        "model"]["decoder"]["pipeline"] for name, spec in stage.items()}
+    assert [s for s in stages["context_1"]["inputs"] if s.startswith("past.")] == [
+        "past.2.conv", "past.2.recurrent"]
+    assert "chunk_mask" in stages["context_0"]["inputs"] + stages["context_1"]["inputs"]
+    whole = run_pipeline(fp16_built["qwen3_5"], PROMPT, STEPS)
+    parts = run_pipeline(folder, PROMPT, STEPS)
+    assert parts.tokens == whole.tokens
+    assert max(float(np.abs(a - b).max())
+               for a, b in zip(parts.step_logits, whole.step_logits)) <= FP16_ERROR["qwen3_5"]
+    generated = genai_sequence(folder, "cpu", prompt=PROMPT)[1]
+    assert generated == run_pipeline(folder, PROMPT, len(generated)).tokens
