@@ -505,6 +505,15 @@ def test_a_plugin_declares_a_layer_kind_with_its_own_state(checkpoints, tmp_path
     with pytest.raises(ConfigError, match="Shift's shift layers .* have no lowering for -e qnn"):
         build(BuildOptions(model_name=str(ck), output=tmp_path / "q", **qnn), _replacing(Shift))
 
+    class Listed(Shift):  # listed, but its mixer still calls an op of its own
+        static_layer_kinds = ("shift",)
+
+    with pytest.raises(ConfigError, match="layer 0 reads its state 'window' for an op of its "
+                                          "own, which the static graphs cannot lower"):
+        build(BuildOptions(model_name=str(ck), output=tmp_path / "q", **qnn),
+              _replacing(Listed))
+    assert not (tmp_path / "q").exists()
+
     class StaticShift(Shift):
         static_layer_kinds = ("shift",)
 

@@ -18,7 +18,8 @@ RMSNorm(y · silu(z)) per group, times its weight, and ``out_proj``. States: ``p
 [batch, conv channels, taps - 1] and ``past.{i}.recurrent`` [batch, heads, d_state, d_head].
 
 At -p int4 in_proj's z, x, B and C rows are quantized; its dt rows (a row per head, the decay)
-stay float. cpu and cuda; the static graphs (qnn) refuse the Mamba layers by name.
+stay float. cpu and cuda; qnn's static graphs without experts (``lowering.conv`` and
+``lowering.recurrence`` from standard ops; routed experts are refused there).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ whose width config.json gives before ``block_auto_adjust_ff_dim`` shrinks it; th
 is ``embedding_norm``. Padding positions are zeroed before a conv layer, as transformers does,
 so a left-padded row's convolution starts from zeros.
 
-cpu and cuda: the convolution is onnxruntime's com.microsoft CausalConvWithState. The static
-graphs (qnn, and the calibrated int4 algorithms, which run the layers in them) have no lowering
-of it yet and refuse the model.
+cpu and cuda: the convolution is onnxruntime's com.microsoft CausalConvWithState; qnn's static
+graphs: standard ops (``lowering.conv``). The data-aware int4 algorithms, which round attention
+and MLP projections only, refuse the model.
 """
 
 from __future__ import annotations

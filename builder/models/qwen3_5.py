@@ -22,8 +22,8 @@ attention.
 cpu and cuda: onnxruntime's com.microsoft CausalConvWithState and LinearAttention
 (update_rule gated_delta). At -p int4, in_proj_qkv, in_proj_z and out_proj are quantized like
 every projection; in_proj_a and in_proj_b (a row per value head) stay float, as the decay they
-drive compounds over the sequence. The static graphs (qnn) have no lowering of the DeltaNet yet
-and refuse the model.
+drive compounds over the sequence. qnn's static graphs: the convolution and the recurrence from
+standard ops (``lowering.conv``, ``lowering.recurrence``, the recurrence token by token).
 """
 
 from __future__ import annotations

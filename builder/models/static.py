@@ -9,10 +9,13 @@ A model becomes four kinds of graph, run in turn by onnxruntime-genai's decoder-
 
 The KV cache is a shared past/present buffer of C rows per layer where row = position (see
 ``builder.ops.attention.static_attention_inputs``); each transformer call writes its S rows into
-it. Every shape is fixed. The graphs run the architecture's own dataflow and hooks
-(``DecoderBuilder.embedding``, ``decoder_layer``, ``attention``, ``final_norm``, ``lm_head``, its
-scale, soft-caps and windows); ``StaticLowering`` writes only the parts that differ from the
-single-graph decoder. A builder method these graphs never call is refused (``check_lowered``).
+it. A hybrid's layers of other kinds carry fixed-shape states instead (``lowering.conv``,
+``lowering.recurrence``), which a prefill stops at the chunk's last real token (``CHUNK_MASK``,
+from the embeddings graph). Every shape is fixed. The graphs run the architecture's own
+dataflow and hooks (``DecoderBuilder.embedding``, ``decoder_layer``, ``attention``,
+``final_norm``, ``lm_head``, its scale, soft-caps and windows); ``StaticLowering`` writes only
+the parts that differ from the single-graph decoder. A builder method these graphs never call
+is refused (``check_lowered``).
 """
 
 from __future__ import annotations
@@ -269,6 +272,14 @@ class StaticLowering:
             present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
         self.present_states[layer, state] = present
         return y
+
+    def state(self, layer: int, name: str) -> tuple[str, str]:
+        """The static graphs write a state through ``conv`` and ``recurrence`` only: a mixer
+        that reads one itself (for an op of its own) has no lowering here."""
+        raise ConfigError(f"{type(self.b).__name__}'s layer {layer} reads its state {name!r} "
+                          "for an op of its own, which the static graphs cannot lower: write "
+                          "it with lowering.conv or lowering.recurrence, or leave its kind out "
+                          "of static_layer_kinds")
 
     def zero_padding(self, x: str) -> str:
         """Static graphs take no left padding: a prefill's padding is at its end, after every
