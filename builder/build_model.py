@@ -61,7 +61,7 @@ from builder.quant.report import (
     float_head,
     stream_report,
 )
-from builder.quant.rounding import qdq_rounding, round_layers
+from builder.quant.rounding import hybrid_problem, qdq_rounding, round_layers
 from builder.quant.sensitivity import (
     StreamProbe,
     kinds_of_error,
@@ -267,20 +267,20 @@ class PipelineFolder(DecoderFolder):
         if o.precision not in QDQ_PRECISIONS:
             return QuantPolicy()
         algorithm = o.extra.int4_algo_config
-        hybrid = other_layer_kinds(self.cls, config)
         if algorithm == "default":
             algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
-            if hybrid and (algorithm in DATA_AWARE or algorithm in MEASURED):
-                algorithm = "rtn"
-                logger.info("weights: rtn (the default at -p %s for a model with %s layers: "
-                            "the data-aware methods round attention and MLP projections "
-                            "only)", o.precision, ", ".join(hybrid))
+            if hybrid_problem(self.cls, config, algorithm):  # (*_mixed measures attention
+                # and MLP projections only: gptq alone where it knows the layers')
+                algorithm = "rtn" if hybrid_problem(self.cls, config, "gptq") else "gptq"
+                logger.info("weights: %s (the default at -p %s for a model with %s layers)",
+                            algorithm, o.precision, ", ".join(other_layer_kinds(self.cls,
+                                                                                config)))
             else:
                 logger.info("weights: %s (the default at -p %s)", algorithm, o.precision)
-        elif hybrid and (algorithm in DATA_AWARE or algorithm in MEASURED):
-            raise OptionError(f"int4_algo_config={algorithm} rounds or measures attention and "
-                              f"MLP projections only, and this model has "
-                              f"{', '.join(hybrid)} layers: use rtn")
+        elif algorithm in DATA_AWARE or algorithm in MEASURED:
+            problem = hybrid_problem(self.cls, config, algorithm)
+            if problem:
+                raise OptionError(f"int4_algo_config={algorithm}: {problem}; use gptq or rtn")
         if algorithm not in STATIC_ALGORITHMS:
             raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
                               "is int8 there); choose from "

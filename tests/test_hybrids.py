@@ -327,14 +327,14 @@ def test_int4_graph_matches_dequantized_reference(arch, checkpoints, tmp_path):
                                    "supported yet for -e qnn"),
     ("granitemoehybrid", ["-e", "qnn", "-p", "w4a16"],
      "GraniteMoeHybridForCausalLM (mixture of experts) is not supported yet for -e qnn"),
-    ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=gptq"],
-     "int4_algo_config=gptq runs the layers as -e qnn's graphs, and its data-aware methods "
-     "round attention and MLP projections only, but this model has conv layers"),
+    ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=awq"],
+     "int4_algo_config=awq runs the layers as -e qnn's graphs, and awq scales or measures "
+     "attention and MLP projections only, and this model has conv layers (gptq rounds them)"),
     ("qwen3_5", ["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed"],
      "int4_algo_config=rtn_mixed runs the layers as -e qnn's graphs"),
     ("lfm2", ["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_algo_config=gptq_mixed"],
-     "int4_algo_config=gptq_mixed rounds or measures attention and MLP projections only, and "
-     "this model has conv layers: use rtn"),
+     "int4_algo_config=gptq_mixed: gptq_mixed scales or measures attention and MLP projections "
+     "only, and this model has conv layers (gptq rounds them); use gptq or rtn"),
 ])
 def test_what_is_not_lowered_is_refused(arch, args, message, checkpoints, tmp_path):
     r = run_cli("-m", str(checkpoints[arch]), "-o", str(tmp_path / "out"), *args)

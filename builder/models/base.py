@@ -141,6 +141,10 @@ class DecoderBuilder:
     # what their lowering writes from standard ops (``lowering.conv``, ``lowering.state``'s
     # buffers); a kind not listed stops a qnn build, naming it
     static_layer_kinds: ClassVar[tuple[str, ...]] = ()
+    # per layer kind beside attention, the roles of its own projections that data-aware
+    # rounding (gptq) rounds, those sharing an input next to each other (``projection_weight``
+    # gives each weight as its projection reads it); a kind not listed is refused by gptq
+    kind_projections: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
                  weights: CheckpointReader, gb: GraphBuilder,
@@ -411,6 +415,10 @@ class DecoderBuilder:
         w = self.quantize(role, layer, weight, self.gb.path(name) + "/MatMul")
         return linear(self.gb, name, x, w, weight_name, bias, bias_name,
                       self.policy.accuracy_level, conv=self.conv_projections)
+
+    def projection_weight(self, role, layer: int) -> np.ndarray:
+        """A projection of a layer of another kind (``kind_projections``) as it reads it."""
+        return self.weight(role, layer)
 
     def attention_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(q, k, v) projection weights, each [out, in]."""

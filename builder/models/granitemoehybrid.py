@@ -86,6 +86,7 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
                     DT_BIAS: LAYER + "mamba.dt_bias", NORM: LAYER + "mamba.norm.weight"}
     linear_roles = frozenset({IN, OUT})
     static_layer_kinds = ("linear_attention",)  # lowering.conv and .recurrence
+    kind_projections = {"linear_attention": (IN, OUT)}  # (in_proj without its dt rows)
     float_roles = frozenset({DT})
 
     @staticmethod
@@ -192,6 +193,14 @@ class GraniteMoeHybridBuilder(GraniteMoeBuilder):
         return gb.node("Add", [MoeBuilder.mlp(self, layer, x), shared], "mlp/shared/Add")
 
     # -- Mamba2 --------------------------------------------------------------------------
+    def projection_weight(self, role, layer: int) -> np.ndarray:
+        """in_proj as its projection reads it: without the dt rows (their own, float)."""
+        w = super().projection_weight(role, layer)
+        if role != IN:
+            return w
+        s = self.sizes(self.config)
+        return w[:s["inner"] + s["conv_dim"]]
+
     def mixer(self, layer: int, x: str) -> str:
         c = self.config
         if self.layer_kind(c, layer) != MAMBA:

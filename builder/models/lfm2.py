@@ -129,6 +129,7 @@ class Lfm2Builder(LlamaBuilder):
     }
     linear_roles = frozenset({CONV_IN, CONV_OUT})
     static_layer_kinds = ("conv",)  # lowering.conv: standard ops on qnn
+    kind_projections = {"conv": (CONV_IN, CONV_OUT)}  # (what gptq rounds in a conv layer)
 
     @staticmethod
     def taps(c: DecoderConfig) -> int:

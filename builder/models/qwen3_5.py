@@ -111,6 +111,7 @@ class Qwen3_5Builder(Qwen3Builder):
     }
     linear_roles = frozenset({QKV, Z, OUT, GATE})
     static_layer_kinds = ("linear_attention",)  # lowering.conv and .recurrence
+    kind_projections = {"linear_attention": (QKV, Z, OUT)}  # (in_proj_a, _b: float)
     float_roles = frozenset({A, B})
     genai_model_type = "qwen3_5_text"
 

@@ -42,9 +42,40 @@ def stream_lengths(config) -> tuple[int, int]:
     return (max(1, context // 2) if context <= prefill else prefill), context
 
 
-def roles_of(builder) -> tuple[R, ...]:
-    """The ROLES ``builder``'s layers project with: no gate in an MLP without one."""
-    return ROLES if builder.gated_mlp else tuple(r for r in ROLES if r != R.GATE)
+def hybrid_problem(cls, config, algorithm: str) -> str | None:
+    """Why ``algorithm`` does not take this model's layers of other kinds than attention; None
+    when it does: no such layers, or gptq (plain or _last) knowing their projections
+    (``DecoderBuilder.kind_projections``)."""
+    from builder.models.static import other_layer_kinds
+    from builder.quant.policy import DATA_AWARE, MEASURED
+
+    kinds = other_layer_kinds(cls, config)
+    if not kinds:
+        return None
+    if DATA_AWARE.get(algorithm) != "gptq" or algorithm in MEASURED:
+        return (f"{algorithm} scales or measures attention and MLP projections only, and this "
+                f"model has {', '.join(kinds)} layers (gptq rounds them)")
+    uncovered = [k for k in kinds if k not in cls.kind_projections]
+    if uncovered:
+        return (f"gptq does not know the projections of its {', '.join(uncovered)} layers "
+                "(DecoderBuilder.kind_projections)")
+    return None
+
+
+def roles_of(builder, layer: int | None = None) -> tuple:
+    """The roles ``builder``'s layers (``layer``'s) project with: ROLES, no gate in an MLP
+    without one; a layer of another kind its own projections (``kind_projections``) instead of
+    attention's."""
+    roles = ROLES if builder.gated_mlp else tuple(r for r in ROLES if r != R.GATE)
+    kind = "attention" if layer is None else builder.layer_kind(builder.config, layer)
+    if kind == "attention":
+        return roles
+    return tuple(builder.kind_projections[kind]) + tuple(
+        r for r in roles if r in (R.GATE, R.UP, R.DOWN))
+
+
+def role_name(role) -> str:
+    return role.value if isinstance(role, R) else role
 
 
 class RoundedWeights:
@@ -59,7 +90,7 @@ class RoundedWeights:
         self.missed: list[str] = []
 
     def path(self, role: R, layer: int) -> Path:
-        return self.folder / f"{layer}.{role.value}.npz"
+        return self.folder / f"{layer}.{role_name(role)}.npz"
 
     def save(self, role: R, layer: int, w: QuantizedWeight | QdqWeight) -> None:
         path = self.path(role, layer)
@@ -95,9 +126,9 @@ class RoundedWeights:
         rounded at other bits: the caller rounds to nearest)."""
         parts = [] if layer is None else [self.load(r, layer) for r in PACKED.get(role, (role,))]
         if not parts or any(p is None or p.bits != bits for p in parts):
-            self.missed.append(f"{role.value}" + ("" if layer is None else f" (layer {layer})"))
+            self.missed.append(role_name(role) + ("" if layer is None else f" (layer {layer})"))
             return None
-        self.served.append(f"{layer}.{role.value}")
+        self.served.append(f"{layer}.{role_name(role)}")
         if len(parts) == 1:
             return parts[0]
         if isinstance(parts[0], QdqWeight):
@@ -158,8 +189,9 @@ class GptqRounding:
         if smoothing is not None:
             weights = {r: smoothing.scaled(r, layer, w) for r, w in weights.items()}
         by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
-        for role in roles_of(b):  # rounded as one weight at each bits (rows are rounded alone,
-            bits = self.policy.bits_for(role, layer, "") or self.policy.bits  # given H)
+        for role in roles_of(b, layer):  # rounded as one weight at each bits (rows are
+            # rounded alone, given H)
+            bits = self.policy.bits_for(b.policy_role(role), layer, "") or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
         current = h = factor = None  # (one input's Hessian at a time: the groups of an input
         for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
@@ -173,9 +205,9 @@ class GptqRounding:
                     h /= s[:, None]
                     h /= s[None, :]
                 factor = inverse_factor(h)
-            stacked = np.concatenate([np.asarray(weights.pop(r), np.float32) for r in roles])
-            rounded = self.round_weight(stacked, h, factor, bits)
-            sizes = [b.expected_shape(r)[0] for r in roles]
+            parts = [np.asarray(weights.pop(r), np.float32) for r in roles]
+            rounded = self.round_weight(np.concatenate(parts), h, factor, bits)
+            sizes = [p.shape[0] for p in parts]
             for role, part in zip(roles, split_rows(rounded, sizes)):
                 self.rounded.save(role, layer, part)
         self.hessians, self.pending, self.tokens, self.inputs = {}, {}, 0, None
@@ -195,23 +227,27 @@ def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tupl
     by_weight = {n.input[1]: (n.input[0], n.output[0]) for n in graph.node
                  if n.op_type in ("MatMul", "Conv")}
     values = {}
-    for role in roles_of(builder):
+    for role in roles_of(builder, layer):
         name = builder.initializer_name(role, layer)
         if name not in by_weight:
             raise OptionError(f"int4_algo_config={why}: {type(builder).__name__} has no "
-                              f"{role.value} projection reading {name} in layer {layer} (it "
+                              f"{role_name(role)} projection reading {name} in layer {layer} (it "
                               "writes its attention or MLP its own way): use rtn or k_quant "
                               "for this architecture")
         values[role] = by_weight[name]
     return values
 
 
-def layer_weights(builder, layer: int) -> dict[R, np.ndarray]:
-    """The layer's projection weights (ROLES) as the architecture hands them to them."""
-    weights = dict(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
+def layer_weights(builder, layer: int) -> dict:
+    """The layer's projection weights (``roles_of``) as the architecture hands them to them."""
+    kind = builder.layer_kind(builder.config, layer)
+    if kind == "attention":
+        weights = dict(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
+        weights[R.O] = builder.weight(R.O, layer)
+    else:
+        weights = {r: builder.projection_weight(r, layer) for r in builder.kind_projections[kind]}
     weights.update((r, w) for r, w in zip((R.GATE, R.UP, R.DOWN), builder.mlp_weights(layer))
                    if w is not None)  # (gate: None in an MLP without one)
-    weights[R.O] = builder.weight(R.O, layer)
     return weights
 
 
@@ -282,7 +318,7 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     prompts as sequences: (builder, stream, sequences, prompts' token ids)."""
     import dataclasses
 
-    from builder.models.static import check_lowered, other_layer_kinds
+    from builder.models.static import check_lowered
     from builder.options import ExecutionProvider, Precision
     from builder.package import generation, token_ids
     from builder.quant.calibration import prompts
@@ -298,10 +334,9 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
     try:
         builder = cls(config, o, static, weights, None, QuantPolicy())
         check_lowered(builder, "qnn")
-        hybrid = other_layer_kinds(cls, config)
-        if hybrid:
-            raise ConfigError(f"its data-aware methods round attention and MLP projections "
-                              f"only, but this model has {', '.join(hybrid)} layers")
+        problem = hybrid_problem(cls, config, options.extra.int4_algo_config)
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as e:  # what the static graphs cannot take: said as this option's
         raise OptionError(f"int4_algo_config={options.extra.int4_algo_config} runs the layers "
                           f"as -e qnn's graphs, and {e}: use rtn or k_quant for this model"
@@ -330,8 +365,9 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                                quantizers=policy.quantizers, rounded=rounded,
                                smoothing=smoothing)
     logger.info("GPTQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
-                "layer's q/k/v, o, gate/up and down rounded against the inputs the rounded "
-                "layers before it give them%s", config.num_hidden_layers, len(ids),
+                "layer's q/k/v, o (or its kind's own projections), gate/up and down rounded "
+                "against the inputs the rounded layers before it give them%s",
+                config.num_hidden_layers, len(ids),
                 sum(map(len, ids)), ", their input channels scaled first by AWQ's search"
                 if scaled else "")
     stream.embed(sequences)
