@@ -256,3 +256,19 @@ def test_gptq_rounds_the_layers_own_projections(trained, tmp_path):
     quantized = [n for n in gptq if n.endswith("_quantized")]
     assert len(quantized) == 2 * 3  # in_proj and out_proj of the 3 conv layers
     assert all(not np.array_equal(gptq[n], rtn[n]) for n in quantized)
+
+
+def test_which_weight_methods_take_a_hybrid(checkpoints):
+    """Round-to-nearest methods take every projection alike; gptq knows a hybrid's own
+    projections; awq and the *_mixed methods, which scale or measure attention and MLP ones,
+    refuse it (so w8a16's default stays rtn, and w4a16's is gptq)."""
+    from builder.models.lfm2 import Lfm2Builder
+    from builder.quant.rounding import hybrid_problem
+
+    config = Lfm2Builder.config_class.from_file(checkpoints["lfm2"] / "config.json",
+                                                Lfm2Builder.config_defaults,
+                                                Lfm2Builder.config_aliases)
+    for method in ("rtn", "k_quant", "gptq", "gptq_last"):
+        assert hybrid_problem(Lfm2Builder, config, method) is None, method
+    for method in ("awq", "awq_gptq", "rtn_mixed", "gptq_mixed"):
+        assert "this model has conv layers" in hybrid_problem(Lfm2Builder, config, method)

@@ -50,8 +50,8 @@ def hybrid_problem(cls, config, algorithm: str) -> str | None:
     from builder.quant.policy import DATA_AWARE, MEASURED
 
     kinds = other_layer_kinds(cls, config)
-    if not kinds:
-        return None
+    if not kinds or algorithm not in DATA_AWARE and algorithm not in MEASURED:
+        return None  # (rtn, k_quant: every projection alike)
     if DATA_AWARE.get(algorithm) != "gptq" or algorithm in MEASURED:
         return (f"{algorithm} scales or measures attention and MLP projections only, and this "
                 f"model has {', '.join(kinds)} layers (gptq rounds them)")
