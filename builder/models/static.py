@@ -242,15 +242,10 @@ class StaticLowering:
         gb = self.b.gb
         taps = [gb.initializer(f"{weight_name}.tap{j}", weight[:, 0, j])
                 for j in range(weight.shape[-1])]
-        past = self.states[layer, state][0]
-        if gb.float_type != STATE_TYPE:
-            past = gb.node("Cast", [past], f"{name}/past/Cast", to=gb.float_type)
         y, present = static_causal_conv(
-            gb, name, x, taps, None if bias is None else gb.initializer(bias_name, bias), past,
-            self.seq_len, self.last_token(), activation)
-        if gb.float_type != STATE_TYPE:
-            present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
-        self.present_states[layer, state] = present
+            gb, name, x, taps, None if bias is None else gb.initializer(bias_name, bias),
+            self._past(name, layer, state), self.seq_len, self.last_token(), activation)
+        self._present(name, layer, state, present)
         return y
 
     def recurrence(self, name: str, layer: int, state: str, q: str, k: str, v: str,
@@ -259,19 +254,29 @@ class StaticLowering:
         """Linear attention's state update from standard ops, token by token
         (``static_linear_attention``), over the fp16 state buffer; padded tokens leave the
         state as it is."""
-        gb = self.b.gb
-        past, (_, key_dim, value_dim) = self.states[layer, state]
-        if gb.float_type != STATE_TYPE:
-            past = gb.node("Cast", [past], f"{name}/past/Cast", to=gb.float_type)
+        _, key_dim, value_dim = self.states[layer, state][1]
         mask = None if self.seq_len == 1 else self.chunk_mask()
         y, present = static_linear_attention(
-            gb, name, q, k, v, past, decay, rate, q_heads=q_heads, v_heads=v_heads,
-            key_dim=key_dim, value_dim=value_dim, seq_len=self.seq_len, scale=scale,
-            update_rule=update_rule, mask=mask, quantized=quantized_precision(self.b))
-        if gb.float_type != STATE_TYPE:
-            present = gb.node("Cast", [present], f"{name}/present/Cast", to=STATE_TYPE)
-        self.present_states[layer, state] = present
+            self.b.gb, name, q, k, v, self._past(name, layer, state), decay, rate,
+            q_heads=q_heads, v_heads=v_heads, key_dim=key_dim, value_dim=value_dim,
+            seq_len=self.seq_len, scale=scale, update_rule=update_rule, mask=mask,
+            quantized=quantized_precision(self.b))
+        self._present(name, layer, state, present)
         return y
+
+    def _past(self, name: str, layer: int, state: str) -> str:
+        """A state buffer as the graph computes with it (in its float type)."""
+        gb, past = self.b.gb, self.states[layer, state][0]
+        if gb.float_type == STATE_TYPE:
+            return past
+        return gb.node("Cast", [past], f"{name}/past/Cast", to=gb.float_type)
+
+    def _present(self, name: str, layer: int, state: str, value: str) -> None:
+        """The new state, back in the buffer's type, for ``build_transformer`` to output."""
+        gb = self.b.gb
+        if gb.float_type != STATE_TYPE:
+            value = gb.node("Cast", [value], f"{name}/present/Cast", to=STATE_TYPE)
+        self.present_states[layer, state] = value
 
     def state(self, layer: int, name: str) -> tuple[str, str]:
         """The static graphs write a state through ``conv`` and ``recurrence`` only: a mixer
