@@ -54,6 +54,7 @@ from builder.quant.calibration import calibrate, prompts, unite_phases, unite_to
 from builder.quant.kv import tie_kv_ranges
 from builder.quant.mixed import OutputNoise, decide, measure, promote
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
+from builder.quant.prequantized import StoredFormat, stored_format
 from builder.quant.report import (
     accuracy_report,
     check_accuracy,
@@ -462,6 +463,55 @@ def with_plugin_defaults(options: BuildOptions, plugins: Plugins) -> BuildOption
     return dataclasses.replace(options, extra=extra)
 
 
+def prequantized(folder: Path, config: DecoderConfig, cls, options: BuildOptions,
+                 target: TargetCaps) -> StoredFormat | None:
+    """The format of a checkpoint that arrives quantized (None: a float one, or an
+    architecture that reads its own quantization_config), checked against the options: on
+    cpu/cuda its linears keep their codes, so an algorithm that rounds them again is refused;
+    on qnn they are dequantized and rounded again as the QDQ format wants (said in the log)."""
+    if "quantization_config" in cls.read_keys():
+        return None
+    stored = stored_format(folder, config.extra.get("quantization_config"))
+    if stored is None:
+        return None
+    algorithm = options.extra.int4_algo_config
+    what = f"the checkpoint is quantized by {stored.method} ({stored.bits} bits, " \
+           f"{f'groups of {stored.group_size}' if stored.group_size else 'per channel'})"
+    if target.static_shapes:
+        logger.info("%s: -e %s stores QDQ weights, so its linears are dequantized and "
+                    "rounded again (the accuracy report says what that costs)", what,
+                    target.name)
+    elif options.precision not in (Precision.INT4, Precision.INT8):
+        logger.info("%s: -p %s dequantizes its linears to float (-p int4 keeps their codes)",
+                    what, options.precision.value)
+    elif algorithm in DATA_AWARE or algorithm in MEASURED:
+        raise OptionError(f"int4_algo_config={algorithm} rounds every linear with calibration "
+                          f"data, but {what} and -p {options.precision.value} keeps its codes; "
+                          "leave int4_algo_config unset (it applies to what the checkpoint "
+                          "left in float, lm_head)")
+    else:
+        logger.info("%s: its linears keep their codes (MatMulNBits, the checkpoint's "
+                    "groups); what it left in float follows -p %s", what,
+                    options.precision.value)
+    return stored
+
+
+ROUNDED_WHY = {"changed": "the architecture changed their values",
+               "mixed": "they stack linears stored with different bits, blocks or column "
+                        "orders (GPTQ's desc_act: --extra_options unpack_matmul=true keeps "
+                        "each its own)"}
+
+
+def warn_rounded(rounded: dict[str, str]) -> None:
+    """Say which of a pre-quantized checkpoint's linears the build rounded again, and why (the
+    ones it stored in float are rounded as any float weight: not a loss)."""
+    for why, text in ROUNDED_WHY.items():
+        nodes = [node for node, w in rounded.items() if w == why]
+        if nodes:
+            logger.warning("%d MatMul(s) could not keep the checkpoint's codes and were rounded "
+                           "again, because %s: %s", len(nodes), text, ", ".join(nodes))
+
+
 def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
            meter: StageMeter) -> None:
     # the output folder is checked, locked and staged before anything is fetched
@@ -473,8 +523,9 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         cls = _architecture(DecoderConfig.architecture_in(config_file), plugins)
         config = cls.config_class.from_file(config_file, cls.config_defaults,
                                             cls.config_aliases)
-        check_keys(config, cls.read_keys(), cls.__name__,
-                   ignored=options.extra.config_keys_ignored)
+        stored = prequantized(source.path, config, cls, options, target)
+        check_keys(config, cls.read_keys() | ({"quantization_config"} if stored else set()),
+                   cls.__name__, ignored=options.extra.config_keys_ignored)
         check_tokenizer_files(source.path)
         logger.info("%s → %s (%s), -p %s -e %s", source.repo_id or source.path, cls.__name__,
                     plugins.architectures.owner(config.architecture), options.precision,
@@ -493,14 +544,18 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
                     max((k for k in peak if k != "total"), key=peak.get))
 
         weight_files: list[Path] = []
+        kept = None
         if options.extra.config_only:
             logger.info("config_only: writing genai_config.json and tokenizer files, no model")
         else:
             float_type = FLOAT_DTYPES.get(options.precision,
                                           FLOAT_DTYPES[target.quantized_float])
-            with CheckpointReader(source.path) as weights:
+            with CheckpointReader(source.path, stored) as weights:
                 folder.write(tmp, cls, config, weights, policy, float_type, meter, source.path)
                 weight_files = weights.files()
+                kept = weights.summary()
+            if kept is not None:
+                warn_rounded(kept["rounded_by_build"])
             if folder.report is not None and options.extra.quant_accuracy_check:
                 check_accuracy(folder.report)
         with meter("package"):
@@ -512,7 +567,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
             folder.finish(tmp, source.path, meter)
         write_manifest(tmp, options, source, weight_files, meter.stages, folder.report,
                        folder.sensitivity, folder.mixed, folder.awq, folder.kv, folder.device,
-                       checked, peak)
+                       checked, peak, kept)
 
 
 __all__ = ["build", "BuildOptions", "ExecutionProvider", "Precision"]

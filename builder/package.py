@@ -262,7 +262,8 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
                    sensitivity: dict | None = None, mixed: dict | None = None,
                    awq: dict | None = None, kv_cache: dict | None = None,
                    device_memory: dict | None = None, run_check: dict | None = None,
-                   memory_estimate: dict | None = None) -> None:
+                   memory_estimate: dict | None = None,
+                   prequantized: dict | None = None) -> None:
     needs = requirements(out)
     manifest = {
         "options": options.to_json(),
@@ -273,6 +274,7 @@ def write_manifest(out: Path, options: BuildOptions, source: Source, weight_file
             "repo_id": source.repo_id,
             "revision": source.revision,
             "files": [{"name": p.name, "bytes": p.stat().st_size} for p in weight_files],
+            **({"quantized": prequantized} if prequantized is not None else {}),
         },
         "stages": stages,
         **({"accuracy": accuracy} if accuracy is not None else {}),

@@ -20,6 +20,8 @@ import numpy as np
 from safetensors import safe_open
 
 from builder.errors import WeightError, did_you_mean
+from builder.quant.base import QuantizedWeight
+from builder.quant.prequantized import StoredCodes, StoredFormat
 from builder.source import checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -39,14 +41,23 @@ def nonfinite(array: np.ndarray) -> int:
 
 
 SAFETENSORS_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-                      "U8": np.uint8}  # (U8: a pre-quantized checkpoint's codes and scales)
+                      "U8": np.uint8, "I32": np.int32, "I64": np.int64}  # (U8, I32, I64: a
+# pre-quantized checkpoint's codes, scales, group indices and shapes)
 
 
 class CheckpointReader:
-    """Reads tensors by name from a folder of ``*.safetensors`` files, tracking what was used."""
+    """Reads tensors by name from a folder of ``*.safetensors`` files, tracking what was used.
 
-    def __init__(self, folder: Path) -> None:
+    A pre-quantized checkpoint (``stored``: GPTQ, AWQ, compressed-tensors) stores a quantized
+    linear ``<base>`` as integer tensors in place of ``<base>.weight``: the reader serves
+    ``<base>.weight`` as if it were stored, its values dequantized (exact in float32), and its
+    codes as they are (``codes``)."""
+
+    def __init__(self, folder: Path, stored: StoredFormat | None = None) -> None:
         self.folder = folder
+        self.stored = stored
+        self._virtual: dict[str, str] = {}  # <base>.weight -> <base>, of a quantized linear
+        self.stored_codes = None if stored is None else StoredCodes(self.codes)
         self._shard_files: list[Path] = []
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
@@ -66,6 +77,8 @@ class CheckpointReader:
                     self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
             self._shard_files.append(shard)
         self._check_index()
+        if stored is not None:
+            self._find_quantized(stored)
         logger.info("checkpoint: %d tensors in %d file(s)", len(self._where),
                     len(self._shard_files))
 
@@ -142,9 +155,63 @@ class CheckpointReader:
             if name not in self._where or self._where[name].name != shard:
                 raise WeightError(f"{INDEX_NAME} says {name!r} is in {shard}, but it is not there")
 
+    def _find_quantized(self, stored: StoredFormat) -> None:
+        suffix = "." + stored.marker
+        for name in [n for n in self._where if n.endswith(suffix)]:
+            base = name[: -len(suffix)]
+            weight = f"{base}.weight"
+            if weight in self._where:
+                raise WeightError(f"{base} is stored twice: as {weight!r} and quantized "
+                                  f"({name!r})")
+            for part in stored.parts(base, self.__contains__):
+                self._locate(part)
+            self._virtual[weight] = base
+            self._meta[weight] = ("F32", stored.shape(base, self.shape, self._read_any,
+                                                         self.__contains__))
+        if not self._virtual:
+            raise WeightError(f"{self.folder}: config.json says the checkpoint is quantized "
+                              f"({stored.method}), but no tensor is named '*{suffix}'")
+        logger.info("checkpoint: %d linear(s) quantized by %s (%s)", len(self._virtual),
+                    stored.method, stored.description)
+
     # -- reading -------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._virtual
+
+    def quantized(self, name: str) -> bool:
+        """Whether ``name`` is a pre-quantized checkpoint's quantized linear."""
+        return name in self._virtual
+
+    def codes(self, name: str) -> QuantizedWeight:
+        """A quantized linear's codes, scales and zero points as the checkpoint stores them,
+        in MatMulNBits' layout; marks its tensors consumed."""
+        base = self._virtual[name]
+        weight = self.stored.read(base, self._read_any, self.__contains__)
+        self._consumed.update(self.stored.parts(base, self.__contains__))
+        if nonfinite(weight.scales):
+            raise WeightError(f"tensor {base!r}'s scales hold NaN or infinite values: the "
+                              "checkpoint is damaged")
+        return weight
+
+    def summary(self) -> dict | None:
+        """For the manifest: a pre-quantized checkpoint's format, and which MatMul nodes kept
+        its codes and which the build rounded (float in the checkpoint, or values an
+        architecture changed); None for a float checkpoint."""
+        if self.stored is None:
+            return None
+        codes = self.stored_codes
+        return {**self.stored.summary(), "linears": len(self._virtual),
+                "kept_codes": len(codes.kept), "rounded_by_build": dict(sorted(
+                    codes.rounded.items()))}
+
+    def _read_any(self, name: str) -> np.ndarray:
+        """A whole tensor of any stored dtype (a quantized linear's parts)."""
+        shard = self._locate(name)
+        try:
+            with safe_open(str(shard), framework="numpy") as handle:
+                return handle.get_tensor(name)
+        except Exception as e:
+            raise WeightError(f"{shard}: cannot read tensor {name!r} ({e})") from None
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -158,6 +225,8 @@ class CheckpointReader:
         return self._meta[name][0]
 
     def _locate(self, name: str) -> Path:
+        if name in self._virtual:
+            return self._where[f"{self._virtual[name]}.{self.stored.marker}"]
         if name not in self._where:
             raise WeightError(f"tensor {name!r} not found in {self.folder}"
                               f"{did_you_mean(name, self._where)}")
@@ -189,8 +258,10 @@ class CheckpointReader:
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Read one float tensor in its stored dtype (bf16, fp16 or fp32), checking its shape;
-        marks it consumed."""
+        marks it consumed. A pre-quantized linear's weight is its dequantized values, float32."""
         shard = self._checked_float(name, shape)
+        if name in self._virtual:
+            return self.codes(name).dequantize()
         try:
             with safe_open(str(shard), framework="numpy") as handle:
                 array = handle.get_tensor(name)
@@ -206,6 +277,8 @@ class CheckpointReader:
         """A float tensor (checked as ``read`` checks it) whose rows are read on indexing: a
         vocabulary table a slice at a time, never whole in memory."""
         shard = self._checked_float(name, shape)
+        if name in self._virtual:
+            return DequantizedRows(self.codes(name))
         self._consumed.add(name)
         return Rows(self, name, shard)
 
@@ -280,3 +353,26 @@ class Rows:
             raise TypeError("Rows reads a contiguous range of rows: rows[start:stop]")
         start, stop, _ = rows.indices(self.shape[0])
         return self.reader._read_rows(self.name, self.shard, start, max(start, stop))
+
+
+class DequantizedRows:
+    """A pre-quantized table (a quantized lm_head) read as ``Rows`` are: ``rows[a:b]``
+    dequantizes rows a to b (its codes are in memory, a quarter of the float table at 4 bits)."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        self.weight = weight
+        self.shape = (weight.n, weight.k)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("DequantizedRows reads a contiguous range of rows: rows[start:stop]")
+        start, stop, _ = rows.indices(self.shape[0])
+        w = self.weight
+        part = QuantizedWeight(w.data[start:stop], w.scales[start:stop], None if
+                               w.zero_points is None else w.zero_points[start:stop], w.bits,
+                               w.block_size, w.k, w.k_order)
+        return part.dequantize()

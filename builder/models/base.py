@@ -391,10 +391,34 @@ class DecoderBuilder:
         bits = self.policy.bits_for(self.policy_role(role), layer, node)
         if bits is None:
             return weight
+        kept = self.checkpoint_codes(layer, weight, node)
+        if kept is not None:
+            return kept
         quantized = self.policy.quantize(role, layer, weight, bits)
         logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
                      self.policy.algorithm, bits)
         return quantized
+
+    def checkpoint_codes(self, layer: int | None, weight: np.ndarray,
+                         node: str) -> QuantizedWeight | None:
+        """A pre-quantized checkpoint's own codes for ``weight`` (MatMulNBits: cpu, cuda), found
+        by its rows among ``layer``'s stored linears (``quant.prequantized.StoredCodes``); None
+        where the checkpoint is float, the graph stores QDQ weights (qnn), or the weight is
+        not made of stored rows (then the build rounds it, and the manifest names it)."""
+        codes = getattr(self.weights, "stored_codes", None)
+        if codes is None or self.policy.qdq_conv is not None:
+            return None
+        names = self.layer_weight_names(layer) if layer is not None else [
+            self.weight_name(r) for r in (R.LM_HEAD, R.EMBED) if r in self.weight_names]
+        names = [n for n in names if self.weights.quantized(n)]
+        if not names:
+            return None
+        found, why = codes.find(weight, names)
+        if found is not None:
+            codes.kept.append(node)
+        else:
+            codes.rounded[node] = why
+        return found
 
     def policy_role(self, role: R | str) -> R | str:
         """The role the quantization policy sees: an own linear role as a layer projection

@@ -20,7 +20,10 @@ def quantized_initializers(gb: GraphBuilder, weight: QuantizedWeight, name: str)
 
 def matmul_nbits(gb: GraphBuilder, x: str, weight: QuantizedWeight, stored: list[str],
                  accuracy_level: int) -> str:
-    """com.microsoft MatMulNBits over already stored quantized initializers."""
+    """com.microsoft MatMulNBits over already stored quantized initializers (the input's
+    columns gathered into the weight's order first where it has its own: ``k_order``)."""
+    if weight.k_order is not None:
+        x = gb.node("Gather", [x, gb.constant(weight.k_order)], "Gather_k_order", axis=-1)
     return gb.node("MatMulNBits", [x, *stored], f"MatMul_Q{weight.bits}", domain=MS_DOMAIN,
                    K=weight.k, N=weight.n, bits=weight.bits, block_size=weight.block_size,
                    accuracy_level=accuracy_level)

@@ -27,6 +27,8 @@ class QuantizedWeight:
     bits: int
     block_size: int
     k: int                           # input features (K) before padding to whole blocks
+    k_order: np.ndarray | None = None  # stored column j is input column k_order[j] (a
+    # pre-quantized checkpoint's groups ordered by activation); None: in order
 
     @property
     def n(self) -> int:
@@ -40,7 +42,12 @@ class QuantizedWeight:
         else:
             zp = unpack(self.zero_points, self.bits)[:, : self.scales.shape[1]].astype(np.float32)
         w = (codes.astype(np.float32) - zp[..., None]) * self.scales[..., None]
-        return w.reshape(self.n, -1)[:, : self.k]
+        w = w.reshape(self.n, -1)[:, : self.k]
+        if self.k_order is None:
+            return w
+        columns = np.empty_like(w)
+        columns[:, self.k_order] = w
+        return columns
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
