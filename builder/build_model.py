@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from builder.config import DecoderConfig, check_keys
 from builder.errors import OptionError, OutputError, UnsupportedArchitectureError
 from builder.graph import Calibrated, GraphBuilder
+from builder.lora import load_adapters
 from builder.memory import check_memory
 from builder.metrics import StageMeter
 from builder.models.static import check_layer_kinds, check_lowered, other_layer_kinds
@@ -496,6 +497,28 @@ def prequantized(folder: Path, config: DecoderConfig, cls, options: BuildOptions
     return stored
 
 
+def adapters_of(options: BuildOptions, target: TargetCaps) -> tuple[tuple, tuple]:
+    """The LoRA adapters (adapter_path): (merged into the weights, kept apart)."""
+    paths = options.extra.adapter_path
+    if not paths:
+        return (), ()
+    merge = options.extra.lora_merge
+    if merge is None:
+        merge = target.static_shapes
+    if not merge and target.static_shapes:
+        raise OptionError(f"lora_merge=false: -e {target.name}'s static graphs cannot switch "
+                          "adapters at run time; merge one (lora_merge=true)")
+    if merge and len(paths) > 1:
+        raise OptionError(f"adapter_path names {len(paths)} adapters and lora_merge=true "
+                          "merges one; keep them apart (lora_merge=false, cpu/cuda) or build "
+                          "one folder per adapter")
+    adapters = tuple(load_adapters(paths))
+    if merge:
+        logger.info("adapter %s: merged into the weights before quantization", adapters[0].name)
+        return adapters, ()
+    return (), adapters
+
+
 ROUNDED_WHY = {"changed": "the architecture changed their values",
                "mixed": "they stack linears stored with different bits, blocks or column "
                         "orders (GPTQ's desc_act: --extra_options unpack_matmul=true keeps "
@@ -524,6 +547,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         config = cls.config_class.from_file(config_file, cls.config_defaults,
                                             cls.config_aliases)
         stored = prequantized(source.path, config, cls, options, target)
+        merged, apart = adapters_of(options, target)
         check_keys(config, cls.read_keys() | ({"quantization_config"} if stored else set()),
                    cls.__name__, ignored=options.extra.config_keys_ignored)
         check_tokenizer_files(source.path)
@@ -550,7 +574,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         else:
             float_type = FLOAT_DTYPES.get(options.precision,
                                           FLOAT_DTYPES[target.quantized_float])
-            with CheckpointReader(source.path, stored) as weights:
+            with CheckpointReader(source.path, stored, merged, apart) as weights:
                 folder.write(tmp, cls, config, weights, policy, float_type, meter, source.path)
                 weight_files = weights.files()
                 kept = weights.summary()

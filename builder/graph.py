@@ -201,6 +201,9 @@ class GraphBuilder:
         # values a QDQ graph adds after calibration, with the range and width they take
         # (lo, hi, bits, on the 8-bit KV grid): see ops.attention.activation_matmul
         self.narrow: dict[str, tuple[float, float, int, bool]] = {}
+        # LoRA adapters kept apart (builder.lora.LoraBranches): called by every projection
+        # with (graph, input, output, weight name, in, out) to add its branch
+        self.lora = None
 
     # -- names ---------------------------------------------------------------------------
     @contextlib.contextmanager

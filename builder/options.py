@@ -125,6 +125,16 @@ class ExtraOptions:
     int4_op_types_to_quantize: tuple[str, ...] = _opt(
         ("MatMul",), "Comma-separated op types to quantize: MatMul, and Gather for the "
         "embedding (GatherBlockQuantized).")
+    adapter_path: tuple[str, ...] = _opt(
+        (), "LoRA adapters, comma-separated PEFT folders (adapter_config.json, "
+        "adapter_model.safetensors). Merged into the weights before quantization "
+        "(lora_merge=true: one adapter), or kept apart on cpu/cuda: the adapted projections "
+        "gain LoRA MatMuls whose weights are graph inputs, and each adapter is written as "
+        "adapters/<folder name>.onnx_adapter for onnxruntime-genai's Adapters API.")
+    lora_merge: bool | None = _opt(
+        None, "With adapter_path: merge the adapter into the weights (true; the default on -e "
+        "qnn, whose static graphs cannot switch adapters) or keep each apart, switched at run "
+        "time (false; the default on cpu and cuda).")
     unpack_matmul: bool | None = _opt(
         None, "Separate q/k/v (and gate/up) MatMuls instead of packed ones, keeping the "
         "checkpoint's Llama-style layout (default: packed on cpu and cuda).",
@@ -375,6 +385,8 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
             return None
         return ("applies to -e qnn and to int4_algo_config=gptq, gptq_last, awq, awq_last, "
                 "awq_gptq, awq_gptq_last, rtn_mixed and gptq_mixed (-p int4, int8) only")
+    if name == "lora_merge" and (extra is None or not extra.adapter_path):
+        return "applies with adapter_path only"
     if name == "quant_budget" and (extra is None
                                    or extra.int4_algo_config not in MEASURED_MIXED):
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"

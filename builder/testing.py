@@ -52,12 +52,22 @@ def _present(past: str) -> str:
 
 
 def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                steps: int = 8, forced: np.ndarray | None = None) -> DecodeRun:
+                steps: int = 8, forced: np.ndarray | None = None,
+                adapter: Path | None = None) -> DecodeRun:
     """Prefill ``input_ids`` then decode ``steps`` tokens with the KV cache (and the states of
     layers of other kinds).
 
-    Decoded tokens are greedy, or ``forced[:, j]`` at step j when given.
+    Decoded tokens are greedy, or ``forced[:, j]`` at step j when given. ``adapter``: a LoRA
+    adapter file (``adapters/<name>.onnx_adapter``) active in every run.
     """
+    options = None
+    if adapter is not None:
+        import onnxruntime as ort
+
+        lora = ort.LoraAdapter()
+        lora.Load(str(adapter))
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
     sess = session(model_dir)
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
@@ -67,7 +77,7 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
     feed_ids, tokens, steps_out, prefill = ids, [ids], [], None
     for step in range(steps + 1):
         outs = dict(zip(out_names, sess.run(None, {"input_ids": feed_ids,
-                                                    "attention_mask": mask, **past})))
+                                                    "attention_mask": mask, **past}, options)))
         logits = outs["logits"]
         if step == 0:
             prefill = logits

@@ -53,9 +53,12 @@ class CheckpointReader:
     ``<base>.weight`` as if it were stored, its values dequantized (exact in float32), and its
     codes as they are (``codes``)."""
 
-    def __init__(self, folder: Path, stored: StoredFormat | None = None) -> None:
+    def __init__(self, folder: Path, stored: StoredFormat | None = None,
+                 merged: tuple = (), apart: tuple = ()) -> None:
         self.folder = folder
         self.stored = stored
+        self.merged = merged  # LoRA adapters (builder.lora.Adapter) merged into the weights
+        self.apart = apart    # and kept apart: the graphs add their branches (LoraBranches)
         self._virtual: dict[str, str] = {}  # <base>.weight -> <base>, of a quantized linear
         self.stored_codes = None if stored is None else StoredCodes(self.codes)
         self._shard_files: list[Path] = []
@@ -79,6 +82,8 @@ class CheckpointReader:
         self._check_index()
         if stored is not None:
             self._find_quantized(stored)
+        for adapter in (*merged, *apart):
+            adapter.check(self.__contains__)
         logger.info("checkpoint: %d tensors in %d file(s)", len(self._where),
                     len(self._shard_files))
 
@@ -258,7 +263,16 @@ class CheckpointReader:
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Read one float tensor in its stored dtype (bf16, fp16 or fp32), checking its shape;
-        marks it consumed. A pre-quantized linear's weight is its dequantized values, float32."""
+        marks it consumed. A pre-quantized linear's weight is its dequantized values, float32;
+        a weight a merged LoRA adapter adapts is W + s B A, float32."""
+        array = self._read(name, shape)
+        module = name.removesuffix(".weight")
+        for adapter in self.merged:
+            if module in adapter.modules:
+                array = array.astype(np.float32) + adapter.delta(module)
+        return array
+
+    def _read(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
         shard = self._checked_float(name, shape)
         if name in self._virtual:
             return self.codes(name).dequantize()
@@ -277,6 +291,9 @@ class CheckpointReader:
         """A float tensor (checked as ``read`` checks it) whose rows are read on indexing: a
         vocabulary table a slice at a time, never whole in memory."""
         shard = self._checked_float(name, shape)
+        if any(name.removesuffix(".weight") in a.modules for a in self.merged):
+            raise WeightError(f"a LoRA adapter adapts {name}, a table builder reads a slice at "
+                              "a time (embeddings, lm_head): merging it is not supported")
         if name in self._virtual:
             return DequantizedRows(self.codes(name))
         self._consumed.add(name)
@@ -320,6 +337,8 @@ class CheckpointReader:
                 and not any(fnmatch.fnmatchcase(n, pat) for pat in ignored)]
 
     def check_all_consumed(self, ignored: tuple[str, ...] = ()) -> None:
+        for adapter in self.merged:
+            adapter.check_all_used()
         unused = self.unused(ignored)
         if unused:
             shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")

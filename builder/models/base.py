@@ -19,6 +19,7 @@ by the target's lowering: ``builder.models.decoder`` (one graph: cpu, cuda) or
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from typing import ClassVar
 import numpy as np
 
 from builder.config import LAYER_TYPES, DecoderConfig, RopeConfig
-from builder.errors import ConfigError, WeightError
+from builder.errors import ConfigError, OptionError, WeightError
 from builder.graph import GraphBuilder
+from builder.lora import LoraBranches
 from builder.options import BuildOptions
 from builder.ops import ACTIVATIONS, linear, softcap, swiglu
 from builder.ops.mlp import Activation, plain_mlp
@@ -157,7 +159,10 @@ class DecoderBuilder:
         self.weights = weights
         self.gb = gb
         self.shared_embeddings = self._shared_embeddings()
-        self.packed = self._packed()
+        apart = getattr(weights, "apart", ())
+        self.packed = self._packed(bool(apart))
+        if apart:
+            gb.lora = LoraBranches(apart, self.lora_rows, gb.float_dtype)
         # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
         self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
@@ -250,10 +255,15 @@ class DecoderBuilder:
                     "" if asked is None else f", shared_embeddings={asked}")
         return shared
 
-    def _packed(self) -> bool:
+    def _packed(self, adapters: bool = False) -> bool:
         asked = self.extra.unpack_matmul
         packed = self.target.pack_matmuls if asked is None else not asked
-        why = (f"unpack_matmul={asked}" if asked is not None else
+        if adapters and packed:
+            if asked is not None:
+                raise OptionError("unpack_matmul=false: LoRA adapters kept apart adapt q, k, "
+                                  "v, gate and up each on its own MatMul")
+            packed, asked = False, "LoRA adapters kept apart"
+        why = (f"unpack_matmul={asked}" if isinstance(asked, bool) else asked if asked else
                f"the {self.target.name} default: one GEMM instead of three (QKV) and two "
                "(gate/up)" if packed else f"the {self.target.name} default")
         logger.info("projections: %s (%s)", "packed QKV and gate/up" if packed else
@@ -398,6 +408,38 @@ class DecoderBuilder:
         logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
                      self.policy.algorithm, bits)
         return quantized
+
+    def lora_rows(self, weight_name: str, n: int) -> tuple[str, np.ndarray | None] | None:
+        """The checkpoint module a projection's weight is (``weight_name`` as linear() gets
+        it) and, where the projection reorders or takes some of them, the module's rows in the
+        projection's output order (interleaved rotary's q and k; a part of a tensor the
+        checkpoint stores packed): where a LoRA adapter's B rows go (``lora.LoraBranches``)."""
+        base, _, part = weight_name.partition(".weight.")
+        found = self._roles_by_name.get(f"{base}.weight" if part else weight_name)
+        if found is None:
+            return weight_name.removesuffix(".weight"), None
+        role, layer = found
+        packed = None
+        if part:  # q of a stored qkv (initializer_name's "<packed>.weight.q")
+            packed, role = role, R(part)
+        elif weight_name not in self.weights and PACKED_IN.get(role) in self.weight_names:
+            packed = PACKED_IN[role]  # a part the table names but the checkpoint stores packed
+        if packed is None:
+            module, start = weight_name.removesuffix(".weight"), 0
+        else:
+            module = self.weight_name(packed, layer).removesuffix(".weight")
+            parts = [r for r, p in PACKED_IN.items() if p == packed]
+            start = sum(self.expected_shape(r)[0] for r in parts[:parts.index(role)])
+        rows = start + self.rotary_order(role, layer, np.arange(n))
+        same = packed is None and np.array_equal(rows, np.arange(n))
+        return module, None if same else rows
+
+    @functools.cached_property
+    def _roles_by_name(self) -> dict[str, tuple]:
+        return {template.format(i=layer): (role, layer)
+                for role, template in self.weight_names.items()
+                if "{i}" in template and "{e}" not in template
+                for layer in range(self.config.num_hidden_layers)}
 
     def checkpoint_codes(self, layer: int | None, weight: np.ndarray,
                          node: str) -> QuantizedWeight | None:

@@ -103,6 +103,9 @@ class DecoderLowering:
             gb.output(f"present.{i}.{name}", f"present.{i}.{name}", io, ["batch_size", *shape])
         b.weights.check_all_consumed(b.ignored())
         b.policy.check_exclusions()
+        if gb.lora is not None:  # LoRA adapters kept apart: their files beside the model
+            gb.lora.check_all_used()
+            gb.lora.write(gb.data_path.parent)
 
     def rotary_tables(self, rope: RopeConfig, suffix: str) -> tuple[str, str, int]:
         """(cos cache, sin cache, rotary dims) of ``rope``; with LongRoPE, an If picks the

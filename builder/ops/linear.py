@@ -46,6 +46,9 @@ def linear(gb: GraphBuilder, name: str, x: str, weight: np.ndarray | QuantizedWe
             stored = weight_name in gb.store.written  # by another graph of the folder
             y = gb.node("MatMul", [x, gb.initializer(
                 weight_name, None if stored else np.ascontiguousarray(weight.T))])
+        if gb.lora is not None and not conv:
+            n, k = (weight.n, weight.k) if isinstance(weight, QuantizedWeight) else weight.shape
+            y = gb.lora(gb, x, y, weight_name, k, n)
         if bias is not None:
             b = gb.initializer(bias_name or weight_name.replace("weight", "bias"), bias)
             y = gb.node("Add", [y, b])
