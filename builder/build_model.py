@@ -198,6 +198,7 @@ class DecoderFolder:
         self.awq: dict | None = None  # awq: the scales' figures
         self.kv: dict | None = None  # static targets: the KV cache's type and bytes
         self.device: dict | None = None  # and what each part holds on the device
+        self.stored: StoredFormat | None = None  # a pre-quantized checkpoint's format
 
     def check(self, config: DecoderConfig, cls) -> None:
         self.cls = cls
@@ -269,7 +270,11 @@ class PipelineFolder(DecoderFolder):
         if o.precision not in QDQ_PRECISIONS:
             return QuantPolicy()
         algorithm = o.extra.int4_algo_config
-        if algorithm == "default":
+        kept = self.stored is not None and o.precision in FOUR_BIT and \
+            self.stored.fits_qdq_blocks() and o.extra.qnn_int4_format == "float_block"
+        if algorithm == "default" and kept:  # (the checkpoint's codes: nothing to search)
+            algorithm = "rtn"
+        elif algorithm == "default":
             algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
             if hybrid_problem(self.cls, config, algorithm):  # (*_mixed measures attention
                 # and MLP projections only: gptq alone where it knows the layers')
@@ -478,10 +483,22 @@ def prequantized(folder: Path, config: DecoderConfig, cls, options: BuildOptions
     algorithm = options.extra.int4_algo_config
     what = f"the checkpoint is quantized by {stored.method} ({stored.bits} bits, " \
            f"{f'groups of {stored.group_size}' if stored.group_size else 'per channel'})"
-    if target.static_shapes:
-        logger.info("%s: -e %s stores QDQ weights, so its linears are dequantized and "
-                    "rounded again (the accuracy report says what that costs)", what,
-                    target.name)
+    if target.static_shapes and options.precision in FOUR_BIT and stored.fits_qdq_blocks() \
+            and options.extra.qnn_int4_format == "float_block":
+        if algorithm in DATA_AWARE or algorithm in MEASURED:
+            raise OptionError(f"int4_algo_config={algorithm} rounds every linear with "
+                              f"calibration data, but {what} and qnn_int4_format=float_block "
+                              "keeps its symmetric codes; leave int4_algo_config unset")
+        logger.info("%s: its symmetric 4-bit codes and scales are kept as the float-scale int4 "
+                    "blocks of qnn_int4_format=float_block (rtn for any it left in float)", what)
+    elif target.static_shapes:
+        logger.info("%s: -e %s stores QDQ weights%s, so its linears are dequantized and "
+                    "rounded again (the accuracy report says what that costs)%s", what,
+                    target.name, " as LPBQ blocks" if options.precision in FOUR_BIT and
+                    options.extra.qnn_int4_format == "lpbq" else "",
+                    "; qnn_int4_format=float_block keeps its codes" if
+                    options.precision in FOUR_BIT and stored.fits_qdq_blocks() and
+                    options.extra.qnn_int4_format == "lpbq" else "")
     elif options.precision not in (Precision.INT4, Precision.INT8):
         logger.info("%s: -p %s dequantizes its linears to float (-p int4 keeps their codes)",
                     what, options.precision.value)
@@ -522,7 +539,9 @@ def adapters_of(options: BuildOptions, target: TargetCaps) -> tuple[tuple, tuple
 ROUNDED_WHY = {"changed": "the architecture changed their values",
                "mixed": "they stack linears stored with different bits, blocks or column "
                         "orders (GPTQ's desc_act: --extra_options unpack_matmul=true keeps "
-                        "each its own)"}
+                        "each its own)",
+               "layout": "the node stores them in one layout that theirs is not (QMoE's "
+                         "experts: int4_block_size, zero points as -p int4 chooses)"}
 
 
 def warn_rounded(rounded: dict[str, str]) -> None:
@@ -559,6 +578,7 @@ def _build(options: BuildOptions, plugins: Plugins, target: TargetCaps,
         if options.precision in (Precision.INT4, Precision.INT8) and not target.static_shapes:
             check_shared_table(options, config)
         folder = folder_for(options, target)
+        folder.stored = stored
         folder.check(config, cls)
         check_model_type(config, cls, target)
         policy = folder.policy(config, plugins)

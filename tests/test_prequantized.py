@@ -286,3 +286,71 @@ def test_a_data_aware_algorithm_is_refused_on_stored_codes(llama_checkpoint, tmp
     folder, _ = _quantized(llama_checkpoint, tmp_path, "awq")
     with pytest.raises(BuilderError, match="int4_algo_config=gptq rounds every linear"):
         _build(folder, tmp_path / "out", extra=["int4_algo_config=gptq"])
+
+
+@pytest.mark.parametrize("method, kw", [("gptq", dict(group=32, symmetric=True)),
+                                        ("awq", dict(group=64, symmetric=False))])
+def test_moe_experts_keep_their_codes(method, kw, tmp_path):
+    """Qwen3-MoE: QMoE stacks every expert at int4_block_size (32), with zero points as -p
+    int4's default asks: the checkpoint's groups are cut into those blocks (or one scale a row
+    repeated over them), its symmetric codes given their implied zero point; nothing rounded."""
+    src = make_checkpoint(tmp_path / "moe", "qwen3_moe")
+    folder, ref = _quantized(src, tmp_path, method, **kw)
+    out = _build(folder, tmp_path / "out", extra=EXACT)
+    q = json.loads((out / "build_manifest.json").read_text())["checkpoint"]["quantized"]
+    assert q["rounded_by_build"] == {} and q["kept_codes"] > 3 * 8 * 2
+    ids = np.random.default_rng(4).integers(3, 256, (1, 10))
+    run = run_decoder(out, ids, steps=3)
+    want = hf_logits(ref, run.tokens, run.attention_mask, 10)
+    got = np.concatenate([run.prefill_logits, np.stack(run.step_logits, 1)], 1)
+    assert max_abs_diff(got, want) <= TOL
+
+
+def test_reblocked_is_exact_or_refused():
+    from builder.quant.prequantized import reblocked, to_blocks
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (6, 200)).astype(np.uint8)
+    groups = np.arange(200) // 64  # 64, 64, 64 and a short 8
+    scales = rng.uniform(0.01, 0.1, (6, 4)).astype(np.float32)
+    zeros = rng.integers(0, 16, (6, 4)).astype(np.uint8)
+    w = to_blocks("w", 4, codes, scales, zeros, groups)
+    assert w.block_size == 64
+    expected = (codes.astype(np.float32) - zeros[:, groups]) * scales[:, groups]
+    np.testing.assert_array_equal(w.dequantize(), expected)
+    small = reblocked(w, 16)
+    assert small.block_size == 16 and small.scales.shape == (6, 13)
+    np.testing.assert_array_equal(small.dequantize(), expected)
+    assert reblocked(w, 128) is None  # would straddle two scales
+    one = to_blocks("w", 4, codes, scales[:, :1], zeros[:, :1], np.zeros(200, np.int64))
+    np.testing.assert_array_equal(reblocked(one, 32).dequantize(), one.dequantize())
+
+
+@pytest.mark.xdist_group("qnn_prequantized")
+def test_qnn_float_blocks_keep_symmetric_codes(qwen3_checkpoint, tmp_path):
+    """qnn_int4_format=float_block: a symmetric 4-bit GPTQ checkpoint's codes and scales are
+    the int4 QDQ weights as they are (groups of 64 cut into the blocks of 32), every layer
+    projection; the graphs placed whole on the HTP."""
+    from qnn_helpers import only_graph_io_on_cpu, qnn_build
+
+    folder, ref = _quantized(qwen3_checkpoint, tmp_path, "gptq", group=64)
+    out = qnn_build(folder, tmp_path / "out", "w4a16", "qnn_int4_format=float_block")
+    q = json.loads((out / "build_manifest.json").read_text())["checkpoint"]["quantized"]
+    assert q["rounded_by_build"] == {} and q["kept_codes"] >= 3 * 4
+    stored = _rows(load_file(ref / "model.safetensors"))
+    from qnn_helpers import transformer_graphs
+
+    model = onnx.load(out / transformer_graphs(out)[0])
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = 0
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "DequantizeLinear" and "block_size" in attrs \
+                and node.input[0] in inits:
+            codes = inits[node.input[0]].astype(np.float32)  # [K, N]
+            scales = inits[node.input[1]].astype(np.float32)  # [K / block, N]
+            w = codes * np.repeat(scales, attrs["block_size"], axis=0)[:codes.shape[0]]
+            assert all(row.tobytes() in stored for row in np.ascontiguousarray(w.T))
+            found += 1
+    assert found >= 3 * 4
+    only_graph_io_on_cpu(out)

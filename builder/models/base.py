@@ -37,6 +37,7 @@ from builder.ops.mlp import Activation, plain_mlp
 from builder.ops.norms import NORM_KINDS, norm
 from builder.ops.rotary import interleaved_order
 from builder.quant import QuantizedWeight, QuantPolicy
+from builder.quant.prequantized import as_qdq
 from builder.roles import TensorRole as R
 from builder.roles import bias_of
 from builder.targets import TargetCaps
@@ -401,7 +402,14 @@ class DecoderBuilder:
         bits = self.policy.bits_for(self.policy_role(role), layer, node)
         if bits is None:
             return weight
-        kept = self.checkpoint_codes(layer, weight, node)
+        p = self.policy
+        if p.qdq_conv is None:  # MatMulNBits: the codes as stored
+            kept = self.checkpoint_codes(layer, weight, node)
+        elif bits == 4 and not (p.qdq_conv or p.lpbq):  # float-scale QDQ blocks: if they fit
+            kept = self.checkpoint_codes(layer, weight, node,
+                                         lambda q: as_qdq(q, p.block_size), qdq=True)
+        else:
+            kept = None
         if kept is not None:
             return kept
         quantized = self.policy.quantize(role, layer, weight, bits)
@@ -441,14 +449,17 @@ class DecoderBuilder:
                 if "{i}" in template and "{e}" not in template
                 for layer in range(self.config.num_hidden_layers)}
 
-    def checkpoint_codes(self, layer: int | None, weight: np.ndarray,
-                         node: str) -> QuantizedWeight | None:
-        """A pre-quantized checkpoint's own codes for ``weight`` (MatMulNBits: cpu, cuda), found
-        by its rows among ``layer``'s stored linears (``quant.prequantized.StoredCodes``); None
-        where the checkpoint is float, the graph stores QDQ weights (qnn), or the weight is
-        not made of stored rows (then the build rounds it, and the manifest names it)."""
+    def checkpoint_codes(self, layer: int | None, weight: np.ndarray, node: str,
+                         fits=None, qdq: bool = False) -> QuantizedWeight | None:
+        """A pre-quantized checkpoint's own codes for ``weight`` (MatMulNBits: cpu, cuda; with
+        ``qdq``, static QDQ weights), found by its rows among ``layer``'s stored linears
+        (``quant.prequantized.StoredCodes``); None where the checkpoint is float, or the weight
+        is not made of stored rows, or ``fits(codes)`` cannot give them the layout the node
+        stores (QMoE's experts: one block size; qnn's float-scale int4 blocks: symmetric
+        codes): then the build rounds it, and the manifest names
+        it."""
         codes = getattr(self.weights, "stored_codes", None)
-        if codes is None or self.policy.qdq_conv is not None:
+        if codes is None or (self.policy.qdq_conv is not None and not qdq):
             return None
         names = self.layer_weight_names(layer) if layer is not None else [
             self.weight_name(r) for r in (R.LM_HEAD, R.EMBED) if r in self.weight_names]
@@ -456,6 +467,9 @@ class DecoderBuilder:
         if not names:
             return None
         found, why = codes.find(weight, names)
+        if found is not None and fits is not None:  # (the layout the node takes, or None)
+            found = fits(found)
+            why = why if found is not None else "layout"
         if found is not None:
             codes.kept.append(node)
         else:

@@ -21,7 +21,8 @@ from builder.errors import ConfigError
 from builder.models.llama import LlamaBuilder
 from builder.ops import interleave, moe
 from builder.ops.moe import SwiGLU
-from builder.quant.base import QuantizedWeight
+from builder.quant.base import QuantizedWeight, pack
+from builder.quant.prequantized import reblocked
 from builder.roles import TensorRole as R
 from builder.weights import SAFETENSORS_DTYPES
 
@@ -191,9 +192,20 @@ class MoeBuilder(LlamaBuilder):
         quantizer = self.policy.quantizer(bits)
         scales, zero_points = [], []
 
+        def fits(q: QuantizedWeight) -> QuantizedWeight | None:  # every expert one layout
+            q = reblocked(q, block) if (q.bits, q.k_order) == (bits, None) else None
+            return q if q is not None and (q.zero_points is None
+                                           or not quantizer.symmetric) else None
+
         def codes():
             for e in self.experts(layer):
-                q: QuantizedWeight = quantizer.quantize(self.expert_weight(layer, e, fused))
+                w = self.expert_weight(layer, e, fused)
+                q = self.checkpoint_codes(layer, w, f"{name}/expert_{e}", fits)
+                if q is None:
+                    q = quantizer.quantize(w)
+                elif q.zero_points is None and not quantizer.symmetric:
+                    mid = np.full(q.scales.shape, 1 << (bits - 1), np.uint8)
+                    q = QuantizedWeight(q.data, q.scales, pack(mid, bits), bits, block, q.k)
                 scales.append(q.scales)
                 if q.zero_points is not None:
                     zero_points.append(q.zero_points)

@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 
 from builder.errors import ConfigError, WeightError
-from builder.quant.base import QuantizedWeight, pack
+from builder.quant.base import QuantizedWeight, pack, unpack
+from builder.quant.qdq import QdqWeight
 from builder.source import checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class StoredFormat:
     group_size: int        # 0: one group per row
     zero_offset: int = 0   # GPTQ v1: stored zero points are one less than they are
     description: str = ""  # for log lines and the manifest
+    symmetric: bool = False  # as the config says: every zero point 2^(bits - 1)
+
+    def fits_qdq_blocks(self) -> bool:
+        """Whether the static graphs' float-scale int4 blocks can hold the codes as they are
+        (symmetric 4-bit; a group a power of two of at least 16, or one a row)."""
+        size = self.group_size
+        return self.symmetric and self.bits == 4 and (size == 0 or (
+            size >= MIN_BLOCK and size & (size - 1) == 0))
 
     @property
     def marker(self) -> str:
@@ -158,8 +167,10 @@ def _gptq_format(q: dict, source: str) -> StoredFormat:
                           "reads the gptq and gptq_v2 layouts (marlin, bitblas and others "
                           "are repacked for one kernel; save the model in the gptq format)")
     desc = "desc_act" if q.get("desc_act") else "groups in order"
+    sym = bool(q.get("sym", True))
     return StoredFormat("gptq", bits, group, 1 if fmt == "gptq" else 0,
-                        f"{fmt}, {'symmetric' if q.get('sym', True) else 'asymmetric'}, {desc}")
+                        f"{fmt}, {'symmetric' if sym else 'asymmetric'}, {desc}",
+                        sym and not q.get("desc_act"))
 
 
 def _awq_format(q: dict, source: str) -> StoredFormat:
@@ -190,7 +201,7 @@ def _compressed_format(q: dict, source: str) -> StoredFormat:
     if not isinstance(groups, dict) or not groups:
         raise ConfigError(f"{source}: quantization_config config_groups: expected an object of "
                           "schemes")
-    bits, sizes = set(), set()
+    bits, sizes, symmetric = set(), set(), True
     for name, scheme in groups.items():
         w = scheme.get("weights") if isinstance(scheme, dict) else None
         if not isinstance(w, dict):
@@ -204,7 +215,9 @@ def _compressed_format(q: dict, source: str) -> StoredFormat:
                               "reads int weights with group or channel strategies")
         bits.add(_bits(_int(w, "num_bits", source), source, "compressed-tensors"))
         sizes.add(_int(w, "group_size", source) if w["strategy"] == "group" else 0)
-    return StoredFormat("compressed-tensors", max(bits), max(sizes), 0, "pack-quantized")
+        symmetric = symmetric and w.get("symmetric", True) is True and not w.get("actorder")
+    return StoredFormat("compressed-tensors", max(bits), max(sizes), 0, "pack-quantized",
+                        symmetric and len(bits) == 1)
 
 
 # -- the formats' layouts ------------------------------------------------------------------
@@ -337,6 +350,47 @@ def to_blocks(base: str, bits: int, codes: np.ndarray, scales: np.ndarray, zeros
                            np.ascontiguousarray(scales[:, group_of], np.float32),
                            None if symmetric else pack(block_zeros, bits), bits, block, k,
                            k_order)
+
+
+def reblocked(weight: QuantizedWeight, block: int) -> QuantizedWeight | None:
+    """``weight`` in blocks of ``block`` columns, exactly (each new block within one scale and
+    zero point of the old: a smaller block, or a larger one over equal scales); None where a
+    new block would straddle two scales."""
+    if block == weight.block_size:
+        return weight
+    n, k, bits = weight.n, weight.k, weight.bits
+    codes = unpack(weight.data.reshape(n, -1), bits)[:, :k]
+    per_column = np.repeat(np.arange(weight.scales.shape[1]), weight.block_size)[:k]
+    mid = np.full(weight.scales.shape, 1 << (bits - 1), np.uint8)
+    zeros = mid if weight.zero_points is None else \
+        unpack(weight.zero_points, bits)[:, :weight.scales.shape[1]]
+    blocks = -(-k // block)
+    pad = blocks * block - k
+    columns = np.pad(per_column, (0, pad), mode="edge").reshape(blocks, block)
+    if np.any(weight.scales[:, columns] != weight.scales[:, columns[:, :1]]) or np.any(
+            zeros[:, columns] != zeros[:, columns[:, :1]]):
+        return None
+    first = columns[:, 0]
+    padded = np.zeros((n, blocks * block), np.uint8)
+    padded[:, :k] = codes
+    return QuantizedWeight(pack(padded, bits).reshape(n, blocks, -1),
+                           np.ascontiguousarray(weight.scales[:, first]),
+                           None if weight.zero_points is None else pack(zeros[:, first], bits),
+                           bits, block, k, weight.k_order)
+
+
+def as_qdq(weight: QuantizedWeight, block: int) -> QdqWeight | None:
+    """A symmetric 4-bit weight as the static graphs' float-scale int4 blocks of ``block``
+    (codes minus 8, the same scales), exactly; None where it is not symmetric 4-bit in input
+    order, or its groups do not cut into such blocks."""
+    if weight.bits != 4 or weight.zero_points is not None or weight.k_order is not None:
+        return None
+    w = reblocked(weight, block)
+    if w is None or w.k % block:
+        return None
+    codes = unpack(w.data.reshape(w.n, -1), 4)[:, :w.k].astype(np.int8) - 8
+    return QdqWeight.of(np.ascontiguousarray(codes.T), np.ascontiguousarray(w.scales.T), 4,
+                        block)
 
 
 # -- finding a weight's rows among the stored ones ------------------------------------------
