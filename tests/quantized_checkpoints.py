@@ -70,12 +70,14 @@ def pack_awq(codes_kn: np.ndarray) -> np.ndarray:
 
 def quantize_checkpoint(src: Path, dst: Path, method: str, *, bits: int = 4, group: int = 32,
                         symmetric: bool = True, desc_act: bool = False, version: str = "gptq",
-                        seed: int = 0, shared_order: bool = True) -> tuple[Path, Path]:
+                        seed: int = 0, shared_order: bool = True,
+                        lm_head: bool = False) -> tuple[Path, Path]:
     """``src`` (a float checkpoint) with every layer linear quantized in ``method``'s layout
     (gptq, awq, compressed-tensors), into ``dst``; and ``dst``.ref: the dequantized weights in
     float32, for transformers. ``group`` 0: one group per row. ``desc_act``: GPTQ's groups
     in a random column order (g_idx), the same for the linears that read one input (as GPTQ's
-    one Hessian gives them) unless not ``shared_order``. Returns (dst, reference)."""
+    one Hessian gives them) unless not ``shared_order``; ``lm_head`` quantized too (GPTQModel's
+    lm_head=true). Returns (dst, reference)."""
     ref = dst.with_name(dst.name + ".ref")
     for folder in (dst, ref):
         shutil.copytree(src, folder)
@@ -89,8 +91,9 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, *, bits: int = 4, gro
     scale_dtype = np.float16 if method != "compressed-tensors" else ml_dtypes.bfloat16
     for name, value in tensors.items():
         base = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and base.split(".")[-1] in LINEARS
-                and ".layers." in name):
+        if not (name.endswith(".weight") and (base.split(".")[-1] in LINEARS
+                                              and ".layers." in name
+                                              or lm_head and base == "lm_head")):
             out[name] = value
             dequantized[name] = value.astype(np.float32)
             continue

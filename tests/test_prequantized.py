@@ -270,16 +270,36 @@ def test_formats_builder_does_not_read_are_refused(change, message, llama_checkp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_part_is_named(llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_a_missing_or_misshapen_part_is_named(damage, llama_checkpoint, tmp_path):
     from safetensors.numpy import save_file
 
     folder, _ = _quantized(llama_checkpoint, tmp_path, "gptq")
     tensors = load_file(folder / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    name = "model.layers.1.mlp.up_proj." + ("qzeros" if damage == "missing" else "scales")
+    if damage == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:, :-8].copy()
     save_file(tensors, folder / "model.safetensors")
     r = run_cli("-m", str(folder), "-o", str(tmp_path / "out"), "-p", "int4")
-    assert r.returncode == 2
-    assert "model.layers.1.mlp.up_proj.qzeros" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("error:") == 1
+    assert name in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantized_lm_head_keeps_its_codes(llama_checkpoint, tmp_path):
+    """GPTQModel's lm_head=true: lm_head stored quantized keeps its codes on cpu (with the
+    layers') and is read a slice at a time on qnn."""
+    folder, ref = _quantized(llama_checkpoint, tmp_path, "gptq", lm_head=True)
+    out = _build(folder, tmp_path / "out", extra=["int4_accuracy_level=1"])
+    q = json.loads((out / "build_manifest.json").read_text())["checkpoint"]["quantized"]
+    assert q["linears"] == 15 and q["kept_codes"] == 9 and q["rounded_by_build"] == {}
+    ids = np.random.default_rng(8).integers(3, 256, (1, 8))
+    run = run_decoder(out, ids, steps=2)
+    want = hf_logits(ref, run.tokens, run.attention_mask, 8)
+    got = np.concatenate([run.prefill_logits, np.stack(run.step_logits, 1)], 1)
+    assert max_abs_diff(got, want) <= TOL
 
 
 def test_a_data_aware_algorithm_is_refused_on_stored_codes(llama_checkpoint, tmp_path):

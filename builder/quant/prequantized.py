@@ -89,13 +89,23 @@ class StoredFormat:
             if shape.size != 2:
                 raise WeightError(f"tensor {base}.weight_shape holds {shape.tolist()}; "
                                   "expected [N, K]")
+            rows = shape_of(f"{base}.weight_packed")[0]
+            if rows != int(shape[0]):
+                raise WeightError(f"tensor {base}.weight_packed has {rows} rows; its "
+                                  f"weight_shape says {int(shape[0])}")
             return int(shape[0]), int(shape[1])
         n = shape_of(f"{base}.scales")[-1]
+        qweight = shape_of(f"{base}.qweight")
+        packed_n = qweight[-1] * (8 if self.method == "awq" else 1)
+        if len(qweight) != 2 or packed_n != n:
+            raise WeightError(f"tensor {base}.scales has shape {list(shape_of(base + '.scales'))}"
+                              f" and {base}.qweight {list(qweight)}: they disagree on the "
+                              f"output features ({n} and {packed_n})")
         if self.method == "awq":
-            return n, shape_of(f"{base}.qweight")[0]
+            return n, qweight[0]
         if has(f"{base}.g_idx"):
             return n, shape_of(f"{base}.g_idx")[0]
-        return n, shape_of(f"{base}.qweight")[0] * 32 // self.bits
+        return n, qweight[0] * 32 // self.bits
 
     def read(self, base: str, get: Callable[[str], np.ndarray],
              has: Callable[[str], bool]) -> QuantizedWeight:
