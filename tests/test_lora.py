@@ -169,6 +169,18 @@ def test_int4_base_with_adapters_apart(llama_checkpoint, adapters, tmp_path):
     assert _genai(out, prompt, "chat") != _genai(out, prompt)
 
 
+def test_cuda_fp16_adapter_apart(llama_checkpoint, adapters, tmp_path):
+    """-e cuda (fp16): the LoRA inputs and the adapter file in fp16; onnxruntime's CPU EP runs
+    the graph with the adapter within fp16's error of PEFT's model."""
+    out = _build(llama_checkpoint, tmp_path / "out", f"adapter_path={adapters[1]}",
+                 precision=Precision.FP16, ep=ExecutionProvider.CUDA)
+    ids = np.random.default_rng(9).integers(3, 256, (1, 8))
+    run = run_decoder(out, ids, steps=2, adapter=out / "adapters" / "code.onnx_adapter")
+    want = hf_logits(None, run.tokens, run.attention_mask, 8,
+                     model=peft_merged(llama_checkpoint, adapters[1]))
+    assert max_abs_diff(_logits(run).astype(np.float32), want) <= 3e-2
+
+
 @pytest.mark.xdist_group("qnn_lora")
 def test_qnn_merges_by_default(llama_checkpoint, adapters, tmp_path, caplog):
     from qnn_helpers import qnn_build

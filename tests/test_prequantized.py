@@ -374,3 +374,20 @@ def test_qnn_float_blocks_keep_symmetric_codes(qwen3_checkpoint, tmp_path):
             found += 1
     assert found >= 3 * 4
     only_graph_io_on_cpu(out)
+
+
+def test_cuda_int4_keeps_the_codes(llama_checkpoint, tmp_path):
+    """-e cuda -p int4 (an fp16 graph, which onnxruntime's CPU EP also runs): the same codes,
+    the fp16 scales exact, logits within fp16's error of the dequantized model's."""
+    folder, ref = _quantized(llama_checkpoint, tmp_path, "gptq", group=64, symmetric=False)
+    out = _build(folder, tmp_path / "out", extra=EXACT, ep=ExecutionProvider.CUDA)
+    q = json.loads((out / "build_manifest.json").read_text())["checkpoint"]["quantized"]
+    assert q["rounded_by_build"] == {} and q["kept_codes"] == 8
+    stored = _rows(load_file(ref / "model.safetensors"))
+    for w in _matmul_nbits_rows(out):
+        assert all(row.tobytes() in stored for row in w)
+    ids = np.random.default_rng(9).integers(3, 256, (1, 8))
+    run = run_decoder(out, ids, steps=2)
+    want = hf_logits(ref, run.tokens, run.attention_mask, 8)
+    got = np.concatenate([run.prefill_logits, np.stack(run.step_logits, 1)], 1)
+    assert max_abs_diff(got.astype(np.float32), want) <= 3e-2
