@@ -91,6 +91,11 @@ class Adapter:
         modules: dict[str, LoraModule] = {}
         for name in sorted(shapes):
             match = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_([AB])\.weight", name)
+            if match is None and name.endswith(".base_layer.weight"):
+                raise WeightError(f"{path}: tensor {name!r} replaces a base model's weight "
+                                  "(PEFT's save_embedding_layers, for resized embeddings or "
+                                  "lm_head): builder adapts the checkpoint's own weights; save "
+                                  "the adapter with save_embedding_layers=False")
             if match is None:
                 raise WeightError(f"{path}: tensor {name!r} is not a LoRA A or B weight "
                                   f"({PREFIX}<module>.lora_A.weight / lora_B.weight): builder "

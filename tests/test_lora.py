@@ -20,7 +20,7 @@ from checkpoints import hf_logits, hf_model, make_checkpoint
 TOL = 1e-4
 
 
-def make_adapter(base, folder, targets, seed, **config):
+def make_adapter(base, folder, targets, seed, save_embedding_layers=False, **config):
     """A PEFT LoRA adapter of ``base`` on ``targets``, its B weights random (PEFT starts them
     at zero: an adapter that changes nothing)."""
     from peft import LoraConfig, get_peft_model
@@ -33,7 +33,7 @@ def make_adapter(base, folder, targets, seed, **config):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=save_embedding_layers)
     return folder
 
 
@@ -214,7 +214,7 @@ def test_refusals(llama_checkpoint, adapters, tmp_path):
     with pytest.raises(BuilderError, match="use_dora=True"):
         _build(llama_checkpoint, tmp_path / "d", f"adapter_path={dora}")
     embed = make_adapter(llama_checkpoint, tmp_path / "embed", ["embed_tokens"], 5)
-    with pytest.raises(BuilderError, match="embed_tokens"):
+    with pytest.raises(BuilderError, match="embed_tokens.lora_embedding_A"):
         _build(llama_checkpoint, tmp_path / "e", f"adapter_path={embed}")
     wrong = make_adapter(llama_checkpoint, tmp_path / "wrong", ["q_proj"], 6)
     config = json.loads((wrong / "adapter_config.json").read_text())
@@ -222,8 +222,35 @@ def test_refusals(llama_checkpoint, adapters, tmp_path):
     (wrong / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(BuilderError, match="rank 4; adapter_config.json says r=8"):
         _build(llama_checkpoint, tmp_path / "f", f"adapter_path={wrong}")
-    for name in ("a", "b", "c", "d", "e", "f"):
+    renamed = make_adapter(llama_checkpoint, tmp_path / "renamed", ["q_proj"], 7)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(renamed / "adapter_model.safetensors")
+    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.x_proj"): v
+               for k, v in tensors.items()}, renamed / "adapter_model.safetensors")
+    with pytest.raises(BuilderError, match="layers.1.self_attn.x_proj is adapted, but the "
+                                           "checkpoint has no"):
+        _build(llama_checkpoint, tmp_path / "g", f"adapter_path={renamed}")
+    head = make_adapter(llama_checkpoint, tmp_path / "head", ["lm_head"], 9,
+                        save_embedding_layers=True)
+    with pytest.raises(BuilderError, match="save_embedding_layers=False"):
+        _build(llama_checkpoint, tmp_path / "h", f"adapter_path={head}")
+    for name in ("a", "b", "c", "d", "e", "f", "g", "h"):
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("merge", ["true", "false"])
+def test_lm_head_adapter(merge, llama_checkpoint, tmp_path):
+    """An adapter on lm_head too (untied): merged or apart, PEFT's logits."""
+    adapter = make_adapter(llama_checkpoint, tmp_path / "head", ["v_proj", "lm_head"], 8)
+    out = _build(llama_checkpoint, tmp_path / "out", f"adapter_path={adapter}",
+                 f"lora_merge={merge}")
+    ids = np.random.default_rng(10).integers(3, 256, (1, 8))
+    run = run_decoder(out, ids, steps=2, adapter=None if merge == "true" else
+                      out / "adapters" / "head.onnx_adapter")
+    want = hf_logits(None, run.tokens, run.attention_mask, 8,
+                     model=peft_merged(llama_checkpoint, adapter))
+    assert max_abs_diff(_logits(run), want) <= TOL
 
 
 def test_readme_adapter_program(llama_checkpoint, adapters, tmp_path):
