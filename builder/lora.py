@@ -27,6 +27,8 @@ import numpy as np
 from safetensors import safe_open
 
 from builder.errors import ConfigError, WeightError
+from builder.roles import PACKED_IN
+from builder.roles import TensorRole as R
 
 logger = logging.getLogger(__name__)
 
@@ -181,22 +183,53 @@ class LoraBranches:
 
     Every adapted module gets two graph inputs, ``<module>.lora_A`` [in, r] and
     ``<module>.lora_B`` [r, out] (s B, transposed), each with a default of rank 0 (no adapter
-    active: the branch adds zeros); an adapter file holds the modules it adapts.
-    ``rows_of(weight_name)`` (the architecture's) says which module a projection's weight is
-    and which of its rows, in the projection's output order."""
+    active: the branch adds zeros); an adapter file holds the modules it adapts. ``rows``
+    says which module a projection's weight is, and which of its rows (``builder``: the
+    architecture's DecoderBuilder, whose name table and rotary order tell)."""
 
-    def __init__(self, adapters: tuple[Adapter, ...], rows_of, float_dtype) -> None:
+    def __init__(self, adapters: tuple[Adapter, ...], builder) -> None:
         self.adapters = adapters
         self.modules = {m for a in adapters for m in a.modules}
-        self.rows_of = rows_of
-        self.float_dtype = float_dtype
+        self.builder = builder
+        self.float_dtype = builder.gb.float_dtype
         self.declared: dict[str, tuple[int, int]] = {}  # module -> (in, out)
+        self._roles: dict[str, tuple] | None = None  # checkpoint name -> (role, layer)
+
+    def rows(self, weight_name: str, n: int) -> tuple[str, np.ndarray | None]:
+        """The checkpoint module a projection's weight is (``weight_name`` as linear() gets
+        it) and, where the projection reorders or takes some of them, the module's rows in the
+        projection's output order (interleaved rotary's q and k; a part of a tensor the
+        checkpoint stores packed): where the adapter's B rows go."""
+        b = self.builder
+        if self._roles is None:
+            self._roles = {template.format(i=layer): (role, layer)
+                           for role, template in b.weight_names.items()
+                           if "{i}" in template and "{e}" not in template
+                           for layer in range(b.config.num_hidden_layers)}
+        base, _, part = weight_name.partition(".weight.")
+        found = self._roles.get(f"{base}.weight" if part else weight_name)
+        if found is None:
+            return weight_name.removesuffix(".weight"), None
+        role, layer = found
+        packed = None
+        if part:  # q of a stored qkv (initializer_name's "<packed>.weight.q")
+            packed, role = role, R(part)
+        elif weight_name not in b.weights and PACKED_IN.get(role) in b.weight_names:
+            packed = PACKED_IN[role]  # a part the table names but the checkpoint stores packed
+        if packed is None:
+            module, start = weight_name.removesuffix(".weight"), 0
+        else:
+            module = b.weight_name(packed, layer).removesuffix(".weight")
+            parts = [r for r, p in PACKED_IN.items() if p == packed]
+            start = sum(b.expected_shape(r)[0] for r in parts[:parts.index(role)])
+        rows = start + b.rotary_order(role, layer, np.arange(n))
+        same = packed is None and np.array_equal(rows, np.arange(n))
+        return module, None if same else rows
 
     def __call__(self, gb, x: str, y: str, weight_name: str, k: int, n: int) -> str:
-        found = self.rows_of(weight_name, n)
-        if found is None or found[0] not in self.modules:
+        module, rows = self.rows(weight_name, n)
+        if module not in self.modules:
             return y
-        module, rows = found
         a, b = self.inputs(gb, module, k, rows)
         with gb.scope("lora"):
             if rows is not None:

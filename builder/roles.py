@@ -44,6 +44,12 @@ class TensorRole(enum.StrEnum):
     LM_HEAD_BIAS = "lm_head_bias"
 
 
+# the packed tensor each part belongs to (q of qkv, gate of gate_up), in the order they stack
+PACKED_IN = {TensorRole.Q: TensorRole.QKV, TensorRole.K: TensorRole.QKV,
+             TensorRole.V: TensorRole.QKV, TensorRole.GATE: TensorRole.GATE_UP,
+             TensorRole.UP: TensorRole.GATE_UP}
+
+
 def bias_of(role: TensorRole | str) -> TensorRole | str:
     """The role of a norm's or projection's bias: ``attn_norm`` → ``attn_norm_bias``; an
     architecture's own role ``post_norm`` → ``post_norm_bias``."""

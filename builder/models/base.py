@@ -19,7 +19,6 @@ by the target's lowering: ``builder.models.decoder`` (one graph: cpu, cuda) or
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ from builder.ops.mlp import Activation, plain_mlp
 from builder.ops.norms import NORM_KINDS, norm
 from builder.ops.rotary import interleaved_order
 from builder.quant import QuantizedWeight, QuantPolicy
-from builder.quant.prequantized import as_qdq
+from builder.quant.prequantized import checkpoint_codes
+from builder.roles import PACKED_IN, bias_of
 from builder.roles import TensorRole as R
-from builder.roles import bias_of
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader, Rows
 
@@ -75,7 +74,6 @@ LLAMA_WEIGHT_NAMES: Mapping[R, str] = {
     R.DOWN_BIAS: "model.layers.{i}.mlp.down_proj.bias",
 }
 # the packed tensor that holds a projection's weight, when a checkpoint stores them fused
-PACKED_IN = {R.Q: R.QKV, R.K: R.QKV, R.V: R.QKV, R.GATE: R.GATE_UP, R.UP: R.GATE_UP}
 
 
 @dataclass(frozen=True)
@@ -163,7 +161,7 @@ class DecoderBuilder:
         apart = getattr(weights, "apart", ())
         self.packed = self._packed(bool(apart))
         if apart:
-            gb.lora = LoraBranches(apart, self.lora_rows, gb.float_dtype)
+            gb.lora = LoraBranches(apart, self)
         # 1x1 Conv projections: only for static graphs (qnn_linear=conv)
         self.conv_projections = target.static_shapes and self.extra.qnn_linear == "conv"
         self.check_supported()
@@ -402,79 +400,13 @@ class DecoderBuilder:
         bits = self.policy.bits_for(self.policy_role(role), layer, node)
         if bits is None:
             return weight
-        p = self.policy
-        if p.qdq_conv is None:  # MatMulNBits: the codes as stored
-            kept = self.checkpoint_codes(layer, weight, node)
-        elif bits == 4 and not (p.qdq_conv or p.lpbq):  # float-scale QDQ blocks: if they fit
-            kept = self.checkpoint_codes(layer, weight, node,
-                                         lambda q: as_qdq(q, p.block_size), qdq=True)
-        else:
-            kept = None
+        kept = checkpoint_codes(self, layer, weight, node, bits)
         if kept is not None:
             return kept
         quantized = self.policy.quantize(role, layer, weight, bits)
         logger.debug("%s: %s %s -> %s int%d", node, weight.dtype, list(weight.shape),
                      self.policy.algorithm, bits)
         return quantized
-
-    def lora_rows(self, weight_name: str, n: int) -> tuple[str, np.ndarray | None] | None:
-        """The checkpoint module a projection's weight is (``weight_name`` as linear() gets
-        it) and, where the projection reorders or takes some of them, the module's rows in the
-        projection's output order (interleaved rotary's q and k; a part of a tensor the
-        checkpoint stores packed): where a LoRA adapter's B rows go (``lora.LoraBranches``)."""
-        base, _, part = weight_name.partition(".weight.")
-        found = self._roles_by_name.get(f"{base}.weight" if part else weight_name)
-        if found is None:
-            return weight_name.removesuffix(".weight"), None
-        role, layer = found
-        packed = None
-        if part:  # q of a stored qkv (initializer_name's "<packed>.weight.q")
-            packed, role = role, R(part)
-        elif weight_name not in self.weights and PACKED_IN.get(role) in self.weight_names:
-            packed = PACKED_IN[role]  # a part the table names but the checkpoint stores packed
-        if packed is None:
-            module, start = weight_name.removesuffix(".weight"), 0
-        else:
-            module = self.weight_name(packed, layer).removesuffix(".weight")
-            parts = [r for r, p in PACKED_IN.items() if p == packed]
-            start = sum(self.expected_shape(r)[0] for r in parts[:parts.index(role)])
-        rows = start + self.rotary_order(role, layer, np.arange(n))
-        same = packed is None and np.array_equal(rows, np.arange(n))
-        return module, None if same else rows
-
-    @functools.cached_property
-    def _roles_by_name(self) -> dict[str, tuple]:
-        return {template.format(i=layer): (role, layer)
-                for role, template in self.weight_names.items()
-                if "{i}" in template and "{e}" not in template
-                for layer in range(self.config.num_hidden_layers)}
-
-    def checkpoint_codes(self, layer: int | None, weight: np.ndarray, node: str,
-                         fits=None, qdq: bool = False) -> QuantizedWeight | None:
-        """A pre-quantized checkpoint's own codes for ``weight`` (MatMulNBits: cpu, cuda; with
-        ``qdq``, static QDQ weights), found by its rows among ``layer``'s stored linears
-        (``quant.prequantized.StoredCodes``); None where the checkpoint is float, or the weight
-        is not made of stored rows, or ``fits(codes)`` cannot give them the layout the node
-        stores (QMoE's experts: one block size; qnn's float-scale int4 blocks: symmetric
-        codes): then the build rounds it, and the manifest names
-        it."""
-        codes = getattr(self.weights, "stored_codes", None)
-        if codes is None or (self.policy.qdq_conv is not None and not qdq):
-            return None
-        names = self.layer_weight_names(layer) if layer is not None else [
-            self.weight_name(r) for r in (R.LM_HEAD, R.EMBED) if r in self.weight_names]
-        names = [n for n in names if self.weights.quantized(n)]
-        if not names:
-            return None
-        found, why = codes.find(weight, names)
-        if found is not None and fits is not None:  # (the layout the node takes, or None)
-            found = fits(found)
-            why = why if found is not None else "layout"
-        if found is not None:
-            codes.kept.append(node)
-        else:
-            codes.rounded[node] = why
-        return found
 
     def policy_role(self, role: R | str) -> R | str:
         """The role the quantization policy sees: an own linear role as a layer projection

@@ -22,7 +22,7 @@ from builder.models.llama import LlamaBuilder
 from builder.ops import interleave, moe
 from builder.ops.moe import SwiGLU
 from builder.quant.base import QuantizedWeight, pack
-from builder.quant.prequantized import reblocked
+from builder.quant.prequantized import checkpoint_codes, reblocked
 from builder.roles import TensorRole as R
 from builder.weights import SAFETENSORS_DTYPES
 
@@ -200,7 +200,7 @@ class MoeBuilder(LlamaBuilder):
         def codes():
             for e in self.experts(layer):
                 w = self.expert_weight(layer, e, fused)
-                q = self.checkpoint_codes(layer, w, f"{name}/expert_{e}", fits)
+                q = checkpoint_codes(self, layer, w, f"{name}/expert_{e}", bits, fits)
                 if q is None:
                     q = quantizer.quantize(w)
                 elif q.zero_points is None and not quantizer.symmetric:

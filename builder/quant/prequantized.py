@@ -26,6 +26,7 @@ several compressed-tensors config groups) read as they are stored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ import numpy as np
 from builder.errors import ConfigError, WeightError
 from builder.quant.base import QuantizedWeight, pack, unpack
 from builder.quant.qdq import QdqWeight
+from builder.roles import TensorRole as R
 from builder.source import checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -469,3 +471,36 @@ class StoredCodes:
 def _same_order(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None
                                          and np.array_equal(a, b))
+
+
+def checkpoint_codes(builder, layer: int | None, weight: np.ndarray, node: str, bits: int,
+                     fits=None) -> QuantizedWeight | QdqWeight | None:
+    """A pre-quantized checkpoint's own codes for the weight ``builder`` is about to store at
+    ``bits`` in ``node``, found by its rows among ``layer``'s stored linears (``StoredCodes``):
+    as MatMulNBits stores them (cpu, cuda), or as the static graphs' float-scale int4 blocks
+    (qnn_int4_format=float_block: symmetric codes). None where the checkpoint is float, the
+    graph's grid is not the checkpoint's (LPBQ, int8, Conv), the weight is not made of stored
+    rows, or ``fits(codes)`` cannot give them the layout the node stores (QMoE's experts: one
+    block size): then the build rounds it, and the manifest names it."""
+    codes = getattr(builder.weights, "stored_codes", None)
+    p = builder.policy
+    if codes is None:
+        return None
+    if p.qdq_conv is not None:  # static QDQ weights: float-scale int4 blocks only
+        if bits != 4 or p.qdq_conv or p.lpbq:
+            return None
+        fits = functools.partial(as_qdq, block=p.block_size)
+    names = builder.layer_weight_names(layer) if layer is not None else [
+        builder.weight_name(r) for r in (R.LM_HEAD, R.EMBED) if r in builder.weight_names]
+    names = [n for n in names if builder.weights.quantized(n)]
+    if not names:
+        return None
+    found, why = codes.find(weight, names)
+    if found is not None and fits is not None:  # (the layout the node takes, or None)
+        found = fits(found)
+        why = why if found is not None else "layout"
+    if found is not None:
+        codes.kept.append(node)
+    else:
+        codes.rounded[node] = why
+    return found
