@@ -231,6 +231,10 @@ class LoraBranches:
         if module not in self.modules:
             return y
         a, b = self.inputs(gb, module, k, rows)
+        out = self.declared[module][1]
+        if out != n if rows is None else rows.max(initial=0) >= out:
+            raise WeightError(f"adapters: {module}'s lora_B gives {out} features; the "
+                              f"projection {weight_name} has {n}")
         with gb.scope("lora"):
             if rows is not None:
                 b = gb.node("Gather", [b, gb.constant(rows)], "Gather_rows", axis=1)
@@ -239,7 +243,7 @@ class LoraBranches:
 
     def inputs(self, gb, module: str, k: int, rows) -> tuple[str, str]:
         """The module's A and B graph inputs (declared once per graph, with rank-0 defaults)."""
-        out = self._out(module)
+        out = self._out(module, k)
         names = (f"{module}.lora_A", f"{module}.lora_B")
         if module not in self.declared:
             elem = gb.float_type
@@ -251,12 +255,22 @@ class LoraBranches:
             self.declared[module] = (k, out)
         return names
 
-    def _out(self, module: str) -> int:
+    def _out(self, module: str, k: int) -> int:
+        """The module's output features, every adapter's A and B checked against the
+        projection's input features ``k`` and each other."""
+        outs = set()
         for adapter in self.adapters:
             if module in adapter.modules:
+                m = adapter.modules[module]
                 with safe_open(str(adapter.folder / WEIGHTS), framework="numpy") as f:
-                    return f.get_slice(adapter.modules[module].b).get_shape()[0]
-        raise KeyError(module)
+                    a, b = (f.get_slice(t).get_shape() for t in (m.a, m.b))
+                if a[1] != k:
+                    raise WeightError(f"adapter {adapter.name}: {module}'s lora_A reads "
+                                      f"{a[1]} features; the projection's input has {k}")
+                outs.add(b[0])
+        if len(outs) != 1:
+            raise WeightError(f"adapters: {module}'s lora_B gives {sorted(outs)} features")
+        return outs.pop()
 
     def check_all_used(self) -> None:
         unused = sorted(self.modules - set(self.declared))

@@ -269,7 +269,12 @@ class CheckpointReader:
         module = name.removesuffix(".weight")
         for adapter in self.merged:
             if module in adapter.modules:
-                array = array.astype(np.float32) + adapter.delta(module)
+                delta = adapter.delta(module)
+                if delta.shape != array.shape:
+                    raise WeightError(f"adapter {adapter.name}: {module}'s LoRA gives "
+                                      f"{list(delta.shape)}; the checkpoint's weight is "
+                                      f"{list(array.shape)}")
+                array = array.astype(np.float32) + delta
         return array
 
     def _read(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
