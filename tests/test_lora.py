@@ -231,11 +231,19 @@ def test_refusals(llama_checkpoint, adapters, tmp_path):
     with pytest.raises(BuilderError, match="layers.1.self_attn.x_proj is adapted, but the "
                                            "checkpoint has no"):
         _build(llama_checkpoint, tmp_path / "g", f"adapter_path={renamed}")
+    misfit = make_adapter(llama_checkpoint, tmp_path / "misfit", ["v_proj"], 10)
+    tensors = load_file(misfit / "adapter_model.safetensors")
+    save_file({k.replace("v_proj", "q_proj"): v for k, v in tensors.items()},
+              misfit / "adapter_model.safetensors")  # B gives v's 32 features; q has 128
+    for merge, name in (("true", "m"), ("false", "n")):
+        with pytest.raises(BuilderError, match="q_proj's lora_B gives|q_proj's LoRA gives"):
+            _build(llama_checkpoint, tmp_path / name, f"adapter_path={misfit}",
+                   f"lora_merge={merge}")
     head = make_adapter(llama_checkpoint, tmp_path / "head", ["lm_head"], 9,
                         save_embedding_layers=True)
     with pytest.raises(BuilderError, match="save_embedding_layers=False"):
         _build(llama_checkpoint, tmp_path / "h", f"adapter_path={head}")
-    for name in ("a", "b", "c", "d", "e", "f", "g", "h"):
+    for name in ("a", "b", "c", "d", "e", "f", "g", "h", "m", "n"):
         assert not (tmp_path / name).exists()
 
 
