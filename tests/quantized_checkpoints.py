@@ -18,7 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's gemm packing: position i holds 8c + order[i]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-           "qkv_proj", "gate_up_proj")
+           "qkv_proj", "gate_up_proj",
+           "in_proj", "out_proj", "w1", "w2", "w3",  # LFM2's convolution and MLP; Mamba2's
+           "in_proj_qkv", "in_proj_z",  # Qwen3.5's Gated DeltaNet (a and b: 4 rows, left float)
+           "input_linear", "output_linear")  # Granite 4.0-H's MLP
 
 
 def grid(w: np.ndarray, bits: int, groups: np.ndarray, num_groups: int, symmetric: bool,
@@ -99,6 +102,10 @@ def quantize_checkpoint(src: Path, dst: Path, method: str, *, bits: int = 4, gro
             continue
         w = value.astype(np.float32)
         n, k = w.shape
+        if n % 8 or k % 32:  # (packs 8 codes of a column in a word: quantizers leave these)
+            out[name] = value
+            dequantized[name] = w
+            continue
         size = group or k
         num_groups = -(-k // size)
         reads = base.rsplit(".", 1)[0] + {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "in",

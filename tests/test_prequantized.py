@@ -391,3 +391,31 @@ def test_cuda_int4_keeps_the_codes(llama_checkpoint, tmp_path):
     want = hf_logits(ref, run.tokens, run.attention_mask, 8)
     got = np.concatenate([run.prefill_logits, np.stack(run.step_logits, 1)], 1)
     assert max_abs_diff(got.astype(np.float32), want) <= 3e-2
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "qwen3_5", "granitemoehybrid_dense"])
+def test_hybrids_keep_their_codes(arch, tmp_path):
+    """The hybrids' own projections (LFM2's convolution in/out, Qwen3.5's in_proj_qkv/z and
+    out_proj, Mamba2's in_proj, taken without its dt rows, and out_proj) keep their codes like
+    attention's and the MLP's."""
+    src = make_checkpoint(tmp_path / arch, arch)
+    folder, ref = _quantized(src, tmp_path, "gptq", group=32, symmetric=False)
+    out = _build(folder, tmp_path / "out", extra=EXACT)
+    q = json.loads((out / "build_manifest.json").read_text())["checkpoint"]["quantized"]
+    assert set(q["rounded_by_build"].values()) <= {"float"}  # (left float: N not 8 codes a word)
+    quantized = load_file(folder / "model.safetensors")
+    stored = {row.tobytes() for name, w in load_file(ref / "model.safetensors").items()
+              if name.removesuffix(".weight") + ".qweight" in quantized
+              for row in np.asarray(w, np.float32)}
+    exact = [all(row.tobytes() in stored for row in w) for w in _matmul_nbits_rows(out)]
+    assert sum(exact) == q["kept_codes"] >= 3 and q["kept_codes"] + len(q["rounded_by_build"]) \
+        == len(exact)
+    if q["rounded_by_build"]:  # those in float too: the model is then the checkpoint's
+        out = _build(folder, tmp_path / "exact", extra=[
+            "int4_accuracy_level=1", "int4_nodes_to_exclude=" + ",".join(
+                ["/lm_head/MatMul", *q["rounded_by_build"]])])
+    ids = np.random.default_rng(11).integers(3, 256, (1, 9))
+    run = run_decoder(out, ids, steps=3)
+    want = hf_logits(ref, run.tokens, run.attention_mask, 9)
+    got = np.concatenate([run.prefill_logits, np.stack(run.step_logits, 1)], 1)
+    assert max_abs_diff(got, want) <= 1e-4
