@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +66,23 @@ def buffers(model_dir: Path, stages: list[dict]) -> dict[str, np.ndarray]:
     return kept
 
 
-def present_of(past: str) -> str:
-    """The output that becomes the buffer ``past`` at the next call."""
-    return past.replace("past_", "present_", 1) if past.startswith("past_") \
-        else "present." + past.removeprefix("past.")
+def presents(decoder: dict) -> Callable[[str], str]:
+    """The output that becomes each past buffer at the next call, paired as onnxruntime-genai
+    pairs them: by genai_config.json's name templates (``past_<x>_names`` → the same layer's
+    ``present_<x>_names``), so no naming rule is stated twice."""
+    pairs = []
+    for key, template in decoder["inputs"].items():
+        if key.startswith("past_") and key.endswith("_names"):
+            pattern = re.compile(re.escape(template).replace("%d", r"(\d+)") + "$")
+            pairs.append((pattern, decoder["outputs"]["present_" + key.removeprefix("past_")]))
+
+    def present(past: str) -> str:
+        for pattern, output in pairs:
+            match = pattern.match(past)
+            if match:
+                return output % int(match.group(1))
+        raise KeyError(f"{past}: no past_*_names template in genai_config.json names it")
+    return present
 
 
 def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
@@ -86,6 +101,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
     run = runner or graph_runner(model_dir)
 
     cache = buffers(Path(model_dir), stages)
+    present = presents(dec)
 
     def call(ids, last_row, phase):
         values = {"input_ids": np.asarray([ids], np.int64),
@@ -96,7 +112,7 @@ def run_pipeline(model_dir: Path, prompt: list[int], steps: int,
                 out = run(spec["filename"], {name: values[name] for name in spec["inputs"]})
                 values.update((name, out[name]) for name in spec["outputs"])
         for key in cache:
-            cache[key] = values[present_of(key)]
+            cache[key] = values[present(key)]
         return values["logits"][0]
 
     pad = cfg["pad_token_id"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from builder.package import read_genai_config
-from builder.runner import PipelineRun, run_pipeline, session
+from builder.runner import PipelineRun, presents, run_pipeline, session
 
 __all__ = ["DecodeRun", "PipelineRun", "QnnRun", "genai_greedy", "hf_greedy", "hf_logits",
            "hf_model", "max_abs_diff", "run_decoder", "run_on_qnn", "run_pipeline",
@@ -46,11 +46,6 @@ def _initial_states(model_dir: Path, sess, batch: int) -> dict[str, np.ndarray]:
             for i in sess.get_inputs() if i.name.startswith("past")}
 
 
-def _present(past: str) -> str:
-    """The output that carries input ``past``'s next value."""
-    return "present." + past.removeprefix("past_key_values.").removeprefix("past.")
-
-
 def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                 steps: int = 8, forced: np.ndarray | None = None,
                 adapter: Path | None = None) -> DecodeRun:
@@ -73,6 +68,7 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
     batch = ids.shape[0]
     past = _initial_states(model_dir, sess, batch)
+    present = presents(read_genai_config(Path(model_dir))["model"]["decoder"])
     out_names = [o.name for o in sess.get_outputs()]
     feed_ids, tokens, steps_out, prefill = ids, [ids], [], None
     for step in range(steps + 1):
@@ -89,7 +85,7 @@ def run_decoder(model_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarr
         feed_ids = np.asarray(nxt, np.int64).reshape(batch, 1)
         tokens.append(feed_ids)
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        past = {name: outs[_present(name)] for name in past}
+        past = {name: outs[present(name)] for name in past}
     return DecodeRun(prefill, steps_out, np.concatenate(tokens, axis=1), mask)
 
 
