@@ -122,6 +122,18 @@ class DecoderConfig:
                               f"{_short(value)}")
         return float(value)
 
+    def integer(self, key: str, default: int | None = None, minimum: int = 1) -> int | None:
+        """An integer field of config.json that only some architectures have (LFM2's
+        ``conv_L_cache``): its value, or ``default`` when absent or null; anything but an
+        integer of at least ``minimum`` is refused, naming the field."""
+        value = self.extra.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+            raise ConfigError(f"config.json: {key} must be {what}, got {_short(value)}")
+        return value
+
     def flag(self, key: str, default: bool = False) -> bool:
         """A true/false field of config.json that only some architectures have: its value, or
         ``default`` when absent or null; anything but true or false is refused."""

@@ -108,6 +108,10 @@ class GptOssBuilder(MoeBuilder):
         if q is not None and (not isinstance(q, dict) or q.get("quant_method") != "mxfp4"):
             raise ConfigError(f"config.json: quantization_config {q!r}: of GPT-OSS's "
                               "pre-quantized checkpoints only MXFP4 experts are read")
+        if c.integer("experts_per_token", self.top_k()) != self.top_k():  # (both in released
+            # configs; transformers reads num_experts_per_tok)
+            raise ConfigError(f"config.json: experts_per_token={c.extra['experts_per_token']} "
+                              f"and num_experts_per_tok={self.top_k()} disagree")
         if c.intermediate_size % 32 or c.hidden_size % 32:
             raise ConfigError("config.json: MXFP4 experts need hidden_size and "
                               "intermediate_size to be multiples of 32")
@@ -121,9 +125,6 @@ class GptOssBuilder(MoeBuilder):
         return "BF16" if self.mxfp4(layer) else \
             self.weights.dtype(self.weight_name(GATE_UP if fused else DOWN, layer))
 
-    def top_k(self) -> int:
-        c = self.config
-        return c.extra.get("num_experts_per_tok") or c.extra["experts_per_token"]
 
     def swiglu(self) -> SwiGLU:
         c = self.config

@@ -134,11 +134,7 @@ class Lfm2Builder(LlamaBuilder):
     @staticmethod
     def taps(c: DecoderConfig) -> int:
         """The convolution's kernel length (conv_L_cache)."""
-        taps = c.extra.get("conv_L_cache", 3)
-        if not isinstance(taps, int) or isinstance(taps, bool) or taps < 1:
-            raise ConfigError(f"config.json: conv_L_cache must be a positive integer, got "
-                              f"{taps!r}")
-        return taps
+        return c.integer("conv_L_cache", 3)
 
     @classmethod
     def role_shape(cls, c: DecoderConfig, role) -> tuple[int, ...]:

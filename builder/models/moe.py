@@ -105,10 +105,8 @@ class MoeBuilder(LlamaBuilder):
         super().check_supported()
         c = self.config
         for key in (self.experts_field(c), "num_experts_per_tok", self.expert_size_field):
-            value = c.extra.get(key) if key else c.intermediate_size
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config.json: {key} must be a positive integer, got "
-                                  f"{value!r}")
+            if key and c.integer(key) is None:
+                raise ConfigError(f"config.json: {key} must be a positive integer, got none")
         if self.mlp_activation() != "silu":
             raise ConfigError(f"config.json: hidden_act {c.hidden_act!r}: onnxruntime's MoE "
                               "experts are SwiGLU (silu) only here")

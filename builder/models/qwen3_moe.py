@@ -24,10 +24,8 @@ class Qwen3MoeBuilder(MoeBuilder):
 
     def check_supported(self) -> None:
         x = self.config.extra
-        step, dense = x.get("decoder_sparse_step", 1), x.get("mlp_only_layers", [])
-        if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
-            raise ConfigError(f"config.json: decoder_sparse_step must be a positive integer, "
-                              f"got {step!r}")
+        self.config.integer("decoder_sparse_step", 1)
+        dense = x.get("mlp_only_layers", [])
         if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
             raise ConfigError(f"config.json: mlp_only_layers must be a list of layer indices, "
                               f"got {dense!r}")
