@@ -150,8 +150,7 @@ class GptOssBuilder(MoeBuilder):
                                                      self.expected_shape(r))[expert:expert + 1][0]
                               for r in MXFP4[role])
             return decode_mxfp4(blocks, scales)
-        stack = self.weights.rows(self.weight_name(role, layer), self.expected_shape(role))
-        return np.ascontiguousarray(stack[expert:expert + 1][0].T)
+        return np.ascontiguousarray(self.stacked_expert(role, layer, expert).T)
 
 
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from builder.config import DecoderConfig
 from builder.models.base import LLAMA_WEIGHT_NAMES
 from builder.models.granite import GraniteBuilder
 from builder.models.moe import MoeBuilder
-from builder.ops import interleave
 from builder.roles import TensorRole as R
 
 BLOCK = "model.layers.{i}.block_sparse_moe."
@@ -48,7 +47,4 @@ class GraniteMoeBuilder(MoeBuilder, GraniteBuilder):
         return super().weight_name(STACKS.get(role, role), layer, expert)
 
     def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
-        stack = self.weights.rows(self.weight_name(GATE_UP if fused else DOWN, layer),
-                                  self.expected_shape(GATE_UP if fused else DOWN))
-        w = stack[expert:expert + 1][0]
-        return interleave(*np.split(w, 2)) if fused else w
+        return self.stacked_expert_weight(layer, expert, fused, GATE_UP, DOWN)

@@ -156,6 +156,19 @@ class MoeBuilder(LlamaBuilder):
                        accuracy_level=self.policy.accuracy_level,
                        biases=self.expert_biases(layer), swiglu=self.swiglu())
 
+    def stacked_expert(self, role, layer: int, expert: int) -> np.ndarray:
+        """One expert of a tensor that stacks them ([experts, ...] under one name: ``role``),
+        read alone."""
+        stack = self.weights.rows(self.weight_name(role, layer), self.expected_shape(role))
+        return stack[expert:expert + 1][0]
+
+    def stacked_expert_weight(self, layer: int, expert: int, fused: bool, gate_up,
+                              down) -> np.ndarray:
+        """``expert_weight`` for a checkpoint that stacks gate and up as [experts, 2I, hidden]
+        (gate's rows, then up's) and down as [experts, hidden, I]."""
+        w = self.stacked_expert(gate_up if fused else down, layer, expert)
+        return interleave(*np.split(w, 2)) if fused else w
+
     def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
         """One expert's FC1 (gate and up rows interleaved, [2I, hidden]) or FC2 (down,
         [hidden, I]), as stored."""

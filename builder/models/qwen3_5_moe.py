@@ -26,7 +26,6 @@ from builder.models.qwen3_5 import (
     Qwen3_5VisionLanguageBuilder,
     language_model,
 )
-from builder.ops import interleave
 from builder.roles import TensorRole as R
 
 MLP = "model.layers.{i}.mlp."
@@ -74,10 +73,7 @@ class Qwen3_5MoeBuilder(MoeBuilder, Qwen3_5Builder):
     def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
         if not self.stacked(layer):
             return super().expert_weight(layer, expert, fused)
-        role = GATE_UP if fused else DOWN
-        w = self.weights.rows(self.weight_name(role, layer), self.expected_shape(role))
-        w = w[expert:expert + 1][0]
-        return interleave(*np.split(w, 2)) if fused else w
+        return self.stacked_expert_weight(layer, expert, fused, GATE_UP, DOWN)
 
     def expert_dtype(self, layer: int, fused: bool) -> str:
         if not self.stacked(layer):
