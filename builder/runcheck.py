@@ -5,8 +5,10 @@ opened in a child process (onnxruntime-genai can abort the process that loads a 
 the child's memory is given back when it ends) with onnxruntime-genai when it is installed: its
 genai_config.json, its tokenizer (the word "Hello" encoded), the model on the CPU (the folder's
 providers cleared: a cuda or qnn folder's graphs run on onnxruntime's CPU EP too), one token
-generated, the logits finite and the token inside the vocabulary. Without onnxruntime-genai,
-onnxruntime runs the graphs the way onnxruntime-genai would (``builder.runner``).
+generated, the logits finite and the token inside the vocabulary (and again with each LoRA
+adapter file of the folder active, as onnxruntime-genai's Adapters API loads it). Without
+onnxruntime-genai, onnxruntime runs the graphs the way onnxruntime-genai would
+(``builder.runner``).
 
 The child runs this file by its path (``runpy``), not as ``builder.runcheck``: importing the
 builder package would cost it seconds; it prints one JSON line.
@@ -77,9 +79,11 @@ def run_check(out: Path, options) -> dict:
         raise OutputError(f"the folder was built but does not run: {result['error']}; nothing "
                           "was written (run_check=false writes such a folder anyway)")
     result.update(ran=True, seconds=round(time.monotonic() - start, 2))
-    logger.info("run check: %s generated token %d after %s (%d ids) in %.1f s",
+    logger.info("run check: %s generated token %d after %s (%d ids) in %.1f s%s",
                 result["runtime"], result["token"], json.dumps(PROMPT), len(result["prompt"]),
-                result["seconds"])
+                result["seconds"], "; with each adapter active: " + ", ".join(
+                    f"{name} {token}" for name, token in result["adapters"].items())
+                if result.get("adapters") else "")
     return result
 
 
@@ -113,16 +117,36 @@ def with_genai(folder: Path, cfg: dict) -> dict:
     ids = ids or [cfg["model"]["bos_token_id"]]
     window = _window(cfg)
     padded = -(-len(ids) // window) * window if window else len(ids)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=padded + 1, min_length=padded + 1, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray([ids], np.int32))
-    logits = np.asarray(generator.get_output("logits"))
-    generator.generate_next_token()
-    token = int(generator.get_sequence(0)[-1])
+    vocab = cfg["model"]["vocab_size"]
+    adapters = og.Adapters(model) if _adapters(folder) else None
+
+    def generate(adapter: str | None) -> tuple[int, str | None]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=padded + 1, min_length=padded + 1,
+                                  do_sample=False)
+        generator = og.Generator(model, params)
+        if adapter is not None:
+            generator.set_active_adapter(adapters, adapter)
+        generator.append_tokens(np.asarray([ids], np.int32))
+        logits = np.asarray(generator.get_output("logits"))
+        generator.generate_next_token()
+        token = int(generator.get_sequence(0)[-1])
+        return token, _judge(logits, token, vocab)
+
+    token, error = generate(None)
+    tokens = {}
+    for path in _adapters(folder):  # each LoRA adapter file, active in turn
+        adapters.load(str(path), path.stem)
+        tokens[path.stem], why = generate(path.stem)
+        error = error or (why and f"with adapter {path.name}: {why}")
     text = tokenizer.decode([token]) if tokenizer else None
     return {"runtime": f"onnxruntime-genai {og.__version__}", "prompt": ids, "token": token,
-            "text": text, "error": _judge(logits, token, cfg["model"]["vocab_size"])}
+            "text": text, "error": error, **({"adapters": tokens} if tokens else {})}
+
+
+def _adapters(folder: Path) -> list[Path]:
+    """The folder's LoRA adapter files (lora_merge=false)."""
+    return sorted((folder / "adapters").glob("*.onnx_adapter"))
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -142,13 +166,20 @@ def with_onnxruntime(folder: Path, cfg: dict) -> dict:
         ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
             PROMPT, add_special_tokens=False).ids
     ids = list(ids or [cfg["model"]["bos_token_id"]])
+    vocab = cfg["model"]["vocab_size"]
     if _window(cfg):
         logits = run_pipeline(folder, ids, 1).step_logits[0]
     else:
         logits = run_decoder(folder, np.array([ids]), steps=0).prefill_logits[0, -1]
     token = int(np.argmax(logits))
+    error, tokens = _judge(logits, token, vocab), {}
+    for path in _adapters(folder):
+        logits = run_decoder(folder, np.array([ids]), steps=0, adapter=path).prefill_logits[0, -1]
+        tokens[path.stem] = int(np.argmax(logits))
+        why = _judge(logits, tokens[path.stem], vocab)
+        error = error or (why and f"with adapter {path.name}: {why}")
     return {"runtime": f"onnxruntime {ort.__version__}", "prompt": ids, "token": token,
-            "error": _judge(logits, token, cfg["model"]["vocab_size"])}
+            "error": error, **({"adapters": tokens} if tokens else {})}
 
 
 def main(argv: list[str]) -> int:

@@ -293,3 +293,37 @@ def test_readme_adapter_program(llama_checkpoint, adapters, tmp_path):
                                   max_length=24)[0].tolist()
         got = [int(t) for t in re.findall(r"\d+", printed[name])]
         assert got[:len(want)] == want, name
+
+
+_NO_GENAI = ("import runpy, sys; sys.modules['onnxruntime_genai'] = None; "
+             "runpy.run_path(sys.argv[1], run_name='__main__')")
+
+
+def test_the_run_check_activates_each_adapter(llama_checkpoint, adapters, tmp_path):
+    """The build's run check generates with each adapter file active too (onnxruntime-genai's
+    Adapters API; onnxruntime alone picks the same tokens); an adapter whose logits overflow
+    fails the build, naming it."""
+    import subprocess
+    import sys
+
+    import builder.runcheck
+    from builder.errors import OutputError
+
+    paths = ",".join(str(a) for a in adapters)
+    out = _build(llama_checkpoint, tmp_path / "out", f"adapter_path={paths}")
+    checked = json.loads((out / "build_manifest.json").read_text())["run_check"]
+    assert checked["runtime"].startswith("onnxruntime-genai ")
+    assert set(checked["adapters"]) == {"chat", "code"}
+    r = subprocess.run([sys.executable, "-c", _NO_GENAI, builder.runcheck.__file__, str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=out)
+    alone = json.loads(r.stdout.splitlines()[-1])
+    assert alone["error"] is None and alone["adapters"] == checked["adapters"]
+    loud = make_adapter(llama_checkpoint, tmp_path / "loud", ["o_proj"], 11)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(loud / "adapter_model.safetensors")
+    save_file({k: v * 1e20 for k, v in tensors.items()},
+              loud / "adapter_model.safetensors")
+    with pytest.raises(OutputError, match="with adapter loud.onnx_adapter: the logits hold"):
+        _build(llama_checkpoint, tmp_path / "broken", f"adapter_path={loud}")
+    assert not (tmp_path / "broken").exists()
