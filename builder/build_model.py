@@ -529,7 +529,7 @@ def adapters_of(options: BuildOptions, target: TargetCaps) -> tuple[tuple, tuple
         raise OptionError(f"adapter_path names {len(paths)} adapters and lora_merge=true "
                           "merges one; keep them apart (lora_merge=false, cpu/cuda) or build "
                           "one folder per adapter")
-    adapters = tuple(load_adapters(paths))
+    adapters = tuple(load_adapters(paths, options.cache_dir, options.extra.hf_token))
     if merge:
         logger.info("adapter %s: merged into the weights before quantization", adapters[0].name)
         return adapters, ()

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from builder.errors import ConfigError, WeightError
 from builder.roles import PACKED_IN
+from builder.source import adapter_folder
 from builder.roles import TensorRole as R
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ class LoraModule:
 class Adapter:
     """One PEFT LoRA adapter: its modules (the checkpoint linears it adapts), read lazily."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, name: str | None = None) -> None:
         self.folder = Path(folder)
-        self.name = self.folder.name
+        self.name = name or self.folder.name
         self.config = self._config()
         self.modules = self._modules()
         self.used: set[str] = set()
@@ -168,8 +169,11 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def load_adapters(paths: tuple[str, ...]) -> list[Adapter]:
-    adapters = [Adapter(Path(p)) for p in paths]
+def load_adapters(paths: tuple[str, ...], cache_dir: Path | None = None,
+                  token: str | None = None) -> list[Adapter]:
+    """adapter_path's adapters: local folders or hub repositories (``source.adapter_folder``),
+    each named by its folder (or repository)."""
+    adapters = [Adapter(*adapter_folder(p, cache_dir, token)) for p in paths]
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise ConfigError(f"adapter_path: two adapters named {names}: each folder's name "

@@ -127,7 +127,7 @@ class ExtraOptions:
         "embedding (GatherBlockQuantized).")
     adapter_path: tuple[str, ...] = _opt(
         (), "LoRA adapters, comma-separated PEFT folders (adapter_config.json, "
-        "adapter_model.safetensors). Merged into the weights before quantization "
+        "adapter_model.safetensors) or hub ids. Merged into the weights before quantization "
         "(lora_merge=true: one adapter), or kept apart on cpu/cuda: the adapted projections "
         "gain LoRA MatMuls whose weights are graph inputs, and each adapter is written as "
         "adapters/<folder name>.onnx_adapter for onnxruntime-genai's Adapters API.")

@@ -52,6 +52,24 @@ def resolve(model_name: str | None, input_dir: Path | None, cache_dir: Path | No
     return _hub(model_name, cache_dir, token, weights)
 
 
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def adapter_folder(name: str, cache_dir: Path | None, token: str | None) -> tuple[Path, str]:
+    """A LoRA adapter (adapter_path): a local folder, else a hub repository (its
+    adapter_config.json and adapter_model.safetensors only). Returns (folder, the adapter's
+    name: the folder's, or the repository's without its owner)."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise SourceError(f"adapter_path {name}: not a folder")
+        return local, local.name
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise SourceError(f"adapter_path {name}: no such folder")
+    logger.info("fetching adapter %s from the Hugging Face hub", name)
+    return _snapshot(name, cache_dir, token, allow=ADAPTER_FILES), name.split("/")[1]
+
+
 def allowed_roots(folder: Path) -> tuple[Path, ...]:
     """Where a checkpoint's files may live: the folder itself and, for a Hugging Face cache
     snapshot (``models--org--name/snapshots/<revision>``), the repository's ``blobs`` that its

@@ -327,3 +327,24 @@ def test_the_run_check_activates_each_adapter(llama_checkpoint, adapters, tmp_pa
     with pytest.raises(OutputError, match="with adapter loud.onnx_adapter: the logits hold"):
         _build(llama_checkpoint, tmp_path / "broken", f"adapter_path={loud}")
     assert not (tmp_path / "broken").exists()
+
+
+def test_an_adapter_from_the_hub(llama_checkpoint, adapters, tmp_path):
+    """adapter_path takes a hub id as -m does (here offline, from a cache laid out as
+    huggingface_hub stores one): its two files are read, the repository names the adapter."""
+    import os
+
+    from conftest import run_cli
+    from test_hub import _fake_cache
+
+    cache = tmp_path / "cache"
+    _fake_cache(cache, adapters[0], repo="some-org/chat-lora")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    out = tmp_path / "out"
+    r = run_cli("-m", str(llama_checkpoint), "-c", str(cache), "-o", str(out),
+                "--extra_options", "adapter_path=some-org/chat-lora", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "adapters" / "chat-lora.onnx_adapter").is_file()
+    r = run_cli("-m", str(llama_checkpoint), "-c", str(cache), "-o", str(tmp_path / "absent"),
+                "--extra_options", "adapter_path=some-org/absent-lora", env=env)
+    assert r.returncode == 2 and "some-org/absent-lora: no such local folder" in r.stderr
