@@ -18,7 +18,7 @@ from builder.graph import Calibrated, GraphBuilder
 from builder.lora import load_adapters
 from builder.memory import check_memory
 from builder.metrics import StageMeter
-from builder.models.static import check_layer_kinds, check_lowered, other_layer_kinds
+from builder.models.static import check_layer_kinds, check_lowered
 from builder.options import (
     FOUR_BIT,
     QDQ_PRECISIONS,
@@ -276,18 +276,19 @@ class PipelineFolder(DecoderFolder):
             algorithm = "rtn"
         elif algorithm == "default":
             algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
-            if hybrid_problem(self.cls, config, algorithm):  # (*_mixed measures attention
-                # and MLP projections only: gptq alone where it knows the layers')
+            problem = hybrid_problem(self.cls, config, algorithm)
+            if problem:  # (*_mixed measures attention and MLP projections only: gptq alone
+                # where it knows the layers', else rtn)
                 algorithm = "rtn" if hybrid_problem(self.cls, config, "gptq") else "gptq"
-                logger.info("weights: %s (the default at -p %s for a model with %s layers)",
-                            algorithm, o.precision, ", ".join(other_layer_kinds(self.cls,
-                                                                                config)))
+                logger.info("weights: %s (the default at -p %s, as %s)", algorithm,
+                            o.precision, problem)
             else:
                 logger.info("weights: %s (the default at -p %s)", algorithm, o.precision)
         elif algorithm in DATA_AWARE or algorithm in MEASURED:
             problem = hybrid_problem(self.cls, config, algorithm)
             if problem:
-                raise OptionError(f"int4_algo_config={algorithm}: {problem}; use gptq or rtn")
+                raise OptionError(f"int4_algo_config={algorithm}: {problem}; use " + (
+                    "rtn" if hybrid_problem(self.cls, config, "gptq") else "gptq or rtn"))
         if algorithm not in STATIC_ALGORITHMS:
             raise OptionError(f"int4_algo_config={algorithm} does not apply on -e qnn (lm_head "
                               "is int8 there); choose from "

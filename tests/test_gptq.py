@@ -193,8 +193,8 @@ def test_gptq_memory_does_not_grow_with_layers(algo, tmp_path):
 
 @pytest.mark.parametrize("algo", ["gptq", "awq"])
 def test_gptq_needs_the_static_graphs(algo, checkpoints, tmp_path):
-    """GPTQ and AWQ run the layers as -e qnn's graphs: a mixture of experts (which they do not
-    lower) is refused by the option's name, nothing written."""
+    """GPTQ and AWQ run the layers as -e qnn's graphs and round (scale) attention and dense
+    MLP projections: a mixture of experts is refused by the option's name, nothing written."""
     from conftest import run_cli
 
     r = run_cli("-m", str(checkpoints["qwen3_moe"]), "-o", str(tmp_path / "o"), "-p", "int4",

@@ -323,10 +323,9 @@ def test_int4_graph_matches_dequantized_reference(arch, checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("arch, args, message", [
-    ("qwen3_5_moe", ["-e", "qnn"], "Qwen3_5MoeForCausalLM (mixture of experts) is not "
-                                   "supported yet for -e qnn"),
-    ("granitemoehybrid", ["-e", "qnn", "-p", "w4a16"],
-     "GraniteMoeHybridForCausalLM (mixture of experts) is not supported yet for -e qnn"),
+    ("qwen3_5_moe", ["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_algo_config=gptq"],
+     "int4_algo_config=gptq: gptq rounds, scales or measures attention and dense MLP "
+     "projections, and this model's MLPs are experts; use rtn"),
     ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=awq"],
      "int4_algo_config=awq runs the layers as -e qnn's graphs, and awq scales or measures "
      "attention and MLP projections only, and this model has conv layers (gptq rounds them)"),

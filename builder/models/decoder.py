@@ -183,6 +183,11 @@ class DecoderLowering:
         graph input to read and the output name to write."""
         return self.states[layer, name][0], f"present.{layer}.{name}"
 
+    def experts(self, layer: int, x: str, router: str) -> str:
+        """A mixture of experts' routed experts (``router``: the router's logits): onnxruntime's
+        MoE / QMoE, which run the k picked per token."""
+        return self.b.routed_experts(layer, x, router)
+
     def conv(self, name: str, layer: int, state: str, x: str, weight: np.ndarray,
              weight_name: str, bias: np.ndarray | None, bias_name: str | None,
              activation: str = "none") -> str:

@@ -141,6 +141,9 @@ class GptOssBuilder(MoeBuilder):
         return tuple(self.gb.initializer(self.weight_name(role, layer), self.weight(role, layer))
                      for role in (GATE_UP_BIAS, DOWN_BIAS))
 
+    def expert_bias_values(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.weight(GATE_UP_BIAS, layer), self.weight(DOWN_BIAS, layer)
+
     def expert_weight(self, layer: int, expert: int, fused: bool) -> np.ndarray:
         """[2I, hidden] (gate and up rows interleaved, as stored in alternate columns) or
         [hidden, I]: the stack's expert, transposed; or decoded from MXFP4."""

@@ -85,6 +85,11 @@ class MoeBuilder(LlamaBuilder):
         interleaved) and fc2 [experts, hidden] biases; '' where there is none."""
         return ("", "")
 
+    def expert_bias_values(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The experts' fc1 [experts, 2I] (gate and up interleaved) and fc2 [experts, hidden]
+        biases as values (the static graphs' dense experts); None: none."""
+        return None
+
     def sparse(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is the experts (else the dense MLP)."""
         return True
@@ -113,10 +118,6 @@ class MoeBuilder(LlamaBuilder):
         if self.top_k() > self.num_experts(c):
             raise ConfigError(f"config.json: num_experts_per_tok={self.top_k()} is more than "
                               f"the {self.num_experts(c)} experts")
-        if self.target.static_shapes:
-            raise ConfigError(f"{c.architecture} (mixture of experts) is not supported yet for "
-                              f"-e {self.target.name}: its graphs have no lowering of the "
-                              "routed experts")
         sparse = [i for i in range(c.num_hidden_layers) if self.sparse(i)]
         logger.info("experts: %d per sparse layer (%d of %d layers), top %d%s", self.num_experts(c),
                     len(sparse), c.num_hidden_layers, self.top_k(),
@@ -131,30 +132,35 @@ class MoeBuilder(LlamaBuilder):
             router = self.project("gate", x, R.ROUTER, layer, self.weight(R.ROUTER, layer),
                                   self.weight_name(R.ROUTER, layer),
                                   *(self.router_bias(layer) or (None, None)))
-            node = gb.path("experts/MoE")
-            bits = (self.policy.bits_for(R.EXPERT_GATE, layer, node),
-                    self.policy.bits_for(R.EXPERT_DOWN, layer, node))
-            prefix = self.weight_name(R.ROUTER, layer).rsplit(".", 2)[0] + ".experts"
-            if bits == (None, None):
-                fc1 = [self._float_stack(f"{prefix}.gate_up_proj", layer, True)]
-                fc2 = [self._float_stack(f"{prefix}.down_proj", layer, False)]
-                quantized = None
-            else:
-                if None in bits:
-                    raise ConfigError(f"{node}: the quantization policy keeps only one of the "
-                                      "experts' projections in float, which QMoE cannot run")
-                if 8 in bits:
-                    raise ConfigError(f"{node}: 8-bit experts are not supported: onnxruntime's "
-                                      "QMoE computes them about 1% off their own weights "
-                                      "(4-bit is exact); build them with -p int4, or keep them "
-                                      f"in float with int4_nodes_to_exclude={node}")
-                fc1 = self._quantized_stack(f"{prefix}.gate_up_proj", layer, True, bits[0])
-                fc2 = self._quantized_stack(f"{prefix}.down_proj", layer, False, bits[1])
-                quantized = (*bits, self.policy.block_size)
-            return moe(gb, "experts", x, router, fc1, fc2, k=self.top_k(),
-                       normalize=self.normalize_top_k(), quantized=quantized,
-                       accuracy_level=self.policy.accuracy_level,
-                       biases=self.expert_biases(layer), swiglu=self.swiglu())
+            return self.lowering.experts(layer, x, router)
+
+    def routed_experts(self, layer: int, x: str, router: str) -> str:
+        """The experts as onnxruntime's MoE / QMoE run them (cpu, cuda: the picked k only)."""
+        gb = self.gb
+        node = gb.path("experts/MoE")
+        bits = (self.policy.bits_for(R.EXPERT_GATE, layer, node),
+                self.policy.bits_for(R.EXPERT_DOWN, layer, node))
+        prefix = self.weight_name(R.ROUTER, layer).rsplit(".", 2)[0] + ".experts"
+        if bits == (None, None):
+            fc1 = [self._float_stack(f"{prefix}.gate_up_proj", layer, True)]
+            fc2 = [self._float_stack(f"{prefix}.down_proj", layer, False)]
+            quantized = None
+        else:
+            if None in bits:
+                raise ConfigError(f"{node}: the quantization policy keeps only one of the "
+                                  "experts' projections in float, which QMoE cannot run")
+            if 8 in bits:
+                raise ConfigError(f"{node}: 8-bit experts are not supported: onnxruntime's "
+                                  "QMoE computes them about 1% off their own weights "
+                                  "(4-bit is exact); build them with -p int4, or keep them "
+                                  f"in float with int4_nodes_to_exclude={node}")
+            fc1 = self._quantized_stack(f"{prefix}.gate_up_proj", layer, True, bits[0])
+            fc2 = self._quantized_stack(f"{prefix}.down_proj", layer, False, bits[1])
+            quantized = (*bits, self.policy.block_size)
+        return moe(gb, "experts", x, router, fc1, fc2, k=self.top_k(),
+                   normalize=self.normalize_top_k(), quantized=quantized,
+                   accuracy_level=self.policy.accuracy_level,
+                   biases=self.expert_biases(layer), swiglu=self.swiglu())
 
     def stacked_expert(self, role, layer: int, expert: int) -> np.ndarray:
         """One expert of a tensor that stacks them ([experts, ...] under one name: ``role``),

@@ -32,6 +32,7 @@ from builder.ops import (
     decomposed_attention, embedding, linear, rope_cache, rotary_decomposed, split_heads,
     static_attention_inputs, static_attention_mask, static_causal_conv, write_kv,
 )
+from builder.ops.moe import dense_experts
 from builder.ops.recurrence import static_linear_attention
 from builder.ops.rotary import RopeTables
 from builder.options import QDQ_PRECISIONS
@@ -190,6 +191,7 @@ class StaticLowering:
                     for n, t, h in (("q", q, c.num_attention_heads),
                                     ("k", k, c.num_key_value_heads)))
         q, k = b.after_rotary(layer, q, k)
+        sinks = b.attention_sinks(layer)
         past, kv_type = self.past[layer], KV_TYPE
         if quantized_precision(b):  # the cache update in the float type: onnxruntime's CPU EP
             # quantizes fp16 13x slower than fp32 (calibration and the accuracy report run it)
@@ -208,7 +210,8 @@ class StaticLowering:
                                     kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                     seq_len=s, kv_type=kv_type, scale=b.attention_scale(),
                                     softcap=b.attention_softcap(),
-                                    relative_mask=quantized_precision(b), batch=batch)
+                                    relative_mask=quantized_precision(b), batch=batch,
+                                    sinks=None if sinks is None else sinks[0])
 
     def chunk_mask(self) -> str:
         """The prefill graph's ``CHUNK_MASK`` input [B, S], declared on first use."""
@@ -232,6 +235,27 @@ class StaticLowering:
                 self._last = gb.node("Unsqueeze", [gb.node("Sub", [mask, following]),
                                                    gb.constant([1])])
         return self._last
+
+    def experts(self, layer: int, x: str, router: str) -> str:
+        """A mixture of experts' routed experts from standard ops (``ops.moe.dense_experts``):
+        every expert runs on every token and its output is weighted by the routing weight
+        onnxruntime's MoE gives it (the softmax's top k, renormalized where the architecture
+        says; 0 for the others): the HTP has no op that picks weights by a token's route."""
+        b = self.b
+        experts = []
+        for e in b.experts(layer):
+            fc1 = b.expert_weight(layer, e, True)  # gate row j at 2j, up row j at 2j + 1
+            experts.append((fc1[0::2], fc1[1::2], b.expert_weight(layer, e, False)))
+        biases = b.expert_bias_values(layer)
+        prefix = b.weight_name(R.ROUTER, layer).rsplit(".", 2)[0] + ".experts"
+
+        def project(name, x, role, e, weight, bias):
+            weight_name = f"{prefix}.{e}.{name}.weight"
+            return b.project(name, x, role, layer, weight, weight_name, bias,
+                             None if bias is None else weight_name.replace("weight", "bias"))
+
+        return dense_experts(b.gb, "experts", x, router, experts, project, k=b.top_k(),
+                             normalize=b.normalize_top_k(), swiglu=b.swiglu(), biases=biases)
 
     def conv(self, name: str, layer: int, state: str, x: str, weight: np.ndarray,
              weight_name: str, bias: np.ndarray | None, bias_name: str | None,
@@ -318,8 +342,7 @@ class StaticLowering:
 
 # DecoderBuilder methods the static graphs never call: an architecture that overrides one
 # would be a different model here, so the build stops instead.
-NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, layer loop)",
-               "attention_sinks": "attention sinks (a logit per head in each softmax)"}
+NOT_LOWERED = {"build": "the single-graph decoder's frame (inputs, outputs, layer loop)"}
 
 
 def check_lowered(b: DecoderBuilder, target: str) -> None:

@@ -249,7 +249,7 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
                          bias: str, *, num_heads: int, kv_heads: int, head_dim: int,
                          seq_len: int, kv_type: int, scale: float,
                          softcap: float | None = None, relative_mask: bool = False,
-                         batch: int | str = 1) -> str:
+                         batch: int | str = 1, sinks: np.ndarray | None = None) -> str:
     """Attention from MatMul/Softmax for static-shape targets (no GroupQueryAttention).
 
     q [B, S, heads*hd] (rotated); keys and values [B, kv, T, hd], the whole cache with this
@@ -258,8 +258,10 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
     graphs) ``bias`` is 0 / -1 and masked scores are pushed RELATIVE_MASK_MARGIN below their
     row's smallest score: a fixed mask small enough for uint16 activations (-50) leaves a key
     masked by less than the spread of a model's scores visible (large attention logits are
-    common: a tiny trained Llama reaches 118). Grouped queries are folded into the sequence axis,
-    [1, kv, groups*S, hd], so no key/value head is ever repeated:
+    common: a tiny trained Llama reaches 118). ``sinks`` [heads] (GPT-OSS's): one more logit
+    per head in each row's softmax, a column of its own that no value reads (dropped after the
+    Softmax). Grouped queries are folded into the sequence axis, [1, kv, groups*S, hd], so no
+    key/value head is ever repeated:
 
         q ─ [1, heads, S, hd] ─ Reshape ─ [1, kv, g*S, hd] ─┐
         keys ─ Transpose ─ [1, kv, hd, T] ───────── MatMul · scale + Tile(bias) ─ Softmax ─┐
@@ -288,7 +290,21 @@ def decomposed_attention(gb: GraphBuilder, name: str, q: str, keys: str, values:
                                     gb.constant(RELATIVE_MASK_MARGIN, np.float32)], "span/Add")
             bias = gb.node("Mul", [bias, depth], "bias/Mul")
         scores = gb.node("Add", [scores, bias], "scores/Add")
+        if sinks is not None:  # row (kv head j, group i, position s) is head j * groups + i's
+            column = gb.constant(np.repeat(
+                np.asarray(sinks, np.float32).reshape(kv_heads, groups, 1), seq_len,
+                axis=1).reshape(1, kv_heads, groups * seq_len, 1), np.float32)
+            if b != 1:  # as many rows as the scores' batch
+                rows = gb.node("Slice", [gb.node("Shape", [scores], "sinks/Shape"),
+                                         gb.constant([0]), gb.constant([1])], "sinks/batch")
+                column = gb.node("Expand", [column, gb.node("Concat", [
+                    rows, gb.constant([kv_heads, groups * seq_len, 1])], "sinks/shape",
+                    axis=0)], "sinks/Expand")
+            scores = gb.node("Concat", [scores, column], "sinks/Concat", axis=-1)
         probs = gb.node("Softmax", [scores], "Softmax", axis=-1)
+        if sinks is not None:
+            probs = gb.node("Slice", [probs, gb.constant([0]), gb.constant([-1]),
+                                      gb.constant([-1])], "sinks/Slice")
         out = activation_matmul(gb, "out", probs, values, 1.0)  # a row of weights sums to 1
         out = gb.node("Reshape", [out, gb.constant([b, num_heads, seq_len, head_dim])],
                       "out/Ungroup")

@@ -96,3 +96,61 @@ def moe(gb: GraphBuilder, name: str, x: str, router_logits: str, fc1: list[str],
             share = gb.node("ReduceSum", [top, gb.constant([-1])], keepdims=1)
         return gb.node("Mul", [out, share], "unnormalized/Mul")
 
+
+
+def swiglu_of(gb: GraphBuilder, gate: str, up: str, swiglu: SwiGLU) -> str:
+    """G * sigmoid(alpha * G) * (L + beta), G clamped at ``limit`` from above and L to
+    [-limit, limit] when a limit is given: what the MoE kernels compute, from standard ops."""
+    if swiglu.limit is not None:
+        gate = gb.node("Min", [gate, gb.constant(swiglu.limit, np.float32)], "gate/Min")
+        up = gb.node("Clip", [up, gb.constant(-swiglu.limit, np.float32),
+                              gb.constant(swiglu.limit, np.float32)], "up/Clip")
+    scaled = gate if swiglu.alpha == 1 else gb.node(
+        "Mul", [gate, gb.constant(swiglu.alpha, np.float32)], "gate/alpha")
+    act = gb.node("Mul", [gate, gb.node("Sigmoid", [scaled], "Sigmoid")], "gate/Mul")
+    if swiglu.beta:
+        up = gb.node("Add", [up, gb.constant(swiglu.beta, np.float32)], "up/beta")
+    return gb.node("Mul", [act, up], "Mul")
+
+
+def dense_experts(gb: GraphBuilder, name: str, x: str, router_logits: str, experts: list,
+                  project, *, k: int, normalize: bool, swiglu: SwiGLU = SwiGLU(),
+                  biases: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+    """What ``moe`` computes, for graphs without it (static NPU graphs): every expert on every
+    token, weighted by its routing weight: the softmax over the router's logits, kept where
+    it is among the k largest of its token (0 elsewhere), renormalized over those k with
+    ``normalize``. ``experts``: (gate [I, K], up [I, K], down [K, I]) per expert;
+    ``project(name, x, role, expert, weight, bias)`` writes one projection (quantized as the
+    build's policy says); ``biases``: fc1 [experts, 2I] (gate and up interleaved) and fc2
+    [experts, hidden], or None. A tie with the k-th weight keeps both (onnxruntime picks one):
+    a measure-zero event for trained routers."""
+    from builder.roles import TensorRole as R
+
+    with gb.scope(name):
+        probs = gb.node("Softmax", [router_logits], "router/Softmax", axis=-1)
+        top = gb.node("TopK", [probs, gb.constant([k])], "router/TopK", outputs=2, axis=-1)[0]
+        kth = gb.node("ReduceMin", [top, gb.constant([-1])], "router/kth", keepdims=1)
+        picked = gb.node("Cast", [gb.node("GreaterOrEqual", [probs, kth], "router/picked")],
+                         "router/Cast", to=gb.float_type)
+        weights = gb.node("Mul", [probs, picked], "router/Mul")
+        if normalize:
+            total = gb.node("ReduceSum", [weights, gb.constant([-1])], "router/ReduceSum",
+                            keepdims=1)
+            weights = gb.node("Div", [weights, total], "router/Div")
+        shares = gb.node("Split", [weights], "router/Split", outputs=len(experts), axis=-1,
+                         num_outputs=len(experts))
+        if len(experts) == 1:
+            shares = [shares]
+        out = None
+        for e, ((gate, up, down), share) in enumerate(zip(experts, shares)):
+            with gb.scope(str(e)):
+                fc1 = (None, None) if biases is None else (biases[0][e, 0::2],
+                                                            biases[0][e, 1::2])
+                g = project("gate_proj", x, R.EXPERT_GATE, e, gate, fc1[0])
+                u = project("up_proj", x, R.EXPERT_UP, e, up, fc1[1])
+                h = swiglu_of(gb, g, u, swiglu)
+                y = project("down_proj", h, R.EXPERT_DOWN, e, down,
+                            None if biases is None else biases[1][e])
+                y = gb.node("Mul", [y, share], "weighted")
+            out = y if out is None else gb.node("Add", [out, y], f"sum_{e}")
+        return out

@@ -43,15 +43,21 @@ def stream_lengths(config) -> tuple[int, int]:
 
 
 def hybrid_problem(cls, config, algorithm: str) -> str | None:
-    """Why ``algorithm`` does not take this model's layers of other kinds than attention; None
-    when it does: no such layers, or gptq (plain or _last) knowing their projections
-    (``DecoderBuilder.kind_projections``)."""
+    """Why ``algorithm`` does not take this model's layers of other kinds than attention, or
+    its experts; None when it does: no such layers, or gptq (plain or _last) knowing their
+    projections (``DecoderBuilder.kind_projections``)."""
+    from builder.models.moe import MoeBuilder
     from builder.models.static import other_layer_kinds
     from builder.quant.policy import DATA_AWARE, MEASURED
 
-    kinds = other_layer_kinds(cls, config)
-    if not kinds or algorithm not in DATA_AWARE and algorithm not in MEASURED:
+    if algorithm not in DATA_AWARE and algorithm not in MEASURED:
         return None  # (rtn, k_quant: every projection alike)
+    if issubclass(cls, MoeBuilder):
+        return (f"{algorithm} rounds, scales or measures attention and dense MLP projections, "
+                "and this model's MLPs are experts")
+    kinds = other_layer_kinds(cls, config)
+    if not kinds:
+        return None
     if DATA_AWARE.get(algorithm) != "gptq" or algorithm in MEASURED:
         return (f"{algorithm} scales or measures attention and MLP projections only, and this "
                 f"model has {', '.join(kinds)} layers (gptq rounds them)")
