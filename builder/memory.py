@@ -24,6 +24,7 @@ from builder.errors import OptionError
 from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, Precision
 from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED
 from builder.quant.rounding import stream_lengths
+from builder.roles import TensorRole as R
 
 MIB = 2 ** 20
 BASE = 64 * MIB  # Python, numpy and onnx loaded: a tiny cpu build's measured peak
@@ -31,10 +32,16 @@ SESSIONS = 64 * MIB  # onnxruntime loaded and its sessions' arenas (a tiny qnn b
 F32 = 4
 
 
-def layer_elements(config: DecoderConfig, cls) -> int:
+EXPERTS = (R.EXPERT_GATE, R.EXPERT_UP, R.EXPERT_DOWN)
+
+
+def layer_elements(config: DecoderConfig, cls, static: bool = False) -> int:
     """The largest layer's weights, in elements (among the first 256: layers repeat a short
-    pattern, and config.json's layer count is not yet confirmed by the checkpoint here)."""
-    return max(sum(math.prod(shape) for _, shape in cls.layer_weight_shapes(config, i))
+    pattern, and config.json's layer count is not yet confirmed by the checkpoint here). A
+    mixture of experts' experts count whole where the static graphs hold (and calibration
+    loads) them all; on cpu/cuda they are written an expert at a time: not counted."""
+    return max(sum(math.prod(shape) for role, shape in cls.layer_weight_shapes(config, i)
+                   if static or role not in EXPERTS)
                for i in range(min(config.num_hidden_layers, 256)))
 
 
@@ -77,7 +84,7 @@ def activations(config: DecoderConfig, prefill: int, context: int) -> dict[str, 
 def estimate(options: BuildOptions, config: DecoderConfig, cls, static: bool) -> dict[str, int]:
     """The build's peak resident bytes, by part (``total`` their sum)."""
     parts = {"libraries": BASE,
-             "layer weights": 2 * layer_elements(config, cls) * F32,
+             "layer weights": 2 * layer_elements(config, cls, static) * F32,
              "table rows": min(config.vocab_size, 4096) * config.hidden_size * F32}
     if runs_layers(options, static):
         parts["onnxruntime"] = SESSIONS

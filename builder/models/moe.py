@@ -85,6 +85,16 @@ class MoeBuilder(LlamaBuilder):
         interleaved) and fc2 [experts, hidden] biases; '' where there is none."""
         return ("", "")
 
+    @classmethod
+    def layer_weight_shapes(cls, c: DecoderConfig, layer: int) -> list[tuple[R, tuple[int, ...]]]:
+        """The dense layer's weights, plus every expert's gate, up and down and the router
+        (counted in every layer: an upper bound where some layers are dense), for a static
+        pipeline's parts, whose graphs hold every expert."""
+        experts, h, i = cls.num_experts(c), c.hidden_size, cls.expert_size(c)
+        return [*super().layer_weight_shapes(c, layer), (R.ROUTER, (experts, h)),
+                (R.EXPERT_GATE, (experts * i, h)), (R.EXPERT_UP, (experts * i, h)),
+                (R.EXPERT_DOWN, (experts * h, i))]
+
     def expert_bias_values(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The experts' fc1 [experts, 2I] (gate and up interleaved) and fc2 [experts, hidden]
         biases as values (the static graphs' dense experts); None: none."""
