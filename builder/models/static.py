@@ -249,9 +249,12 @@ class StaticLowering:
         biases = b.expert_bias_values(layer)
         prefix = b.weight_name(R.ROUTER, layer).rsplit(".", 2)[0] + ".experts"
 
-        def project(name, x, role, e, weight, bias):
+        roles = {"gate_proj": R.EXPERT_GATE, "up_proj": R.EXPERT_UP,
+                 "down_proj": R.EXPERT_DOWN}
+
+        def project(name, x, e, weight, bias):
             weight_name = f"{prefix}.{e}.{name}.weight"
-            return b.project(name, x, role, layer, weight, weight_name, bias,
+            return b.project(name, x, roles[name], layer, weight, weight_name, bias,
                              None if bias is None else weight_name.replace("weight", "bias"))
 
         return dense_experts(b.gb, "experts", x, router, experts, project, k=b.top_k(),

@@ -97,7 +97,6 @@ def moe(gb: GraphBuilder, name: str, x: str, router_logits: str, fc1: list[str],
         return gb.node("Mul", [out, share], "unnormalized/Mul")
 
 
-
 def swiglu_of(gb: GraphBuilder, gate: str, up: str, swiglu: SwiGLU) -> str:
     """G * sigmoid(alpha * G) * (L + beta), G clamped at ``limit`` from above and L to
     [-limit, limit] when a limit is given: what the MoE kernels compute, from standard ops."""
@@ -120,12 +119,10 @@ def dense_experts(gb: GraphBuilder, name: str, x: str, router_logits: str, exper
     token, weighted by its routing weight: the softmax over the router's logits, kept where
     it is among the k largest of its token (0 elsewhere), renormalized over those k with
     ``normalize``. ``experts``: (gate [I, K], up [I, K], down [K, I]) per expert;
-    ``project(name, x, role, expert, weight, bias)`` writes one projection (quantized as the
-    build's policy says); ``biases``: fc1 [experts, 2I] (gate and up interleaved) and fc2
+    ``project(name, x, expert, weight, bias)`` writes one projection, ``name`` gate_proj,
+    up_proj or down_proj (quantized as the build's policy says); ``biases``: fc1 [experts, 2I] (gate and up interleaved) and fc2
     [experts, hidden], or None. A tie with the k-th weight keeps both (onnxruntime picks one):
     a measure-zero event for trained routers."""
-    from builder.roles import TensorRole as R
-
     with gb.scope(name):
         probs = gb.node("Softmax", [router_logits], "router/Softmax", axis=-1)
         top = gb.node("TopK", [probs, gb.constant([k])], "router/TopK", outputs=2, axis=-1)[0]
@@ -146,11 +143,10 @@ def dense_experts(gb: GraphBuilder, name: str, x: str, router_logits: str, exper
             with gb.scope(str(e)):
                 fc1 = (None, None) if biases is None else (biases[0][e, 0::2],
                                                             biases[0][e, 1::2])
-                g = project("gate_proj", x, R.EXPERT_GATE, e, gate, fc1[0])
-                u = project("up_proj", x, R.EXPERT_UP, e, up, fc1[1])
+                g = project("gate_proj", x, e, gate, fc1[0])
+                u = project("up_proj", x, e, up, fc1[1])
                 h = swiglu_of(gb, g, u, swiglu)
-                y = project("down_proj", h, R.EXPERT_DOWN, e, down,
-                            None if biases is None else biases[1][e])
+                y = project("down_proj", h, e, down, None if biases is None else biases[1][e])
                 y = gb.node("Mul", [y, share], "weighted")
             out = y if out is None else gb.node("Add", [out, y], f"sum_{e}")
         return out
