@@ -120,9 +120,9 @@ def dense_experts(gb: GraphBuilder, name: str, x: str, router_logits: str, exper
     it is among the k largest of its token (0 elsewhere), renormalized over those k with
     ``normalize``. ``experts``: (gate [I, K], up [I, K], down [K, I]) per expert;
     ``project(name, x, expert, weight, bias)`` writes one projection, ``name`` gate_proj,
-    up_proj or down_proj (quantized as the build's policy says); ``biases``: fc1 [experts, 2I] (gate and up interleaved) and fc2
-    [experts, hidden], or None. A tie with the k-th weight keeps both (onnxruntime picks one):
-    a measure-zero event for trained routers."""
+    up_proj or down_proj (quantized as the build's policy says); ``biases``: fc1 [experts, 2I]
+    (gate and up interleaved) and fc2 [experts, hidden], or None. A tie with the k-th weight
+    keeps both (onnxruntime picks one): a measure-zero event for trained routers."""
     with gb.scope(name):
         probs = gb.node("Softmax", [router_logits], "router/Softmax", axis=-1)
         top = gb.node("TopK", [probs, gb.constant([k])], "router/TopK", outputs=2, axis=-1)[0]
