@@ -327,13 +327,14 @@ def test_int4_graph_matches_dequantized_reference(arch, checkpoints, tmp_path):
      "int4_algo_config=gptq: gptq rounds, scales or measures attention and dense MLP "
      "projections, and this model's MLPs are experts; use rtn"),
     ("lfm2", ["-p", "int4", "--extra_options", "int4_algo_config=awq"],
-     "int4_algo_config=awq runs the layers as -e qnn's graphs, and awq scales or measures "
-     "attention and MLP projections only, and this model has conv layers (gptq rounds them)"),
-    ("qwen3_5", ["-p", "int4", "--extra_options", "int4_algo_config=rtn_mixed"],
-     "int4_algo_config=rtn_mixed runs the layers as -e qnn's graphs"),
-    ("lfm2", ["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_algo_config=gptq_mixed"],
-     "int4_algo_config=gptq_mixed: gptq_mixed scales or measures attention and MLP projections "
-     "only, and this model has conv layers (gptq rounds them); use gptq or rtn"),
+     "int4_algo_config=awq runs the layers as -e qnn's graphs, and awq scales attention and "
+     "MLP projections only, and this model has conv layers (gptq and the *_mixed methods take "
+     "them)"),
+    ("qwen3_5", ["-p", "int4", "--extra_options", "int4_algo_config=awq_last"],
+     "int4_algo_config=awq_last runs the layers as -e qnn's graphs"),
+    ("lfm2", ["-e", "qnn", "-p", "w4a16", "--extra_options", "int4_algo_config=awq_gptq"],
+     "int4_algo_config=awq_gptq: awq_gptq scales attention and MLP projections only, and this "
+     "model has conv layers (gptq and the *_mixed methods take them); use gptq or rtn"),
 ])
 def test_what_is_not_lowered_is_refused(arch, args, message, checkpoints, tmp_path):
     r = run_cli("-m", str(checkpoints[arch]), "-o", str(tmp_path / "out"), *args)
@@ -676,3 +677,38 @@ def test_gpt_oss_mxfp4_checkpoint(checkpoints, tmp_path):
     q = build(BuildOptions(model_name=str(ck), output=tmp_path / "q", precision=Precision.INT4))
     assert "QMoE" in [n.op_type for n in onnx.load(str(q / "model.onnx"),
                                                    load_external_data=False).graph.node]
+
+
+def test_mixed_measures_the_layers_own_projections(checkpoints, tmp_path):
+    """rtn_mixed on LFM2: a conv layer's own projections (kind_projections) are measured beside
+    attention's and the MLP's, and promoted as they are: layer 1's conv out_proj, planted to
+    lose most at 4 bits (each block's first entry 8x, the rest rounding to zero), comes first
+    (measured 9.5 dB against 20 and more); the graph stores exactly the manifest's choice at
+    8 bits."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    ck = tmp_path / "planted"
+    shutil.copytree(checkpoints["lfm2"], ck)
+    tensors = load_file(ck / "model.safetensors")
+    name = "model.layers.1.conv.out_proj.weight"
+    w = tensors[name].astype(np.float32)
+    w[:, ::32] *= 8
+    tensors[name] = w.astype(ml_dtypes.bfloat16)
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    out = build(BuildOptions(model_name=str(ck), output=tmp_path / "o", precision=Precision.INT4,
+                             extra=ExtraOptions(int4_algo_config="rtn_mixed")))
+    report = json.loads((out / "build_manifest.json").read_text())["mixed_precision"]
+    print("mixed precision:", report["promoted"], report["projections"][:4])
+    measured = {(p["layer"], p["weight"]) for p in report["projections"]}
+    assert {(i, w) for i in (0, 1, 3) for w in ("conv_in", "conv_out")} <= measured
+    assert (2, "o") in measured and (0, "down") in measured
+    assert report["promoted"][0]["layer"] == 1 and report["promoted"][0]["weight"] == "conv_out"
+    assert report["projections"][0]["sqnr_db"] < report["projections"][1]["sqnr_db"] - 5
+    nodes = {"conv_in": "conv/in_proj", "conv_out": "conv/out_proj", "qkv": "attn/qkv_proj",
+             "o": "attn/o_proj", "gate_up": "mlp/gate_up_proj", "down": "mlp/down_proj"}
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    eight = {n.name for n in graph.node if n.op_type == "MatMulNBits" and any(
+        a.name == "bits" and a.i == 8 for a in n.attribute)}
+    assert eight == {"/lm_head/MatMul_Q8"} | {
+        f"/model/layers.{p['layer']}/{nodes[p['weight']]}/MatMul_Q8" for p in report["promoted"]}

@@ -230,45 +230,64 @@ def test_parts_carry_their_own_layers_states(fp16_built, checkpoints, tmp_path):
 
 @pytest.mark.xdist_group("hybrids_trained")
 def test_gptq_rounds_the_layers_own_projections(trained, tmp_path):
-    """w4a16's default for a hybrid is gptq (the *_mixed default measures attention and MLP
-    projections only): it rounds the conv layers' in_proj and out_proj as well, and on the
-    trained LFM2 the build's own report (held-out text) measures it against rtn: KL 1.3e-4
-    against 9.2e-4, mean cosine 0.9986 against 0.9927."""
+    """w4a16's default for a hybrid is gptq_mixed, as for every other model: GPTQ rounds the
+    conv layers' in_proj and out_proj as well, and the measurement weighs them with the rest
+    (the promoted, whatever their kind, int8 per channel). On the trained LFM2 the build's own
+    report (held-out text): gptq against rtn KL 1.3e-4 against 9.2e-4, mean cosine 0.9986
+    against 0.9927; the default 9.1e-5 (it promoted layer 3's down and conv out_proj and layer
+    2's v)."""
     ck, _ = trained("lfm2")
     folders = {algo: qnn_build(ck, tmp_path / algo, "w4a16", *extra, lengths="default")
-               for algo, extra in (("gptq", ()), ("rtn", ("int4_algo_config=rtn",)))}
+               for algo, extra in (("default", ()), ("gptq", ("int4_algo_config=gptq",)),
+                                   ("rtn", ("int4_algo_config=rtn",)))}
     manifests = {algo: json.loads((f / "build_manifest.json").read_text())
                  for algo, f in folders.items()}
-    assert manifests["gptq"]["options"]["extra_options"]["int4_algo_config"] == "default"
+    assert manifests["default"]["options"]["extra_options"]["int4_algo_config"] == "default"
     report = {algo: m["accuracy"]["prefill"] for algo, m in manifests.items()}
-    print(f"lfm2 w4a16 report: gptq {report['gptq']}, rtn {report['rtn']}")
+    print(f"lfm2 w4a16 report: default {report['default']}, gptq {report['gptq']}, rtn "
+          f"{report['rtn']}")
     assert report["gptq"]["mean_kl"] <= 0.5 * report["rtn"]["mean_kl"]
     assert report["gptq"]["mean_cosine"] > report["rtn"]["mean_cosine"]
+    assert report["default"]["mean_kl"] <= report["gptq"]["mean_kl"]
     # the conv layers' projections are among the rounded weights: their codes differ from
     # rounding to nearest (a weight the rounding left alone would be rtn's, code for code)
     from onnx import numpy_helper
 
-    def codes(folder):
-        m = onnx.load(str(folder / "context.onnx"))
-        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer
-                if "conv.in_proj" in t.name or "conv.out_proj" in t.name}
-    gptq, rtn = codes(folders["gptq"]), codes(folders["rtn"])
+    def initializers(folder):
+        return {t.name: t for t in onnx.load(str(folder / "context.onnx")).graph.initializer
+                if t.name.endswith("proj.weight_quantized") or ".feed_forward.w" in t.name}
+
+    gptq, rtn = ({n: numpy_helper.to_array(t) for n, t in initializers(folders[a]).items()
+                  if "conv.in_proj" in n or "conv.out_proj" in n} for a in ("gptq", "rtn"))
     quantized = [n for n in gptq if n.endswith("_quantized")]
     assert len(quantized) == 2 * 3  # in_proj and out_proj of the 3 conv layers
     assert all(not np.array_equal(gptq[n], rtn[n]) for n in quantized)
+    # the default's measurement covers every projection of every layer kind
+    mixed = manifests["default"]["mixed_precision"]
+    names = {"conv_in": "conv.in_proj", "conv_out": "conv.out_proj", "q": "self_attn.q_proj",
+             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+             "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
+    assert {p["weight"] for p in mixed["projections"]} == set(names)
+    promoted = {f"model.layers.{p['layer']}.{names[p['weight']]}.weight_quantized"
+                for p in mixed["promoted"]}
+    kinds = {n: t.data_type for n, t in initializers(folders["default"]).items()
+             if n.endswith("_quantized")}
+    assert promoted and len(kinds) == 3 * 5 + 7
+    assert {n for n, k in kinds.items() if k == onnx.TensorProto.INT8} == promoted
+    assert all(k == onnx.TensorProto.INT4 for n, k in kinds.items() if n not in promoted)
 
 
 def test_which_weight_methods_take_a_hybrid(checkpoints):
-    """Round-to-nearest methods take every projection alike; gptq knows a hybrid's own
-    projections; awq and the *_mixed methods, which scale or measure attention and MLP ones,
-    refuse it (so w8a16's default stays rtn, and w4a16's is gptq)."""
+    """Round-to-nearest methods take every projection alike; gptq and the measured *_mixed
+    know a hybrid's own projections; awq, which scales attention and MLP ones, refuses it
+    (so w8a16's default stays rtn, and w4a16's is gptq_mixed, as for every other model)."""
     from builder.models.lfm2 import Lfm2Builder
     from builder.quant.rounding import hybrid_problem
 
     config = Lfm2Builder.config_class.from_file(checkpoints["lfm2"] / "config.json",
                                                 Lfm2Builder.config_defaults,
                                                 Lfm2Builder.config_aliases)
-    for method in ("rtn", "k_quant", "gptq", "gptq_last"):
+    for method in ("rtn", "k_quant", "gptq", "gptq_last", "rtn_mixed", "gptq_mixed"):
         assert hybrid_problem(Lfm2Builder, config, method) is None, method
-    for method in ("awq", "awq_gptq", "rtn_mixed", "gptq_mixed"):
+    for method in ("awq", "awq_gptq"):
         assert "this model has conv layers" in hybrid_problem(Lfm2Builder, config, method)

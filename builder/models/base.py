@@ -397,7 +397,7 @@ class DecoderBuilder:
         """The weight as the quantization policy wants it for the node that will read it (its
         input columns scaled first where activation-aware scaling chose so: ``quant.awq``)."""
         weight = self.policy.fold_projection(role, layer, weight, self)
-        bits = self.policy.bits_for(self.policy_role(role), layer, node)
+        bits = self.policy.bits_for(self.policy_role(role), layer, node, own=role)
         if bits is None:
             return weight
         kept = checkpoint_codes(self, layer, weight, node, bits)

@@ -27,7 +27,7 @@ import numpy as np
 from builder.quant.policy import dequantized
 from builder.quant.stream import PREFILL
 from builder.quant.rounding import (
-    ROLES, layer_weights, projection_values, roles_of, token_slices, valid,
+    ROLES, layer_weights, projection_values, role_name, roles_of, token_slices, valid,
 )
 from builder.roles import TensorRole as R
 
@@ -39,7 +39,8 @@ UNITS = {R.QKV: (R.Q, R.K, R.V), R.GATE_UP: (R.GATE, R.UP)}  # packed weights: t
 @dataclass
 class Unit:
     layer: int
-    role: R          # as the graph stores it (packed: R.QKV, R.GATE_UP)
+    role: R | str    # as the graph stores it (packed: R.QKV, R.GATE_UP; a layer of another
+    # kind: the architecture's own role)
     signal: float    # sum over tokens of the float output's squares
     noise: float     # and of the error's, with the weight rounded at the base bits
     weights: int     # elements
@@ -97,7 +98,7 @@ class OutputNoise:
         self.tokens += sum(valid(c, q) for c, q in zip(calls, sequences))
 
     def round(self, layer: int) -> None:
-        for role in roles_of(self.b):
+        for role in roles_of(self.b, layer):
             signal, noise = self.sums.get(role, (0.0, 0.0))
             self.figures[layer, role] = signal, noise, self.sizes[role]
         self.values, self.errors, self.sizes, self.sums = None, {}, {}, {}
@@ -109,10 +110,14 @@ def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float, f
     ``fits(layer, extra bytes)``: whether (and then that) the layer's part takes them too (the
     QNN pipeline's parts each stay under their weight limit)."""
     units = []
+    own = {}  # a layer of another kind: its own projections (kind_projections), one unit each
+    for layer, role in figures:
+        if role not in ROLES:
+            own.setdefault(layer, []).append(role)
     for layer in range(layers):
         groups = ([(R.QKV, UNITS[R.QKV]), (R.O, (R.O,)), (R.GATE_UP, UNITS[R.GATE_UP]),
                    (R.DOWN, (R.DOWN,))] if packed else [(r, (r,)) for r in ROLES])
-        for role, parts in groups:
+        for role, parts in [(r, (r,)) for r in own.get(layer, ())] + groups:
             parts = tuple(p for p in parts if (layer, p) in figures)  # (no gate: up alone)
             if not parts:
                 continue
@@ -154,16 +159,16 @@ def decide(noise: OutputNoise, packed: bool, bits: int, budget: float, fits=None
     spent = sum(u.weights * (8 - bits) // 8 for u in promoted)
     logger.info("mixed precision: output SQNR of %d projections at %d bits on %d calibration "
                 "tokens; at 8 bits: %s (+%s of a %s budget, quant_budget=%g)",
-                len(units), bits, tokens, ", ".join(f"{u.layer}.{u.role.value} "
+                len(units), bits, tokens, ", ".join(f"{u.layer}.{role_name(u.role)} "
                                                     f"({u.sqnr_db:.1f} dB)" for u in promoted)
                 or "none", size(spent), size(allowed), budget)
     report = {
         "measure": f"each projection's output SQNR at {bits} bits (round to nearest) on the "
                    "calibration prompts' tokens; lowest promoted to 8 bits first",
         "quant_budget": budget, "tokens": tokens, "budget_bytes": allowed, "extra_bytes": spent,
-        "promoted": [{"layer": u.layer, "weight": u.role.value, "sqnr_db": u.sqnr_db}
+        "promoted": [{"layer": u.layer, "weight": role_name(u.role), "sqnr_db": u.sqnr_db}
                      for u in promoted],
-        "projections": [{"layer": u.layer, "weight": u.role.value, "sqnr_db": u.sqnr_db,
+        "projections": [{"layer": u.layer, "weight": role_name(u.role), "sqnr_db": u.sqnr_db,
                          "bits": 8 if (u.layer, u.role) in chosen else bits} for u in units],
     }
     # packed units: their parts too (the static graphs and GPTQ round q/k/v and gate/up apart)

@@ -152,14 +152,16 @@ class QuantPolicy:
         """This policy for the weights of ``layers`` only (the sensitivity analysis)."""
         return dataclasses.replace(self, layers=frozenset(layers), seen=set())
 
-    def bits_for(self, role: R, layer: int | None, node_name: str) -> int | None:
-        """Bits for this weight, or None to keep it in float."""
+    def bits_for(self, role: R, layer: int | None, node_name: str,
+                 own: R | str | None = None) -> int | None:
+        """Bits for this weight, or None to keep it in float (``own``: the architecture's own
+        role that ``role`` stands for, as ``promoted`` names it)."""
         self.seen.add(node_name)
         if self.bits is None or node_name in self.exclude:
             return None
         if self.layers is not None and layer not in self.layers:
             return None
-        if (layer, role) in self.promoted and self.quantize_matmul:
+        if (layer, own or role) in self.promoted and self.quantize_matmul:
             return 8
         if self.qdq_conv is not None:
             return self.bits if role in LINEAR_ROLES - {R.LM_HEAD} else None

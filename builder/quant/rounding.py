@@ -44,8 +44,8 @@ def stream_lengths(config) -> tuple[int, int]:
 
 def hybrid_problem(cls, config, algorithm: str) -> str | None:
     """Why ``algorithm`` does not take this model's layers of other kinds than attention, or
-    its experts; None when it does: no such layers, or gptq (plain or _last) knowing their
-    projections (``DecoderBuilder.kind_projections``)."""
+    its experts; None when it does: no such layers, or gptq and the measured *_mixed knowing
+    their projections (``DecoderBuilder.kind_projections``)."""
     from builder.models.moe import MoeBuilder
     from builder.models.static import other_layer_kinds
     from builder.quant.policy import DATA_AWARE, MEASURED
@@ -58,13 +58,13 @@ def hybrid_problem(cls, config, algorithm: str) -> str | None:
     kinds = other_layer_kinds(cls, config)
     if not kinds:
         return None
-    if DATA_AWARE.get(algorithm) != "gptq" or algorithm in MEASURED:
-        return (f"{algorithm} scales or measures attention and MLP projections only, and this "
-                f"model has {', '.join(kinds)} layers (gptq rounds them)")
+    if DATA_AWARE.get(algorithm, "gptq") != "gptq":
+        return (f"{algorithm} scales attention and MLP projections only, and this model has "
+                f"{', '.join(kinds)} layers (gptq and the *_mixed methods take them)")
     uncovered = [k for k in kinds if k not in cls.kind_projections]
     if uncovered:
-        return (f"gptq does not know the projections of its {', '.join(uncovered)} layers "
-                "(DecoderBuilder.kind_projections)")
+        return (f"{algorithm} does not know the projections of its {', '.join(uncovered)} "
+                "layers (DecoderBuilder.kind_projections)")
     return None
 
 
@@ -197,7 +197,8 @@ class GptqRounding:
         by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
         for role in roles_of(b, layer):  # rounded as one weight at each bits (rows are
             # rounded alone, given H)
-            bits = self.policy.bits_for(b.policy_role(role), layer, "") or self.policy.bits
+            bits = self.policy.bits_for(b.policy_role(role), layer, "", own=role) \
+                or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
         current = h = factor = None  # (one input's Hessian at a time: the groups of an input
         for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
