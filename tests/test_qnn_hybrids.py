@@ -176,15 +176,16 @@ def test_genai_generates_through_the_pipeline(arch, mode, fp16_built):
 
 # measured on the HTP simulator against the fp32 CPU build (trained checkpoints, the defaults,
 # this module's prompt of random tokens): mean logit cosine (min), top-1 100% in each
-#                 fp16               w8a16              w4a16 rtn          w4a16 gptq (default)
-#   LFM2          1.00000 (0.99999)  0.99984 (0.99882)  0.99199 (0.98317)  0.99531 (0.98805)
-#   Qwen3.5       1.00000 (0.99999)  0.99994 (0.99984)  0.99212 (0.98047)  0.99449 (0.98916)
-#   Granite 4.0-H 0.99999 (0.99998)  0.99964 (0.99475)  0.99309 (0.98853)
-# (the gptq column on the CPU EP, which agrees with the HTP to 0.9998); fp16 is guarded by the
-# HTP-against-CPU-EP and transformers tests above, and Granite by those alone (CI time:
-# training the tiny Granite 4.0-H takes 160 s here, its torch Mamba2 being slow)
+#                 fp16               w8a16              w4a16 rtn          w4a16 gptq
+#   LFM2          1.00000 (0.99999)  0.99984 (0.99882)  0.99199 (0.98317)  0.99531 (0.98813)
+#   Qwen3.5       1.00000 (0.99999)  0.99994 (0.99984)  0.99212 (0.98047)  0.99447 (0.98916)
+#   Granite 4.0-H 0.99999 (0.99998)  0.99964 (0.99475)  0.99309 (0.98853)  0.99456 (0.98796)
+# and w4a16's default, gptq_mixed: LFM2 0.99709 (0.99332), Qwen3.5 0.99581 (0.99081), Granite
+# 0.99587 (0.99273); fp16 is guarded by the HTP-against-CPU-EP and transformers tests above, and
+# Granite by those alone (CI time: training the tiny Granite 4.0-H takes 160 s here, its torch
+# Mamba2 being slow)
 MEAN_COSINE = {("lfm2", "w8a16"): 0.9995, ("qwen3_5", "w8a16"): 0.9998,
-               ("qwen3_5", "w4a16"): 0.992}
+               ("qwen3_5", "w4a16"): 0.994}
 
 
 @pytest.mark.xdist_group("hybrids_trained")
@@ -291,3 +292,11 @@ def test_which_weight_methods_take_a_hybrid(checkpoints):
         assert hybrid_problem(Lfm2Builder, config, method) is None, method
     for method in ("awq", "awq_gptq"):
         assert "this model has conv layers" in hybrid_problem(Lfm2Builder, config, method)
+    # Granite 4.0-H: its MoE template's experts where it has them, else a shared MLP alone
+    from builder.models.granitemoehybrid import GraniteMoeHybridBuilder as Granite
+
+    for name, refused in (("granitemoehybrid_dense", False), ("granitemoehybrid", True)):
+        config = Granite.config_class.from_file(checkpoints[name] / "config.json",
+                                                Granite.config_defaults, Granite.config_aliases)
+        problem = hybrid_problem(Granite, config, "gptq_mixed")
+        assert (problem is not None and "experts" in problem) == refused, (name, problem)

@@ -52,7 +52,7 @@ def hybrid_problem(cls, config, algorithm: str) -> str | None:
 
     if algorithm not in DATA_AWARE and algorithm not in MEASURED:
         return None  # (rtn, k_quant: every projection alike)
-    if issubclass(cls, MoeBuilder):
+    if issubclass(cls, MoeBuilder) and cls.num_experts(config):  # (Granite 4.0-H-Micro: none)
         return (f"{algorithm} rounds, scales or measures attention and dense MLP projections, "
                 "and this model's MLPs are experts")
     kinds = other_layer_kinds(cls, config)
