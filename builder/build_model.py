@@ -61,6 +61,7 @@ from builder.quant.report import (
     check_accuracy,
     evaluation_sequences,
     float_head,
+    held_out_sequences,
     stream_report,
 )
 from builder.quant.rounding import hybrid_problem, qdq_rounding, round_layers
@@ -213,21 +214,26 @@ class DecoderFolder:
               policy: QuantPolicy, float_type, meter: StageMeter, source: Path) -> None:
         filename = self.options.extra.filename
         work = out / ".work"
+        # the report's float model: the held-out prompts ride the first data-aware stage's
+        # float layers (one pass of the layers less than the report's own)
+        held_out = held_out_sequences(config, source) \
+            if policy.data_aware or policy.budget is not None else None
         if policy.budget is not None:
             with meter("measure"):
                 o = self.options
                 packed = self.target.pack_matmuls if o.extra.unpack_matmul is None \
                     else not o.extra.unpack_matmul
                 self.mixed = promote(cls, config, o, weights, policy, self.plugins, source,
-                                     work, packed)
+                                     work, packed, held_out or ())
+        ride = (held_out or ()) if policy.budget is None else ()
         if policy.data_aware == "awq":
             with meter("round"):
                 self.awq = smooth_layers(cls, config, self.options, weights, policy,
-                                         self.plugins, source, work)
+                                         self.plugins, source, work, ride)
         elif policy.data_aware:
             with meter("round"):
                 round_layers(cls, config, self.options, weights, policy, self.plugins, source,
-                             work, scaled=policy.data_aware == "awq_gptq")
+                             work, scaled=policy.data_aware == "awq_gptq", held_out=ride)
             if policy.smoothing is not None:
                 self.awq = summary(policy.smoothing)
         with meter("graph"):
@@ -242,7 +248,7 @@ class DecoderFolder:
         if policy.data_aware or policy.budget is not None:
             with meter("report"):
                 self.report = stream_report(cls, config, self.options, weights, policy,
-                                            self.plugins, source, work / "report")
+                                            self.plugins, source, work / "report", held_out)
         if work.exists():
             shutil.rmtree(work)
 

@@ -301,8 +301,9 @@ def qdq_smoothing(builder, work: Path, policy) -> AwqRounding:
 
 
 def smooth_layers(cls, config, options, weights, policy, plugins, source: Path,
-                  work: Path) -> dict:
-    """AWQ for every layer of a cpu/cuda build, streamed (``rounding.static_stream``): sets
+                  work: Path, held_out: list = ()) -> dict:
+    """AWQ for every layer of a cpu/cuda build, streamed (``rounding.static_stream``; and
+    ``held_out`` through the float layers beside the prompts, not recorded): sets
     ``policy.smoothing``, which the graph writer folds; returns the manifest's figures."""
     import dataclasses
 
@@ -316,9 +317,9 @@ def smooth_layers(cls, config, options, weights, policy, plugins, source: Path,
     logger.info("AWQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
                 "layer's q/k/v, gate/up and down inputs scaled per channel against the "
                 "weights as rounded", config.num_hidden_layers, len(ids), sum(map(len, ids)))
-    stream.embed(sequences)
-    stream.run(sequences, desc="AWQ", rounding=AwqRounding(builder, stream.work, smoothing,
-                                                            layer_policy, reruns=False))
+    stream.embed(sequences + list(held_out))
+    stream.run(sequences + list(held_out), desc="AWQ",
+               rounding=AwqRounding(builder, stream.work, smoothing, layer_policy, reruns=False))
     (work / "stream").rmdir()
     object.__setattr__(policy, "smoothing", smoothing)
     return summary(smoothing)

@@ -138,12 +138,12 @@ def choose(figures: dict, layers: int, packed: bool, bits: int, budget: float, f
 
 
 def measure(stream, sequences: list, quantizer, packed: bool, bits: int, budget: float,
-            fits=None) -> tuple[frozenset, dict]:
+            fits=None, held_out: list = ()) -> tuple[frozenset, dict]:
     """The float layers over ``sequences`` (a ``LayerStream``'s, embedded here), then
-    ``decide``."""
+    ``decide``; ``held_out`` (not recorded) go through the same float layers beside them."""
     noise = OutputNoise(stream.b, stream.work, quantizer)
-    stream.embed(sequences)
-    stream.run(sequences, desc="measuring", rounding=noise)
+    stream.embed(sequences + list(held_out))
+    stream.run(sequences + list(held_out), desc="measuring", rounding=noise)
     return decide(noise, packed, bits, budget, fits)
 
 
@@ -180,15 +180,17 @@ def size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
-def promote(cls, config, options, weights, policy, plugins, source, work, packed: bool) -> dict:
+def promote(cls, config, options, weights, policy, plugins, source, work, packed: bool,
+            held_out: list = ()) -> dict:
     """A cpu/cuda build's measurement (``rounding.static_stream``'s float layers on the
-    calibration prompts): sets ``policy.promoted``; the manifest's ``mixed_precision``."""
+    calibration prompts, and ``held_out`` in float beside them): sets ``policy.promoted``; the
+    manifest's ``mixed_precision``."""
     from builder.quant.rounding import static_stream
 
     _, stream, sequences, _ = static_stream(cls, config, options, weights, plugins, source,
                                             work / "measure")
     promoted, report = measure(stream, sequences, policy.quantizer(policy.bits), packed,
-                               policy.bits, policy.budget)
+                               policy.bits, policy.budget, held_out=held_out)
     (work / "measure").rmdir()
     object.__setattr__(policy, "promoted", promoted)
     return report

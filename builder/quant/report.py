@@ -267,25 +267,40 @@ def quantized_head(lm_head: Rows, policy, finish: Callable[[np.ndarray], np.ndar
     return head
 
 
+def held_out_sequences(config, source: Path) -> list[Sequence]:
+    """The held-out prompts as a cpu/cuda build's data-aware stage streams them
+    (``rounding.static_stream``'s lengths and pad token), for it to run them in float beside
+    its calibration prompts (``stream_report``'s float model)."""
+    from builder.package import generation, token_ids
+    from builder.quant.rounding import stream_lengths
+
+    prefill, context = stream_lengths(config)
+    return evaluation_sequences(source, context, prefill, token_ids(config,
+                                                                    generation(source))[2])
+
+
 def stream_report(cls, config, options, weights, policy, plugins, source: Path,
-                  work: Path) -> dict:
+                  work: Path, held_out: list[Sequence] | None = None) -> dict:
     """The accuracy report of a cpu/cuda build whose weights were chosen with calibration data
     (GPTQ, AWQ, mixed precision): the held-out prompts through the static pipeline's layers
     (``rounding.static_stream``: the definition every target lowers) in float, then with the
     layers' weights as the build stores them (MatMulNBits, as rounded or scaled), lm_head as
-    stored (``quantized_head``); the lookup is float in both."""
+    stored (``quantized_head``); the lookup is float in both. ``held_out``
+    (``held_out_sequences``): already run in float, unrecorded, beside the calibration prompts
+    of the build's data-aware stage, whose float layers they are (one pass of the layers
+    less)."""
     from builder.package import generation, token_ids
     from builder.quant.rounding import static_stream
     from builder.roles import TensorRole as R
 
     builder, stream, _, _ = static_stream(cls, config, options, weights, plugins, source, work)
     pad = token_ids(config, generation(source))[2]
-    held_out = evaluation_sequences(source, stream.context, stream.prefill, pad)
     quantized = evaluation_sequences(source, stream.context, stream.prefill, pad)
-    stream.embed(held_out)
-    for f, q in zip(held_out, quantized):
-        q.hidden = list(f.hidden)
-    stream.run(held_out, desc="accuracy report (float)")
+    if held_out is None:
+        held_out = evaluation_sequences(source, stream.context, stream.prefill, pad)
+        stream.embed(held_out)
+        stream.run(held_out, desc="accuracy report (float)")
+    stream.embed(quantized)
     builder.policy = policy.only_layers(set(range(config.num_hidden_layers)))
     stream.run(quantized, desc="accuracy report")
     lm_head = weights.rows(cls.weight_names[R.EMBED if config.tie_word_embeddings

@@ -25,7 +25,7 @@ import onnx
 from builder.errors import ConfigError, OptionError
 from builder.output import writing
 from builder.quant.base import QuantizedWeight
-from builder.quant.gptq import gptq_matmul_nbits, gptq_qdq, inverse_factor
+from builder.quant.gptq import DAMP, damping, gptq_matmul_nbits, gptq_qdq, inverse_factor
 from builder.quant.qdq import QdqWeight
 from builder.roles import TensorRole as R
 
@@ -152,7 +152,9 @@ class GptqRounding:
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
                  policy) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
-        self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits) -> rounded
+        self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits, damping)
+        # -> rounded
+        self.damped: set[int] = set()  # input widths whose damping the log said
         self.policy = policy  # the static builder's policy once a layer is rounded (its bits
         # per projection: mixed precision's promoted ones at 8)
         self.hessians: dict[str, np.ndarray] = {}
@@ -200,7 +202,7 @@ class GptqRounding:
             bits = self.policy.bits_for(b.policy_role(role), layer, "", own=role) \
                 or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
-        current = h = factor = None  # (one input's Hessian at a time: the groups of an input
+        current = h = factor = damp = None  # (one input's Hessian at a time: the groups of an input
         for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
             if value != current:
                 current, h, factor = value, None, None
@@ -211,9 +213,15 @@ class GptqRounding:
                 if s is not None:
                     h /= s[:, None]
                     h /= s[None, :]
-                factor = inverse_factor(h)
+                damp = damping(self.tokens, len(h))
+                if damp > DAMP and len(h) not in self.damped:
+                    self.damped.add(len(h))
+                    logger.info("GPTQ: %d calibration tokens against %d inputs: the Hessian "
+                                "damped by %.3g of its mean diagonal (%g where tokens are "
+                                "many times the inputs)", self.tokens, len(h), damp, DAMP)
+                factor = inverse_factor(h, damp)
             parts = [np.asarray(weights.pop(r), np.float32) for r in roles]
-            rounded = self.round_weight(np.concatenate(parts), h, factor, bits)
+            rounded = self.round_weight(np.concatenate(parts), h, factor, bits, damp)
             sizes = [p.shape[0] for p in parts]
             for role, part in zip(roles, split_rows(rounded, sizes)):
                 self.rounded.save(role, layer, part)
@@ -315,8 +323,8 @@ def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
                 "inputs the rounded layers before it give them, before its ranges are "
                 "calibrated", f"blocks of {block(policy.bits)}" if block(policy.bits)
                 else "per-channel", policy.bits)
-    return GptqRounding(builder, work, rounded, lambda w, h, f, bits: gptq_qdq(
-        w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq), policy)
+    return GptqRounding(builder, work, rounded, lambda w, h, f, bits, damp: gptq_qdq(
+        w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq, damp), policy)
 
 
 def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
@@ -355,10 +363,11 @@ def static_stream(cls, config, options, weights, plugins, source: Path, work: Pa
 
 
 def round_layers(cls, config, options, weights, policy, plugins, source: Path, work: Path,
-                 scaled: bool = False) -> None:
+                 scaled: bool = False, held_out: list = ()) -> None:
     """GPTQ for every layer's projections of a cpu/cuda build, streamed (``static_stream``):
     ``policy.rounded`` then serves them to the graph writer. ``scaled`` (awq_gptq): AWQ's
-    scales first, in the same pass (``policy.smoothing``, folded by the graph writer)."""
+    scales first, in the same pass (``policy.smoothing``, folded by the graph writer).
+    ``held_out``: not recorded, through each layer's first (float) pass only."""
     from builder.quant.awq import AwqGptq, AwqRounding, Smoothing
     from builder.quant.policy import QuantPolicy
 
@@ -377,13 +386,15 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                 config.num_hidden_layers, len(ids),
                 sum(map(len, ids)), ", their input channels scaled first by AWQ's search"
                 if scaled else "")
-    stream.embed(sequences)
-    rounding = GptqRounding(builder, stream.work, rounded, lambda w, h, f, bits: gptq_matmul_nbits(
-        w, h, bits, policy.block_size, policy.symmetric, f), layer_policy)
+    stream.embed(sequences + list(held_out))
+    rounding = GptqRounding(builder, stream.work, rounded,
+                            lambda w, h, f, bits, damp: gptq_matmul_nbits(
+                                w, h, bits, policy.block_size, policy.symmetric, f, damp),
+                            layer_policy)
     if scaled:
         rounding = AwqGptq(AwqRounding(builder, stream.work, smoothing, layer_policy, True),
                            rounding)
-    stream.run(sequences, desc="GPTQ", rounding=rounding)
+    stream.run(sequences + list(held_out), desc="GPTQ", rounding=rounding)
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()
