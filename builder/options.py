@@ -192,9 +192,14 @@ class ExtraOptions:
         "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
         "line (default: the prompts shipped with builder).", aliases=("calibration",))
     qnn_calibration_samples: int = _opt(
-        24, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
-        "(gptq, awq, *_mixed) on any target: how many calibration prompts to use.",
+        128, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
+        "(gptq, awq, *_mixed) on any target: at most this many calibration prompts.",
         aliases=("calibration_samples",))
+    qnn_calibration_tokens: int = _opt(
+        2400, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
+        "(gptq, awq, *_mixed) on any target: the calibration prompts are taken in order while "
+        "they hold at most this many tokens of the model's tokenizer (the first one always).",
+        aliases=("calibration_tokens",))
     qnn_calibration_steps: int = _opt(
         16, "-e qnn, quantized (w8a16, w4a16, w8a8): each prompt is continued by this many "
         "tokens minus one of the text that follows it, one decode call each (the decode graph "
@@ -365,11 +370,12 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
 
 
 QNN_QUANTIZED = ("qnn_kv_bits", "qnn_calibration", "qnn_calibration_samples",
-                 "qnn_calibration_steps",
+                 "qnn_calibration_tokens", "qnn_calibration_steps",
                  "qnn_calibration_method", "qnn_calibration_headroom", "qnn_sensitivity")
 
 
-CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples")  # also what GPTQ rounds on
+CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples",  # also what GPTQ rounds on
+                    "qnn_calibration_tokens")
 MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")  # promoted to 8 bits by measurement
 DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "awq_gptq_last",
                          *MEASURED_MIXED)  # (they read the calibration text)

@@ -145,3 +145,31 @@ def test_percentile_ranges_against_numpy():
     assert abs(hi - np.percentile(every, 99.9995)) <= 2 * width
     assert hi < 20 and lo > -20
     assert m.result("g")["t"] == (float(every.min()), float(every.max()))
+
+
+def test_calibration_prompts_are_taken_by_tokens(tmp_path):
+    """calibration_tokens: the prompts in order while they hold at most that many tokens (the
+    first always), counted before each is cut to the context, at most calibration_samples of
+    them. The shipped prompts at the default: the first 24 (2,392 tokens) under the tests'
+    byte-level tokenizer, as before the file grew to 93 (all of them, 2,286 tokens, under
+    GPT-2's BPE)."""
+    from pathlib import Path
+
+    from builder.quant.calibration import PROMPTS, prompts, tokenize
+
+    tokenizer = Path(__file__).parent.parent / "examples" / "tiny-qwen3"
+    every = tokenize(PROMPTS, 1000, tokenizer, 10**6)
+    assert len(every) == 93
+    default = prompts(ExtraOptions(), tokenizer, 512)
+    assert len(default) == 24 and sum(map(len, default)) == 2392
+    assert default == every[:24]
+    lengths = np.cumsum([len(p) for p in every])
+    for budget in (1, 500, 2400, 5000):
+        got = tokenize(PROMPTS, 1000, tokenizer, 10**6, budget)
+        want = max(1, int(np.searchsorted(lengths, budget, side="right")))
+        assert len(got) == want, budget
+    # the choice does not depend on the context's cut; the count caps it
+    short = prompts(ExtraOptions(), tokenizer, 64)
+    assert len(short) == 24 and all(p == q[:len(p)] for p, q in zip(short, default))
+    assert len(prompts(ExtraOptions(qnn_calibration_samples=5), tokenizer, 512)) == 5
+    assert len(prompts(ExtraOptions(qnn_calibration_tokens=10**6), tokenizer, 512)) == 93
