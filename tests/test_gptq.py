@@ -335,8 +335,8 @@ def test_gptq_damps_a_hessian_of_few_tokens():
     calibration, held_out = inputs(600), inputs(8000)
     ref = held_out @ w.T
 
-    def error(q):
-        return float(np.mean((held_out @ q.dequantize() - ref) ** 2) / np.mean(ref ** 2))  # ([K, N])
+    def error(q):  # (QdqWeight.dequantize: [K, N])
+        return float(np.mean((held_out @ q.dequantize() - ref) ** 2) / np.mean(ref ** 2))
 
     rtn = error(quantize_weight(w, 4, 32, lpbq=True))
     h = hessian_of(calibration)
