@@ -192,8 +192,9 @@ class ExtraOptions:
         "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
         "line (default: the prompts shipped with builder).", aliases=("calibration",))
     qnn_calibration_samples: int = _opt(
-        128, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
-        "(gptq, awq, *_mixed) on any target: at most this many calibration prompts.",
+        24, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
+        "(gptq, awq, *_mixed) on any target: at most this many calibration prompts (the "
+        "shipped file has 93).",
         aliases=("calibration_samples",))
     qnn_calibration_tokens: int = _opt(
         2400, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "

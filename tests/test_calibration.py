@@ -150,9 +150,8 @@ def test_percentile_ranges_against_numpy():
 def test_calibration_prompts_are_taken_by_tokens(tmp_path):
     """calibration_tokens: the prompts in order while they hold at most that many tokens (the
     first always), counted before each is cut to the context, at most calibration_samples of
-    them. The shipped prompts at the default: the first 24 (2,392 tokens) under the tests'
-    byte-level tokenizer, as before the file grew to 93 (all of them, 2,286 tokens, under
-    GPT-2's BPE)."""
+    them. The shipped prompts at the default: the first 24 (2,392 tokens of the tests'
+    byte-level tokenizer, 535 of GPT-2's BPE), as before the file grew to 93."""
     from pathlib import Path
 
     from builder.quant.calibration import PROMPTS, prompts, tokenize
@@ -172,4 +171,6 @@ def test_calibration_prompts_are_taken_by_tokens(tmp_path):
     short = prompts(ExtraOptions(), tokenizer, 64)
     assert len(short) == 24 and all(p == q[:len(p)] for p, q in zip(short, default))
     assert len(prompts(ExtraOptions(qnn_calibration_samples=5), tokenizer, 512)) == 5
-    assert len(prompts(ExtraOptions(qnn_calibration_tokens=10**6), tokenizer, 512)) == 93
+    assert len(prompts(ExtraOptions(qnn_calibration_tokens=10**6, qnn_calibration_samples=1000),
+                       tokenizer, 512)) == 93
+    assert len(prompts(ExtraOptions(qnn_calibration_samples=1000), tokenizer, 512)) == 24

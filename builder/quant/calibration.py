@@ -43,11 +43,11 @@ def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
     """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
     break), each cut to ``budget`` tokens; with ``tokens``, only the first ones that hold at
     most that many in all (the first one always; counted before the cut, so that the prompts
-    chosen do not depend on the context). Under the default 2,400 the shipped prompts are the
-    first 24 (2,392 tokens) with the tests' byte-level tokenizer, and all 93 (2,286 tokens)
-    with GPT-2's BPE, where the first 24 were 535: a real model's projections read thousands
-    of inputs, and GPTQ's Hessian of fewer tokens than inputs has directions it never saw
-    (see ``gptq.damping``)."""
+    chosen do not depend on the context). The shipped prompts: the first 24 (the default
+    count) are 2,392 tokens of the tests' byte-level tokenizer and 535 of GPT-2's BPE, all 93
+    are 2,286 of GPT-2's: a real model's projections read thousands of inputs, and GPTQ's
+    Hessian of fewer tokens than inputs has directions it never saw (see ``gptq.damping``);
+    all 93 cost a real model's qnn build about 2.5x the calibration time (measured: README)."""
     texts = [line.strip().replace("\\n", "\n") for line in prompt_text(path).splitlines()]
     texts = [t for t in texts if t][:count]
     if not texts:
