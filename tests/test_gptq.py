@@ -311,7 +311,7 @@ def test_cpu_report_float_pass_rides_the_data_aware_stage(algo, checkpoints, tmp
 
 
 def test_gptq_damps_a_hessian_of_few_tokens():
-    """Fewer calibration tokens than a weight's inputs (the shipped prompts were 535 tokens of
+    """Fewer calibration tokens than a weight's inputs (the default 24 prompts are 535 tokens of
     GPT-2's BPE, a 0.6B model's projections read 1024 and 3072): at GPTQ's 1% damping
     the Hessian's unseen directions take errors as if free, and on other inputs of the same
     distribution GPTQ leaves more output error than round to nearest (a fact, measured 1.45x);
