@@ -317,8 +317,9 @@ def smooth_layers(cls, config, options, weights, policy, plugins, source: Path,
     logger.info("AWQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
                 "layer's q/k/v, gate/up and down inputs scaled per channel against the "
                 "weights as rounded", config.num_hidden_layers, len(ids), sum(map(len, ids)))
-    stream.embed(sequences + list(held_out))
-    stream.run(sequences + list(held_out), desc="AWQ",
+    everything = sequences + list(held_out)
+    stream.embed(everything)
+    stream.run(everything, desc="AWQ",
                rounding=AwqRounding(builder, stream.work, smoothing, layer_policy, reruns=False))
     (work / "stream").rmdir()
     object.__setattr__(policy, "smoothing", smoothing)

@@ -142,8 +142,9 @@ def measure(stream, sequences: list, quantizer, packed: bool, bits: int, budget:
     """The float layers over ``sequences`` (a ``LayerStream``'s, embedded here), then
     ``decide``; ``held_out`` (not recorded) go through the same float layers beside them."""
     noise = OutputNoise(stream.b, stream.work, quantizer)
-    stream.embed(sequences + list(held_out))
-    stream.run(sequences + list(held_out), desc="measuring", rounding=noise)
+    everything = sequences + list(held_out)
+    stream.embed(everything)
+    stream.run(everything, desc="measuring", rounding=noise)
     return decide(noise, packed, bits, budget, fits)
 
 

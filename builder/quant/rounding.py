@@ -386,7 +386,8 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                 config.num_hidden_layers, len(ids),
                 sum(map(len, ids)), ", their input channels scaled first by AWQ's search"
                 if scaled else "")
-    stream.embed(sequences + list(held_out))
+    everything = sequences + list(held_out)
+    stream.embed(everything)
     rounding = GptqRounding(builder, stream.work, rounded,
                             lambda w, h, f, bits, damp: gptq_matmul_nbits(
                                 w, h, bits, policy.block_size, policy.symmetric, f, damp),
@@ -394,7 +395,7 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
     if scaled:
         rounding = AwqGptq(AwqRounding(builder, stream.work, smoothing, layer_policy, True),
                            rounding)
-    stream.run(sequences + list(held_out), desc="GPTQ", rounding=rounding)
+    stream.run(everything, desc="GPTQ", rounding=rounding)
     (work / "stream").rmdir()
     rounded.served.clear()  # (what the stream's own graphs read back)
     rounded.missed.clear()
