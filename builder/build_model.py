@@ -359,8 +359,8 @@ class PipelineFolder(DecoderFolder):
             unite_phases(calibration.ranges)
             if o.extra.qnn_kv_bits == 8:
                 tie_kv_ranges(calibration.ranges)
-            activations = Calibrated(bits, calibration.ranges, self.headroom(bits),
-                                     o.extra.qnn_kv_bits)
+            activations = Calibrated(bits, calibration.ranges, self.headroom(bits, cls),
+                                     o.extra.qnn_kv_bits, cls.headroom_scopes)
             held_out_values.close()
             if noise is not None:
                 promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget,
@@ -405,18 +405,19 @@ class PipelineFolder(DecoderFolder):
 
     empty_cache = False  # calibrate decode on an empty KV cache: for the tests' comparison
 
-    def headroom(self, bits: int) -> float:
+    def headroom(self, bits: int, cls) -> float:
         """qnn_calibration_headroom, resolved (2 for 16-bit activations, 1 for 8-bit: see
-        ``Calibrated``), logged and written back into the options for the manifest."""
+        ``Calibrated``), logged (with what it widens: ``cls.headroom_scopes``) and written back
+        into the options for the manifest."""
         o = self.options
         headroom = o.extra.qnn_calibration_headroom
         if headroom is None:
             headroom = 2.0 if bits == 16 else 1.0
             object.__setattr__(o, "extra", dataclasses.replace(
                 o.extra, qnn_calibration_headroom=headroom))
-        logger.info("activation ranges: as calibrated, the MLP's widened %gx around 0 "
-                    "(qnn_calibration_headroom)%s", headroom, "; Softmax, Sigmoid and Tanh over "
-                    "their whole range" if bits == 16 else "")
+        logger.info("activation ranges: as calibrated, those under %s widened %gx around 0 "
+                    "(qnn_calibration_headroom)%s", ", ".join(cls.headroom_scopes), headroom,
+                    "; Softmax, Sigmoid and Tanh over their whole range" if bits == 16 else "")
         return headroom
 
     def kv_bits(self) -> int:

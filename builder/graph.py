@@ -70,7 +70,7 @@ def batch_dim(batch: int | str) -> int:
 # ops whose output range is fixed by the op, not by the data: no headroom; at 16 bits they take
 # that whole range (a calibrated Softmax maximum below 1 clipped a sharper row of held-out text)
 BOUNDED = {"Softmax": (0.0, 1.0), "Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
-HEADROOM_SCOPE = "/mlp/"  # the values that get headroom: see Calibrated
+HEADROOM_SCOPES = ("/mlp/",)  # the values that get headroom (DecoderBuilder.headroom_scopes)
 
 
 @dataclasses.dataclass
@@ -78,12 +78,13 @@ class Qdq:
     """What makes a GraphBuilder write a calibrated QDQ graph: unsigned ``bits``-bit activations
     with the calibrated ``ranges`` ({tensor name: (min, max)}: every float tensor of the graph,
     by its deterministic name), float initializers stored quantized. ``headroom``: the ranges
-    of the MLP's values are widened by this factor around 0 (``min * h, max * h``), but those
-    of BOUNDED ops; see ``Calibrated``."""
+    of the values under ``scopes`` (the MLP's, ...) are widened by this factor around 0
+    (``min * h, max * h``), but those of BOUNDED ops; see ``Calibrated``."""
     bits: int
     ranges: dict[str, tuple[float, float]]
     headroom: float = 1.0
     kv_bits: int = 16  # 8: the KV buffers are uint8 graph inputs and outputs (see Calibrated)
+    scopes: tuple[str, ...] = HEADROOM_SCOPES
 
     def range(self, value: str, op_type: str | None) -> tuple[float, float]:
         """The range ``value`` (computed by an ``op_type`` node; None: a graph input) is
@@ -93,7 +94,7 @@ class Qdq:
             if self.bits < 16:
                 return lo, hi
             return min(lo, BOUNDED[op_type][0]), max(hi, BOUNDED[op_type][1])
-        if HEADROOM_SCOPE in value:
+        if any(scope in value for scope in self.scopes):
             return lo * self.headroom, hi * self.headroom
         return lo, hi
 
@@ -110,18 +111,22 @@ class Calibrated:
     their ranges: on a trained tiny Qwen3, one token's layer-0 MLP product clipped took a
     decode step's logit cosine from 0.9999 to 0.994. At 16 bits a range twice as wide costs one
     bit of 65536 steps and removes that (measured on the CPU EP and the HTP; README). Only the
-    MLP's: widened too, the rotary products and the KV cache cost accuracy on the HTP (phi3
-    w8a16 mean cosine 0.9995 to 0.9982 with every range widened; no loss on the CPU EP). At 8
-    bits the step matters more: w8a8 keeps the calibrated ranges."""
+    MLP's, and the values an architecture names alike (``scopes``, from
+    ``DecoderBuilder.headroom_scopes``: LFM2's short convolutions, Granite 4.0-H's gated norm):
+    widened too, the rotary products and the KV cache cost accuracy on the HTP (phi3 w8a16 mean
+    cosine 0.9995 to 0.9982 with every range widened; no loss on the CPU EP), and so did
+    Qwen3.5's convolution (min step cosine 0.99984 to 0.99951). At 8 bits the step matters
+    more: w8a8 keeps the calibrated ranges."""
     bits: int
     ranges: dict[str, dict[str, tuple[float, float]]]
     headroom: float = 1.0
     kv_bits: int = 16  # 8: each layer's K and V buffers are uint8 graph inputs and outputs,
     # past and present (of every graph kind) over one range: the runtime hands a present's
     # bytes to the next call as its past, so they must mean the same values (tie_kv_ranges)
+    scopes: tuple[str, ...] = HEADROOM_SCOPES
 
     def graph(self, kind: str) -> Qdq:
-        return Qdq(self.bits, self.ranges[kind], self.headroom, self.kv_bits)
+        return Qdq(self.bits, self.ranges[kind], self.headroom, self.kv_bits, self.scopes)
 
 
 def _is_float(dtype: np.dtype) -> bool:

@@ -210,9 +210,11 @@ class ExtraOptions:
         "at 99.999% on each side).",
         choices=("minmax", "percentile"))
     qnn_calibration_headroom: float | None = _opt(
-        None, "-e qnn, quantized: the calibrated ranges of the MLP's activations are widened by "
-        "this factor (at least 1), so that tokens the calibration prompts did not hold are not "
-        "clipped; default 2 with 16-bit activations (w8a16, w4a16), 1 with 8-bit (w8a8).")
+        None, "-e qnn, quantized: the calibrated ranges of the MLP's activations (and of the "
+        "values an architecture names alike: LFM2's convolutions, Granite 4.0-H's gated norm) "
+        "are widened by this factor (at least 1), so that tokens the calibration prompts did not "
+        "hold are not clipped; default 2 with 16-bit activations (w8a16, w4a16), 1 with 8-bit "
+        "(w8a8).")
     qnn_sensitivity: bool = _opt(
         False, "-e qnn, quantized: also measure the logit error with only the transformer's "
         "weights, only its activations, only lm_head, and each layer alone quantized (one more "

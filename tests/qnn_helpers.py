@@ -153,6 +153,18 @@ def only_graph_io_on_cpu(folder):
     return runs
 
 
+def activation_scales(folder, graph="iterator.onnx") -> dict[str, float]:
+    """{scale initializer: value} of a QDQ graph's activations (not its stored constants')."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(folder / graph))
+    names = {i.name for i in m.graph.initializer}
+    return {i.name: float(numpy_helper.to_array(i)) for i in m.graph.initializer
+            if i.name.endswith("_scale") and not i.dims  # not a stored constant's
+            and i.name.removesuffix("_scale") + "_quantized" not in names}
+
+
 def cosines(a, b):
     return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 

@@ -18,9 +18,9 @@ from builder.options import ExecutionProvider, Precision
 from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_on_qnn, session
 from checkpoints import make_checkpoint, plant_outlier
 from conftest import run_cli
-from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, genai, genai_sequence,
-                         graph_feeds, one_data_file_without_dead_bytes, only_graph_io_on_cpu,
-                         qnn_build, recompute_report)
+from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, activation_scales,
+                         genai, genai_sequence, graph_feeds, one_data_file_without_dead_bytes,
+                         only_graph_io_on_cpu, qnn_build, recompute_report)
 from qnn_helpers import against_cpu as _against_cpu
 from qnn_helpers import cosines as _cosines
 
@@ -663,17 +663,6 @@ def test_w8a8_builds_and_runs_on_qnn(lengths, checkpoints, built, tmp_path):
     assert np.mean(_cosines(ours.step_logits, ref)) >= 0.9
 
 
-def _activation_scales(folder, graph="iterator.onnx"):
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load(str(folder / graph))
-    names = {i.name for i in m.graph.initializer}
-    return {i.name: float(numpy_helper.to_array(i)) for i in m.graph.initializer
-            if i.name.endswith("_scale") and not i.dims  # not a stored constant's
-            and i.name.removesuffix("_scale") + "_quantized" not in names}
-
-
 # measured on the trained qwen3 (CPU EP, same path as the other accuracy tests): mean cosine
 # minmax 0.9999, percentile 0.9999 (0.9996 at the default lengths), top-1 100% for both
 @pytest.mark.xdist_group("trained")
@@ -688,8 +677,8 @@ def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8
     folder = qnn_build(ck, tmp_path / "o", "w8a16", f"qnn_calibration_method={method}",
                         lengths=lengths)
     prompt = PROMPTS[lengths]
-    ours = _activation_scales(folder)
-    minmax = _activation_scales(w8a16_built[lengths, "qwen3"])
+    ours = activation_scales(folder)
+    minmax = activation_scales(w8a16_built[lengths, "qwen3"])
     assert ours.keys() == minmax.keys()
     narrower = [n for n in ours if ours[n] < minmax[n] * 0.999]
     assert narrower  # the method took effect
@@ -725,7 +714,7 @@ def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
                       lengths="default")
     wide = w8a16_built["default", "qwen3"]
     for graph in ("context.onnx", "iterator.onnx", "lm_head_iterator.onnx"):
-        got, calibrated = _activation_scales(wide, graph), _activation_scales(tight, graph)
+        got, calibrated = activation_scales(wide, graph), activation_scales(tight, graph)
         assert got.keys() == calibrated.keys()
         wider = [n for n in got if "/mlp/" in n and "/Sigmoid/" not in n]
         assert wider or graph.startswith("lm_head")
@@ -757,7 +746,7 @@ def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):
     folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w8a16",
                         f"qnn_calibration={prompts}")
     for graph in ("context.onnx", "iterator.onnx"):
-        scales = _activation_scales(folder, graph)
+        scales = activation_scales(folder, graph)
         assert not [name for name, scale in scales.items() if scale == 1.0], graph
 
 

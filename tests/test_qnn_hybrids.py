@@ -21,8 +21,8 @@ from builder import BuildOptions, build
 from builder.runner import graph_runner
 from builder.testing import run_on_qnn, run_pipeline, run_pipeline_on_qnn, session
 from checkpoints import hf_logits, make_checkpoint
-from qnn_helpers import (PROMPTS, against_cpu, cosines, genai_sequence, graph_feeds,
-                         only_graph_io_on_cpu, qnn_build, recompute_report)
+from qnn_helpers import (PROMPTS, activation_scales, against_cpu, cosines, genai_sequence,
+                         graph_feeds, only_graph_io_on_cpu, qnn_build, recompute_report)
 
 pytest.importorskip("onnxruntime_qnn", reason="the QNN tests need onnxruntime-qnn")
 
@@ -177,14 +177,16 @@ def test_genai_generates_through_the_pipeline(arch, mode, fp16_built):
 # measured on the HTP simulator against the fp32 CPU build (trained checkpoints, the defaults,
 # this module's prompt of random tokens): mean logit cosine (min), top-1 100% in each
 #                 fp16               w8a16              w4a16 rtn          w4a16 gptq
-#   LFM2          1.00000 (0.99999)  0.99984 (0.99882)  0.99199 (0.98317)  0.99531 (0.98813)
+#   LFM2          1.00000 (0.99999)  0.99990 (0.99954)  0.99199 (0.98317)  0.99531 (0.98813)
 #   Qwen3.5       1.00000 (0.99999)  0.99994 (0.99984)  0.99212 (0.98047)  0.99447 (0.98916)
-#   Granite 4.0-H 0.99999 (0.99998)  0.99964 (0.99475)  0.99309 (0.98853)  0.99456 (0.98796)
+#   Granite 4.0-H 0.99999 (0.99998)  0.99995 (0.99984)  0.99309 (0.98853)  0.99456 (0.98796)
+# (w8a16 with the headroom_scopes of each; before them LFM2 0.99984 (0.99882), Granite 0.99964
+# (0.99472): one token clipped in each)
 # and w4a16's default, gptq_mixed: LFM2 0.99709 (0.99332), Qwen3.5 0.99581 (0.99081), Granite
 # 0.99587 (0.99273); fp16 is guarded by the HTP-against-CPU-EP and transformers tests above, and
 # Granite by those alone (CI time: training the tiny Granite 4.0-H takes 160 s here, its torch
 # Mamba2 being slow)
-MEAN_COSINE = {("lfm2", "w8a16"): 0.9995, ("qwen3_5", "w8a16"): 0.9998,
+MEAN_COSINE = {("lfm2", "w8a16"): 0.9998, ("qwen3_5", "w8a16"): 0.9998,
                ("qwen3_5", "w4a16"): 0.994}
 
 
@@ -201,12 +203,39 @@ def test_accuracy_on_a_trained_checkpoint(arch, precision, trained, tmp_path):
           f"{min(cos):.5f}), top-1 {np.mean(np.array(top1) == greedy):.0%}")
     assert np.mean(cos) >= MEAN_COSINE[arch, precision]
     assert top1 == greedy
+    if precision == "w8a16":  # w8a16's target (no step's logits lost to a clipped value)
+        assert min(cos) >= 0.999
     if (arch, precision) == ("lfm2", "w8a16"):  # the report, recomputed through whole graphs;
         # its perplexity of English text is 1.4e5 for this model (trained on another task),
         # where the layer stream's and the whole graphs' rounding of a few activations
         # measured 2.3e-4 apart
         recompute_report(folder, ck, qnn_build(ck, tmp_path / "fp32", "fp32",
                                                lengths="default"), arch, 1e-3)
+
+
+@pytest.mark.parametrize("arch", ["lfm2", "granitemoehybrid_dense"])
+def test_headroom_widens_the_architectures_own_values(arch, checkpoints, tmp_path):
+    """qnn_calibration_headroom (2 at w8a16) widens the values under the architecture's
+    ``headroom_scopes`` beside the MLP's (LFM2's conv layers, Granite 4.0-H's gated norm), not
+    their bounded ops' (Sigmoid), and no other: against the same build with headroom 1."""
+    from builder.models.granitemoehybrid import GraniteMoeHybridBuilder
+    from builder.models.lfm2 import Lfm2Builder
+
+    ck = checkpoints[arch]
+    cls = {"lfm2": Lfm2Builder, "granitemoehybrid_dense": GraniteMoeHybridBuilder}[arch]
+    own = [s for s in cls.headroom_scopes if s != "/mlp/"]
+    assert own
+    wide = qnn_build(ck, tmp_path / "wide", "w8a16")
+    tight = qnn_build(ck, tmp_path / "tight", "w8a16", "qnn_calibration_headroom=1")
+    for graph in ("context.onnx", "iterator.onnx"):
+        got, calibrated = activation_scales(wide, graph), activation_scales(tight, graph)
+        assert got.keys() == calibrated.keys()
+        wider = {n for n in got if any(s in n for s in cls.headroom_scopes)
+                 and "/Sigmoid/" not in n}
+        assert any(s in n for n in wider for s in own), (graph, own)
+        for name, scale in got.items():
+            ratio = 2.0 if name in wider else 1.0
+            assert scale == pytest.approx(calibrated[name] * ratio, rel=3e-3), name
 
 
 def test_parts_carry_their_own_layers_states(fp16_built, checkpoints, tmp_path):

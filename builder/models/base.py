@@ -146,6 +146,11 @@ class DecoderBuilder:
     # rounding (gptq) rounds, those sharing an input next to each other (``projection_weight``
     # gives each weight as its projection reads it); a kind not listed is refused by gptq
     kind_projections: ClassVar[dict[str, tuple]] = {}
+    # the graphs' scopes whose values take qnn_calibration_headroom (``graph.Calibrated``): the
+    # MLP's, whose values follow the token more than any other's; an architecture adds those of
+    # its own that do alike (a short convolution's window, a norm whose mean square can fall
+    # under its epsilon)
+    headroom_scopes: ClassVar[tuple[str, ...]] = ("/mlp/",)
 
     def __init__(self, config: DecoderConfig, options: BuildOptions, target: TargetCaps,
                  weights: CheckpointReader, gb: GraphBuilder,
