@@ -349,7 +349,8 @@ class PipelineFolder(DecoderFolder):
                 rounding = AwqGptq(qdq_smoothing(builder, work, policy),
                                    qdq_rounding(builder, work, out / ".rounded", policy))
             elif policy.data_aware:
-                rounding = qdq_rounding(builder, work, out / ".rounded", policy)
+                rounding = qdq_rounding(builder, work, out / ".rounded", policy,
+                                        o.extra.gptq_sequential)
             else:
                 rounding = noise
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,
@@ -361,6 +362,8 @@ class PipelineFolder(DecoderFolder):
                 tie_kv_ranges(calibration.ranges)
             activations = Calibrated(bits, calibration.ranges, self.headroom(bits, cls),
                                      o.extra.qnn_kv_bits, cls.headroom_scopes)
+            if policy.rounded is not None:
+                policy.rounded.log_towards()
             held_out_values.close()
             if noise is not None:
                 promoted, self.mixed = decide(noise, builder.packed, policy.bits, policy.budget,

@@ -346,3 +346,58 @@ def test_gptq_damps_a_hessian_of_few_tokens():
           f"{damped / rtn:.2f}x")
     assert plain > 1.2 * rtn
     assert damped < rtn
+
+
+def test_rounding_towards_the_float_layers_outputs():
+    """gptq_sequential's target: a projection whose inputs X an earlier rounding moved from
+    the float layer's X_f is rounded from W + W C H^-1 (C = (X_f - X)^T X), the weight whose
+    outputs on X are nearest X_f W^T. ``times_inverse`` against numpy's inverse of the damped
+    Hessian; ``output_error`` against the squared error recomputed from the tokens; and on
+    other inputs moved alike, the weight rounded towards the float outputs lands nearer them
+    than the weight rounded as it is (measured 0.67x its error, inputs moved by 0.5%)."""
+    from builder.quant.gptq import gptq_qdq, inverse_factor, times_inverse
+    from builder.quant.policy import dequantized
+    from builder.quant.rounding import output_error
+
+    rng = np.random.default_rng(3)
+    k, n, tokens = 96, 64, 2000
+    mix = rng.normal(size=(k, k)) * 0.3
+    moved = np.eye(k) + rng.normal(0, 0.005, (k, k))  # what an earlier rounding did to them
+
+    def inputs(count):
+        x_f = (rng.normal(size=(count, k)) @ mix).astype(np.float32)
+        return x_f, (x_f @ moved).astype(np.float32)
+
+    w = rng.normal(0, 0.05, (n, k)).astype(np.float32)
+    x_f, x = inputs(tokens)
+    dead = x.copy()
+    dead[:, 5] = 0  # (an input calibration never saw: the factor's diagonal 1 there)
+    h = hessian_of(dead).astype(np.float32)
+    factor, _ = inverse_factor(h, DAMP)
+    damped = h.astype(np.float64)
+    damped[5, 5] = 1
+    damped[np.diag_indices(k)] += DAMP * np.mean(np.diag(damped))
+    a = rng.normal(size=(8, k)).astype(np.float32)
+    expected = a @ np.linalg.inv(damped)
+    np.testing.assert_allclose(times_inverse(a, h, factor, DAMP), expected, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected).max())
+    h = hessian_of(x).astype(np.float32)
+    cross = (2 * (x_f - x).T @ x).astype(np.float32)  # (as h: the pipeline's are both / T)
+    factor = inverse_factor(h, DAMP)
+    plain = gptq_qdq(w, h, 4, 32, False, factor, lpbq=True)
+    towards = gptq_qdq(w + times_inverse(w @ cross, h, factor[0], DAMP), h, 4, 32, False,
+                       factor, lpbq=True)
+    target = x_f @ w.T
+    for q in (plain, towards):  # the error less its constant, from H and C alone
+        direct = np.sum((x @ dequantized(q, w.shape).T - target) ** 2) - np.sum(target ** 2)
+        assert output_error(q, w, h, cross) == pytest.approx(2 * direct, rel=1e-3)
+    assert output_error(towards, w, h, cross) < output_error(plain, w, h, cross)
+    new_f, new = inputs(8000)
+
+    def error(q):
+        ref = new_f @ w.T
+        return float(np.mean((new @ dequantized(q, w.shape).T - ref) ** 2) / np.mean(ref ** 2))
+
+    print(f"held-out output error against the float outputs: rounded as it is "
+          f"{error(plain):.3g}, towards them {error(towards):.3g}")
+    assert error(towards) < 0.8 * error(plain)

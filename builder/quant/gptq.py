@@ -116,6 +116,16 @@ def inverse_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray,
     return h, dead
 
 
+def times_inverse(a: np.ndarray, hessian: np.ndarray, factor: np.ndarray,
+                  damp: float = DAMP) -> np.ndarray:
+    """``a`` [N, K] times the damped H^-1, from ``inverse_factor``'s factor F of ``hessian``:
+    F is that of H scaled to a mean diagonal of 1 (its dead inputs' diagonal 1, then damped),
+    so H^-1 = F^T F / that mean."""
+    diagonal = np.diag(hessian).astype(np.float64)
+    mean = np.mean(np.where(diagonal == 0, 1.0, diagonal)) * (1 + damp)
+    return (a @ factor.T) @ factor * np.float32(1 / mean)
+
+
 def reverse(a: np.ndarray, chunk: int = 1 << 20) -> None:
     """J A J in place (both axes reversed) for a C-contiguous square ``a``: its flat order
     reversed, a chunk from each end swapped at a time."""

@@ -81,6 +81,8 @@ class QuantPolicy:
     qdq_conv: bool | None = None  # static QDQ graphs: None (not QDQ), else whether 1x1 Conv
     lpbq: bool = False  # static QDQ graphs: int4 blocks on MatMul as LPBQ (qnn_int4_format)
     layers: frozenset[int] | None = None  # only these layers' weights (None: every layer's)
+    floats: frozenset[tuple[int, R]] = frozenset()  # {(layer, role)} kept in float all the same
+    # (the projections of a layer that GPTQ has not rounded yet: quant.rounding)
     # {(layer, role)}: at 8 bits, chosen by measurement (quant.mixed; packed roles by their own)
     promoted: frozenset[tuple[int, R]] = frozenset()
     data_aware: str | None = None  # gptq, awq: the layers' projections rounded (scaled) with
@@ -148,9 +150,12 @@ class QuantPolicy:
         return cls(bits=bits, algorithm="qdq", block_size=block_size, lm_head_bits=None,
                    qdq_conv=conv, lpbq=lpbq and not conv)
 
-    def only_layers(self, layers: set[int]) -> QuantPolicy:
-        """This policy for the weights of ``layers`` only (the sensitivity analysis)."""
-        return dataclasses.replace(self, layers=frozenset(layers), seen=set())
+    def only_layers(self, layers: set[int], floats: set[tuple[int, R]] = frozenset()
+                    ) -> QuantPolicy:
+        """This policy for the weights of ``layers`` only (the sensitivity analysis, data-aware
+        rounding), but ``floats`` ({(layer, role)}) left in float."""
+        return dataclasses.replace(self, layers=frozenset(layers), floats=frozenset(floats),
+                                   seen=set())
 
     def bits_for(self, role: R, layer: int | None, node_name: str,
                  own: R | str | None = None) -> int | None:
@@ -160,6 +165,8 @@ class QuantPolicy:
         if self.bits is None or node_name in self.exclude:
             return None
         if self.layers is not None and layer not in self.layers:
+            return None
+        if (layer, own or role) in self.floats:
             return None
         if (layer, own or role) in self.promoted and self.quantize_matmul:
             return 8

@@ -25,7 +25,8 @@ import onnx
 from builder.errors import ConfigError, OptionError
 from builder.output import writing
 from builder.quant.base import QuantizedWeight
-from builder.quant.gptq import DAMP, damping, gptq_matmul_nbits, gptq_qdq, inverse_factor
+from builder.quant.gptq import (DAMP, damping, gptq_matmul_nbits, gptq_qdq, inverse_factor,
+                                times_inverse)
 from builder.quant.qdq import QdqWeight
 from builder.roles import TensorRole as R
 
@@ -94,6 +95,8 @@ class RoundedWeights:
         folder.mkdir(parents=True, exist_ok=True)
         self.served: list[str] = []   # weights served rounded, and those left to the quantizer
         self.missed: list[str] = []
+        self.towards = [0, 0]  # (gptq_sequential) weights rounded towards the float layer's
+        # outputs, of those whose inputs the rounding before them moved
 
     def path(self, role: R, layer: int) -> Path:
         return self.folder / f"{layer}.{role_name(role)}.npz"
@@ -113,6 +116,13 @@ class RoundedWeights:
     def log(self) -> None:
         logger.info("GPTQ: %d weights written as rounded with calibration data; by the "
                     "quantizer: %s", len(self.served), ", ".join(self.missed) or "none")
+        self.log_towards()
+
+    def log_towards(self) -> None:
+        if self.towards[1]:
+            logger.info("GPTQ: %d of the %d weights whose inputs the layer's rounding moved "
+                        "rounded towards the float layer's outputs (closer to them on the "
+                        "calibration prompts than rounded as they are)", *self.towards)
 
     def load(self, role: R, layer: int) -> QuantizedWeight | QdqWeight | None:
         path = self.path(role, layer)
@@ -147,20 +157,37 @@ class RoundedWeights:
 
 
 class GptqRounding:
-    """``LayerStream.run``'s ``rounding``: Hessians from a layer's recorded calls, then GPTQ."""
+    """``LayerStream.run``'s ``rounding``: Hessians from a layer's recorded calls, then GPTQ.
+
+    ``sequential``: a layer's projections are rounded an input at a time, in the layer's order
+    (q/k/v, o, gate/up, down; a layer of another kind its own projections first), each against
+    what the layer computes with the ones before it rounded, and towards what it computed in
+    float: the recorded calls run once more per input after the first (``more``), and a
+    projection whose inputs X moved from the float layer's X_f is rounded from
+    ``W + W (X_f - X)^T X H^-1`` (the least-squares weight that maps the inputs it gets to the
+    outputs the float layer gave: ``X W'^T`` nearest ``X_f W^T``), so that o makes up for
+    q/k/v's rounding, gate/up for o's, down for theirs. Otherwise every projection is rounded
+    from one pass of the layer as it stood (GPTQ's own order)."""
 
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
-                 policy) -> None:
+                 policy, sequential: bool = False) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
         self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits, damping)
         # -> rounded
         self.damped: set[int] = set()  # input widths whose damping the log said
         self.policy = policy  # the static builder's policy once a layer is rounded (its bits
         # per projection: mixed precision's promoted ones at 8)
+        self.sequential = sequential
         self.hessians: dict[str, np.ndarray] = {}
+        self.crosses: dict[str, np.ndarray] = {}  # (X_f - X)^T X of the input being rounded
         self.pending: dict[str, list[np.ndarray]] = {}  # token rows not yet in the Hessian
+        self.reference: dict[str, dict[tuple, np.ndarray]] = {}  # the float layer's rows of
+        # each later input, by call
         self.tokens = 0
         self.inputs: dict[R, str] | None = None
+        self.order: list[list[str]] = []  # the layer's inputs, in the groups rounded a pass
+        # at a time
+        self.step = 0  # the input rounded next
 
     reruns = True  # the layer's recorded calls run again once it is rounded
     ROWS = 1024  # token rows gathered per input before they enter its Hessian: a product
@@ -168,13 +195,36 @@ class GptqRounding:
     # batch has one row per sequence), 2.5 s at K = 12288 on 2 cores
 
     def add(self, layer: int, calls: list, sequences: list, values: dict) -> None:
+        from builder.quant.stream import PREFILL
+
         if self.inputs is None:
             self.inputs = projection_inputs(self.b, self.work, layer, "gptq")
-        for value in set(self.inputs.values()):
+            inputs = list(dict.fromkeys(self.inputs[r] for r in roles_of(self.b, layer)))
+            self.order = sequential_groups(inputs) if self.sequential else [inputs]
+            self.step = 0
+        if not self.sequential:
+            now, later = self.order[0], []
+        else:
+            now = self.order[self.step]
+            later = [v for group in self.order[self.step + 1:] for v in group] \
+                if self.step == 0 else []
+        keys = [(id(s), id(c)) for c, s in zip(calls, sequences)]
+        for value in now:
             rows = self.pending.setdefault(value, [])
             rows.append(token_rows(values[value], calls, sequences))
+            if self.step > 0:  # the float layer's rows of the same calls
+                ref = self.reference[value]
+                self.pending.setdefault(value + "/reference", []).append(
+                    np.concatenate([ref.pop(k) for k in keys]))
             if sum(map(len, rows)) >= self.ROWS:
                 self._accumulate(value)
+        for value in later:  # (the later inputs' passes run the prompts' prefill calls: a
+            # decode call is one token, most of a pass's time in a few percent of its tokens)
+            kept = self.reference.setdefault(value, {})
+            for key, call, rows in zip(keys, calls, token_slices(values[value], calls,
+                                                                 sequences)):
+                if call.kind == PREFILL:
+                    kept[key] = np.array(rows, np.float32)
         self.tokens += sum(valid(c, s) for c, s in zip(calls, sequences))
 
     def _accumulate(self, value: str) -> None:
@@ -187,6 +237,18 @@ class GptqRounding:
             self.hessians[value] += g
         else:
             self.hessians[value] = g
+        reference = self.pending.pop(value + "/reference", [])
+        if reference:
+            cross = np.dot((np.concatenate(reference) - x).T, x)
+            if value in self.crosses:
+                self.crosses[value] += cross
+            else:
+                self.crosses[value] = cross
+
+    def more(self, layer: int) -> bool:
+        """Whether the layer has inputs left to round (``sequential``): its recorded calls
+        run again first, with the projections rounded so far."""
+        return self.inputs is not None
 
     def round(self, layer: int, smoothing=None) -> None:
         """GPTQ on the layer's projections. ``smoothing`` (``quant.awq.AwqGptq``): the weights
@@ -202,8 +264,12 @@ class GptqRounding:
             bits = self.policy.bits_for(b.policy_role(role), layer, "", own=role) \
                 or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
-        current = h = factor = damp = None  # (one input's Hessian at a time: the groups of an input
-        for (value, bits), roles in by_input.items():  # are consecutive, as ROLES)
+        now = {v for group in self.order for v in group} if smoothing is not None \
+            else set(self.order[self.step])
+        current = h = factor = damp = cross = None  # (one input's Hessian at a time: the
+        for (value, bits), roles in by_input.items():  # groups of an input are consecutive)
+            if value not in now:
+                continue
             if value != current:
                 current, h, factor = value, None, None
                 self._accumulate(value)
@@ -220,15 +286,54 @@ class GptqRounding:
                                 "damped by %.3g of its mean diagonal (%g where tokens are "
                                 "many times the inputs)", self.tokens, len(h), damp, DAMP)
                 factor = inverse_factor(h, damp)
+                cross = self.crosses.pop(value, None)
+                if cross is not None:
+                    cross *= np.float32(2 / max(1, self.tokens))
             parts = [np.asarray(weights.pop(r), np.float32) for r in roles]
-            rounded = self.round_weight(np.concatenate(parts), h, factor, bits, damp)
+            w = np.concatenate(parts)
+            rounded = self.round_weight(w, h, factor, bits, damp)
+            if cross is not None:  # towards the float layer's outputs: W + W C H^-1 (H
+                # damped), where that measures closer to them
+                towards = self.round_weight(w + times_inverse(w @ cross, h, factor[0], damp), h,
+                                            factor, bits, damp)
+                errors = [output_error(r, w, h, cross) for r in (rounded, towards)]
+                self.rounded.towards[0] += len(roles) * (errors[1] < errors[0])
+                self.rounded.towards[1] += len(roles)
+                if errors[1] < errors[0]:
+                    rounded = towards
             sizes = [p.shape[0] for p in parts]
             for role, part in zip(roles, split_rows(rounded, sizes)):
                 self.rounded.save(role, layer, part)
-        self.hessians, self.pending, self.tokens, self.inputs = {}, {}, 0, None
+        self.hessians, self.crosses, self.pending, self.tokens = {}, {}, {}, 0
+        self.step = len(self.order) if smoothing is not None else self.step + 1
+        if self.step < len(self.order):  # the next pass: this layer with the inputs rounded so
+            # far rounded, the others in float
+            later = {v for group in self.order[self.step:] for v in group}
+            left = {(layer, r) for r in roles_of(b, layer) if self.inputs[r] in later}
+            self.b.policy = self.policy.only_layers(set(range(layer + 1)), left)
+            return
+        self.inputs, self.order, self.reference = None, [], {}
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
         self.b.policy = self.policy.only_layers(set(range(layer + 1)))
+
+
+def sequential_groups(inputs: list[str]) -> list[list[str]]:
+    """gptq_sequential's passes over a layer's projection inputs (in the layer's order): one
+    per input. (Measured on the trained checkpoints, w4a16's report KL: the first input alone
+    then the others together, or all but the last then the last, keep a third to a half of
+    the gain, for one pass instead of three.)"""
+    return [[v] for v in inputs]
+
+
+def output_error(rounded, w: np.ndarray, h: np.ndarray, cross: np.ndarray) -> float:
+    """How far a rounded weight Q's outputs on the inputs X are from the float layer's X_f W^T,
+    from the Hessian H = X^T X and C = (X_f - X)^T X (both over the tokens): the squared
+    error less its constant, tr(Q H Q^T) - 2 tr(Q X^T X_f W^T), X^T X_f = C^T + H."""
+    from builder.quant.policy import dequantized
+
+    q = dequantized(rounded, w.shape)
+    return float(np.sum((q @ h) * q) - 2 * np.sum((q @ (cross.T + h)) * w))
 
 
 def projection_inputs(builder, work: Path, layer: int, why: str) -> dict[R, str]:
@@ -308,7 +413,8 @@ def valid(call, sequence) -> int:
     return real_tokens(call, sequence)
 
 
-def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
+def qdq_rounding(builder, work: Path, folder: Path, policy,
+                 sequential: bool = False) -> GptqRounding:
     """``LayerStream.run``'s rounding for a calibrated static (QNN) build: GPTQ onto the QDQ
     weights ``policy`` (``QuantPolicy.static_qdq``) writes, in the calibration stream (its
     ``work`` folder); the layers then calibrate with their rounded weights, kept in ``folder``.
@@ -324,7 +430,8 @@ def qdq_rounding(builder, work: Path, folder: Path, policy) -> GptqRounding:
                 "calibrated", f"blocks of {block(policy.bits)}" if block(policy.bits)
                 else "per-channel", policy.bits)
     return GptqRounding(builder, work, rounded, lambda w, h, f, bits, damp: gptq_qdq(
-        w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq, damp), policy)
+        w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq, damp), policy,
+        sequential)
 
 
 def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
@@ -391,7 +498,7 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
     rounding = GptqRounding(builder, stream.work, rounded,
                             lambda w, h, f, bits, damp: gptq_matmul_nbits(
                                 w, h, bits, policy.block_size, policy.symmetric, f, damp),
-                            layer_policy)
+                            layer_policy, sequential=not scaled and options.extra.gptq_sequential)
     if scaled:
         rounding = AwqGptq(AwqRounding(builder, stream.work, smoothing, layer_policy, True),
                            rounding)

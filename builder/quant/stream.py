@@ -287,8 +287,9 @@ class LayerStream:
         are not recorded see. ``rounding`` (data-aware weight rounding, ``quant.rounding``):
         each layer first runs as it stands over every call, exposed, and hands the recorded
         calls' values to ``rounding.add(layer, calls, sequences, values)``; then
-        ``rounding.round(layer)`` rounds the layer's weights, and the recorded calls run again,
-        with them, to record their ranges and hand their outputs on (the next layer's inputs
+        ``rounding.round(layer)`` rounds the layer's weights (while ``rounding.more(layer)``,
+        some of them: the recorded calls run with those, and ``add`` and ``round`` again), and
+        the recorded calls run again, with them, to record their ranges and hand their outputs on (the next layer's inputs
         are the rounded model's); the calls that are not recorded (held-out) run only the
         first time: they stay the float model's. A ``rounding`` whose ``reruns`` is False only
         measures: one pass, ``add`` then ``round``, the layer unchanged (``quant.mixed``).
@@ -337,9 +338,15 @@ class LayerStream:
                                  "all" if seen else PROJECTION_VALUES, inputs, seen,
                                  update_recorded=False)
                 rounding.round(layer)
+                recorded = [step for step in plan if step[1]]
+                while getattr(rounding, "more", None) and rounding.more(layer):
+                    # (rounded an input at a time: the recorded prefill calls with the
+                    # projections rounded so far, for the next input's)
+                    self._layer_pass(sequences, layer, [s for s in recorded if s[0] == PREFILL],
+                                     rows, PROJECTION_VALUES, inputs, update_recorded=False)
+                    rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
-                self._layer_pass(sequences, layer, [step for step in plan if step[1]], rows,
-                                 ranges is not None, ranged)
+                self._layer_pass(sequences, layer, recorded, rows, ranges is not None, ranged)
             if observe is not None:
                 observe(layer, sequences)
 
@@ -354,7 +361,10 @@ class LayerStream:
         store = WeightStore(self.work / "layer.data")
         try:
             quantized = self.qdq_layers is None or layer in self.qdq_layers
+            kinds = {step[0] for step in plan}  # (the graphs the plan's calls run)
             for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
+                if kind not in kinds:
+                    continue
                 self._write(f"{kind}.onnx", kind if quantized else None,
                             lambda b, s=s: build_transformer(
                                 b, s, self.context, range(layer, layer + 1), "batch", rows),
