@@ -288,9 +288,9 @@ class LayerStream:
         each layer first runs as it stands over every call, exposed, and hands the recorded
         calls' values to ``rounding.add(layer, calls, sequences, values)``; then
         ``rounding.round(layer)`` rounds the layer's weights (while ``rounding.more(layer)``,
-        some of them: the recorded calls run with those, and ``add`` and ``round`` again), and
-        the recorded calls run again, with them, to record their ranges and hand their outputs on (the next layer's inputs
-        are the rounded model's); the calls that are not recorded (held-out) run only the
+        some of them: the recorded prefill calls run with those, and ``add`` and ``round``
+        again), and the recorded calls run again, with them, to record their ranges and hand
+        their outputs on (the next layer's inputs are the rounded model's); the calls that are not recorded (held-out) run only the
         first time: they stay the float model's. A ``rounding`` whose ``reruns`` is False only
         measures: one pass, ``add`` then ``round``, the layer unchanged (``quant.mixed``).
 
