@@ -460,14 +460,20 @@ class GraphBuilder:
         return self._constants[key]
 
     # -- QDQ ----------------------------------------------------------------------------
-    def float_tensors(self) -> dict[str, int]:
+    def float_tensors(self, only: set[str] | None = None) -> dict[str, int]:
         """{name: element type} of every float value a node computes or the graph takes (not
-        initializers, not the DequantizeLinear outputs of stored codes), by type inference."""
+        initializers, not the DequantizeLinear outputs of stored codes), by type inference;
+        ``only``: of those values alone, projections' inputs and outputs: the graph's float
+        type where inference leaves them untyped (downstream of a contrib op it does not know:
+        a cpu build's rounded MatMulNBits)."""
         inferred = onnx.shape_inference.infer_shapes(self._model(), strict_mode=True).graph
         types = {v.name: v.type.tensor_type.elem_type
                  for v in (*inferred.input, *inferred.value_info, *inferred.output)}
         dequantized = {n.output[0] for n in self._nodes if n.op_type == "DequantizeLinear"}
         names = [i.name for i in self._inputs] + [o for n in self._nodes for o in n.output if o]
+        if only is not None:
+            names = [n for n in names if n in only]
+            types = {n: types.get(n, self.float_type) for n in names}
         unknown = [n for n in names if n not in types]
         if unknown:
             raise RuntimeError(f"{self.name}: no type inferred for {unknown[:3]}")
@@ -613,7 +619,7 @@ class GraphBuilder:
             elif expose != "all":  # (moved values: their input's, no range of their own)
                 known |= self._moved()
             self._outputs += [helper.make_tensor_value_info(name, elem, None)
-                              for name, elem in self.float_tensors().items()
+                              for name, elem in self.float_tensors(wanted).items()
                               if name not in known and (wanted is None or name in wanted)]
         model = self._model()
         with writing(path):
