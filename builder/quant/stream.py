@@ -292,7 +292,8 @@ class LayerStream:
         again), and the recorded calls run again, with them, to record their ranges and hand
         their outputs on (the next layer's inputs are the rounded model's); the calls that are
         not recorded (held-out) run only the first time: they stay the float model's. A
-        ``rounding`` whose ``reruns`` is False only measures: one pass, ``add`` then ``round``, the layer unchanged (``quant.mixed``).
+        ``rounding`` whose ``reruns`` is False only measures: one pass, ``add`` then
+        ``round``, the layer unchanged (``quant.mixed``).
 
         The layer's graphs take any batch: calls of different sequences run together (``steps``),
         up to BATCH at a time, so the layer's weights are read once per batch, not per call.
