@@ -200,14 +200,13 @@ class GptqRounding:
         if self.inputs is None:
             self.inputs = projection_inputs(self.b, self.work, layer, "gptq")
             inputs = list(dict.fromkeys(self.inputs[r] for r in roles_of(self.b, layer)))
-            self.order = sequential_groups(inputs) if self.sequential else [inputs]
+            # sequential: a pass per input (measured on the trained checkpoints, w4a16's
+            # report KL: the first input alone then the others together, or all but the last
+            # then the last, keep a third to a half of the gain, for one pass instead of three)
+            self.order = [[v] for v in inputs] if self.sequential else [inputs]
             self.step = 0
-        if not self.sequential:
-            now, later = self.order[0], []
-        else:
-            now = self.order[self.step]
-            later = [v for group in self.order[self.step + 1:] for v in group] \
-                if self.step == 0 else []
+        now = self.order[self.step]  # (the later inputs' float rows: kept on the first pass)
+        later = [v for group in self.order[1:] for v in group] if self.step == 0 else []
         keys = [(id(s), id(c)) for c, s in zip(calls, sequences)]
         for value in now:
             rows = self.pending.setdefault(value, [])
@@ -246,8 +245,8 @@ class GptqRounding:
                 self.crosses[value] = cross
 
     def more(self, layer: int) -> bool:
-        """Whether the layer has inputs left to round (``sequential``): its recorded calls
-        run again first, with the projections rounded so far."""
+        """Whether the layer has inputs left to round (``sequential``): its recorded prefill
+        calls run again first, with the projections rounded so far."""
         return self.inputs is not None
 
     def round(self, layer: int, smoothing=None) -> None:
@@ -264,8 +263,7 @@ class GptqRounding:
             bits = self.policy.bits_for(b.policy_role(role), layer, "", own=role) \
                 or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
-        now = {v for group in self.order for v in group} if smoothing is not None \
-            else set(self.order[self.step])
+        now = set(self.order[self.step])  # (with smoothing: not sequential, every input)
         current = h = factor = damp = cross = None  # (one input's Hessian at a time: the
         for (value, bits), roles in by_input.items():  # groups of an input are consecutive)
             if value not in now:
@@ -305,7 +303,7 @@ class GptqRounding:
             for role, part in zip(roles, split_rows(rounded, sizes)):
                 self.rounded.save(role, layer, part)
         self.hessians, self.crosses, self.pending, self.tokens = {}, {}, {}, 0
-        self.step = len(self.order) if smoothing is not None else self.step + 1
+        self.step += 1
         if self.step < len(self.order):  # the next pass: this layer with the inputs rounded so
             # far rounded, the others in float
             later = {v for group in self.order[self.step:] for v in group}
@@ -316,14 +314,6 @@ class GptqRounding:
         # the next pass runs this layer with its rounded weights; the next layer's first pass
         # runs it in float
         self.b.policy = self.policy.only_layers(set(range(layer + 1)))
-
-
-def sequential_groups(inputs: list[str]) -> list[list[str]]:
-    """gptq_sequential's passes over a layer's projection inputs (in the layer's order): one
-    per input. (Measured on the trained checkpoints, w4a16's report KL: the first input alone
-    then the others together, or all but the last then the last, keep a third to a half of
-    the gain, for one pass instead of three.)"""
-    return [[v] for v in inputs]
 
 
 def output_error(rounded, w: np.ndarray, h: np.ndarray, cross: np.ndarray) -> float:
