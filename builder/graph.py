@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -592,14 +592,16 @@ class GraphBuilder:
         return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION,
                                  producer_name="builder")
 
-    def save(self, path: Path, expose: bool | str = False,
-             log: int = logging.INFO) -> onnx.ModelProto:
+    def save(self, path: Path, expose: bool | str = False, log: int = logging.INFO,
+             only: Collection[str] | None = None) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
         PROJECTION_VALUES: only the inputs and outputs of MatMuls and Convs with a stored weight
         (data-aware rounding and mixed precision's measurement read them); WITH_PROJECTIONS:
-        True's and those (a projection may read a moved value)."""
+        True's and those (a projection may read a moved value). ``only``: the graph's outputs
+        are these values alone (its own outputs or projections' values), its nodes and
+        initializers those that compute them: a pass that needs part of a layer runs part."""
         if self._own_store:
             self.store.close()
         else:
@@ -621,6 +623,8 @@ class GraphBuilder:
             self._outputs += [helper.make_tensor_value_info(name, elem, None)
                               for name, elem in self.float_tensors(wanted).items()
                               if name not in known and (wanted is None or name in wanted)]
+        if only is not None:
+            self._keep_only(set(only))
         model = self._model()
         with writing(path):
             onnx.save_model(model, str(path))
@@ -628,6 +632,25 @@ class GraphBuilder:
                     len(self._nodes), len(self._initializers),
                     self.data_path.stat().st_size / 1e6)
         return model
+
+    def _keep_only(self, names: set[str]) -> None:
+        """``save``'s ``only``: the outputs named, the nodes and initializers they need."""
+        outputs = {v.name for v in self._outputs}
+        types = self.float_tensors(names - outputs)
+        missing = names - outputs - set(types)
+        if missing:
+            raise RuntimeError(f"{self.name}: no float value named {sorted(missing)[:3]}")
+        self._outputs = [v for v in self._outputs if v.name in names] + [
+            helper.make_tensor_value_info(name, elem, None) for name, elem in types.items()]
+        needed, nodes = set(names), []
+        for node in reversed(self._nodes):  # (in order: a value's producer before its reader)
+            if needed.intersection(node.output):
+                nodes.append(node)
+                needed.update(node.input)
+                needed.update(i for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+                              for n in a.g.node for i in n.input)  # (an If's outer values)
+        self._nodes = nodes[::-1]
+        self._initializers = [t for t in self._initializers if t.name in needed]
 
     def close(self) -> None:
         if self._own_store:

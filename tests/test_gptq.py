@@ -353,16 +353,16 @@ def test_gptq_damps_a_hessian_of_few_tokens():
     assert damped < rtn
 
 
-def test_rounding_towards_the_float_layers_outputs():
+def test_rounding_towards_the_float_layers_outputs(tmp_path):
     """gptq_sequential's target: a projection whose inputs X an earlier rounding moved from
     the float layer's X_f is rounded from W + W C H^-1 (C = (X_f - X)^T X), the weight whose
     outputs on X are nearest X_f W^T. ``times_inverse`` against numpy's inverse of the damped
-    Hessian; ``output_error`` against the squared error recomputed from the tokens; and on
+    Hessian; ``error_change`` against the squared errors recomputed from the tokens; and on
     other inputs moved alike, the weight rounded towards the float outputs lands nearer them
     than the weight rounded as it is (measured 0.67x its error, inputs moved by 0.5%)."""
     from builder.quant.gptq import gptq_qdq, inverse_factor, times_inverse
     from builder.quant.policy import dequantized
-    from builder.quant.rounding import output_error
+    from builder.quant.rounding import GptqRounding, RoundedWeights, error_change
 
     rng = np.random.default_rng(3)
     k, n, tokens = 96, 64, 2000
@@ -393,10 +393,21 @@ def test_rounding_towards_the_float_layers_outputs():
     towards = gptq_qdq(w + times_inverse(w @ cross, h, factor[0], DAMP), h, 4, 32, False,
                        factor, lpbq=True)
     target = x_f @ w.T
-    for q in (plain, towards):  # the error less its constant, from H and C alone
-        direct = np.sum((x @ dequantized(q, w.shape).T - target) ** 2) - np.sum(target ** 2)
-        assert output_error(q, w, h, cross) == pytest.approx(2 * direct, rel=1e-3)
-    assert output_error(towards, w, h, cross) < output_error(plain, w, h, cross)
+    direct = [np.sum((x @ dequantized(q, w.shape).T - target) ** 2) for q in (plain, towards)]
+    change = error_change(plain, towards, w, h, w @ cross)  # (H and C are 2x the sums)
+    assert change == pytest.approx(2 * (direct[1] - direct[0]), rel=1e-3)
+    assert change < 0
+    # the choice is measured on a sample of the rows: rows are rounded apart
+    sample = gptq_qdq(np.ascontiguousarray(w[::4]), h, 4, 32, False, factor, lpbq=True)
+    np.testing.assert_allclose(dequantized(sample, (n // 4, k)),
+                               dequantized(plain, w.shape)[::4], atol=1e-6)
+    # GptqRounding measures it on GUARD_ROWS of a weight's rows, then rounds the one chosen
+    rounding = GptqRounding(None, tmp_path, RoundedWeights(tmp_path), lambda w, h, f, bits,
+                            damp: gptq_qdq(w, h, bits, 32, False, f, lpbq=True), None)
+    rounding.GUARD_ROWS = n // 4
+    got = rounding._towards(w, h, factor, 4, DAMP, cross, 1)
+    assert rounding.rounded.towards == [1, 1]
+    np.testing.assert_array_equal(dequantized(got, w.shape), dequantized(towards, w.shape))
     new_f, new = inputs(8000)
 
     def error(q):

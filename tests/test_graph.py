@@ -127,6 +127,39 @@ def test_dequantized_weights_are_what_dequantize_linear_computes(tmp_path, bits,
     assert np.abs(got[True] - w.T).max() > 0  # (rounded: not the float weight)
 
 
+def test_a_graph_saved_for_some_values_computes_those_alone(tmp_path):
+    """``save(only=...)`` (gptq_sequential's later passes, which need part of a layer): the
+    graph's outputs are the values named, its nodes and weights those they need; the values
+    are the whole graph's."""
+    from builder.runner import session
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    w1, w2 = (rng.normal(size=(8, 8)).astype(np.float32) for _ in range(2))
+    got = {}
+    for name, only in (("whole", None), ("part", {"h", "z"})):
+        gb = GraphBuilder(name, tmp_path / f"{name}.data")
+        gb.input("x", TensorProto.FLOAT, [3, 8])
+        h = gb.node("MatMul", ["x", gb.initializer("w1", w1)], outputs=["h"])
+        y = gb.node("MatMul", [h, gb.initializer("w2", w2)])
+        gb.output(y, "y", TensorProto.FLOAT, [3, 8])
+        gb.output(gb.node("Relu", ["x"]), "z", TensorProto.FLOAT, [3, 8])
+        gb.save(tmp_path / f"{name}.onnx", expose=only is None, only=only)
+        model = onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph
+        sess = session(tmp_path, f"{name}.onnx")
+        got[name] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    assert sorted(got["part"]) == ["h", "z"] and {"h", "y", "z"} <= set(got["whole"])
+    assert [n.op_type for n in model.node] == ["MatMul", "Relu", "Identity"]  # (not w2's)
+    assert [t.name for t in model.initializer] == ["w1"]
+    for value in ("h", "z"):
+        assert np.array_equal(got["part"][value], got["whole"][value])
+    with pytest.raises(RuntimeError, match="no float value named"):
+        gb = GraphBuilder("bad", tmp_path / "bad.data")
+        gb.input("x", TensorProto.FLOAT, [3, 8])
+        gb.output(gb.node("Relu", ["x"]), "z", TensorProto.FLOAT, [3, 8])
+        gb.save(tmp_path / "bad.onnx", only={"nothing"})
+
+
 def test_constants_that_begin_alike_are_two_tensors(tmp_path):
     """A constant is named after its first values and, when it has more, a digest of them: an
     identity and a lower triangle of ones (alike in their first row) stay two tensors."""

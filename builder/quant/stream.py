@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,13 +241,13 @@ class LayerStream:
         work.mkdir(parents=True, exist_ok=True)
 
     def _write(self, filename: str, kind: str | None, build: Callable, expose: bool | str,
-               store: WeightStore) -> None:
+               store: WeightStore, only: set[str] | None = None) -> None:
         qdq = None if self.qdq is None or kind is None else self.qdq.graph(kind)
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
                           store=store, qdq=qdq, dequantized_weights=qdq is None)
         self.b.gb = gb
         build(self.b)
-        gb.save(self.work / filename, expose=expose, log=logging.DEBUG)
+        gb.save(self.work / filename, expose=expose, log=logging.DEBUG, only=only)
 
     def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
                store: WeightStore) -> object:
@@ -340,11 +340,12 @@ class LayerStream:
                                  update_recorded=False)
                 rounding.round(layer)
                 recorded = [step for step in plan if step[1]]
-                while getattr(rounding, "more", None) and rounding.more(layer):
+                while getattr(rounding, "more", None) and (wanted := rounding.more(layer)):
                     # (rounded an input at a time: the recorded prefill calls with the
-                    # projections rounded so far, for the next input's)
+                    # projections rounded so far, for the next input's values, the layer's
+                    # graph cut to what computes them and the states)
                     self._layer_pass(sequences, layer, [s for s in recorded if s[0] == PREFILL],
-                                     rows, PROJECTION_VALUES, inputs, update_recorded=False)
+                                     rows, False, inputs, update_recorded=False, only=wanted)
                     rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
                 self._layer_pass(sequences, layer, recorded, rows, ranges is not None, ranged)
@@ -353,29 +354,15 @@ class LayerStream:
 
     def _layer_pass(self, sequences: list[Sequence], layer: int, plan: list, rows: int,
                     expose: bool | str, record=None, unrecorded=None,
-                    update_recorded: bool = True) -> None:
+                    update_recorded: bool = True, only: Collection[str] = ()) -> None:
         """One layer's graphs (every value an output with ``expose``) over every call of the
         plan: ``record(kind, feeds, outputs, rerun, batch)`` on the recorded batches,
         ``unrecorded(kind, feeds, outputs)`` on the others; each call's hidden states become the
-        layer's outputs (but the recorded calls' without ``update_recorded``)."""
-        layers = self.b.config.num_hidden_layers
-        store = WeightStore(self.work / "layer.data")
-        try:
-            quantized = self.qdq_layers is None or layer in self.qdq_layers
-            kinds = {step[0] for step in plan}  # (the graphs the plan's calls run)
-            for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
-                if kind not in kinds:
-                    continue
-                self._write(f"{kind}.onnx", kind if quantized else None,
-                            lambda b, s=s: build_transformer(
-                                b, s, self.context, range(layer, layer + 1), "batch", rows),
-                            expose, store)
-        finally:
-            store.close()
-        sess = loaded = None
-        first = "inputs_embeds" if layer == 0 else layer_stream(layer)
-        last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
-        c = self.b.config
+        layer's outputs (but the recorded calls' without ``update_recorded``). ``only`` (with
+        no call's hidden states to update): those values and the states the calls carry are
+        the graphs' outputs, the rest of the layer is not run."""
+        layers, c = self.b.config.num_hidden_layers, self.b.config
+        quantized = self.qdq_layers is None or layer in self.qdq_layers
         kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
             else self.kv_dtype  # (the QDQ graphs' uint8 buffers: zero bytes are masked rows)
         # what each sequence carries from call to call in this layer: its KV rows, or the
@@ -386,6 +373,22 @@ class LayerStream:
         kept.update((state_names(layer, st.name), np.zeros((len(sequences), *st.shape),
                                                            self.kv_dtype))
                     for st in self.b.layer_states(c, layer))
+        store = WeightStore(self.work / "layer.data")
+        try:
+            kinds = {step[0] for step in plan}  # (the graphs the plan's calls run)
+            for kind, s in ((PREFILL, self.prefill), (DECODE, 1)):
+                if kind not in kinds:
+                    continue
+                self._write(f"{kind}.onnx", kind if quantized else None,
+                            lambda b, s=s: build_transformer(
+                                b, s, self.context, range(layer, layer + 1), "batch", rows),
+                            expose, store,
+                            {*only, *(present for _, present in kept)} if only else None)
+        finally:
+            store.close()
+        sess = loaded = None
+        first = "inputs_embeds" if layer == 0 else layer_stream(layer)
+        last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
         masked = bool(self.b.layer_states(c, layer))  # prefill graphs read CHUNK_MASK
         for kind, recorded, batch in plan:  # batch: [(sequence index, call index)]
             members = [i for i, _ in batch]
