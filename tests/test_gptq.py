@@ -362,7 +362,8 @@ def test_rounding_towards_the_float_layers_outputs(tmp_path):
     than the weight rounded as it is (measured 0.67x its error, inputs moved by 0.5%)."""
     from builder.quant.gptq import gptq_qdq, inverse_factor, times_inverse
     from builder.quant.policy import dequantized
-    from builder.quant.rounding import GptqRounding, RoundedWeights, error_change
+    from builder.quant.rounded import RoundedWeights
+    from builder.quant.rounding import GptqRounding, error_change
 
     rng = np.random.default_rng(3)
     k, n, tokens = 96, 64, 2000
