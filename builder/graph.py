@@ -593,15 +593,19 @@ class GraphBuilder:
                                  producer_name="builder")
 
     def save(self, path: Path, expose: bool | str = False, log: int = logging.INFO,
-             only: Collection[str] | None = None) -> onnx.ModelProto:
+             only: Collection[str] | None = None, given: Collection[str] = (),
+             states: dict[str, str] | None = None) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
         PROJECTION_VALUES: only the inputs and outputs of MatMuls and Convs with a stored weight
         (data-aware rounding and mixed precision's measurement read them); WITH_PROJECTIONS:
         True's and those (a projection may read a moved value). ``only``: the graph's outputs
-        are these values alone (its own outputs or projections' values), its nodes and
-        initializers those that compute them: a pass that needs part of a layer runs part."""
+        are these values alone (its own outputs or values its nodes compute), its nodes and
+        initializers those that compute them: a pass that needs part of a layer runs part;
+        ``given``: values the graph then takes as inputs instead of computing them (an earlier
+        pass computed them); ``states`` {past input: present output}: the present of every past
+        the nodes kept read is an output too."""
         if self._own_store:
             self.store.close()
         else:
@@ -624,7 +628,7 @@ class GraphBuilder:
                               for name, elem in self.float_tensors(wanted).items()
                               if name not in known and (wanted is None or name in wanted)]
         if only is not None:
-            self._keep_only(set(only))
+            self._keep_only(set(only), set(given), states or {})
         model = self._model()
         with writing(path):
             onnx.save_model(model, str(path))
@@ -633,22 +637,32 @@ class GraphBuilder:
                     self.data_path.stat().st_size / 1e6)
         return model
 
-    def _keep_only(self, names: set[str]) -> None:
-        """``save``'s ``only``: the outputs named, the nodes and initializers they need."""
-        outputs = {v.name for v in self._outputs}
-        types = self.float_tensors(names - outputs)
-        missing = names - outputs - set(types)
+    def _keep_only(self, names: set[str], given: set[str], states: dict[str, str]) -> None:
+        """``save``'s ``only``: the outputs named (and the presents of the pasts they read),
+        the nodes and initializers they need, the ``given`` values inputs."""
+        known = {v.name for v in self._outputs}
+        types = self.float_tensors((names | given) - known)
+        missing = (names | given) - known - set(types)
         if missing:
             raise RuntimeError(f"{self.name}: no float value named {sorted(missing)[:3]}")
+        while True:
+            needed, nodes = set(names), []
+            for node in reversed(self._nodes):  # (in order: a producer before its readers)
+                if needed.intersection(node.output) - given:
+                    nodes.append(node)
+                    needed.update(node.input)
+                    needed.update(i for a in node.attribute
+                                  if a.type == onnx.AttributeProto.GRAPH
+                                  for n in a.g.node for i in n.input)  # (an If's outer values)
+            more = {states[p] for p in needed & states.keys()} - names
+            if not more:
+                break
+            names |= more
         self._outputs = [v for v in self._outputs if v.name in names] + [
-            helper.make_tensor_value_info(name, elem, None) for name, elem in types.items()]
-        needed, nodes = set(names), []
-        for node in reversed(self._nodes):  # (in order: a value's producer before its reader)
-            if needed.intersection(node.output):
-                nodes.append(node)
-                needed.update(node.input)
-                needed.update(i for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
-                              for n in a.g.node for i in n.input)  # (an If's outer values)
+            helper.make_tensor_value_info(name, types[name], None)
+            for name in sorted(names - known)]
+        self._inputs += [helper.make_tensor_value_info(name, types[name], None)
+                         for name in sorted(given)]
         self._nodes = nodes[::-1]
         self._initializers = [t for t in self._initializers if t.name in needed]
 

@@ -395,7 +395,8 @@ def test_rounding_towards_the_float_layers_outputs(tmp_path):
                        factor, lpbq=True)
     target = x_f @ w.T
     direct = [np.sum((x @ dequantized(q, w.shape).T - target) ** 2) for q in (plain, towards)]
-    change = error_change(plain, towards, w, h, w @ cross)  # (H and C are 2x the sums)
+    change = error_change(*(dequantized(q, w.shape) for q in (plain, towards)), w, h,
+                          w @ cross)  # (H and C are 2x the sums)
     assert change == pytest.approx(2 * (direct[1] - direct[0]), rel=1e-3)
     assert change < 0
     # the choice is measured on a sample of the rows: rows are rounded apart

@@ -130,7 +130,7 @@ def test_dequantized_weights_are_what_dequantize_linear_computes(tmp_path, bits,
 def test_a_graph_saved_for_some_values_computes_those_alone(tmp_path):
     """``save(only=...)`` (gptq_sequential's later passes, which need part of a layer): the
     graph's outputs are the values named, its nodes and weights those they need; the values
-    are the whole graph's."""
+    are the whole graph's. With ``given``, it computes them from those values, fed."""
     from builder.runner import session
 
     rng = np.random.default_rng(0)
@@ -153,6 +153,24 @@ def test_a_graph_saved_for_some_values_computes_those_alone(tmp_path):
     assert [t.name for t in model.initializer] == ["w1"]
     for value in ("h", "z"):
         assert np.array_equal(got["part"][value], got["whole"][value])
+    # given h (an earlier pass computed it): y from h alone; a state's present is an output
+    # where the nodes kept read its past
+    gb = GraphBuilder("rest", tmp_path / "rest.data")
+    gb.input("x", TensorProto.FLOAT, [3, 8])
+    gb.input("past", TensorProto.FLOAT, [3, 8])
+    h = gb.node("MatMul", ["x", gb.initializer("w1", w1)], outputs=["h"])
+    y = gb.node("MatMul", [gb.node("Add", [h, "past"]), gb.initializer("w2", w2)])
+    gb.output(y, "y", TensorProto.FLOAT, [3, 8])
+    gb.output(gb.node("Mul", ["past", "x"]), "present", TensorProto.FLOAT, [3, 8])
+    gb.save(tmp_path / "rest.onnx", only={"y"}, given={"h"}, states={"past": "present"})
+    model = onnx.load(str(tmp_path / "rest.onnx"), load_external_data=False).graph
+    assert [t.name for t in model.initializer] == ["w2"]
+    assert [o.name for o in model.output] == ["y", "present"]
+    past = rng.normal(size=(3, 8)).astype(np.float32)
+    y, present = session(tmp_path, "rest.onnx").run(None, {"x": x, "past": past,
+                                                          "h": got["part"]["h"]})
+    np.testing.assert_allclose(y, (x @ w1 + past) @ w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(present, past * x)
     with pytest.raises(RuntimeError, match="no float value named"):
         gb = GraphBuilder("bad", tmp_path / "bad.data")
         gb.input("x", TensorProto.FLOAT, [3, 8])

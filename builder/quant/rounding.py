@@ -173,24 +173,25 @@ class GptqRounding:
     def _towards(self, w: np.ndarray, h: np.ndarray, factor, bits: int, damp: float,
                  cross: np.ndarray, weights: int):
         """``w`` rounded for the float layer's outputs: W + W C H^-1 (H damped) rounded, or W
-        where that lands closer to them. Measured on GUARD_ROWS of the weight's rows (rows are
-        rounded apart, and the error is the sum of theirs: a sample measures it), both
-        rounded, then the one chosen rounded whole. (By weight, not by row: each row's closer
-        of the two fits the calibration prompts, and measured worse on the HTP in 5 of 6
-        architectures.)"""
-        def target(rows):
-            return w[rows] + times_inverse(w[rows] @ cross, h, factor[0], damp)
+        where that lands closer to them. The target is rounded whole; W is rounded on
+        GUARD_ROWS of its rows and measured against the same rows of it (rows are rounded
+        apart, and the error is the sum of theirs: a sample measures it), and rounded whole
+        only where it is the closer. (By weight, not by row: each row's closer of the two fits
+        the calibration prompts, and measured worse on the HTP in 5 of 6 architectures.)"""
+        from builder.quant.policy import dequantized
 
-        step = max(1, len(w) // self.GUARD_ROWS)
-        sample = slice(None, None, step)
-        both = [self.round_weight(np.ascontiguousarray(v), h, factor, bits, damp)
-                for v in (w[sample], target(sample))]
-        closer = error_change(*both, w[sample], h, w[sample] @ cross) < 0
+        target = w + times_inverse(w @ cross, h, factor[0], damp)
+        towards = self.round_weight(target, h, factor, bits, damp)
+        sample = slice(None, None, max(1, len(w) // self.GUARD_ROWS))
+        rows = np.ascontiguousarray(w[sample])
+        plain = self.round_weight(rows, h, factor, bits, damp)
+        closer = error_change(dequantized(plain, rows.shape),
+                              dequantized(towards, w.shape)[sample], rows, h, rows @ cross) < 0
         self.rounded.towards[0] += weights * closer
         self.rounded.towards[1] += weights
-        if step == 1:
-            return both[closer]
-        return self.round_weight(target(slice(None)) if closer else w, h, factor, bits, damp)
+        if closer:
+            return towards
+        return plain if len(rows) == len(w) else self.round_weight(w, h, factor, bits, damp)
 
     def more(self, layer: int) -> list[str]:
         """The inputs the layer has left to round next (``sequential``), none when it is
@@ -257,17 +258,15 @@ class GptqRounding:
         self.b.policy = self.policy.only_layers(set(range(layer + 1)))
 
 
-def error_change(before, after, w: np.ndarray, h: np.ndarray, wc: np.ndarray) -> float:
-    """How much the squared error of a rounded weight's outputs on the inputs X against the
-    float layer's X_f W^T changes from ``before`` to ``after``, from the Hessian H = X^T X and
-    W C, C = (X_f - X)^T X (over the tokens). The error of Q is tr(Q H Q^T) - 2 tr(Q X^T X_f
-    W^T) and a constant, X^T X_f = C^T + H; with D = after - before, the change is
-    tr(D H (after + before - 2 W)^T) - 2 tr(D (W C)^T): one product D H (W C is the target's)."""
-    from builder.quant.policy import dequantized
-
-    q0, q1 = dequantized(before, w.shape), dequantized(after, w.shape)
-    d = q1 - q0
-    return float(np.sum((d @ h) * (q1 + q0 - 2 * w)) - 2 * np.sum(d * wc))
+def error_change(before: np.ndarray, after: np.ndarray, w: np.ndarray, h: np.ndarray,
+                 wc: np.ndarray) -> float:
+    """How much the squared error of a rounded weight's outputs (its values [N, K]) on the
+    inputs X against the float layer's X_f W^T changes from ``before`` to ``after``, from the
+    Hessian H = X^T X and W C, C = (X_f - X)^T X (over the tokens). The error of Q is
+    tr(Q H Q^T) - 2 tr(Q X^T X_f W^T) and a constant, X^T X_f = C^T + H; with D = after -
+    before, the change is tr(D H (after + before - 2 W)^T) - 2 tr(D (W C)^T): one product."""
+    d = after - before
+    return float(np.sum((d @ h) * (after + before - 2 * w)) - 2 * np.sum(d * wc))
 
 
 def projection_inputs(builder, work: Path, layer: int, why: str) -> dict[R, str]:

@@ -241,13 +241,13 @@ class LayerStream:
         work.mkdir(parents=True, exist_ok=True)
 
     def _write(self, filename: str, kind: str | None, build: Callable, expose: bool | str,
-               store: WeightStore, only: set[str] | None = None) -> None:
+               store: WeightStore, **part) -> None:
         qdq = None if self.qdq is None or kind is None else self.qdq.graph(kind)
         gb = GraphBuilder(filename.removesuffix(".onnx"), float_dtype=self.float_dtype,
                           store=store, qdq=qdq, dequantized_weights=qdq is None)
         self.b.gb = gb
         build(self.b)
-        gb.save(self.work / filename, expose=expose, log=logging.DEBUG, only=only)
+        gb.save(self.work / filename, expose=expose, log=logging.DEBUG, **part)
 
     def _graph(self, filename: str, kind: str | None, build: Callable, expose: bool,
                store: WeightStore) -> object:
@@ -340,12 +340,15 @@ class LayerStream:
                                  update_recorded=False)
                 rounding.round(layer)
                 recorded = [step for step in plan if step[1]]
+                given = None
                 while getattr(rounding, "more", None) and (wanted := rounding.more(layer)):
                     # (rounded an input at a time: the recorded prefill calls with the
-                    # projections rounded so far, for the next input's values, the layer's
-                    # graph cut to what computes them and the states)
-                    self._layer_pass(sequences, layer, [s for s in recorded if s[0] == PREFILL],
-                                     rows, False, inputs, update_recorded=False, only=wanted)
+                    # projections rounded so far, for the next input's values: the layer's
+                    # graph cut to what computes them from the last pass's, which the
+                    # projections rounded since then read)
+                    given = self._layer_pass(
+                        sequences, layer, [s for s in recorded if s[0] == PREFILL], rows,
+                        False, inputs, update_recorded=False, only=wanted, given=given)
                     rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
                 self._layer_pass(sequences, layer, recorded, rows, ranges is not None, ranged)
@@ -354,13 +357,17 @@ class LayerStream:
 
     def _layer_pass(self, sequences: list[Sequence], layer: int, plan: list, rows: int,
                     expose: bool | str, record=None, unrecorded=None,
-                    update_recorded: bool = True, only: Collection[str] = ()) -> None:
+                    update_recorded: bool = True, only: Collection[str] = (),
+                    given: dict[str, list[np.ndarray]] | None = None
+                    ) -> dict[str, list[np.ndarray]] | None:
         """One layer's graphs (every value an output with ``expose``) over every call of the
         plan: ``record(kind, feeds, outputs, rerun, batch)`` on the recorded batches,
         ``unrecorded(kind, feeds, outputs)`` on the others; each call's hidden states become the
         layer's outputs (but the recorded calls' without ``update_recorded``). ``only`` (with
-        no call's hidden states to update): those values and the states the calls carry are
-        the graphs' outputs, the rest of the layer is not run."""
+        no call's hidden states to update): those values (and the states the part of the
+        layer that computes them carries) are the graphs' outputs, the rest of the layer is not
+        run, and they are returned, per batch of the plan: an earlier such pass's, ``given``
+        (the same plan), are fed instead of computed."""
         layers, c = self.b.config.num_hidden_layers, self.b.config
         quantized = self.qdq_layers is None or layer in self.qdq_layers
         kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
@@ -382,21 +389,23 @@ class LayerStream:
                 self._write(f"{kind}.onnx", kind if quantized else None,
                             lambda b, s=s: build_transformer(
                                 b, s, self.context, range(layer, layer + 1), "batch", rows),
-                            expose, store,
-                            {*only, *(present for _, present in kept)} if only else None)
+                            expose, store, **({"only": only, "given": given or {},
+                                               "states": dict(kept.keys())} if only else {}))
         finally:
             store.close()
         sess = loaded = None
         first = "inputs_embeds" if layer == 0 else layer_stream(layer)
         last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
         masked = bool(self.b.layer_states(c, layer))  # prefill graphs read CHUNK_MASK
-        for kind, recorded, batch in plan:  # batch: [(sequence index, call index)]
-            members = [i for i, _ in batch]
+        computed = {v: [] for v in only}
+        for step, (kind, recorded, batch) in enumerate(plan):  # batch: [(sequence index,
+            members = [i for i, _ in batch]  # call index)]
             feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
                      "past_seq_len": np.array([[sequences[i].calls[j].row]
                                                for i, j in batch], np.int32),
                      "total_seq_len": np.array([self.context], np.int32),
-                     **{past: buffer[members] for (past, _), buffer in kept.items()}}
+                     **{past: buffer[members] for (past, _), buffer in kept.items()},
+                     **{v: values[step] for v, values in (given or {}).items()}}
             if masked and kind == PREFILL:
                 feeds[CHUNK_MASK] = np.array([
                     np.arange(self.prefill) < real_tokens(sequences[i].calls[j], sequences[i])
@@ -415,11 +424,15 @@ class LayerStream:
                 for r, (i, j) in enumerate(batch):
                     sequences[i].hidden[j] = out[last][r:r + 1].copy()
             for (_, present), buffer in kept.items():
-                buffer[members] = out[present]
+                if present in out:  # (``only``: the part run may carry none)
+                    buffer[members] = out[present]
+            for v, values in computed.items():
+                values.append(out[v])
             out = feeds = None  # memory holds one batch's values at a time
         sess = None  # freed before the next layer's load
         del kept
         self._clean()
+        return computed if only else None
 
     def _lm_head_graphs(self, expose: bool):
         """(vocabulary rows, graph kind, S, session) of lm_head's graphs over each slice of
