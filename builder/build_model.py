@@ -54,7 +54,7 @@ from builder.quant.awq import AwqGptq, qdq_smoothing, smooth_layers, summary
 from builder.quant.calibration import calibrate, prompts, unite_phases, unite_tokens
 from builder.quant.kv import tie_kv_ranges
 from builder.quant.mixed import OutputNoise, decide, measure, promote
-from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED, STATIC_ALGORITHMS
+from builder.quant.policy import DATA_AWARE, MEASURED, STATIC_ALGORITHMS, static_default
 from builder.quant.prequantized import StoredFormat, stored_format
 from builder.quant.report import (
     accuracy_report,
@@ -281,7 +281,7 @@ class PipelineFolder(DecoderFolder):
         if algorithm == "default" and kept:  # (the checkpoint's codes: nothing to search)
             algorithm = "rtn"
         elif algorithm == "default":
-            algorithm = DEFAULT["w4a16" if o.precision in FOUR_BIT else "w8"]
+            algorithm = static_default(o.precision)
             problem = hybrid_problem(self.cls, config, algorithm)
             if problem:  # (*_mixed measures attention and MLP projections only: gptq alone
                 # where it knows the layers', else rtn)

@@ -21,8 +21,8 @@ import os
 
 from builder.config import DecoderConfig
 from builder.errors import OptionError
-from builder.options import FOUR_BIT, QDQ_PRECISIONS, BuildOptions, Precision
-from builder.quant.policy import DATA_AWARE, DEFAULT, MEASURED
+from builder.options import QDQ_PRECISIONS, BuildOptions, Precision
+from builder.quant.policy import DATA_AWARE, MEASURED, static_default
 from builder.quant.rounding import stream_lengths
 from builder.roles import TensorRole as R
 
@@ -58,7 +58,7 @@ def rounds_by_gptq(options: BuildOptions, static: bool) -> bool:
     """The build rounds the layers by GPTQ (its peak holds one layer's Hessians)."""
     algorithm = options.extra.int4_algo_config
     if algorithm == "default":
-        algorithm = DEFAULT["w4a16"] if static and options.precision in FOUR_BIT else None
+        algorithm = static_default(options.precision) if static else None
     return runs_layers(options, static) and DATA_AWARE.get(algorithm) in ("gptq", "awq_gptq")
 
 

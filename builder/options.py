@@ -85,10 +85,10 @@ class ExtraOptions:
         None, "Hugging Face token for gated or private repositories (default: the cached login).")
     int4_algo_config: str = _opt(
         "default", "Weight quantization algorithm and lm_head policy for -p int4/int8: "
-        "default: k_quant_last at -p int4, rtn at int8, gptq_mixed at -e qnn -p w4a16 (chosen "
-        "by measured accuracy per byte); rtn (round to nearest, as onnxruntime's quantizer); "
-        "k_quant (llama.cpp's "
-        "scale and minimum search; always with zero points); *_last: lm_head at 8 bits; "
+        "default: k_quant_last at -p int4, rtn at int8, gptq_mixed at -e qnn -p w4a16, gptq "
+        "at w8a16, rtn at w8a8 (chosen by measured accuracy per byte); rtn (round to "
+        "nearest, as onnxruntime's quantizer); k_quant (llama.cpp's scale and minimum "
+        "search; always with zero points); *_last: lm_head at 8 bits; "
         "k_quant_mixed: also 8-bit qkv/v and down in llama.cpp's sensitive layers (fixed "
         "positions, as onnxruntime-genai's builder); gptq: the layers' projections rounded by "
         "GPTQ on calibration prompts, layer by layer (others rtn); gptq_last: and lm_head at 8 "
@@ -109,7 +109,8 @@ class ExtraOptions:
         "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
         "promoted weight takes half a byte more).")
     gptq_sequential: bool = _opt(
-        False, "int4_algo_config=gptq, gptq_last, gptq_mixed (and -e qnn -p w4a16's default): "
+        False, "int4_algo_config=gptq, gptq_last, gptq_mixed (and -e qnn -p w4a16's and w8a16's "
+        "defaults): "
         "true rounds a layer's projections an input at a time (q/k/v, o, gate/up, down), each "
         "on what the layer computes with the ones before it rounded, and towards the float "
         "layer's outputs where that measures closer on the calibration prompts (w4a16 on the "
@@ -412,11 +413,13 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"
     if name == "gptq_sequential":
         algorithm = None if extra is None else extra.int4_algo_config
-        if algorithm == "default" and static_shapes and precision in FOUR_BIT:
-            algorithm = "gptq_mixed"
+        if algorithm == "default" and static_shapes and precision in QDQ_PRECISIONS:
+            from builder.quant.policy import static_default
+
+            algorithm = static_default(precision)
         if algorithm not in GPTQ_ALGORITHMS:
-            return ("applies to int4_algo_config=gptq, gptq_last and gptq_mixed (the default at "
-                    "-e qnn -p w4a16) only")
+            return ("applies to int4_algo_config=gptq, gptq_last and gptq_mixed (the defaults "
+                    "at -e qnn -p w8a16 and w4a16) only")
     if name.startswith("qnn_") and not static_shapes:
         return "applies to -e qnn only"
     if name == "qnn_weight_sharing" and (extra is None or not extra.qnn_epcontext):

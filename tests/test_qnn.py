@@ -416,7 +416,8 @@ def test_w8a16_placement_and_accuracy(arch, lengths, w8a16_built, trained):
     top1 = float(np.mean(np.array(ours) == greedy))
     print(f"{arch} w8a16 {lengths} on QNN: mean cosine {np.mean(cos):.5f} (min {min(cos):.5f}), top-1 "
           f"{top1:.0%}, max abs logit error {err:.3f}")
-    # at the defaults, w8a16's targets (measured: mean 0.99993-0.99998, min 0.99954-0.99998);
+    # at the defaults, w8a16's targets (measured with its default, gptq: mean 0.99997-0.99999,
+    # min 0.99959-0.99999; with rtn 0.99993-0.99998, 0.99954-0.99998);
     # at P 8, C 64 Phi-3 measured 0.99964 (min 0.99770)
     mean_target, min_target = (0.9999, 0.999) if lengths == "default" else (0.9995, 0.997)
     assert np.mean(cos) >= mean_target and min(cos) >= min_target

@@ -41,8 +41,18 @@ ALGORITHMS = {  # int4_algo_config → (quantizer, lm_head at 8 bits, mixed laye
     "awq_gptq_last": ("rtn", True, False),
 }
 # The defaults, by measured accuracy per byte (README, "Choosing the defaults"): -p int4 is
-# k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 gptq_mixed
-DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "gptq_mixed", "w8": "rtn"}
+# k_quant with lm_head at 8 bits (k_quant_last); -p int8 rtn; -e qnn -p w4a16 gptq_mixed,
+# w8a16 gptq, w8a8 rtn (``static_default``)
+DEFAULT = {4: "k_quant_last", 8: "rtn", "w4a16": "gptq_mixed", "w8a16": "gptq", "w8a8": "rtn"}
+
+
+def static_default(precision) -> str:
+    """The default int4_algo_config of a calibrated -e qnn build at ``precision``."""
+    from builder.options import FOUR_BIT, Precision
+
+    if precision in FOUR_BIT:
+        return DEFAULT["w4a16"]
+    return DEFAULT["w8a8" if precision == Precision.W8A8 else "w8a16"]
 DATA_AWARE = {"gptq": "gptq", "gptq_last": "gptq", "gptq_mixed": "gptq",  # rounded in the layer
               "awq": "awq", "awq_last": "awq", "awq_gptq": "awq_gptq",
               "awq_gptq_last": "awq_gptq"}
