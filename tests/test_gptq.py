@@ -310,7 +310,7 @@ def test_cpu_report_float_pass_rides_the_data_aware_stage(algo, checkpoints, tmp
     float pass gives, figure for figure (measured: equal to the last digit)."""
     import json
 
-    import builder.build_model
+    import builder.folders
     from builder import BuildOptions, ExtraOptions, build
     from builder.options import Precision
 
@@ -321,7 +321,7 @@ def test_cpu_report_float_pass_rides_the_data_aware_stage(algo, checkpoints, tmp
         return json.loads((out / "build_manifest.json").read_text())["accuracy"]
 
     riding = built("riding")
-    monkeypatch.setattr(builder.build_model, "held_out_sequences", lambda config, source: None)
+    monkeypatch.setattr(builder.folders, "held_out_sequences", lambda config, source: None)
     own = built("own")
     for phase in ("prefill", "decode"):
         for key, value in own[phase].items():

@@ -443,11 +443,11 @@ def test_trajectory_calibration_beats_empty_cache(arch, lengths, trained, w8a16_
     tensor both graphs compute the union of both graphs' ranges, which covers what the empty
     cache misses: both then measure 0.99997); judged on the decode steps of the QDQ graphs (CPU
     EP) against the fp32 build, and the shipped build (the union) no worse."""
-    import builder.build_model
-    from builder.build_model import PipelineFolder
+    import builder.folders
+    from builder.folders import PipelineFolder
 
     ck, fp32 = trained[arch]
-    monkeypatch.setattr(builder.build_model, "unite_phases", lambda ranges: None)
+    monkeypatch.setattr(builder.folders, "unite_phases", lambda ranges: None)
     ours = qnn_build(ck, tmp_path / "trajectory", "w8a16", lengths=lengths)
     monkeypatch.setattr(PipelineFolder, "empty_cache", True)
     # (a build calibrated this way is broken: its own report would stop it)
