@@ -420,7 +420,7 @@ def test_rounding_towards_the_float_layers_outputs(tmp_path):
     rounding = GptqRounding(None, tmp_path, RoundedWeights(tmp_path), lambda w, h, f, bits,
                             damp: gptq_qdq(w, h, bits, 32, False, f, lpbq=True), None)
     rounding.GUARD_ROWS = n // 4
-    got = rounding._towards(w, h, factor, 4, DAMP, cross, 1)
+    got = rounding._towards(w, h, factor, 4, DAMP, w @ cross, 1)  # (it takes W C)
     assert rounding.rounded.towards == [1, 1]
     np.testing.assert_array_equal(dequantized(got, w.shape), dequantized(towards, w.shape))
     new_f, new = inputs(8000)
