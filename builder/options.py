@@ -115,7 +115,7 @@ class ExtraOptions:
         "on what the layer computes with the ones before it rounded, and towards the float "
         "layer's outputs where that measures closer on the calibration prompts (w4a16 on the "
         "trained tiny checkpoints: closer to float on the HTP for all six, the held-out KL "
-        "lower in 9 of 12 figures), for three more passes of the calibration prompts' prefill "
+        "lower in 11 of 12 figures), for three more passes of the calibration prompts' prefill "
         "per layer, each running only the part of the layer it needs (Qwen3-0.6B's mission "
         "command 1.25x the default's time, 2x rtn_mixed's); "
         "false: all from one pass of the layer as it stood, as GPTQ's own.")
