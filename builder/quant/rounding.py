@@ -183,7 +183,7 @@ class GptqRounding:
         is."""
         roles = [r for r in roles_of(self.b, self.layer) if self.inputs[r] == value]
         if value not in self.stacked:
-            every = layer_weights(self.b, self.layer)
+            every = layer_weights(self.b, self.layer, roles)
             sizes = [len(every[r]) for r in roles]
             if not by_rows(sum(sizes), np.shape(every[roles[0]])[1]):
                 self.stacked[value] = None
@@ -233,7 +233,10 @@ class GptqRounding:
         are rounded with AWQ's scales on their input columns, against the Hessians of the
         inputs the scaled layer sees (``x / s``: ``H / s s^T``)."""
         b = self.b
-        weights = {**layer_weights(b, layer), **self.weights}  # (those read for W C: float32)
+        now = set(self.order[self.step])  # (with smoothing: not sequential, every input)
+        weights = {**layer_weights(b, layer, [r for r in roles_of(b, layer) if self.inputs[r]
+                                               in now and r not in self.weights]),
+                   **self.weights}  # (those read for W C: float32)
         if smoothing is not None:
             weights = {r: smoothing.scaled(r, layer, w) for r, w in weights.items()}
         by_input: dict[tuple[str, int], list[R]] = {}  # q/k/v (and gate/up) share an input:
@@ -242,11 +245,9 @@ class GptqRounding:
             bits = self.policy.bits_for(b.policy_role(role), layer, "", own=role) \
                 or self.policy.bits
             by_input.setdefault((self.inputs[role], bits), []).append(role)
-        now = set(self.order[self.step])  # (with smoothing: not sequential, every input)
-        current = h = factor = damp = cross = stacked = None  # (one input's Hessian at a
-        # time: the
-        for (value, bits), roles in by_input.items():  # groups of an input are
-            # consecutive)
+        # one input's Hessian at a time (the groups of an input are consecutive)
+        current = h = factor = damp = cross = stacked = None
+        for (value, bits), roles in by_input.items():
             if value not in now:
                 continue
             if value != current:
@@ -337,17 +338,25 @@ def projection_values(builder, work: Path, layer: int, why: str) -> dict[R, tupl
     return values
 
 
-def layer_weights(builder, layer: int) -> dict:
-    """The layer's projection weights (``roles_of``) as the architecture hands them to them."""
+def layer_weights(builder, layer: int, roles=None) -> dict:
+    """The layer's projection weights (``roles_of``; ``roles``: those alone, the others read
+    with them let go at once) as the architecture hands them to them."""
     kind = builder.layer_kind(builder.config, layer)
+    wanted = set(roles_of(builder, layer) if roles is None else roles)
+    weights = {}
     if kind == "attention":
-        weights = dict(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
-        weights[R.O] = builder.weight(R.O, layer)
+        if wanted & {R.Q, R.K, R.V}:
+            weights.update(zip((R.Q, R.K, R.V), builder.attention_weights(layer)))
+        if R.O in wanted:
+            weights[R.O] = builder.weight(R.O, layer)
     else:
-        weights = {r: builder.projection_weight(r, layer) for r in builder.kind_projections[kind]}
-    weights.update((r, w) for r, w in zip((R.GATE, R.UP, R.DOWN), builder.mlp_weights(layer))
-                   if w is not None)  # (gate: None in an MLP without one)
-    return weights
+        weights = {r: builder.projection_weight(r, layer) for r in builder.kind_projections[kind]
+                   if r in wanted}
+    if wanted & {R.GATE, R.UP, R.DOWN}:
+        weights.update((r, w) for r, w in zip((R.GATE, R.UP, R.DOWN),
+                                              builder.mlp_weights(layer))
+                       if w is not None)  # (gate: None in an MLP without one)
+    return {r: w for r, w in weights.items() if r in wanted}
 
 
 def token_rows(x: np.ndarray, calls: list, sequences: list) -> np.ndarray:
