@@ -236,6 +236,11 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-int4-shared-rtn_mixed": (["-p", "int4", "-e", "qnn", "--extra_options",
                                    "shared_embeddings=true", "int4_algo_config=rtn_mixed"],
                                   None),  # (the default before gptq_mixed)
+    # gptq_sequential on and off, whatever the default (the mission command's GPTQ)
+    "qnn-int4-shared-seq": (["-p", "int4", "-e", "qnn", "--extra_options",
+                             "shared_embeddings=true", "gptq_sequential=true"], None),
+    "qnn-int4-shared-once": (["-p", "int4", "-e", "qnn", "--extra_options",
+                              "shared_embeddings=true", "gptq_sequential=false"], None),
     "qnn-int4-shared-awq_gptq": (["-p", "int4", "-e", "qnn", "--extra_options",
                                   "shared_embeddings=true", "int4_algo_config=awq_gptq"], None),
     # the first 2 or 4 layers only (per-layer figures of a cut checkpoint)

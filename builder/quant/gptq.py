@@ -126,6 +126,30 @@ def times_inverse(a: np.ndarray, hessian: np.ndarray, factor: np.ndarray,
     return (a @ factor.T) @ factor * np.float32(1 / mean)
 
 
+def rows_times_inverse(y: np.ndarray, x: np.ndarray, scale: float, hessian: np.ndarray,
+                       damp: float = DAMP) -> np.ndarray:
+    """``scale Y^T X`` [N, K] times the damped H^-1, from the token rows X [T, K] and Y [T, N]
+    themselves where the tokens are fewer than the inputs: H = scale X^T X (``hessian``, the
+    same sums) damped as ``inverse_factor`` damps it, H' = scale X^T X + D (D diagonal: the
+    damping, and 1 for a dead input), and X H'^-1 = (scale X D^-1 X^T + I)^-1 X D^-1, a T x T
+    system instead of K x K: T^2 K + T^2 N + N T K multiply-adds against ``times_inverse``'s
+    2 N K^2 (at an 8B model's down_proj, 2,600 calibration tokens: 2.5 s instead of 12 s)."""
+    diagonal = np.diag(hessian).astype(np.float64)
+    dead = diagonal == 0
+    inverse_d = (1 / (damp * np.mean(np.where(dead, 1.0, diagonal)) + dead)).astype(
+        np.float32)  # (D as inverse_factor damps)
+    system = np.empty((len(x), len(x)), np.float64)
+    for i in range(0, len(x), 1024):  # (X D^-1 X^T, a slice of X D^-1 at a time)
+        system[i:i + 1024] = np.dot(x[i:i + 1024] * inverse_d, x.T)
+    system *= scale
+    system[np.diag_indices(len(system))] += 1
+    z = np.dot(np.linalg.inv(system).astype(np.float32).T, y)  # (symmetric: T x N)
+    del system
+    out = np.dot(np.ascontiguousarray(z.T), x)
+    out *= np.float32(scale) * inverse_d
+    return out
+
+
 def reverse(a: np.ndarray, chunk: int = 1 << 20) -> None:
     """J A J in place (both axes reversed) for a C-contiguous square ``a``: its flat order
     reversed, a chunk from each end swapped at a time."""
@@ -197,14 +221,12 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
     rest of its block in one product, the block's the rest of the batch when the block is
     done, the batch's the later columns (every column is updated before it is rounded, as in
     the column-at-a-time form)."""
-    w = np.array(weight, np.float32)
-    n, k = w.shape
+    n, k = weight.shape
     if k % block_size:
         raise ValueError(f"GPTQ: {k} input features are not whole blocks of {block_size}")
     inverse, dead = factor if factor is not None else inverse_factor(hessian, damp)
-    w[:, dead] = 0.0
-    wt = np.ascontiguousarray(w.T)
-    del w
+    wt = np.array(np.asarray(weight, np.float32).T, order="C")  # (one copy, transposed)
+    wt[dead] = 0.0
     codes = np.empty((k, n), np.float32)
     scales = np.empty((k // block_size, n), np.float32)
     zeros = np.empty((k // block_size, n), np.float32)
