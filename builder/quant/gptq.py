@@ -133,7 +133,8 @@ def rows_times_inverse(y: np.ndarray, x: np.ndarray, scale: float, hessian: np.n
     same sums) damped as ``inverse_factor`` damps it, H' = scale X^T X + D (D diagonal: the
     damping, and 1 for a dead input), and X H'^-1 = (scale X D^-1 X^T + I)^-1 X D^-1, a T x T
     system instead of K x K: T^2 K + T^2 N + N T K multiply-adds against ``times_inverse``'s
-    2 N K^2 (at an 8B model's down_proj, 2,600 calibration tokens: 2.5 s instead of 12 s)."""
+    2 N K^2 (at an 8B model's down_proj, 2,600 calibration tokens: a fifth of the work; 8 s
+    against 23 s measured beside a build on 2 cores)."""
     diagonal = np.diag(hessian).astype(np.float64)
     dead = diagonal == 0
     inverse_d = (1 / (damp * np.mean(np.where(dead, 1.0, diagonal)) + dead)).astype(

@@ -246,6 +246,11 @@ class GptqRounding:
         far, for those values."""
         return [] if self.inputs is None else self.order[self.step]
 
+    def last(self, layer: int) -> bool:
+        """Whether the inputs ``more`` names are the layer's last to round: no pass follows
+        theirs (the values it computes are not handed on)."""
+        return self.inputs is None or self.step == len(self.order) - 1
+
     def round(self, layer: int, smoothing=None) -> None:
         """GPTQ on the layer's projections. ``smoothing`` (``quant.awq.AwqGptq``): the weights
         are rounded with AWQ's scales on their input columns, against the Hessians of the
@@ -352,7 +357,7 @@ def by_tokens(t: int, n: int, k: int) -> bool:
     (``rows_times_inverse``: T^2 K + T^2 N + N T K, and T^3 for the T x T system's inverse in
     float64, counted twice) than from W C and the factor of H^-1 (``times_inverse``: 2 N K^2):
     where the calibration tokens are well under the inputs (an 8B model's down_proj, 12,288
-    inputs: 2,600 tokens cost a fifth; a 0.6B model's, 3,072: more than twice as much)."""
+    inputs: 2,600 tokens cost a fifth; a 0.6B model's, 3,072: three times as much)."""
     return t * t * k + t * t * n + n * t * k + 2 * t ** 3 < 2 * n * k * k
 
 

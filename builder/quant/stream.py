@@ -348,7 +348,9 @@ class LayerStream:
                     # projections rounded since then read)
                     given = self._layer_pass(
                         sequences, layer, [s for s in recorded if s[0] == PREFILL], rows,
-                        False, inputs, update_recorded=False, only=wanted, given=given)
+                        False, inputs, update_recorded=False, only=wanted, given=given,
+                        hand_on=not rounding.last(layer))  # (the last pass's values go
+                    # into the rounding's Hessian alone, not held beside it as well)
                     rounding.round(layer)
                 # rounded: the recorded calls again, their ranges, their outputs handed on
                 self._layer_pass(sequences, layer, recorded, rows, ranges is not None, ranged)
@@ -358,7 +360,7 @@ class LayerStream:
     def _layer_pass(self, sequences: list[Sequence], layer: int, plan: list, rows: int,
                     expose: bool | str, record=None, unrecorded=None,
                     update_recorded: bool = True, only: Collection[str] = (),
-                    given: dict[str, list[np.ndarray]] | None = None
+                    given: dict[str, list[np.ndarray]] | None = None, hand_on: bool = True
                     ) -> dict[str, list[np.ndarray]] | None:
         """One layer's graphs (every value an output with ``expose``) over every call of the
         plan: ``record(kind, feeds, outputs, rerun, batch)`` on the recorded batches,
@@ -366,8 +368,9 @@ class LayerStream:
         layer's outputs (but the recorded calls' without ``update_recorded``). ``only`` (with
         no call's hidden states to update): those values (and the states the part of the
         layer that computes them carries) are the graphs' outputs, the rest of the layer is not
-        run, and they are returned, per batch of the plan: an earlier such pass's, ``given``
-        (the same plan), are fed instead of computed."""
+        run, and they are returned, per batch of the plan (but with ``hand_on`` False: no
+        pass follows): an earlier such pass's, ``given`` (the same plan), are fed instead of
+        computed."""
         layers, c = self.b.config.num_hidden_layers, self.b.config
         quantized = self.qdq_layers is None or layer in self.qdq_layers
         kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
@@ -397,7 +400,7 @@ class LayerStream:
         first = "inputs_embeds" if layer == 0 else layer_stream(layer)
         last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
         masked = bool(self.b.layer_states(c, layer))  # prefill graphs read CHUNK_MASK
-        computed = {v: [] for v in only}
+        computed = {v: [] for v in only} if hand_on else {}
         for step, (kind, recorded, batch) in enumerate(plan):  # batch: [(sequence index,
             members = [i for i, _ in batch]  # call index)]
             feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
