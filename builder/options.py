@@ -117,8 +117,8 @@ class ExtraOptions:
         "trained tiny checkpoints: closer to float on the HTP for all six, the held-out KL "
         "lower in 11 of 12 figures), for three more passes of the calibration prompts' prefill "
         "per layer, each running only the part of the layer it needs (Qwen3-0.6B's mission "
-        "command 1.27x the default's time, 2.0x rtn_mixed's; Qwen3-8B's shape 31 s more a "
-        "layer); "
+        "command 1.27x the default's time, 2.0x rtn_mixed's; Qwen3-8B's shape 31-45 s more "
+        "a layer in two runs); "
         "false: all from one pass of the layer as it stood, as GPTQ's own.")
     quant_accuracy_check: bool = _opt(
         True, "Quantized builds with an accuracy report (-e qnn w8a16/w4a16/w8a8; gptq, awq and "

@@ -176,13 +176,12 @@ class GptqRounding:
                 cross = np.dot(moved.T, x)
             else:  # (T x N then N x K: 2 T N K, against T K^2 and N K^2 after)
                 moved = np.dot(moved, w.T)
-                kept = self.kept.setdefault(value, ([], []))
+                kept = self.kept.pop(value, ([], []))
                 if value not in self.crosses and by_tokens(
                         sum(map(len, kept[1])) + len(x), *w.shape):
-                    kept[0].append(moved)
-                    kept[1].append(x)
+                    self.kept[value] = (kept[0] + [moved], kept[1] + [x])
                     return
-                del self.kept[value]  # (too many tokens: W C it is)
+                # (too many tokens: W C it is)
                 moved, x = np.concatenate(kept[0] + [moved]), np.concatenate(kept[1] + [x])
                 cross = np.dot(moved.T, x)
             if value in self.crosses:
@@ -299,7 +298,7 @@ class GptqRounding:
                     cross *= np.float32(2 / max(1, self.tokens))
                     # W C H^-1 as W (C H^-1) where the weights reading the input have more
                     # rows than it has columns (q/k/v, gate/up): 2 K^3 + N K^2 multiply-adds
-                    # instead of 3 N K^2 (at an 8B model's gate/up, 5 s instead of 12 s)
+                    # instead of 3 N K^2 (at an 8B model's gate/up, 0.44x the work)
                     if stacked is None and len(cross) < sum(
                             len(weights[r]) for r in roles_of(b, layer)
                             if self.inputs[r] == value):
