@@ -397,6 +397,16 @@ DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "aw
                          *MEASURED_MIXED)  # (they read the calibration text)
 
 
+def _algorithm(precision: Precision, static_shapes: bool, extra: ExtraOptions | None):
+    """int4_algo_config as the build resolves it ("default" on -e qnn: the precision's)."""
+    algorithm = None if extra is None else extra.int4_algo_config
+    if algorithm == "default" and static_shapes and precision in QDQ_PRECISIONS:
+        from builder.quant.policy import static_default
+
+        algorithm = static_default(precision)
+    return algorithm
+
+
 def not_applicable(name: str, precision: Precision, static_shapes: bool,
                    extra: ExtraOptions | None = None) -> str | None:
     """Why extra option ``name``, given, does nothing in this build; None when it applies.
@@ -409,16 +419,12 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
                 "awq_gptq, awq_gptq_last, rtn_mixed and gptq_mixed (-p int4, int8) only")
     if name == "lora_merge" and (extra is None or not extra.adapter_path):
         return "applies with adapter_path only"
-    if name == "quant_budget" and (extra is None
-                                   or extra.int4_algo_config not in MEASURED_MIXED):
-        return "applies to int4_algo_config=rtn_mixed or gptq_mixed only"
+    if name == "quant_budget" and _algorithm(precision, static_shapes, extra) \
+            not in MEASURED_MIXED:
+        return ("applies to int4_algo_config=rtn_mixed or gptq_mixed (the default at -e qnn "
+                "-p w4a16) only")
     if name == "gptq_sequential":
-        algorithm = None if extra is None else extra.int4_algo_config
-        if algorithm == "default" and static_shapes and precision in QDQ_PRECISIONS:
-            from builder.quant.policy import static_default
-
-            algorithm = static_default(precision)
-        if algorithm not in GPTQ_ALGORITHMS:
+        if _algorithm(precision, static_shapes, extra) not in GPTQ_ALGORITHMS:
             return ("applies to int4_algo_config=gptq, gptq_last and gptq_mixed (the defaults "
                     "at -e qnn -p w8a16 and w4a16) only")
     if name.startswith("qnn_") and not static_shapes:

@@ -642,7 +642,10 @@ def test_index_naming_a_file_outside(capsys, tmp_path, copy_checkpoint, qwen3_ch
      "qnn_calibration_steps applies to quantized -e qnn builds only"),
     (["--extra_options", "qnn_prefill_length=32"], "qnn_prefill_length applies to -e qnn only"),
     (["-p", "int4", "--extra_options", "quant_budget=0.2"],
-     "quant_budget applies to int4_algo_config=rtn_mixed or gptq_mixed only"),
+     "quant_budget applies to int4_algo_config=rtn_mixed or gptq_mixed (the default at -e qnn "
+     "-p w4a16) only"),
+    (["-e", "qnn", "-p", "w8a16", "--extra_options", "quant_budget=0.2"],  # (gptq: no promoting)
+     "quant_budget applies to int4_algo_config=rtn_mixed or gptq_mixed"),
     (["-p", "int8", "--extra_options", "int4_algo_config=rtn_mixed"],
      "int4_algo_config=rtn_mixed promotes 4-bit projections to 8 bits: it applies to -p int4"),
     (["-e", "qnn", "-p", "w8a16", "--extra_options", "int4_algo_config=gptq_mixed"],

@@ -184,3 +184,14 @@ def test_w4a16_mixed_on_qnn(trained, tmp_path):
         "mean_kl"] for name, f in (("rtn", rtn), ("mixed", folder))}
     print("phi3 w4a16 report decode KL:", kl, "promoted:", sorted(promoted))
     assert kl["mixed"] <= 0.75 * kl["rtn"]  # (measured 0.60x; 0.23x on an earlier run's)
+
+
+def test_quant_budget_applies_to_the_w4a16_default():
+    """-e qnn -p w4a16's default is gptq_mixed: quant_budget applies there as given, and not
+    where the default promotes nothing (w8a16: gptq; cpu int4: k_quant_last)."""
+    from builder.options import not_applicable
+
+    given = ExtraOptions.parse(["quant_budget=0.2"])
+    assert not_applicable("quant_budget", Precision.W4A16, True, given) is None
+    assert not_applicable("quant_budget", Precision.W8A16, True, given)
+    assert not_applicable("quant_budget", Precision.INT4, False, given)
