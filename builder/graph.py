@@ -594,7 +594,8 @@ class GraphBuilder:
 
     def save(self, path: Path, expose: bool | str = False, log: int = logging.INFO,
              only: Collection[str] | None = None, given: Collection[str] = (),
-             states: dict[str, str] | None = None) -> onnx.ModelProto:
+             states: dict[str, str] | None = None, overridable: Collection[str] = ()
+             ) -> onnx.ModelProto:
         """Write the model file beside the data file (and close the data file unless shared).
         ``expose``: every float value the graph computes becomes an output too (calibration
         reads them), but those of ops that only move values ("all": those too);
@@ -605,7 +606,9 @@ class GraphBuilder:
         initializers those that compute them: a pass that needs part of a layer runs part;
         ``given``: values the graph then takes as inputs instead of computing them (an earlier
         pass computed them); ``states`` {past input: present output}: the present of every past
-        the nodes kept read is an output too."""
+        the nodes kept read is an output too. ``overridable``: initializers that are graph
+        inputs too, so that a run may feed other values for them (mixed precision's probes: a
+        weight rounded)."""
         if self._own_store:
             self.store.close()
         else:
@@ -629,6 +632,14 @@ class GraphBuilder:
                               if name not in known and (wanted is None or name in wanted)]
         if only is not None:
             self._keep_only(set(only), set(given), states or {})
+        if overridable:
+            stored = {t.name: t for t in self._initializers}
+            missing = set(overridable) - set(stored)
+            if missing:
+                raise RuntimeError(f"{self.name}: no initializer named {sorted(missing)[:3]}")
+            self._inputs += [helper.make_tensor_value_info(n, stored[n].data_type,
+                                                           list(stored[n].dims))
+                             for n in overridable]
         model = self._model()
         with writing(path):
             onnx.save_model(model, str(path))

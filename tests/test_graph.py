@@ -178,6 +178,34 @@ def test_a_graph_saved_for_some_values_computes_those_alone(tmp_path):
         gb.save(tmp_path / "bad.onnx", only={"nothing"})
 
 
+def test_overridable_weights_are_fed_or_stored(tmp_path):
+    """``save(overridable=...)`` (mixed precision's probes: one graph, a weight fed per run):
+    the initializers named are graph inputs too; a run that feeds one computes with the values
+    fed, a run that does not with the stored ones; a name no initializer has is refused."""
+    from builder.runner import session
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    w1, w2, other = (rng.normal(size=(8, 8)).astype(np.float32) for _ in range(3))
+    gb = GraphBuilder("g", tmp_path / "g.data")
+    gb.input("x", TensorProto.FLOAT, [3, 8])
+    h = gb.node("MatMul", ["x", gb.initializer("w1", w1)])
+    gb.output(gb.node("MatMul", [h, gb.initializer("w2", w2)]), "y", TensorProto.FLOAT, [3, 8])
+    gb.save(tmp_path / "g.onnx", overridable=["w1", "w2"])
+    model = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False).graph
+    assert [i.name for i in model.input] == ["x", "w1", "w2"]
+    sess = session(tmp_path, "g.onnx")
+    stored, = sess.run(None, {"x": x})
+    fed, = sess.run(None, {"x": x, "w2": other})
+    np.testing.assert_allclose(stored, x @ w1 @ w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fed, x @ w1 @ other, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no initializer named"):
+        gb = GraphBuilder("bad", tmp_path / "bad.data")
+        gb.input("x", TensorProto.FLOAT, [3, 8])
+        gb.output(gb.node("Relu", ["x"]), "z", TensorProto.FLOAT, [3, 8])
+        gb.save(tmp_path / "bad.onnx", overridable=["w1"])
+
+
 def test_constants_that_begin_alike_are_two_tensors(tmp_path):
     """A constant is named after its first values and, when it has more, a digest of them: an
     identity and a lower triangle of ones (alike in their first row) stay two tensors."""

@@ -36,8 +36,8 @@ def _nbits(folder):
 
 
 def test_choose_promotes_lowest_sqnr_first_within_the_budget():
-    """Units lowest output SQNR first, each while its extra half byte per weight fits; packed
-    q/k/v and gate/up are one unit each, their figures summed."""
+    """Units lowest SQNR first, each while its extra half byte per weight fits; packed
+    q/k/v and gate/up are one unit each, their errors summed (against the same layer output)."""
     figures = {}  # (layer, role): (signal, noise, weights)
     for layer in range(2):
         for role, noise in zip((R.Q, R.K, R.V, R.O, R.GATE, R.UP, R.DOWN),
@@ -50,7 +50,7 @@ def test_choose_promotes_lowest_sqnr_first_within_the_budget():
     units, promoted, _ = choose(figures, 2, True, 4, 0.1)
     assert {u.role for u in units} == {R.QKV, R.O, R.GATE_UP, R.DOWN} and len(units) == 8
     qkv = next(u for u in units if (u.layer, u.role) == (0, R.QKV))
-    assert (qkv.signal, qkv.noise, qkv.weights) == (3000.0, 3.0, 300)
+    assert (qkv.signal, qkv.noise, qkv.weights) == (1000.0, 3.0, 300)
     assert choose(figures, 2, False, 4, 0.0)[1] == []
     # a part's weight limit (the QNN pipeline's): layer 1's part is full, the next lowest fits
     _, promoted, _ = choose(figures, 2, False, 4, 0.1, lambda layer, extra: layer != 1)
@@ -59,26 +59,58 @@ def test_choose_promotes_lowest_sqnr_first_within_the_budget():
 
 @pytest.mark.xdist_group("trained")
 def test_measured_sqnr_against_transformers(trained, tmp_path):
-    """The manifest's output SQNR of each layer's o and down projections against an independent
-    computation: transformers' fp32 model on the same calibration prompts, the projections'
-    inputs captured by hooks, and the exact ``||X W^T||^2 / ||X (Wq - W)^T||^2`` with the
-    round-to-nearest weight. The build's figure is the expected noise of independent rounding
-    errors (see quant.mixed.OutputNoise): within 1 dB of the exact one."""
+    """The manifest's figures against an independent computation with transformers' fp32 model
+    on the same calibration prompts and the round-to-nearest weights. ``sqnr_db``, what the
+    choice ranks by: the SQNR of a layer's output (the hidden states the next layer reads) with
+    that one projection rounded, on the first PROBE_TOKENS tokens' prompts: within 0.1 dB
+    (measured 0.02 at most) for layer 0's v (through the softmax) and gate (through the MLP's
+    product) and layer 1's down (unpacked: the probes round a projection at a time).
+    ``output_sqnr_db``, the projection's own output's, the expected noise of independent rounding
+    errors (see quant.mixed.OutputNoise), against the exact ``||X W^T||^2 / ||X (Wq - W)^T||^2``
+    of each o and down, the inputs captured by hooks: within 1 dB.
+    """
     import torch
 
     from builder.quant.calibration import prompts
+    from builder.quant.mixed import PROBE_TOKENS
     from builder.testing import hf_model
 
     ck = trained["qwen3"][0]
-    folder = _build(ck, tmp_path / "o", "int4_algo_config=rtn_mixed")
-    got = {(p["layer"], p["weight"]): p["sqnr_db"] for p in json.loads(
-        (folder / "build_manifest.json").read_text())["mixed_precision"]["projections"]}
+    folder = _build(ck, tmp_path / "o", "int4_algo_config=rtn_mixed", "unpack_matmul=true")
+    figures = json.loads((folder / "build_manifest.json").read_text())["mixed_precision"][
+        "projections"]
+    got = {(p["layer"], p["weight"]): p["output_sqnr_db"] for p in figures}
     model = hf_model(ck)
+    context = min(512, model.config.max_position_embeddings)
+    probed, tokens = [], 0
+    for ids in prompts(ExtraOptions(), ck, context):
+        if tokens < PROBE_TOKENS:
+            probed.append(torch.tensor([ids]))
+            tokens += len(ids)
+    rtn = RtnQuantizer(4, 32, True)
+    with torch.no_grad():
+        reference = [model(ids, output_hidden_states=True).hidden_states for ids in probed]
+        for layer, name, role in ((0, "self_attn.v_proj", "v"), (0, "mlp.gate_proj", "gate"),
+                                  (1, "mlp.down_proj", "down")):
+            module = model.get_submodule(f"model.layers.{layer}.{name}")
+            w = module.weight.detach().clone()
+            module.weight.copy_(torch.from_numpy(rtn.quantize(w.numpy()).dequantize()))
+            signal = noise = 0.0
+            for ids, ref in zip(probed, reference):
+                out = model(ids, output_hidden_states=True).hidden_states[layer + 1]
+                signal += float(ref[layer + 1].square().sum())
+                noise += float((out - ref[layer + 1]).square().sum())
+            module.weight.copy_(w)
+            exact = 10 * np.log10(signal / noise)
+            measured = next(p["sqnr_db"] for p in figures
+                            if (p["layer"], p["weight"]) == (layer, role))
+            print(f"layer {layer} {role}: layer output SQNR {measured:.2f} dB, exact "
+                  f"{exact:.2f} dB")
+            assert abs(measured - exact) < 0.1, (layer, role, measured, exact)
     inputs: dict[str, list] = {}
     hooks = [module.register_forward_hook(
         lambda m, args, out, name=name: inputs.setdefault(name, []).append(args[0][0]))
         for name, module in model.named_modules() if name.endswith(("o_proj", "down_proj"))]
-    context = min(512, model.config.max_position_embeddings)
     with torch.no_grad():
         for ids in prompts(ExtraOptions(), ck, context):
             model(torch.tensor([ids]))
@@ -99,8 +131,9 @@ def test_measured_sqnr_against_transformers(trained, tmp_path):
 def test_mixed_promotes_what_it_measures(trained, tmp_path):
     """rtn_mixed on a trained Qwen3 with outliers planted in layer 0's MLP (8 channels 1024x
     larger, their down-projection columns 1024x smaller: the same model in float). The measured
-    output SQNR puts layer 0's down projection lowest (15 dB against 21 and more) and promotes
-    it, though its weight's own SQNR does not single it out (the planted columns are tiny); the
+    SQNR of the layer's output with each projection rounded puts layer 0's down projection
+    lowest (23.1 dB against 26.4 and more) and promotes it, though its weight's own SQNR does
+    not single it out (the planted columns are tiny); the
     graph stores exactly the manifest's choice at 8 bits, lm_head too, within quant_budget; and
     the held-out KL is under rtn_last's, which differs only by that choice (measured 8.4e-4
     against 9.0e-4). quant_budget=0 promotes nothing but lm_head."""
@@ -115,7 +148,7 @@ def test_mixed_promotes_what_it_measures(trained, tmp_path):
     print("mixed precision:", {k: v for k, v in report.items() if k != "projections"})
     assert report["promoted"][0] == {"layer": 0, "weight": "down",
                                      "sqnr_db": report["projections"][0]["sqnr_db"]}
-    assert report["projections"][0]["sqnr_db"] < report["projections"][1]["sqnr_db"] - 5
+    assert report["projections"][0]["sqnr_db"] < report["projections"][1]["sqnr_db"] - 2
     assert report["quant_budget"] == 0.1 and report["extra_bytes"] <= report["budget_bytes"]
     eight = {n for n, b in _nbits(mixed).items() if b == 8}
     assert eight == {"/lm_head/MatMul_Q8", "/model/embed_tokens/GatherBlockQuantized"} | {

@@ -14,6 +14,7 @@ padded at its end), then one token per call; every call reads the KV rows the ea
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -293,7 +294,8 @@ class LayerStream:
         their outputs on (the next layer's inputs are the rounded model's); the calls that are
         not recorded (held-out) run only the first time: they stay the float model's. A
         ``rounding`` whose ``reruns`` is False only measures: one pass, ``add`` then
-        ``round``, the layer unchanged (``quant.mixed``).
+        ``round``, the layer unchanged (``quant.mixed``), with its probes between them (the
+        layer over a few sequences with some of its weights rounded: ``_probes``).
 
         The layer's graphs take any batch: calls of different sequences run together (``steps``),
         up to BATCH at a time, so the layer's weights are read once per batch, not per call.
@@ -328,9 +330,13 @@ class LayerStream:
             if rounding is None:
                 self._layer_pass(sequences, layer, plan, rows, ranges is not None, ranged, seen)
             elif not rounding.reruns:  # (a measurement: the layer stays as it is)
+                probing = getattr(rounding, "probed", None)  # (the probed sequences'
+                probed = probing(sequences) if probing else []  # inputs: before the pass)
                 self._layer_pass(sequences, layer, plan, rows,
                                  WITH_PROJECTIONS if ranges is not None else PROJECTION_VALUES,
                                  lambda *a: (ranged and ranged(*a), inputs(*a)), seen)
+                if probed:
+                    self._probes(probed, layer, rows, rounding)
                 rounding.round(layer)
             else:
                 # as it stands: the recorded calls' inputs for the rounding (the unrecorded
@@ -357,10 +363,24 @@ class LayerStream:
             if observe is not None:
                 observe(layer, sequences)
 
+    def _probes(self, probed: list[Sequence], layer: int, rows: int, rounding) -> None:
+        """A measurement's probes (``quant.mixed.OutputNoise``): the layer again over the
+        ``probed`` sequences' prefill calls once per variant ``rounding.probes(layer)`` gives
+        ({initializer name: the values fed for it}: the layer as it stands but for a weight
+        rounded), from one graph and one session, its outputs handed to ``rounding.compare``
+        with the variant's index; the sequences keep their hidden states."""
+        plan = [step for step in steps(probed, True) if step[0] == PREFILL]
+        self._layer_pass(probed, layer, plan, rows, False,
+                         lambda kind, feeds, out, rerun, batch, variant: rounding.compare(
+                             layer, variant, [probed[i].calls[j] for i, j in batch],
+                             [probed[i] for i, _ in batch], out),
+                         update_recorded=False, variants=rounding.probes(layer))
+
     def _layer_pass(self, sequences: list[Sequence], layer: int, plan: list, rows: int,
                     expose: bool | str, record=None, unrecorded=None,
                     update_recorded: bool = True, only: Collection[str] = (),
-                    given: dict[str, list[np.ndarray]] | None = None, hand_on: bool = True
+                    given: dict[str, list[np.ndarray]] | None = None, hand_on: bool = True,
+                    variants: list[dict[str, np.ndarray]] | None = None
                     ) -> dict[str, list[np.ndarray]] | None:
         """One layer's graphs (every value an output with ``expose``) over every call of the
         plan: ``record(kind, feeds, outputs, rerun, batch)`` on the recorded batches,
@@ -370,19 +390,29 @@ class LayerStream:
         layer that computes them carries) are the graphs' outputs, the rest of the layer is not
         run, and they are returned, per batch of the plan (but with ``hand_on`` False: no
         pass follows): an earlier such pass's, ``given`` (the same plan), are fed instead of
-        computed."""
+        computed. ``variants`` (no call's hidden states to update): the plan runs once per
+        variant, {initializer: values fed for it} (every variant's initializers are graph
+        inputs too, the stored values where a variant feeds none), on one session, each from
+        empty KV buffers and states; ``record`` gets the variant's index too."""
         layers, c = self.b.config.num_hidden_layers, self.b.config
         quantized = self.qdq_layers is None or layer in self.qdq_layers
         kv_dtype = np.uint8 if self.qdq is not None and quantized and self.qdq.kv_bits == 8 \
             else self.kv_dtype  # (the QDQ graphs' uint8 buffers: zero bytes are masked rows)
         # what each sequence carries from call to call in this layer: its KV rows, or the
         # states of a layer of another kind (``layer_states``)
-        kept = {pair: np.zeros((len(sequences), self.kv_heads, rows, self.head_dim), kv_dtype)
-                for pair in zip(kv_names(layer)[:2], kv_names(layer)[2:])} \
-            if self.b.layer_kind(c, layer) == "attention" else {}
-        kept.update((state_names(layer, st.name), np.zeros((len(sequences), *st.shape),
-                                                           self.kv_dtype))
-                    for st in self.b.layer_states(c, layer))
+        def empty() -> dict:
+            kept = {pair: np.zeros((len(sequences), self.kv_heads, rows, self.head_dim),
+                                   kv_dtype)
+                    for pair in zip(kv_names(layer)[:2], kv_names(layer)[2:])} \
+                if self.b.layer_kind(c, layer) == "attention" else {}
+            kept.update((state_names(layer, st.name), np.zeros((len(sequences), *st.shape),
+                                                               self.kv_dtype))
+                        for st in self.b.layer_states(c, layer))
+            return kept
+
+        kept = empty()
+        part = {"only": only, "given": given or {}, "states": dict(kept.keys())} if only \
+            else {"overridable": sorted(set().union(*variants))} if variants else {}
         store = WeightStore(self.work / "layer.data")
         try:
             kinds = {step[0] for step in plan}  # (the graphs the plan's calls run)
@@ -392,8 +422,7 @@ class LayerStream:
                 self._write(f"{kind}.onnx", kind if quantized else None,
                             lambda b, s=s: build_transformer(
                                 b, s, self.context, range(layer, layer + 1), "batch", rows),
-                            expose, store, **({"only": only, "given": given or {},
-                                               "states": dict(kept.keys())} if only else {}))
+                            expose, store, **part)
         finally:
             store.close()
         sess = loaded = None
@@ -401,14 +430,18 @@ class LayerStream:
         last = "hidden_states" if layer == layers - 1 else layer_stream(layer + 1)
         masked = bool(self.b.layer_states(c, layer))  # prefill graphs read CHUNK_MASK
         computed = {v: [] for v in only} if hand_on else {}
-        for step, (kind, recorded, batch) in enumerate(plan):  # batch: [(sequence index,
-            members = [i for i, _ in batch]  # call index)]
+        runs = list(enumerate(variants)) if variants else [(None, {})]
+        for (variant, fed), (step, (kind, recorded, batch)) in itertools.product(
+                runs, enumerate(plan)):  # batch: [(sequence index, call index)]
+            if variant is not None and step == 0:
+                kept = empty()  # (each variant from the sequences' start)
+            members = [i for i, _ in batch]
             feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
                      "past_seq_len": np.array([[sequences[i].calls[j].row]
                                                for i, j in batch], np.int32),
                      "total_seq_len": np.array([self.context], np.int32),
                      **{past: buffer[members] for (past, _), buffer in kept.items()},
-                     **{v: values[step] for v, values in (given or {}).items()}}
+                     **{v: values[step] for v, values in (given or {}).items()}, **fed}
             if masked and kind == PREFILL:
                 feeds[CHUNK_MASK] = np.array([
                     np.arange(self.prefill) < real_tokens(sequences[i].calls[j], sequences[i])
@@ -420,7 +453,8 @@ class LayerStream:
             out = dict(zip(names, sess.run(None, feeds)))
             if recorded and record is not None:
                 record(kind, feeds, out,
-                       lambda fed, sess=sess: dict(zip(names, sess.run(None, fed))), batch)
+                       lambda fed, sess=sess: dict(zip(names, sess.run(None, fed))), batch,
+                       *([] if variant is None else [variant]))
             elif not recorded and unrecorded is not None:
                 unrecorded(kind, feeds, out)
             if update_recorded or not recorded:
