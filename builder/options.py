@@ -96,9 +96,9 @@ class ExtraOptions:
         "searched on the calibration prompts layer by layer and folded into the norms and up "
         "(then rtn); awq_last: and lm_head at 8 bits; awq_gptq, awq_gptq_last: AWQ's scales, "
         "then GPTQ on the scaled weights, from one pass per layer; rtn_mixed, gptq_mixed: "
-        "lm_head at 8 bits "
-        "and the projections whose output the 4-bit rounding hurts most, measured on the "
-        "calibration prompts, at 8 bits within quant_budget. On -e qnn: default, rtn, gptq, "
+        "lm_head at 8 bits and the projections whose 4-bit rounding costs their layer's "
+        "output most, measured on the calibration prompts, at 8 bits within quant_budget. On "
+        "-e qnn: default, rtn, gptq, "
         "awq, awq_gptq, and (w4a16) rtn_mixed, gptq_mixed.",
         aliases=("algo_config",),
         choices=("default", "rtn", "rtn_last", "k_quant", "k_quant_last", "k_quant_mixed",

@@ -618,7 +618,7 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
 
 
 # the w4a16 forms' KL against either other form's, prefill plus decode and each phase: at most
-FORM_COST = {"qwen3": (1.2, 1.8), "llama": (1.2, 1.8), "phi3": (2.5, 2.5)}
+FORM_COST = {"qwen3": (1.3, 1.8), "llama": (1.2, 1.8), "phi3": (2.5, 2.5)}
 
 
 @pytest.mark.xdist_group("trained")
@@ -632,7 +632,11 @@ def test_lpbq_and_uint8_kv_cost_what_was_measured(arch, trained, tmp_path):
     2.0e-3, 2.3e-4 / 1.0e-3, 1.1e-4 / 9.8e-4. Nothing measurable on qwen3 and llama; phi3 pays
     about 2x for each form (its layer-1 keys span +-17 for the uint8 cache; LPBQ's decode
     position not traced). (Measured before builder's CPU sessions computed QDQ graphs exactly,
-    phi3's forms cost nothing: README, "Attention's products on the HTP".)"""
+    phi3's forms cost nothing: README, "Attention's products on the HTP".) With the promotion
+    measured at the layers' outputs (the same projections promoted in all three builds):
+    qwen3 7.8e-4 / 1.7e-3, 7.5e-4 / 1.3e-3, 7.6e-4 / 1.7e-3 (LPBQ's decode 1.3x float blocks';
+    the sums 1.21x); llama 9.2e-5 / 1.6e-4, 9.6e-5 / 1.4e-4, 8.7e-5 / 1.6e-4; phi3 2.3e-4 /
+    2.0e-3, 2.3e-4 / 1.0e-3, 1.1e-4 / 9.7e-4."""
     def kl(*extra):
         out = qnn_build(trained[arch][0], tmp_path / "-".join(extra or ("default",)),
                         "w4a16", "int4_algo_config=rtn_mixed", *extra, lengths="default")
