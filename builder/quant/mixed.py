@@ -99,6 +99,7 @@ class OutputNoise:
         self.probe_noise: dict[R, float] = {}  # role: the layer output's squared error with
         # that projection rounded
         self.probing: list[R] = []  # the projection each probe rounds
+        self.probed_tokens = 0  # the tokens the probes run (whole prompts: PROBE_TOKENS or so)
 
     def probed(self, sequences: list) -> list:
         """The sequences the probes run: the first recorded prompts, PROBE_TOKENS tokens of
@@ -113,6 +114,7 @@ class OutputNoise:
             chosen.append(Sequence(prefill, s.padding, s.hidden[:len(prefill)]))
             tokens += sum(real_tokens(c, s) for c in prefill)
         self.probe_calls = {id(c) for q in chosen for c in q.calls}
+        self.probed_tokens = tokens
         return chosen
 
     def _output(self, layer: int) -> str:
@@ -238,15 +240,16 @@ def decide(noise: OutputNoise, packed: bool, bits: int, budget: float, fits=None
     chosen = {(u.layer, u.role) for u in promoted}
     spent = sum(u.weights * (8 - bits) // 8 for u in promoted)
     logger.info("mixed precision: the layer output's SQNR with each of %d projections at %d "
-                "bits on %d calibration tokens; at 8 bits: %s (+%s of a %s budget, "
-                "quant_budget=%g)",
-                len(units), bits, tokens, ", ".join(f"{u.layer}.{role_name(u.role)} "
-                                                    f"({u.sqnr_db:.1f} dB)" for u in promoted)
-                or "none", size(spent), size(allowed), budget)
+                "bits (on the first %d of %d calibration tokens); at 8 bits: %s (+%s of a %s "
+                "budget, quant_budget=%g)",
+                len(units), bits, noise.probed_tokens, tokens,
+                ", ".join(f"{u.layer}.{role_name(u.role)} ({u.sqnr_db:.1f} dB)"
+                          for u in promoted) or "none", size(spent), size(allowed), budget)
     report = {
         "measure": f"the SQNR of the layer's output (the residual stream) with each "
                    f"projection alone at {bits} bits (round to nearest), on the first "
-                   f"{PROBE_TOKENS} calibration tokens; lowest promoted to 8 bits first; "
+                   f"{noise.probed_tokens} calibration tokens (whole prompts, until "
+                   f"{PROBE_TOKENS} are reached); lowest promoted to 8 bits first; "
                    "output_sqnr_db: the projection's own output's, on every calibration token",
         "quant_budget": budget, "tokens": tokens, "budget_bytes": allowed, "extra_bytes": spent,
         "promoted": [{"layer": u.layer, "weight": role_name(u.role), "sqnr_db": u.sqnr_db}
