@@ -239,10 +239,11 @@ class PipelineFolder(DecoderFolder):
                 rounding = qdq_smoothing(builder, work, policy)
             elif policy.data_aware == "awq_gptq":
                 rounding = AwqGptq(qdq_smoothing(builder, work, policy),
-                                   qdq_rounding(builder, work, out / ".rounded", policy))
+                                   qdq_rounding(builder, work, out / ".rounded", policy,
+                                                ordered=o.extra.gptq_act_order))
             elif policy.data_aware:
                 rounding = qdq_rounding(builder, work, out / ".rounded", policy,
-                                        o.extra.gptq_sequential)
+                                        o.extra.gptq_sequential, o.extra.gptq_act_order)
             else:
                 rounding = noise
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,

@@ -105,9 +105,9 @@ class ExtraOptions:
                  "gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "awq_gptq_last",
                  "rtn_mixed", "gptq_mixed"))
     quant_budget: float = _opt(
-        0.1, "int4_algo_config=rtn_mixed or gptq_mixed: the extra bytes the 8-bit projections "
-        "may take, as a fraction of every layer's projections at 4 bits (0.1: 10% more; each "
-        "promoted weight takes half a byte more).")
+        0.2, "int4_algo_config=rtn_mixed or gptq_mixed (the default at -e qnn -p w4a16): the "
+        "extra bytes the 8-bit projections may take, as a fraction of every layer's "
+        "projections at 4 bits (0.2: 20% more; each promoted weight takes half a byte more).")
     gptq_sequential: bool = _opt(
         False, "int4_algo_config=gptq, gptq_last, gptq_mixed (and -e qnn -p w4a16's and w8a16's "
         "defaults): "
@@ -120,6 +120,12 @@ class ExtraOptions:
         "command 1.27x the default's time, 2.0x rtn_mixed's; Qwen3-8B's shape 31-45 s more "
         "a layer in two runs); "
         "false: all from one pass of the layer as it stood, as GPTQ's own.")
+    gptq_act_order: bool = _opt(
+        True, "int4_algo_config=gptq, gptq_last, gptq_mixed, awq_gptq, awq_gptq_last (and -e "
+        "qnn -p w4a16's and w8a16's defaults): true rounds each weight's input columns from "
+        "the input of the largest mean square down (GPTQ's act order), every block's scale "
+        "from the weight as given (the stored blocks and layout unchanged); false: in the "
+        "weight's order, each block's scale from its columns as the earlier errors left them.")
     quant_accuracy_check: bool = _opt(
         True, "Quantized builds with an accuracy report (-e qnn w8a16/w4a16/w8a8; gptq, awq and "
         "*_mixed on cpu/cuda): stop, writing nothing, when the report shows the build broken "
@@ -423,6 +429,11 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
             not in MEASURED_MIXED:
         return ("applies to int4_algo_config=rtn_mixed or gptq_mixed (the default at -e qnn "
                 "-p w4a16) only")
+    if name == "gptq_act_order":
+        if _algorithm(precision, static_shapes, extra) not in (*GPTQ_ALGORITHMS, "awq_gptq",
+                                                                "awq_gptq_last"):
+            return ("applies to int4_algo_config=gptq, gptq_last, gptq_mixed, awq_gptq and "
+                    "awq_gptq_last (and the defaults at -e qnn -p w8a16 and w4a16) only")
     if name == "gptq_sequential":
         if _algorithm(precision, static_shapes, extra) not in GPTQ_ALGORITHMS:
             return ("applies to int4_algo_config=gptq, gptq_last and gptq_mixed (the defaults "

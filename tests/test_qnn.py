@@ -618,7 +618,7 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
 
 
 # the w4a16 forms' KL against either other form's, prefill plus decode and each phase: at most
-FORM_COST = {"qwen3": (1.3, 1.8), "llama": (1.2, 1.8), "phi3": (2.5, 2.5)}
+FORM_COST = {"qwen3": (1.3, 1.8), "llama": (1.2, 1.8), "phi3": (3.0, 4.0)}
 
 
 @pytest.mark.xdist_group("trained")
@@ -636,7 +636,11 @@ def test_lpbq_and_uint8_kv_cost_what_was_measured(arch, trained, tmp_path):
     measured at the layers' outputs (the same projections promoted in all three builds):
     qwen3 7.8e-4 / 1.7e-3, 7.5e-4 / 1.3e-3, 7.6e-4 / 1.7e-3 (LPBQ's decode 1.3x float blocks';
     the sums 1.21x); llama 9.2e-5 / 1.6e-4, 9.6e-5 / 1.4e-4, 8.7e-5 / 1.6e-4; phi3 2.3e-4 /
-    2.0e-3, 2.3e-4 / 1.0e-3, 1.1e-4 / 9.7e-4."""
+    2.0e-3, 2.3e-4 / 1.0e-3, 1.1e-4 / 9.7e-4. At quant_budget 0.2 (more promoted, each build
+    its own choice): qwen3 3.7e-4 / 1.4e-3, 4.5e-4 / 1.0e-3, 3.3e-4 / 1.2e-3; llama 7.2e-5 /
+    1.2e-4, 6.9e-5 / 9.5e-5, 6.7e-5 / 1.2e-4; phi3 1.7e-3 / 3.9e-4, 1.8e-3 / 4.7e-3, 4.7e-4 /
+    3.2e-4 (the uint8 KV's prefill 3.6x the 16-bit one's: Phi-3's one held-out position, whose
+    KL moves 10x between builds; the sums 2.6x)."""
     def kl(*extra):
         out = qnn_build(trained[arch][0], tmp_path / "-".join(extra or ("default",)),
                         "w4a16", "int4_algo_config=rtn_mixed", *extra, lengths="default")

@@ -11,9 +11,14 @@ extreme / -2^(b-1), codes around 2^(b-1)) or for QDQ blocks (symmetric, scale = 
 scale from its columns as they stand when the first of them is rounded (the errors of the
 earlier blocks already spread into them), as GPTQ's grouped variant does.
 
-Columns are processed in order (no activation reordering: MatMulNBits and QDQ blocks are
-contiguous), in lazy batches of ``BATCH`` columns whose updates reach the later columns in one
-matrix product.
+Columns are processed in lazy batches of ``BATCH`` columns whose updates reach the later columns
+in one matrix product: in the weight's order, or (``ordered``, GPTQ's "act order") from the input
+of the largest Hessian diagonal (the largest mean square input) down, so that the columns that
+cost most when rounded are rounded first, while the most columns are left to absorb their error.
+The blocks stay contiguous in the weight's order (MatMulNBits and QDQ blocks are), so ordered
+rounding takes every block's scale from the weight as given, before any column is rounded
+(the "static groups" of GPTQ's implementation): nothing in the stored layout changes, no
+permutation reaches the graph.
 """
 
 from __future__ import annotations
@@ -92,10 +97,13 @@ def damping(tokens: int, inputs: int) -> float:
     return min(1.0, max(DAMP, DAMP_PER_INPUT * inputs / max(1, tokens)))
 
 
-def inverse_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """(the upper Cholesky factor of the damped H^-1, float32; the dead inputs) of a Hessian:
-    row i of the factor holds what column i's error does to the later columns, already
-    conditioned on the earlier ones. Weights that share an input share this.
+def inverse_factor(hessian: np.ndarray, damp: float = DAMP, ordered: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(the upper Cholesky factor of the damped H^-1, float32; the dead inputs; the order) of a
+    Hessian: row i of the factor holds what column i's error does to the later columns, already
+    conditioned on the earlier ones. Weights that share an input share this. ``ordered``: the
+    factor is that of H with its inputs in act order (``order``, the input indices by
+    descending Hessian diagonal; the dead ones last), else ``order`` is None.
 
     Without inverting H whole: with J the reversal of the columns, J H J = L L^T (Cholesky), so
     H = U U^T with U = J L J upper triangular, and H^-1 = (U^-1)^T U^-1: the factor is U^-1 =
@@ -103,27 +111,42 @@ def inverse_factor(hessian: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray,
     (factor, inverse, reversal), with quarter-size temporaries: at an 8B model's 12288 inputs
     the copy is 0.6 GB, where copies in float64 and out-of-place halves took 3.4 GB."""
     dead = np.diag(hessian) == 0  # inputs that calibration never saw non-zero: nothing to keep
-    h = np.array(hessian, np.float32)  # float32, as GPTQ's own: the damping bounds the
-    n = len(h)  # condition number
+    order = None
+    if ordered:
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        h = np.empty(hessian.shape, np.float32)  # (the one copy, a slice of rows at a time)
+        for i in range(0, len(h), 1024):
+            h[i:i + 1024] = hessian[order[i:i + 1024]][:, order]
+        dead_here = dead[order]
+    else:
+        h = np.array(hessian, np.float32)  # float32, as GPTQ's own: the damping bounds the
+        dead_here = dead  # condition number
+    n = len(h)
     diagonal = np.diag_indices(n)
-    h[dead, dead] = 1.0
+    h[dead_here, dead_here] = 1.0
     h[diagonal] += np.float32(damp * np.mean(np.diag(h), dtype=np.float64))
     h *= np.float32(1 / np.mean(np.diag(h), dtype=np.float64))  # (a scale GPTQ does not
     reverse(h)  # see: it uses the factor's ratios)
     cholesky(h)
     invert_lower(h)
     reverse(h)
-    return h, dead
+    return h, dead, order
 
 
-def times_inverse(a: np.ndarray, hessian: np.ndarray, factor: np.ndarray,
+def times_inverse(a: np.ndarray, hessian: np.ndarray, factor: tuple,
                   damp: float = DAMP) -> np.ndarray:
-    """``a`` [N, K] times the damped H^-1, from ``inverse_factor``'s factor F of ``hessian``:
-    F is that of H scaled to a mean diagonal of 1 (its dead inputs' diagonal 1, then damped),
-    so H^-1 = F^T F / that mean."""
+    """``a`` [N, K] times the damped H^-1, from ``inverse_factor``'s ``factor`` of ``hessian``:
+    its F is that of H scaled to a mean diagonal of 1 (its dead inputs' diagonal 1, then
+    damped), so H^-1 = F^T F / that mean (in act order: P^T F^T F P, P the order's
+    permutation)."""
+    f, _, order = factor
     diagonal = np.diag(hessian).astype(np.float64)
     mean = np.mean(np.where(diagonal == 0, 1.0, diagonal)) * (1 + damp)
-    return (a @ factor.T) @ factor * np.float32(1 / mean)
+    if order is None:
+        return (a @ f.T) @ f * np.float32(1 / mean)
+    out = np.empty_like(a, dtype=np.result_type(a, f))
+    out[:, order] = (a[:, order] @ f.T) @ f * np.float32(1 / mean)
+    return out
 
 
 def rows_times_inverse(y: np.ndarray, x: np.ndarray, scale: float, hessian: np.ndarray,
@@ -211,11 +234,13 @@ def triangular_inverse(u: np.ndarray) -> np.ndarray:
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
-         factor: tuple[np.ndarray, np.ndarray] | None = None, damp: float = DAMP
+         factor: tuple | None = None, damp: float = DAMP, ordered: bool = False
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes [N, K] float32, scales [N, blocks], zero points [N, blocks]) of ``weight`` [N, K]
     rounded by GPTQ with ``hessian`` [K, K] (``K`` a multiple of ``block_size``; ``factor``:
-    ``inverse_factor(hessian)`` when already computed). float32 updates, as GPTQ's own.
+    ``inverse_factor(hessian, damp, ordered)`` when already computed, whose order then rules;
+    ``ordered``: in act order, each block's scale from the weight as given). float32 updates,
+    as GPTQ's own.
 
     Held transposed ([K, N]: a column of the weight is a contiguous row), and lazy on three
     levels: a column's error reaches the rest of its STEP columns at once, a step's errors the
@@ -225,12 +250,24 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
     n, k = weight.shape
     if k % block_size:
         raise ValueError(f"GPTQ: {k} input features are not whole blocks of {block_size}")
-    inverse, dead = factor if factor is not None else inverse_factor(hessian, damp)
-    wt = np.array(np.asarray(weight, np.float32).T, order="C")  # (one copy, transposed)
-    wt[dead] = 0.0
-    codes = np.empty((k, n), np.float32)
+    inverse, dead, order = (factor if factor is not None
+                            else inverse_factor(hessian, damp, ordered))
+    w = np.asarray(weight, np.float32)
+    codes = np.empty((k, n), np.float32)  # (row i: input column i's codes, in either order)
     scales = np.empty((k // block_size, n), np.float32)
     zeros = np.empty((k // block_size, n), np.float32)
+    group = None
+    if order is None:
+        wt = np.array(w.T, order="C")  # (one copy, transposed)
+        wt[dead] = 0.0
+    else:  # static blocks: every scale from the weight as given, then the columns in act
+        for g in range(k // block_size):  # order, each with its block's scale
+            columns = slice(g * block_size, (g + 1) * block_size)
+            scales[g], zeros[g] = grid.params(np.where(dead[columns], np.float32(0),
+                                                       w[:, columns]))
+        group = order // block_size
+        wt = np.ascontiguousarray(w.T[order])  # (one copy, transposed and permuted)
+        wt[dead[order]] = 0.0
     # a batch is whole blocks, or a block whole batches (per-channel: one block of K)
     batch = BATCH if BATCH % block_size == 0 or block_size % BATCH == 0 else block_size
     segment = min(batch, block_size)
@@ -239,15 +276,17 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
         errors = np.empty((b - a, n), np.float32)
         for start in range(a, b, segment):
             end = min(start + segment, b)
-            if start % block_size == 0:  # the block as the earlier errors left it (a block
-                g = start // block_size  # of several batches starts a batch: none pending)
-                s, z = grid.params(wt[start:start + block_size].T)
+            if group is None and start % block_size == 0:  # the block as the earlier errors
+                g = start // block_size  # left it (a block of several batches starts a
+                s, z = grid.params(wt[start:start + block_size].T)  # batch: none pending)
                 scales[g], zeros[g] = s, z
             for sub in range(start, end, STEP):
                 last = min(sub + STEP, end)
                 for col in range(sub, last):
+                    if group is not None:
+                        s, z = scales[group[col]], zeros[group[col]]
                     q = grid.codes(wt[col], s, z)
-                    codes[col] = q
+                    codes[col if group is None else order[col]] = q
                     err = (wt[col] - grid.value(q, s, z)) / inverse[col, col]
                     if col + 1 < last:
                         wt[col + 1:last] -= np.outer(inverse[col, col + 1:last], err)
@@ -263,7 +302,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
 
 
 def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int,
-                      symmetric: bool, factor=None, damp: float = DAMP) -> QuantizedWeight:
+                      symmetric: bool, factor=None, damp: float = DAMP,
+                      ordered: bool = False) -> QuantizedWeight:
     """A [N, K] weight rounded by GPTQ, in MatMulNBits' layout (K padded to whole blocks: the
     padding's inputs are zero, their Hessian rows dead)."""
     n, k = weight.shape
@@ -272,9 +312,10 @@ def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_
         weight = np.concatenate([weight, np.zeros((n, padded - k), weight.dtype)], axis=1)
         h = np.zeros((padded, padded), np.float32)
         h[:k, :k] = hessian
-        hessian, factor = h, None
+        ordered = ordered or (factor is not None and factor[2] is not None)
+        hessian, factor = h, None  # (the factor again, of the padded Hessian)
     codes, scales, zeros = gptq(weight, hessian, Grid(bits, symmetric, qdq=False), block_size,
-                                factor, damp)
+                                factor, damp, ordered)
     codes[:, k:] = 0  # the kernels' padding
     data = pack(codes.astype(np.uint8).reshape(n, -1, block_size), bits)
     zero_points = None if symmetric else pack(zeros.astype(np.uint8), bits)
@@ -282,7 +323,8 @@ def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_
 
 
 def gptq_qdq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int | None,
-             conv: bool, factor=None, lpbq: bool = False, damp: float = DAMP) -> QdqWeight:
+             conv: bool, factor=None, lpbq: bool = False, damp: float = DAMP,
+             ordered: bool = False) -> QdqWeight:
     """A [N, K] weight rounded by GPTQ as the static graphs' QDQ weight: symmetric, block-wise
     along K on MatMul (``block_size``; ``lpbq``: as LPBQ, the per-channel scale from the
     weight as given, each block's multiplier when GPTQ reaches it), per output channel
@@ -294,7 +336,7 @@ def gptq_qdq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
         channel = lpbq_channel_scales(np.asarray(weight, np.float32).T.reshape(
             k // block, block, n), bits)
     codes, scales, _ = gptq(weight, hessian, Grid(bits, True, qdq=True, channel=channel), block,
-                            factor, damp)
+                            factor, damp, ordered)
     codes = codes.astype(np.int8)
     if conv:
         return QdqWeight.of(codes.reshape(n, k, 1, 1), scales[:, 0], bits, None, conv=True)

@@ -92,7 +92,7 @@ class GptqRounding:
     from one pass of the layer as it stood (GPTQ's own order)."""
 
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
-                 policy, sequential: bool = False) -> None:
+                 policy, sequential: bool = False, ordered: bool = True) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
         self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits, damping)
         # -> rounded
@@ -100,6 +100,7 @@ class GptqRounding:
         self.policy = policy  # the static builder's policy once a layer is rounded (its bits
         # per projection: mixed precision's promoted ones at 8)
         self.sequential = sequential
+        self.ordered = ordered  # GPTQ in act order (``gptq.gptq``)
         self.hessians: dict[str, np.ndarray] = {}
         self.crosses: dict[str, np.ndarray] = {}  # (X_f - X)^T X of the input being rounded,
         # or W (X_f - X)^T X where the weights reading it have at most half as many rows as
@@ -287,7 +288,7 @@ class GptqRounding:
                     logger.info("GPTQ: %d calibration tokens against %d inputs: the Hessian "
                                 "damped by %.3g of its mean diagonal (%g where tokens are "
                                 "many times the inputs)", self.tokens, len(h), damp, DAMP)
-                factor = inverse_factor(h, damp)
+                factor = inverse_factor(h, damp, self.ordered)
                 cross = self.crosses.pop(value, None)  # C, or W C (``stacked``: its rows)
                 stacked = self.stacked.pop(value, None)
                 kept = self.kept.pop(value, None)  # or the token rows of W C (by rows)
@@ -302,7 +303,7 @@ class GptqRounding:
                     if stacked is None and len(cross) < sum(
                             len(weights[r]) for r in roles_of(b, layer)
                             if self.inputs[r] == value):
-                        inverse_cross = times_inverse(cross, h, factor[0], damp)
+                        inverse_cross = times_inverse(cross, h, factor, damp)
             parts = [np.asarray(weights.pop(r), np.float32) for r in roles]
             w = np.concatenate(parts)
             if cross is None and kept is None:
@@ -317,12 +318,12 @@ class GptqRounding:
                         np.ascontiguousarray(moved[:, sample].T), kept[1])
                 elif stacked is not None:  # (W C: the rows of these weights)
                     wc = np.concatenate([cross[stacked[r]] for r in roles])
-                    shift, wc = times_inverse(wc, h, factor[0], damp), wc[sample]
+                    shift, wc = times_inverse(wc, h, factor, damp), wc[sample]
                 elif inverse_cross is not None:
                     shift, wc = w @ inverse_cross, w[sample] @ cross
                 else:
                     wc = w @ cross
-                    shift, wc = times_inverse(wc, h, factor[0], damp), wc[sample]
+                    shift, wc = times_inverse(wc, h, factor, damp), wc[sample]
                 rounded = self._towards(w, h, factor, bits, damp, shift, wc, len(roles))
             sizes = [p.shape[0] for p in parts]
             for role, part in zip(roles, split_rows(rounded, sizes)):
@@ -435,8 +436,12 @@ def valid(call, sequence) -> int:
     return real_tokens(call, sequence)
 
 
+ORDER_LOG = {True: "columns in act order (largest input first; gptq_act_order)",
+             False: "columns in the weight's order (gptq_act_order=false)"}
+
+
 def qdq_rounding(builder, work: Path, folder: Path, policy,
-                 sequential: bool = False) -> GptqRounding:
+                 sequential: bool = False, ordered: bool = True) -> GptqRounding:
     """``LayerStream.run``'s rounding for a calibrated static (QNN) build: GPTQ onto the QDQ
     weights ``policy`` (``QuantPolicy.static_qdq``) writes, in the calibration stream (its
     ``work`` folder); the layers then calibrate with their rounded weights, kept in ``folder``.
@@ -449,11 +454,11 @@ def qdq_rounding(builder, work: Path, folder: Path, policy,
 
     logger.info("GPTQ: each layer's projections rounded onto %s int%d weights against the "
                 "inputs the rounded layers before it give them, before its ranges are "
-                "calibrated", f"blocks of {block(policy.bits)}" if block(policy.bits)
-                else "per-channel", policy.bits)
+                "calibrated; %s", f"blocks of {block(policy.bits)}" if block(policy.bits)
+                else "per-channel", policy.bits, ORDER_LOG[ordered])
     return GptqRounding(builder, work, rounded, lambda w, h, f, bits, damp: gptq_qdq(
         w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq, damp), policy,
-        sequential)
+        sequential, ordered)
 
 
 def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
@@ -511,16 +516,17 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
                                smoothing=smoothing)
     logger.info("GPTQ: %d layers, one at a time, on %d calibration prompts (%d tokens): each "
                 "layer's q/k/v, o (or its kind's own projections), gate/up and down rounded "
-                "against the inputs the rounded layers before it give them%s",
+                "against the inputs the rounded layers before it give them%s; %s",
                 config.num_hidden_layers, len(ids),
                 sum(map(len, ids)), ", their input channels scaled first by AWQ's search"
-                if scaled else "")
+                if scaled else "", ORDER_LOG[options.extra.gptq_act_order])
     everything = sequences + list(held_out)
     stream.embed(everything)
     rounding = GptqRounding(builder, stream.work, rounded,
                             lambda w, h, f, bits, damp: gptq_matmul_nbits(
                                 w, h, bits, policy.block_size, policy.symmetric, f, damp),
-                            layer_policy, sequential=not scaled and options.extra.gptq_sequential)
+                            layer_policy, sequential=not scaled and options.extra.gptq_sequential,
+                            ordered=options.extra.gptq_act_order)
     if scaled:
         rounding = AwqGptq(AwqRounding(builder, stream.work, smoothing, layer_policy, True),
                            rounding)
