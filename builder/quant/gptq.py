@@ -263,8 +263,10 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, grid: Grid, block_size: int,
     else:  # static blocks: every scale from the weight as given, then the columns in act
         for g in range(k // block_size):  # order, each with its block's scale
             columns = slice(g * block_size, (g + 1) * block_size)
-            scales[g], zeros[g] = grid.params(np.where(dead[columns], np.float32(0),
-                                                       w[:, columns]))
+            block = w[:, columns]  # (a view; a copy only where an input is dead)
+            if dead[columns].any():
+                block = np.where(dead[columns], np.float32(0), block)
+            scales[g], zeros[g] = grid.params(block)
         group = order // block_size
         wt = np.ascontiguousarray(w.T[order])  # (one copy, transposed and permuted)
         wt[dead[order]] = 0.0
@@ -327,8 +329,8 @@ def gptq_qdq(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
              ordered: bool = False) -> QdqWeight:
     """A [N, K] weight rounded by GPTQ as the static graphs' QDQ weight: symmetric, block-wise
     along K on MatMul (``block_size``; ``lpbq``: as LPBQ, the per-channel scale from the
-    weight as given, each block's multiplier when GPTQ reaches it), per output channel
-    otherwise (``None``)."""
+    weight as given, each block's multiplier when GPTQ reaches it, or in act order from the
+    weight as given too), per output channel otherwise (``None``)."""
     n, k = weight.shape
     block = block_size or k
     channel = None
