@@ -223,6 +223,12 @@ class ExtraOptions:
         16, "-e qnn, quantized (w8a16, w4a16, w8a8): each prompt is continued by this many "
         "tokens minus one of the text that follows it, one decode call each (the decode graph "
         "is calibrated on real text with the true, growing KV cache).")
+    qnn_calibration_coverage: int | None = _opt(
+        None, "-e qnn, quantized (w8a16, w4a16, w8a8): calibration also prefills at most this "
+        "many tokens of the vocabulary whose embeddings hold a dimension's largest or smallest "
+        "value beyond what the calibration prompts' tokens hold (the farthest first), so that "
+        "a prompt's rare token is not clipped; 0: the prompts alone. Default 256 with 16-bit "
+        "activations (w8a16, w4a16), 0 with 8-bit (w8a8).")
     qnn_calibration_method: str = _opt(
         "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
         "at 99.999% on each side).",
@@ -371,7 +377,11 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
         shown = ", ".join(str(c) for c in choices)
         hint = did_you_mean(str(value), [str(c) for c in choices])
         raise OptionError(f"extra option {key}={raw!r} is not one of: {shown}{hint}")
-    if kind.startswith("int") and value < 1 and not choices:
+    if f.name == "qnn_calibration_coverage" and value < 0:
+        raise OptionError(f"extra option {key}={raw!r} must be 0 (the prompts alone) or a "
+                          "positive integer")
+    if kind.startswith("int") and value < 1 and not choices and \
+            f.name != "qnn_calibration_coverage":
         raise OptionError(f"extra option {key}={raw!r} must be a positive integer")
     if f.name == "quant_budget" and value < 0:
         raise OptionError(f"extra option {key}={raw!r} must be at least 0")
@@ -391,7 +401,7 @@ def _coerce(f: Option, key: str, raw: str) -> Any:
 
 
 QNN_QUANTIZED = ("qnn_kv_bits", "qnn_calibration", "qnn_calibration_samples",
-                 "qnn_calibration_tokens", "qnn_calibration_steps",
+                 "qnn_calibration_tokens", "qnn_calibration_steps", "qnn_calibration_coverage",
                  "qnn_calibration_method", "qnn_calibration_headroom", "qnn_sensitivity")
 
 

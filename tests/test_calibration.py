@@ -179,3 +179,62 @@ def test_calibration_prompts_are_taken_by_tokens(tmp_path):
     assert len(prompts(ExtraOptions(qnn_calibration_tokens=10**6, qnn_calibration_samples=1000),
                        tokenizer, 512)) == 93
     assert len(prompts(ExtraOptions(qnn_calibration_samples=1000), tokenizer, 512)) == 24
+
+
+def test_coverage_takes_the_extremes_beyond_the_text():
+    """qnn_calibration_coverage's tokens: those holding a dimension's vocabulary-wide largest or
+    smallest embedding value beyond the text's own, the farthest (in the text's span of that
+    dimension) first, each once, at most the count."""
+    from builder.quant.calibration import coverage
+    from builder.quant.stream import Extremes
+
+    e = Extremes(hi=np.array([2.0, 1.0, 5.0]), hi_ids=np.array([7, 3, 9]),
+                 lo=np.array([-1.0, -4.0, -1.0]), lo_ids=np.array([4, 8, 7]),
+                 own_hi=np.array([1.0, 1.0, 1.0]), own_lo=np.array([-1.0, -2.0, 0.0]))
+    # beyond: dim 0's largest by 1/2 of its span (token 7), dim 2's by 4 (9), dim 1's smallest
+    # by 2/3 (8), dim 2's by 1 (7 again); dim 1's largest and dim 0's smallest: the text's own
+    assert coverage(e, 10) == [9, 7, 8]
+    assert coverage(e, 2) == [9, 7]
+    assert coverage(e, 0) == []
+
+
+def test_coverage_against_the_checkpoints_table(tmp_path, monkeypatch):
+    """The extremes calibration reads (the pipeline's embeddings graph over the vocabulary, a
+    slice of rows at a time) against numpy over the checkpoint's own table times Granite's
+    embedding_multiplier, the text's tokens those of the calibration prompts; the tokens
+    prefilled are ``coverage``'s of them, and the log says how many."""
+    from safetensors.numpy import load_file
+
+    import builder.quant.calibration as calibration
+    import builder.quant.stream as stream
+    from builder.quant.calibration import prompts
+
+    ck = make_checkpoint(tmp_path / "ck", "granite")
+    seen = {}
+
+    def coverage(extremes, count):
+        seen["extremes"], seen["count"] = extremes, count
+        seen["tokens"] = real(extremes, count)
+        return seen["tokens"]
+
+    real = calibration.coverage
+    monkeypatch.setattr(calibration, "coverage", coverage)
+    monkeypatch.setattr(stream, "LOGITS_BYTES", 40 * 4 * 64)  # (several slices of 40 rows)
+    build(BuildOptions(model_name=str(ck), output=tmp_path / "o", precision=Precision.W8A16,
+                       execution_provider=ExecutionProvider.QNN,
+                       extra=ExtraOptions.parse(["qnn_prefill_length=8",
+                                                 "qnn_context_length=64",
+                                                 "qnn_calibration_coverage=20"])))
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["hidden_size"] == 64 and cfg["embedding_multiplier"] != 1
+    table = load_file(ck / "model.safetensors")["model.embed_tokens.weight"].astype(np.float64)
+    table *= cfg["embedding_multiplier"]
+    text = sorted({t for p in prompts(ExtraOptions(), ck, 64) for t in p})
+    e = seen["extremes"]
+    np.testing.assert_allclose(e.hi, table.max(0), rtol=1e-6)
+    np.testing.assert_allclose(e.lo, table.min(0), rtol=1e-6)
+    assert (e.hi_ids == table.argmax(0)).all() and (e.lo_ids == table.argmin(0)).all()
+    np.testing.assert_allclose(e.own_hi, table[text].max(0), rtol=1e-6)
+    np.testing.assert_allclose(e.own_lo, table[text].min(0), rtol=1e-6)
+    assert seen["count"] == 20 and len(seen["tokens"]) == 20  # (random weights: many beyond)
+    assert not set(seen["tokens"]) & set(text)

@@ -34,6 +34,7 @@ def test_booleans(value, expected):
     ("qnn_calibration_headroom=wide", "could not convert"),
     ("qnn_calibration_headroom=inf", "expected a finite number"),
     ("qnn_calibration_steps=1", "must be at least 2"),
+    ("qnn_calibration_coverage=-1", "must be 0 .the prompts alone. or a positive integer"),
     ("qnn_soc_model=banana", "must be a QNN soc model number"),
     ("qnn_soc_model=-60", "must be a QNN soc model number"),
     ("qnn_htp_arch=99", "is not one of: 68, 69, 73, 75, 79, 81"),

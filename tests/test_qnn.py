@@ -717,7 +717,8 @@ def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
     logits: with the ranges as calibrated, one token's layer-0 MLP product was clipped
     (measured on the CPU EP: min step cosine 0.9946 against 0.9989 with the headroom, mean
     0.99945 against 0.99984; with an earlier training run's checkpoint 0.9943 against 0.9993,
-    on the HTP 0.9946 against 0.9993)."""
+    on the HTP 0.9946 against 0.9993; with qnn_calibration_coverage's tokens calibrated too,
+    0.99522 against 0.99993)."""
     ck, fp32 = trained["qwen3"]
     tight = qnn_build(ck, tmp_path / "o", "w8a16", "qnn_calibration_headroom=1",
                       lengths="default")
@@ -743,6 +744,32 @@ def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
     assert min(cos["headroom 2"]) - min(cos["headroom 1"]) >= 0.002
     manifest = json.loads((wide / "build_manifest.json").read_text())
     assert manifest["options"]["extra_options"]["qnn_calibration_headroom"] == 2.0
+
+
+@pytest.mark.xdist_group("trained")
+def test_coverage_keeps_the_vocabularys_rare_tokens_unclipped(trained, w8a16_built, tmp_path):
+    """qnn_calibration_coverage (default 256): calibration also prefills the tokens whose
+    embeddings reach beyond the calibration text's (the byte-level tokenizer's text holds 75
+    of the 256 tokens), and a prompt of random tokens loses no decode step: on the trained
+    Llama, without them the in-graph K/V values of such a prompt went beyond their ranges
+    (measured on the CPU EP over 8 prompts of random tokens, min step cosine 0.99849 against
+    0.99938; this prompt's 0.99849 against 0.99938)."""
+    ck, fp32 = trained["llama"]
+    text_only = qnn_build(ck, tmp_path / "o", "w8a16", "qnn_calibration_coverage=0",
+                          lengths="default")
+    covered = w8a16_built["default", "llama"]
+    prompt = [int(t) for t in np.random.default_rng(103).integers(3, 256, 70)]
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    cos = {name: _cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
+           for name, folder in (("coverage 256", covered), ("coverage 0", text_only))}
+    print("llama w8a16 on the CPU EP: " + "; ".join(
+        f"{name}: mean cosine {np.mean(c):.5f} (min {min(c):.5f})" for name, c in cos.items()))
+    assert min(cos["coverage 256"]) >= 0.999 and np.mean(cos["coverage 256"]) >= 0.9999
+    assert min(cos["coverage 256"]) - min(cos["coverage 0"]) >= 0.0004
+    manifest = json.loads((covered / "build_manifest.json").read_text())
+    assert manifest["options"]["extra_options"]["qnn_calibration_coverage"] == 256
 
 
 def test_prefill_calibration_sees_a_past(checkpoints, tmp_path):

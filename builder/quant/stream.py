@@ -64,6 +64,18 @@ class Sequence:
     targets: list[int] = field(default_factory=list)  # held-out: each position's next token
 
 
+@dataclass
+class Extremes:
+    """Per dimension of the embeddings over the vocabulary: the largest value and its token,
+    the smallest and its token; over some tokens alone (``own``): the largest and smallest."""
+    hi: np.ndarray
+    hi_ids: np.ndarray
+    lo: np.ndarray
+    lo_ids: np.ndarray
+    own_hi: np.ndarray
+    own_lo: np.ndarray
+
+
 def sequence(prompt: list[int], forced: list[int], window: int, pad: int,
              record_prefill: bool, record_decode: bool) -> Sequence:
     """``prompt`` prefilled in chunks of ``window``, then each ``forced`` token in its own decode
@@ -255,13 +267,47 @@ class LayerStream:
         self._write(filename, kind, build, expose, store)
         return session(self.work, filename)
 
-    def embed(self, sequences: list[Sequence]) -> None:
-        """Every call's inputs_embeds, from the pipeline's own embeddings graph."""
+    def _embeddings(self) -> object:
+        """A session of the pipeline's own embeddings graph (``_clean`` when done)."""
         store = WeightStore(self.work / "embeddings.data")
         try:
-            sess = self._graph("embeddings.onnx", None, build_embeddings, False, store)
+            return self._graph("embeddings.onnx", None, build_embeddings, False, store)
         finally:
             store.close()
+
+    def extremes(self, tokens: Collection[int]) -> Extremes:
+        """Per dimension of inputs_embeds (as the embeddings graph computes them, a multiplier
+        included), over the whole vocabulary, a slice of rows at a time: the largest and the
+        smallest value and the tokens that hold them; over ``tokens`` alone: the largest and the
+        smallest value."""
+        sess, vocab = self._embeddings(), self.b.config.vocab_size
+        hidden = self.b.config.hidden_size
+        hi = np.full(hidden, -np.inf)
+        lo, own_hi, own_lo = -hi, hi.copy(), -hi
+        hi_ids, lo_ids = np.zeros(hidden, np.int64), np.zeros(hidden, np.int64)
+        mine = np.zeros(vocab, bool)
+        mine[[t for t in tokens if 0 <= t < vocab]] = True
+        step = max(1, LOGITS_BYTES // (4 * hidden))
+        for start in range(0, vocab, step):
+            ids = np.arange(start, min(vocab, start + step), dtype=np.int64)
+            rows = sess.run(None, {"input_ids": ids[None]})[0][0].astype(np.float64)
+            for best, where, pick, better in ((hi, hi_ids, np.argmax, np.greater),
+                                              (lo, lo_ids, np.argmin, np.less)):
+                at = pick(rows, axis=0)
+                value = rows[at, np.arange(hidden)]
+                won = better(value, best)
+                best[won], where[won] = value[won], ids[at[won]]
+            own = rows[mine[ids]]
+            if len(own):
+                np.maximum(own_hi, own.max(0), out=own_hi)
+                np.minimum(own_lo, own.min(0), out=own_lo)
+        del sess
+        self._clean()
+        return Extremes(hi, hi_ids, lo, lo_ids, own_hi, own_lo)
+
+    def embed(self, sequences: list[Sequence]) -> None:
+        """Every call's inputs_embeds, from the pipeline's own embeddings graph."""
+        sess = self._embeddings()
         vocab = self.b.config.vocab_size
         for s in sequences:
             outside = [i for c in s.calls for i in c.ids if not 0 <= i < vocab]
