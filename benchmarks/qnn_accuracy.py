@@ -1,0 +1,98 @@
+"""Quantized accuracy of the -e qnn folder over many prompts, per architecture.
+
+    python benchmarks/qnn_accuracy.py [--work DIR] [--archs qwen3,llama,phi3,lfm2,qwen3_5,
+        granitemoehybrid_dense] [--precisions w8a16,w4a16] [--prompts 8] [--cpu-ep]
+        [extra_option=value ...]
+
+Trains the tests' tiny clear-winner checkpoints (tests/checkpoints.py) once into --work (the
+tiny Granite 4.0-H takes minutes: its torch Mamba2 is slow), builds each at each precision at
+the default lengths (plus the extra options given), and feeds the folder the fp32 CPU build's
+greedy path from each of N prompts of 70 random tokens (17 steps: the prefill's last position
+and 16 decode calls), on the HTP simulator (or the CPU EP with --cpu-ep, about 10x faster and
+within 1e-4 of it on these checkpoints). Prints per build: the mean logit cosine over every
+step, the worst step's, the worst prompt's mean, top-1 agreement with the fp32 greedy token,
+and the build's own accuracy report (KL on the held-out English prompts). The checkpoints are
+trained on random tokens and the calibration text is English: many of a random prompt's tokens
+are ones calibration never saw, which is what the worst step measures. The targets (issue 24):
+w8a16 mean >= 0.9999 and worst >= 0.999; w4a16 mean >= 0.998 and worst >= 0.99. Not a test:
+the figures are for choosing defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoints import make_checkpoint  # noqa: E402
+from qnn_helpers import qnn_build  # noqa: E402
+
+from builder import BuildOptions, build  # noqa: E402
+from builder.testing import run_decoder, run_pipeline, run_pipeline_on_qnn  # noqa: E402
+
+ARCHS = "qwen3,llama,phi3,lfm2,qwen3_5,granitemoehybrid_dense"
+
+
+def cosines(a, b) -> list[float]:
+    return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
+
+
+def prompts(count: int) -> list[list[int]]:
+    """``count`` prompts of 70 random tokens (ids 3..255 of the tests' byte-level tokenizer)."""
+    return [[int(t) for t in np.random.default_rng(100 + k).integers(3, 256, 70)]
+            for k in range(count)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("qnn_accuracy_work"))
+    ap.add_argument("--archs", default=ARCHS)
+    ap.add_argument("--precisions", default="w8a16,w4a16")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--cpu-ep", action="store_true", help="run the folders on the CPU EP")
+    ap.add_argument("extra", nargs="*", help="extra options for every build")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    run = run_pipeline if args.cpu_ep else run_pipeline_on_qnn
+    where = "CPU EP" if args.cpu_ep else "HTP"
+    for arch in args.archs.split(","):
+        ck, fp32 = args.work / f"ck-{arch}", args.work / f"fp32-{arch}"
+        if not (ck / "config.json").exists():
+            make_checkpoint(ck, arch, trained=True)
+        if not (fp32 / "genai_config.json").exists():
+            build(BuildOptions(model_name=str(ck), output=fp32))
+        paths = []
+        for prompt in prompts(args.prompts):
+            cpu = run_decoder(fp32, np.array([prompt]), steps=16)
+            ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+            paths.append((prompt, ref, [int(r.argmax()) for r in ref]))
+        for precision in args.precisions.split(","):
+            out = args.work / f"{arch}-{precision}"
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            folder = qnn_build(ck, out, precision, *args.extra, lengths="default")
+            built = time.perf_counter() - start
+            report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
+            means, worst, top1 = [], [], []
+            for prompt, ref, greedy in paths:
+                logits = run(folder, prompt, 17, forced=greedy).step_logits
+                c = cosines(logits, ref)
+                means.append(np.mean(c))
+                worst.append(min(c))
+                top1 += [int(x.argmax()) == g for x, g in zip(logits, greedy)]
+            print(f"{' '.join([arch, precision, *args.extra])}: {where}, {len(paths)} prompts: "
+                  f"mean cosine {np.mean(means):.5f}, worst step {min(worst):.5f}, worst "
+                  f"prompt {min(means):.5f}, top-1 {np.mean(top1):.1%}; report KL prefill "
+                  f"{report['prefill']['mean_kl']:.2e}, decode {report['decode']['mean_kl']:.2e}"
+                  f"; built in {built:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
