@@ -201,8 +201,8 @@ def test_coverage_takes_the_extremes_beyond_the_text():
 def test_coverage_against_the_checkpoints_table(tmp_path, monkeypatch):
     """The extremes calibration reads (the pipeline's embeddings graph over the vocabulary, a
     slice of rows at a time) against numpy over the checkpoint's own table times Granite's
-    embedding_multiplier, the text's tokens those of the calibration prompts; the tokens
-    prefilled are ``coverage``'s of them, and the log says how many."""
+    embedding_multiplier, the rows the tokenizer gives only, the text's tokens those of the
+    calibration prompts; the tokens prefilled are ``coverage``'s of them."""
     from safetensors.numpy import load_file
 
     import builder.quant.calibration as calibration
@@ -219,6 +219,8 @@ def test_coverage_against_the_checkpoints_table(tmp_path, monkeypatch):
 
     real = calibration.coverage
     monkeypatch.setattr(calibration, "coverage", coverage)
+    # a tokenizer of 200 tokens: the table's rows beyond them (padding) are none of its
+    monkeypatch.setattr(calibration, "vocabulary", lambda tokenizer_dir: 200)
     monkeypatch.setattr(stream, "LOGITS_BYTES", 40 * 4 * 64)  # (several slices of 40 rows)
     build(BuildOptions(model_name=str(ck), output=tmp_path / "o", precision=Precision.W8A16,
                        execution_provider=ExecutionProvider.QNN,
@@ -228,8 +230,9 @@ def test_coverage_against_the_checkpoints_table(tmp_path, monkeypatch):
     cfg = json.loads((ck / "config.json").read_text())
     assert cfg["hidden_size"] == 64 and cfg["embedding_multiplier"] != 1
     table = load_file(ck / "model.safetensors")["model.embed_tokens.weight"].astype(np.float64)
-    table *= cfg["embedding_multiplier"]
-    text = sorted({t for p in prompts(ExtraOptions(), ck, 64) for t in p})
+    assert len(table) == 256
+    table = table[:200] * cfg["embedding_multiplier"]
+    text = sorted({t for p in prompts(ExtraOptions(), ck, 64) for t in p if t < 200})
     e = seen["extremes"]
     np.testing.assert_allclose(e.hi, table.max(0), rtol=1e-6)
     np.testing.assert_allclose(e.lo, table.min(0), rtol=1e-6)

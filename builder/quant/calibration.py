@@ -40,6 +40,13 @@ def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list
                     extra.qnn_calibration_tokens)
 
 
+def vocabulary(tokenizer_dir: Path) -> int:
+    """How many token ids the checkpoint's tokenizer gives (its added tokens included)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(True)
+
+
 def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
              tokens: int | None = None) -> list[list[int]]:
     """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
@@ -142,10 +149,9 @@ def coverage(extremes: Extremes, count: int) -> list[int]:
     """At most ``count`` tokens whose embeddings hold a dimension's largest or smallest value
     over the vocabulary where it lies beyond what the calibration text's own tokens hold, the
     farthest first (by how far beyond, in the text's span of that dimension): prefilled too,
-    so that a prompt's token the text never held is not clipped. The text of a real model
-    holds a few thousand of its tokens; a tokenizer whose prompts fall on few tokens (the
-    tests' byte-level one: 75 of 256 in the default prompts) leaves most of the table
-    unseen, and a value its rarest tokens reach clipped a decode step (a trained tiny
+    so that a prompt's token the text never held is not clipped. The text holds a few hundred
+    of a real tokenizer's tens of thousands of tokens (the tests' byte-level one: 75 of 256 in
+    the default prompts), and a value the others reach clipped a decode step (a trained tiny
     Granite 4.0-H at w8a16, 8 prompts of random tokens on the CPU EP: min logit cosine 0.9887
     against 0.9998 with them; README)."""
     span = np.maximum(extremes.own_hi - extremes.own_lo, 1e-12)
@@ -188,7 +194,7 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
     sequences += [sequence(tokens, [], window, pad, True, False) for tokens, _ in spans]
     # the vocabulary's tokens beyond the text's embedding range, as prompts of their own
     # continued by the text's start
-    covering = coverage(stream.extremes({t for p in ids for t in p}),
+    covering = coverage(stream.extremes({t for p in ids for t in p}, vocabulary(tokenizer_dir)),
                         extra.qnn_calibration_coverage) if extra.qnn_calibration_coverage else []
     extra_prompts = [covering[k:k + budget] for k in range(0, len(covering), budget)]
     sequences += [sequence(p, continuation(ids, len(ids) - 1, steps - 1), window, pad, True,

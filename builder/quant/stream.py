@@ -275,12 +275,13 @@ class LayerStream:
         finally:
             store.close()
 
-    def extremes(self, tokens: Collection[int]) -> Extremes:
+    def extremes(self, tokens: Collection[int], vocab: int) -> Extremes:
         """Per dimension of inputs_embeds (as the embeddings graph computes them, a multiplier
-        included), over the whole vocabulary, a slice of rows at a time: the largest and the
-        smallest value and the tokens that hold them; over ``tokens`` alone: the largest and the
-        smallest value."""
-        sess, vocab = self._embeddings(), self.b.config.vocab_size
+        included), over the first ``vocab`` rows of the table (those a tokenizer can give: a
+        table padded beyond them has rows no prompt reaches), a slice of rows at a time: the
+        largest and the smallest value and the tokens that hold them; over ``tokens`` alone:
+        the largest and the smallest value."""
+        sess, vocab = self._embeddings(), min(vocab, self.b.config.vocab_size)
         hidden = self.b.config.hidden_size
         hi = np.full(hidden, -np.inf)
         lo, own_hi, own_lo = -hi, hi.copy(), -hi
@@ -290,7 +291,7 @@ class LayerStream:
         step = max(1, LOGITS_BYTES // (4 * hidden))
         for start in range(0, vocab, step):
             ids = np.arange(start, min(vocab, start + step), dtype=np.int64)
-            rows = sess.run(None, {"input_ids": ids[None]})[0][0].astype(np.float64)
+            rows = sess.run(None, {"input_ids": ids[None]})[0][0]
             for best, where, pick, better in ((hi, hi_ids, np.argmax, np.greater),
                                               (lo, lo_ids, np.argmin, np.less)):
                 at = pick(rows, axis=0)
