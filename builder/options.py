@@ -228,7 +228,8 @@ class ExtraOptions:
         "many tokens of the vocabulary whose embeddings hold a dimension's largest or smallest "
         "value beyond what the calibration prompts' tokens hold (the farthest first), so that "
         "a prompt's rare token is not clipped; 0: the prompts alone. Default 256 with 16-bit "
-        "activations (w8a16, w4a16), 0 with 8-bit (w8a8).")
+        "activations and KV cache (w8a16; w4a16 with qnn_kv_bits=16), 0 with either at 8 bits "
+        "(w4a16's default uint8 KV, w8a8).")
     qnn_calibration_method: str = _opt(
         "minmax", "-e qnn, quantized: activation range estimator (percentile: histograms cut "
         "at 99.999% on each side).",

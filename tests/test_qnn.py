@@ -573,6 +573,8 @@ def test_uint8_kv_buffers_keep_their_bytes(checkpoints, tmp_path):
     folder = qnn_build(checkpoints["qwen3"], tmp_path / "o", "w4a16", lengths="default")
     manifest = json.loads((folder / "build_manifest.json").read_text())
     assert manifest["options"]["extra_options"]["qnn_kv_bits"] == 8
+    # (no coverage tokens with a uint8 KV cache: see qnn_calibration_coverage)
+    assert manifest["options"]["extra_options"]["qnn_calibration_coverage"] == 0
     assert manifest["kv_cache"] == {"dtype": "uint8", "bytes_per_token": 2 * 3 * 2 * 32,
                                     "context_length": 512, "bytes": 2 * 3 * 2 * 32 * 512,
                                     "attention_layers": 3, "state_bytes": 0}
