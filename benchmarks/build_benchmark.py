@@ -214,6 +214,8 @@ CASES = {  # name → (our -p and extra options, the anchor's -p and extra optio
     "qnn-fp16-epcontext": (["-p", "fp16", "-e", "qnn", "--extra_options", "qnn_epcontext=true"],
                            None),
     "qnn-w8a16": (["-p", "w8a16", "-e", "qnn"], None),
+    "qnn-w8a16-text": (["-p", "w8a16", "-e", "qnn", "--extra_options",
+                        "qnn_calibration_coverage=0"], None),  # (the calibration text alone)
     "qnn-int4-shared": (["-p", "int4", "-e", "qnn", "--extra_options", "shared_embeddings=true"],
                         None),
     "qnn-int4-shared-c512": (["-p", "int4", "-e", "qnn", "--extra_options",

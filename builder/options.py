@@ -410,6 +410,7 @@ CALIBRATION_TEXT = ("qnn_calibration", "qnn_calibration_samples",  # also what G
                     "qnn_calibration_tokens")
 MEASURED_MIXED = ("rtn_mixed", "gptq_mixed")  # promoted to 8 bits by measurement
 GPTQ_ALGORITHMS = ("gptq", "gptq_last", "gptq_mixed")  # (gptq_sequential's)
+ACT_ORDER_ALGORITHMS = (*GPTQ_ALGORITHMS, "awq_gptq", "awq_gptq_last")  # (gptq_act_order's)
 DATA_AWARE_ALGORITHMS = ("gptq", "gptq_last", "awq", "awq_last", "awq_gptq", "awq_gptq_last",
                          *MEASURED_MIXED)  # (they read the calibration text)
 
@@ -441,8 +442,7 @@ def not_applicable(name: str, precision: Precision, static_shapes: bool,
         return ("applies to int4_algo_config=rtn_mixed or gptq_mixed (the default at -e qnn "
                 "-p w4a16) only")
     if name == "gptq_act_order":
-        if _algorithm(precision, static_shapes, extra) not in (*GPTQ_ALGORITHMS, "awq_gptq",
-                                                                "awq_gptq_last"):
+        if _algorithm(precision, static_shapes, extra) not in ACT_ORDER_ALGORITHMS:
             return ("applies to int4_algo_config=gptq, gptq_last, gptq_mixed, awq_gptq and "
                     "awq_gptq_last (and the defaults at -e qnn -p w8a16 and w4a16) only")
     if name == "gptq_sequential":
