@@ -651,9 +651,12 @@ def test_lpbq_and_uint8_kv_cost_what_was_measured(arch, trained, tmp_path):
 
     ours = kl()
     both, each = FORM_COST[arch]
-    for extra in ("qnn_int4_format=float_block", "qnn_kv_bits=16"):
-        theirs = kl(extra)
-        print(f"{arch} w4a16 defaults KL {ours[0]:.2e} / {ours[1]:.2e}; {extra} "
+    # (the 16-bit KV build calibrated on the same tokens: without qnn_calibration_coverage's,
+    # which it would take by default)
+    for extra in (["qnn_int4_format=float_block"],
+                  ["qnn_kv_bits=16", "qnn_calibration_coverage=0"]):
+        theirs = kl(*extra)
+        print(f"{arch} w4a16 defaults KL {ours[0]:.2e} / {ours[1]:.2e}; {' '.join(extra)} "
               f"{theirs[0]:.2e} / {theirs[1]:.2e}")
         assert sum(ours) <= both * sum(theirs)
         assert ours[0] <= each * theirs[0] and ours[1] <= each * theirs[1]
@@ -807,11 +810,18 @@ def test_calibration_options(checkpoints, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     # (both prompts are longer than P = 8 tokens: their own later chunks see a past, so none
     # is joined to another)
-    assert re.search(r"calibration \(minmax\): \d+ layers, one at a time; prefill graph on the 2 "
-                     r"prompts and 0 sequence\(s\) joined from the 0 of one chunk or less "
-                     r"\(\d+ tokens, \d+ calls of 8\)", r.stderr), r.stderr[-3000:]
-    assert "decode graph on the 2 prompts, each continued by 3 tokens of the text after it " \
-        "(6 tokens)" in r.stderr
+    # (and the vocabulary's tokens beyond the prompts' embeddings, at most 256, in sequences of
+    # at most C - steps - 1 = 59)
+    found = re.search(r"calibration \(minmax\): \d+ layers, one at a time; prefill graph on the "
+                      r"2 prompts, (\d+) sequence\(s\) of the (\d+) vocabulary tokens beyond "
+                      r"their embedding range \(qnn_calibration_coverage=256\) and 0 "
+                      r"sequence\(s\) joined from the 0 prompts of one chunk or less \(\d+ "
+                      r"tokens, \d+ calls of 8\)", r.stderr)
+    assert found, r.stderr[-3000:]
+    covering, tokens = int(found[1]), int(found[2])
+    assert 0 < tokens <= 256 and covering == -(-tokens // 59)
+    assert f"decode graph on the 2 prompts and {covering} sequence(s) of tokens, each " \
+        f"continued by 3 tokens of the text after it ({3 * (2 + covering)} tokens)" in r.stderr
     r = run_cli("-m", str(checkpoints["qwen3"]), "-o", str(tmp_path / "o2"), "-e", "qnn",
                 "-p", "w8a16", "--extra_options", f"qnn_calibration={tmp_path / 'none.txt'}",
                 f"qnn_prefill_length={P}", f"qnn_context_length={C}")

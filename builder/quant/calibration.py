@@ -203,14 +203,15 @@ def calibrate(stream: LayerStream, extra: ExtraOptions, tokenizer_dir: Path, pad
         -(-len(t) // window) for t, _ in spans)
     layers = stream.b.config.num_hidden_layers
     logger.info("calibration (%s): %d layers, one at a time; prefill graph on the %d prompts, "
-                "%d of the vocabulary's tokens beyond their embedding range "
+                "%d sequence(s) of the %d vocabulary tokens beyond their embedding range "
                 "(qnn_calibration_coverage=%d) and %d sequence(s) joined from the %d prompts of "
-                "one chunk or less (%d tokens, %d calls of %d); decode graph on the %d prompts, "
-                "each continued by %d tokens of the text after it (%d tokens)%s",
-                extra.qnn_calibration_method, layers, len(ids), len(covering),
-                extra.qnn_calibration_coverage, len(spans), len(short),
+                "one chunk or less (%d tokens, %d calls of %d); decode graph on the %d prompts "
+                "and %d sequence(s) of tokens, each continued by %d tokens of the text after it "
+                "(%d tokens)%s",
+                extra.qnn_calibration_method, layers, len(ids), len(extra_prompts),
+                len(covering), extra.qnn_calibration_coverage or 0, len(spans), len(short),
                 sum(map(len, ids)) + len(covering) + sum(len(t) for t, _ in spans), calls,
-                window, len(ids) + len(extra_prompts), steps - 1,
+                window, len(ids), len(extra_prompts), steps - 1,
                 (len(ids) + len(extra_prompts)) * (steps - 1),
                 ", on an empty cache" if empty_cache else "")
     ranges = Ranges(extra.qnn_calibration_method)
