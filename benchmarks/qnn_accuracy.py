@@ -52,6 +52,17 @@ def prompts(count: int) -> list[list[int]]:
             for k in range(count)]
 
 
+def trained(work: Path, arch: str) -> tuple[Path, Path]:
+    """The tests' tiny clear-winner checkpoint of ``arch`` and its fp32 CPU build, made once
+    into ``work``."""
+    ck, fp32 = work / f"ck-{arch}", work / f"fp32-{arch}"
+    if not (ck / "config.json").exists():
+        make_checkpoint(ck, arch, trained=True)
+    if not (fp32 / "genai_config.json").exists():
+        build(BuildOptions(model_name=str(ck), output=fp32))
+    return ck, fp32
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("qnn_accuracy_work"))
@@ -65,11 +76,7 @@ def main() -> None:
     run = run_pipeline if args.cpu_ep else run_pipeline_on_qnn
     where = "CPU EP" if args.cpu_ep else "HTP"
     for arch in args.archs.split(","):
-        ck, fp32 = args.work / f"ck-{arch}", args.work / f"fp32-{arch}"
-        if not (ck / "config.json").exists():
-            make_checkpoint(ck, arch, trained=True)
-        if not (fp32 / "genai_config.json").exists():
-            build(BuildOptions(model_name=str(ck), output=fp32))
+        ck, fp32 = trained(args.work, arch)
         paths = []
         for prompt in prompts(args.prompts):
             cpu = run_decoder(fp32, np.array([prompt]), steps=16)

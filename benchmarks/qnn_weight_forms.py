@@ -20,16 +20,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoints import make_checkpoint  # noqa: E402
+from qnn_accuracy import cosines, trained  # noqa: E402
 from qnn_helpers import PROMPTS, qnn_build  # noqa: E402
 
-from builder import BuildOptions, build  # noqa: E402
 from builder.testing import run_decoder, run_pipeline_on_qnn  # noqa: E402
-
-
-def cosines(a, b) -> list[float]:
-    return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
 def main() -> None:
@@ -42,11 +38,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prompt = PROMPTS["default"]
     for arch in args.archs.split(","):
-        ck, fp32 = args.work / f"ck-{arch}", args.work / f"fp32-{arch}"
-        if not (ck / "config.json").exists():
-            make_checkpoint(ck, arch, trained=True)
-        if not (fp32 / "genai_config.json").exists():
-            build(BuildOptions(model_name=str(ck), output=fp32))
+        ck, fp32 = trained(args.work, arch)
         cpu = run_decoder(fp32, np.array([prompt]), steps=16)
         ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
         greedy = [int(r.argmax()) for r in ref]

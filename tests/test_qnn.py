@@ -713,6 +713,16 @@ def test_histogram_calibration_methods(method, mean_cosine, lengths, trained, w8
     assert top1 >= 0.95
 
 
+def _along_greedy_path(fp32, prompt, folders: dict) -> dict[str, list[float]]:
+    """Each folder's logit cosine per step on the CPU EP along the fp32 build's greedy path
+    from ``prompt`` (its last prefill position and 16 decode calls)."""
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    return {name: _cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
+            for name, folder in folders.items()}
+
+
 @pytest.mark.xdist_group("trained")
 def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
     """qnn_calibration_headroom (default 2 at 16-bit activations) against the calibrated ranges
@@ -737,12 +747,7 @@ def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
             ratio = 2.0 if name in wider else 1.0
             # (rel: the KV buffers' scales are fp16, subnormal at 16 bits)
             assert scale == pytest.approx(calibrated[name] * ratio, rel=3e-3), name
-    prompt = PROMPTS["default"]
-    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    greedy = [int(r.argmax()) for r in ref]
-    cos = {name: _cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
-           for name, folder in (("headroom 2", wide), ("headroom 1", tight))}
+    cos = _along_greedy_path(fp32, PROMPTS["default"], {"headroom 2": wide, "headroom 1": tight})
     print("qwen3 w8a16 on the CPU EP: " + "; ".join(
         f"{name}: mean cosine {np.mean(c):.5f} (min {min(c):.5f})" for name, c in cos.items()))
     assert min(cos["headroom 2"]) >= 0.9985 and np.mean(cos["headroom 2"]) >= 0.9998
@@ -764,11 +769,7 @@ def test_coverage_keeps_the_vocabularys_rare_tokens_unclipped(trained, w8a16_bui
                           lengths="default")
     covered = w8a16_built["default", "llama"]
     prompt = [int(t) for t in np.random.default_rng(103).integers(3, 256, 70)]
-    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
-    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
-    greedy = [int(r.argmax()) for r in ref]
-    cos = {name: _cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
-           for name, folder in (("coverage 256", covered), ("coverage 0", text_only))}
+    cos = _along_greedy_path(fp32, prompt, {"coverage 256": covered, "coverage 0": text_only})
     print("llama w8a16 on the CPU EP: " + "; ".join(
         f"{name}: mean cosine {np.mean(c):.5f} (min {min(c):.5f})" for name, c in cos.items()))
     assert min(cos["coverage 256"]) >= 0.999 and np.mean(cos["coverage 256"]) >= 0.9999
