@@ -244,7 +244,7 @@ class PipelineFolder(DecoderFolder):
                                                 ordered=o.extra.gptq_act_order))
             elif policy.data_aware:
                 rounding = qdq_rounding(builder, work, out / ".rounded", policy,
-                                        o.extra.gptq_sequential, o.extra.gptq_act_order)
+                                        o.extra.gptq_sequential, ordered=o.extra.gptq_act_order)
             else:
                 rounding = noise
             calibration = calibrate(LayerStream(builder, *stream_args), o.extra, source, pad,

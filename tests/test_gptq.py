@@ -451,7 +451,8 @@ def test_rounding_towards_the_float_layers_outputs(tmp_path):
                                dequantized(plain, w.shape)[::4], atol=1e-6)
     # GptqRounding measures it on GUARD_ROWS of a weight's rows, then rounds the one chosen
     rounding = GptqRounding(None, tmp_path, RoundedWeights(tmp_path), lambda w, h, f, bits,
-                            damp: gptq_qdq(w, h, bits, 32, False, f, lpbq=True), None)
+                            damp: gptq_qdq(w, h, bits, 32, False, f, lpbq=True), None,
+                            ordered=False)
     rounding.GUARD_ROWS = n // 4
     got = rounding._towards(w, h, factor, 4, DAMP, times_inverse(w @ cross, h, factor, DAMP),
                             (w @ cross)[::4], 1)  # (it takes W C H^-1, and W C on the sample)

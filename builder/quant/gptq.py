@@ -314,8 +314,7 @@ def gptq_matmul_nbits(weight: np.ndarray, hessian: np.ndarray, bits: int, block_
         weight = np.concatenate([weight, np.zeros((n, padded - k), weight.dtype)], axis=1)
         h = np.zeros((padded, padded), np.float32)
         h[:k, :k] = hessian
-        ordered = ordered or (factor is not None and factor[2] is not None)
-        hessian, factor = h, None  # (the factor again, of the padded Hessian)
+        hessian, factor = h, None  # (the factor again, of the padded Hessian, in ``ordered``)
     codes, scales, zeros = gptq(weight, hessian, Grid(bits, symmetric, qdq=False), block_size,
                                 factor, damp, ordered)
     codes[:, k:] = 0  # the kernels' padding

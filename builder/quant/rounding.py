@@ -92,7 +92,7 @@ class GptqRounding:
     from one pass of the layer as it stood (GPTQ's own order)."""
 
     def __init__(self, builder, work: Path, rounded: RoundedWeights, round_weight,
-                 policy, sequential: bool = False, ordered: bool = True) -> None:
+                 policy, sequential: bool = False, *, ordered: bool) -> None:
         self.b, self.work, self.rounded = builder, work, rounded
         self.round_weight = round_weight  # (weight [N, K], Hessian, its factor, bits, damping)
         # -> rounded
@@ -441,7 +441,7 @@ ORDER_LOG = {True: "columns in act order (largest input first; gptq_act_order)",
 
 
 def qdq_rounding(builder, work: Path, folder: Path, policy,
-                 sequential: bool = False, ordered: bool = True) -> GptqRounding:
+                 sequential: bool = False, *, ordered: bool) -> GptqRounding:
     """``LayerStream.run``'s rounding for a calibrated static (QNN) build: GPTQ onto the QDQ
     weights ``policy`` (``QuantPolicy.static_qdq``) writes, in the calibration stream (its
     ``work`` folder); the layers then calibrate with their rounded weights, kept in ``folder``.
@@ -458,7 +458,7 @@ def qdq_rounding(builder, work: Path, folder: Path, policy,
                 else "per-channel", policy.bits, ORDER_LOG[ordered])
     return GptqRounding(builder, work, rounded, lambda w, h, f, bits, damp: gptq_qdq(
         w, h, bits, block(bits), bool(policy.qdq_conv), f, policy.lpbq, damp), policy,
-        sequential, ordered)
+        sequential, ordered=ordered)
 
 
 def static_stream(cls, config, options, weights, plugins, source: Path, work: Path):
@@ -524,7 +524,8 @@ def round_layers(cls, config, options, weights, policy, plugins, source: Path, w
     stream.embed(everything)
     rounding = GptqRounding(builder, stream.work, rounded,
                             lambda w, h, f, bits, damp: gptq_matmul_nbits(
-                                w, h, bits, policy.block_size, policy.symmetric, f, damp),
+                                w, h, bits, policy.block_size, policy.symmetric, f, damp,
+                                options.extra.gptq_act_order),
                             layer_policy, sequential=not scaled and options.extra.gptq_sequential,
                             ordered=options.extra.gptq_act_order)
     if scaled:
