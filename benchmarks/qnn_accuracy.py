@@ -2,7 +2,7 @@
 
     python benchmarks/qnn_accuracy.py [--work DIR] [--archs qwen3,llama,phi3,lfm2,qwen3_5,
         granitemoehybrid_dense] [--precisions w8a16,w4a16] [--prompts 8] [--cpu-ep]
-        [extra_option=value ...]
+        [--calibration text|random] [extra_option=value ...]
 
 Trains the tests' tiny clear-winner checkpoints (tests/checkpoints.py) once into --work (the
 tiny Granite 4.0-H takes minutes: its torch Mamba2 is slow), builds each at each precision at
@@ -52,6 +52,22 @@ def prompts(count: int) -> list[list[int]]:
             for k in range(count)]
 
 
+def random_prompts(work: Path, arch: str, fp32: Path) -> Path:
+    """A calibration file of ``arch``'s own data, as token ids: 24 prompts of 84 random tokens
+    (other seeds than ``prompts``'), each followed by the 16 tokens the fp32 build generates
+    from it (greedy), as the measured prompts are."""
+    rng = np.random.default_rng(999)
+    rows = []
+    for _ in range(24):
+        prompt = [int(t) for t in rng.integers(3, 256, 84)]
+        run = run_decoder(fp32, np.array([prompt]), steps=15)
+        rows.append(prompt + [int(run.prefill_logits[0, -1].argmax())]
+                    + [int(s[0].argmax()) for s in run.step_logits])
+    path = work / f"random_prompts-{arch}.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
 def trained(work: Path, arch: str) -> tuple[Path, Path]:
     """The tests' tiny clear-winner checkpoint of ``arch`` and its fp32 CPU build, made once
     into ``work``."""
@@ -70,6 +86,11 @@ def main() -> None:
     ap.add_argument("--precisions", default="w8a16,w4a16")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--cpu-ep", action="store_true", help="run the folders on the CPU EP")
+    ap.add_argument("--calibration", choices=("text", "random"), default="text",
+                    help="text: the shipped English prompts (the default); random: the "
+                         "checkpoint's own data, 24 prompts of 84 random tokens (what it was "
+                         "trained on) and the 16 tokens it generates from each (a .json file "
+                         "of token ids, qnn_calibration=)")
     ap.add_argument("extra", nargs="*", help="extra options for every build")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -77,6 +98,10 @@ def main() -> None:
     where = "CPU EP" if args.cpu_ep else "HTP"
     for arch in args.archs.split(","):
         ck, fp32 = trained(args.work, arch)
+        extra, label = list(args.extra), []
+        if args.calibration == "random":
+            label = ["(calibration: its own data)"]
+            extra.append(f"qnn_calibration={random_prompts(args.work, arch, fp32)}")
         paths = []
         for prompt in prompts(args.prompts):
             cpu = run_decoder(fp32, np.array([prompt]), steps=16)
@@ -86,7 +111,7 @@ def main() -> None:
             out = args.work / f"{arch}-{precision}"
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            folder = qnn_build(ck, out, precision, *args.extra, lengths="default")
+            folder = qnn_build(ck, out, precision, *extra, lengths="default")
             built = time.perf_counter() - start
             report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
             means, worst, top1 = [], [], []
@@ -96,7 +121,8 @@ def main() -> None:
                 means.append(np.mean(c))
                 worst.append(min(c))
                 top1 += [int(x.argmax()) == g for x, g in zip(logits, greedy)]
-            print(f"{' '.join([arch, precision, *args.extra])}: {where}, {len(paths)} prompts: "
+            print(f"{' '.join([arch, precision, *args.extra, *label])}: {where}, {len(paths)} "
+                  f"prompts: "
                   f"mean cosine {np.mean(means):.5f}, worst step {min(worst):.5f}, worst "
                   f"prompt {min(means):.5f}, top-1 {np.mean(top1):.1%}; report KL prefill "
                   f"{report['prefill']['mean_kl']:.2e}, decode {report['decode']['mean_kl']:.2e}"

@@ -53,7 +53,8 @@ from builder.quant.sensitivity import (
     tensor_figures,
     weight_figures,
 )
-from builder.quant.stream import LayerStream, TensorStats, sequence
+from builder.quant.ranges import TensorStats
+from builder.quant.stream import LayerStream, sequence
 from builder.roles import TensorRole as R
 from builder.targets import TargetCaps
 from builder.weights import CheckpointReader

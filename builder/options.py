@@ -208,7 +208,9 @@ class ExtraOptions:
     qnn_calibration: str | None = _opt(
         None, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
         "(gptq, awq, *_mixed) on any target: a text file of calibration prompts, one per "
-        "line (default: the prompts shipped with builder).", aliases=("calibration",))
+        "line, or a .json file of prompts as token ids ([[1, 2, 3], [4, 5]], or rows whose "
+        "input_ids is one), taken as they are (default: the prompts shipped with builder).",
+        aliases=("calibration",))
     qnn_calibration_samples: int = _opt(
         24, "-e qnn, quantized (w8a16, w4a16, w8a8), and the data-aware int4_algo_config "
         "(gptq, awq, *_mixed) on any target: at most this many calibration prompts (the "

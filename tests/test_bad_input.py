@@ -574,6 +574,33 @@ def test_calibration_file_that_is_not_text(capsys, tmp_path, kind):
             "save the prompts as UTF-8")
 
 
+TOKEN_ID_FILES = {  # a .json calibration file: token ids
+    "not json": ("[[1, 2, 3],", "not JSON (Expecting value at line 1 column 12)"),
+    "object": ('{"input_ids": [1, 2]}', "expected a list of prompts, each a list of token ids"),
+    "empty": ("[]", "expected a list of prompts, each a list of token ids ([[1, 2, 3], [4, 5]]), "
+                    "got an empty list"),
+    "text": ('["the boat sailed"]', "prompt 0 is not a list of token ids"),
+    "float": ("[[1, 2], [3.0]]", "prompt 1 is not a list of token ids"),
+    "bool": ("[[true]]", "prompt 0 is not a list of token ids"),
+    "no ids": ('[{"text": "the boat"}]', "prompt 0 is not a list of token ids (integers), nor an "
+               "object whose input_ids is one"),
+    "empty prompt": ("[[1], []]", "prompt 1 is empty"),
+    "outside": ("[[1, 2], [3, 256]]",
+                "prompt 1 holds token id 256, not one of the tokenizer's 256 ids (0..255)"),
+    "negative": ("[[-1]]", "prompt 0 holds token id -1"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TOKEN_ID_FILES))
+def test_calibration_file_of_token_ids_that_is_wrong(capsys, tmp_path, kind):
+    text, needle = TOKEN_ID_FILES[kind]
+    path = tmp_path / "prompts.json"
+    path.write_text(text)
+    refused(capsys, tmp_path, ["-m", ROOT / "examples/tiny-qwen3", "-p", "int4",
+                               "--extra_options", "int4_algo_config=gptq",
+                               f"qnn_calibration={path}"], f"{path}: {needle}")
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
 def test_calibration_file_with_a_byte_order_mark(tmp_path, encoding):
     """UTF-16 with its byte-order mark (Windows Notepad, PowerShell) and UTF-8 with one read as

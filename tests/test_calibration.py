@@ -134,7 +134,7 @@ def test_steps_batch_calls_in_order():
 def test_percentile_ranges_against_numpy():
     """The percentile estimator's histograms (re-binned as the range grows) cut where numpy's
     percentile of all the values does, within a bin; minmax is exact."""
-    from builder.quant.stream import BINS, Ranges
+    from builder.quant.ranges import BINS, Ranges
 
     rng = np.random.default_rng(3)
     chunks = [rng.standard_normal(200_000).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
@@ -150,6 +150,49 @@ def test_percentile_ranges_against_numpy():
     assert abs(hi - np.percentile(every, 99.9995)) <= 2 * width
     assert hi < 20 and lo > -20
     assert m.result("g")["t"] == (float(every.min()), float(every.max()))
+
+
+def test_calibration_prompts_as_token_ids(tmp_path):
+    """A .json calibration file: its prompts' token ids taken as they are (a list of ids, or
+    a row whose input_ids is one), then cut and counted as a text file's prompts are."""
+    from pathlib import Path
+
+    from builder.quant.calibration import prompts
+
+    tokenizer = Path(__file__).parent.parent / "examples" / "tiny-qwen3"
+    rows = [[5, 6, 7, 8], {"input_ids": [255, 0, 9], "attention_mask": [1, 1, 1]}, [3] * 50,
+            [4, 4]]
+    path = tmp_path / "ids.JSON"
+    path.write_text(json.dumps(rows))
+    assert prompts(ExtraOptions(qnn_calibration=str(path)), tokenizer, 512) == [
+        [5, 6, 7, 8], [255, 0, 9], [3] * 50, [4, 4]]
+    # each cut to the context less the steps; at most calibration_samples; by tokens
+    assert prompts(ExtraOptions(qnn_calibration=str(path), qnn_calibration_steps=16),
+                   tokenizer, 21) == [[5, 6, 7, 8], [255, 0, 9], [3] * 4, [4, 4]]
+    assert len(prompts(ExtraOptions(qnn_calibration=str(path), qnn_calibration_samples=2),
+                       tokenizer, 512)) == 2
+    assert len(prompts(ExtraOptions(qnn_calibration=str(path), qnn_calibration_tokens=10),
+                       tokenizer, 512)) == 2
+
+
+def test_token_id_calibration_builds_as_its_text_does(tmp_path):
+    """The shipped prompts' token ids as a .json file and the text itself calibrate and round
+    the same build (int4 gptq on cpu: the same bytes)."""
+    from pathlib import Path
+
+    from builder.cli import main
+    from builder.quant.calibration import PROMPTS, tokenize
+
+    example = Path(__file__).parent.parent / "examples" / "tiny-qwen3"
+    ids = tmp_path / "prompts.json"
+    ids.write_text(json.dumps(tokenize(PROMPTS, 24, example, 10**6)))
+    built = {}
+    for name, path in (("text", PROMPTS), ("ids", ids)):
+        out = tmp_path / name
+        assert main(["-m", str(example), "-o", str(out), "-p", "int4", "--extra_options",
+                     "int4_algo_config=gptq", f"qnn_calibration={path}"]) == 0
+        built[name] = (out / "model.onnx.data").read_bytes()
+    assert built["ids"] == built["text"]
 
 
 def test_calibration_prompts_are_taken_by_tokens(tmp_path):

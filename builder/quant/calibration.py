@@ -21,8 +21,8 @@ import numpy as np
 
 from builder.errors import OptionError, SourceError
 from builder.options import ExtraOptions
-from builder.quant.stream import (DECODE, PREFILL, Extremes, LayerStream, Ranges, Sequence,
-                                  TensorStats, sequence)
+from builder.quant.ranges import Ranges, TensorStats
+from builder.quant.stream import DECODE, PREFILL, Extremes, LayerStream, Sequence, sequence
 
 logger = logging.getLogger(__name__)
 
@@ -31,36 +31,29 @@ GRAPHS = (PREFILL, DECODE, f"lm_head_{PREFILL}", f"lm_head_{DECODE}")
 
 
 def prompts(extra: ExtraOptions, tokenizer_dir: Path, context: int) -> list[list[int]]:
-    """Token ids of the calibration prompts, each short enough to leave room for the steps."""
+    """Token ids of the calibration prompts, each short enough to leave room for the steps:
+    the text file's prompts through the tokenizer, or a ``.json`` file's token ids as they
+    are (``token_prompts``)."""
     path = Path(extra.qnn_calibration) if extra.qnn_calibration else PROMPTS
     if not path.is_file():
         raise OptionError(f"qnn_calibration={path}: no such file")
     budget = max(1, context - extra.qnn_calibration_steps - 1)
+    if path.suffix.lower() == ".json":
+        encoded = token_prompts(path, vocabulary(tokenizer_dir))
+        return select(encoded, extra.qnn_calibration_samples, budget,
+                      extra.qnn_calibration_tokens)
     return tokenize(path, extra.qnn_calibration_samples, tokenizer_dir, budget,
                     extra.qnn_calibration_tokens)
 
 
 def vocabulary(tokenizer_dir: Path) -> int:
     """How many token ids the checkpoint's tokenizer gives (its added tokens included)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(True)
+    return load_tokenizer(tokenizer_dir).get_vocab_size(True)
 
 
-def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
-             tokens: int | None = None) -> list[list[int]]:
-    """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
-    break), each cut to ``budget`` tokens; with ``tokens``, only the first ones that hold at
-    most that many in all (the first one always; counted before the cut, so that the prompts
-    chosen do not depend on the context). The shipped prompts: the first 24 (the default
-    count) are 2,392 tokens of the tests' byte-level tokenizer and 535 of GPT-2's BPE, all 93
-    are 2,286 of GPT-2's: a real model's projections read thousands of inputs, and GPTQ's
-    Hessian of fewer tokens than inputs has directions it never saw (see ``gptq.damping``);
-    all 93 cost a real model's qnn build about 2.5x the calibration time (measured: README)."""
-    texts = [line.strip().replace("\\n", "\n") for line in prompt_text(path).splitlines()]
-    texts = [t for t in texts if t][:count]
-    if not texts:
-        raise OptionError(f"{path}: no prompts (one per line)")
+def load_tokenizer(tokenizer_dir: Path):
+    """The checkpoint's tokenizer.json, loaded by the tokenizers package (refused, named,
+    where it cannot be)."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -69,16 +62,40 @@ def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise OptionError(f"{tokenizer_dir}: calibration needs tokenizer.json")
     try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     except Exception as e:  # the tokenizers package raises its own exception type
         raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: not a tokenizer the tokenizers "
                           f"package can load ({e}); fix the file or remove it") from None
+
+
+def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
+             tokens: int | None = None) -> list[list[int]]:
+    """Token ids of the first ``count`` prompts of ``path`` (one per line, ``\\n`` for a line
+    break), each cut to ``budget`` tokens; with ``tokens``, only the first ones that hold at
+    most that many in all (``select``). The shipped prompts: the first 24 (the default
+    count) are 2,392 tokens of the tests' byte-level tokenizer and 535 of GPT-2's BPE, all 93
+    are 2,286 of GPT-2's: a real model's projections read thousands of inputs, and GPTQ's
+    Hessian of fewer tokens than inputs has directions it never saw (see ``gptq.damping``);
+    all 93 cost a real model's qnn build about 2.5x the calibration time (measured: README)."""
+    texts = [line.strip().replace("\\n", "\n") for line in prompt_text(path).splitlines()]
+    texts = [t for t in texts if t][:count]
+    if not texts:
+        raise OptionError(f"{path}: no prompts (one per line)")
+    tokenizer = load_tokenizer(tokenizer_dir)
     try:
         encoded = [tokenizer.encode(t).ids for t in texts]
     except Exception as e:  # e.g. a WordLevel model whose unknown token it does not hold
         raise SourceError(f"{tokenizer_dir / 'tokenizer.json'}: cannot encode the prompts of "
                           f"{path} ({e}); fix the tokenizer") from None
-    encoded = [ids for ids in encoded if ids]
+    return select([ids for ids in encoded if ids], count, budget, tokens)
+
+
+def select(encoded: list[list[int]], count: int, budget: int, tokens: int | None = None
+           ) -> list[list[int]]:
+    """The first ``count`` prompts, each cut to ``budget`` tokens; with ``tokens``, only the
+    first ones that hold at most that many in all (the first one always; counted before the
+    cut, so that the prompts chosen do not depend on the context)."""
+    encoded = encoded[:count]
     if tokens is not None:
         total = 0
         for i, ids in enumerate(encoded):
@@ -87,6 +104,41 @@ def tokenize(path: Path, count: int, tokenizer_dir: Path, budget: int,
                 encoded = encoded[:i]
                 break
     return [ids[:budget] for ids in encoded]
+
+
+def token_prompts(path: Path, vocab: int) -> list[list[int]]:
+    """A ``.json`` calibration file's prompts as token ids, taken as they are: a list of
+    prompts, each a list of ids or an object whose ``input_ids`` is one (a tokenized
+    dataset's rows). For data no text file holds as the model reads it: a dataset already
+    tokenized, or, for a model trained on other sequences than text, those sequences (the
+    tests' checkpoints trained on random tokens: ``benchmarks/qnn_accuracy.py
+    --calibration random``). Every id must be one of the tokenizer's ``vocab``."""
+    import json
+
+    form = "a list of prompts, each a list of token ids ([[1, 2, 3], [4, 5]])"
+    try:
+        data = json.loads(prompt_text(path))
+    except json.JSONDecodeError as e:
+        raise OptionError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                          f"a .json calibration file holds {form}") from None
+    if not isinstance(data, list) or not data:
+        raise OptionError(f"{path}: expected {form}, got "
+                          f"{'an empty list' if data == [] else type(data).__name__}")
+    encoded = []
+    for i, prompt in enumerate(data):
+        ids = prompt.get("input_ids") if isinstance(prompt, dict) else prompt
+        if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise OptionError(f"{path}: prompt {i} is not a list of token ids (integers), nor "
+                              f"an object whose input_ids is one; expected {form}")
+        if not ids:
+            raise OptionError(f"{path}: prompt {i} is empty")
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise OptionError(f"{path}: prompt {i} holds token id {outside[0]}, not one of the "
+                              f"tokenizer's {vocab} ids (0..{vocab - 1})")
+        encoded.append(ids)
+    return encoded
 
 
 def prompt_text(path: Path) -> str:

@@ -30,7 +30,8 @@ import numpy as np
 from builder.graph import Calibrated
 from builder.quant.qdq import UNSIGNED
 from builder.quant.report import compared_hidden
-from builder.quant.stream import Sequence, TensorStats
+from builder.quant.ranges import TensorStats
+from builder.quant.stream import Sequence
 
 logger = logging.getLogger(__name__)
 
