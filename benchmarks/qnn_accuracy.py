@@ -15,7 +15,8 @@ and the build's own accuracy report (KL and perplexity change on the held-out En
 prefill / decode: these checkpoints are not language models, their perplexity of English is
 in the 1e5s, so only its change says anything). The checkpoints are
 trained on random tokens and the calibration text is English: many of a random prompt's tokens
-are ones calibration never saw, which is what the worst step measures. The targets (issue 24):
+are ones calibration never saw, which is what the worst step measures; ``--calibration random``
+calibrates each on its own data instead (README, "Calibration data"). The targets (issue 24):
 w8a16 mean >= 0.9999 and worst >= 0.999; w4a16 mean >= 0.998 and worst >= 0.99. Not a test:
 the figures are for choosing defaults.
 """
@@ -34,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from qnn_helpers import qnn_build  # noqa: E402
+from qnn_helpers import own_data, qnn_build  # noqa: E402
 
 from builder import BuildOptions, build  # noqa: E402
 from builder.testing import run_decoder, run_pipeline, run_pipeline_on_qnn  # noqa: E402
@@ -53,18 +54,11 @@ def prompts(count: int) -> list[list[int]]:
 
 
 def random_prompts(work: Path, arch: str, fp32: Path) -> Path:
-    """A calibration file of ``arch``'s own data, as token ids: 24 prompts of 84 random tokens
-    (other seeds than ``prompts``'), each followed by the 16 tokens the fp32 build generates
-    from it (greedy), as the measured prompts are."""
-    rng = np.random.default_rng(999)
-    rows = []
-    for _ in range(24):
-        prompt = [int(t) for t in rng.integers(3, 256, 84)]
-        run = run_decoder(fp32, np.array([prompt]), steps=15)
-        rows.append(prompt + [int(run.prefill_logits[0, -1].argmax())]
-                    + [int(s[0].argmax()) for s in run.step_logits])
+    """A calibration file of ``arch``'s own data, as token ids (``qnn_helpers.own_data``: 24
+    prompts of 84 random tokens, each followed by the 16 tokens the fp32 build generates from
+    it)."""
     path = work / f"random_prompts-{arch}.json"
-    path.write_text(json.dumps(rows))
+    path.write_text(json.dumps(own_data(fp32)))
     return path
 
 

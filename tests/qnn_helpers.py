@@ -165,6 +165,69 @@ def activation_scales(folder, graph="iterator.onnx") -> dict[str, float]:
             and i.name.removesuffix("_scale") + "_quantized" not in names}
 
 
+def headroom_ratios(folder, graph: str, scopes, kv16: bool) -> dict[str, float]:
+    """{activation scale: 2.0 or 1.0}: what qnn_calibration_headroom=2 does to each of the
+    graph's activation scales against headroom 1, from the graph's own names: the values under
+    ``scopes`` (not a bounded op's: Sigmoid, Softmax, Tanh) and, with a 16-bit KV cache
+    (``kv16``), each layer's K and V buffers and the values of their update chains, twice as
+    wide; an op that only moves values (Reshape, Transpose, ...) keeps its input's scale, and
+    the parts of attention's split products (``ops.attention.activation_matmul``) that of the
+    value they are grids of: the 8-bit high part and the rest, the second input's; the sum,
+    the plain product's."""
+    import re
+
+    import onnx
+
+    from builder.graph import BOUNDED, SAME_AS_INPUT
+    from builder.quant.kv import kv_group
+
+    model = onnx.load(str(folder / graph), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    ratios = {}
+    for name in activation_scales(folder, graph):
+        value = name.removesuffix("_scale")
+        split = re.match(r"(.*)/rest/(Sub|MatMul|Add)/output_0$", value)
+        if split:
+            value = split[1] + ("/MatMul/output_0" if split[2] == "Add" else
+                                "/high/Identity/output_0")
+        while value in producer and producer[value].op_type in SAME_AS_INPUT:
+            value = producer[value].input[0].removesuffix("_DequantizeLinear_Output")
+        op = producer[value].op_type if value in producer else None
+        wide = (any(s in value for s in scopes) and op not in BOUNDED) or (
+            kv16 and kv_group(value) is not None)
+        ratios[name] = 2.0 if wide else 1.0
+    return ratios
+
+
+def along_greedy_path(fp32, prompt, folders: dict) -> dict[str, list[float]]:
+    """Each folder's logit cosine per step on the CPU EP along the fp32 build's greedy path
+    from ``prompt`` (its last prefill position and 16 decode calls)."""
+    from builder.testing import run_decoder, run_pipeline
+
+    cpu = run_decoder(fp32, np.array([prompt]), steps=16)
+    ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
+    greedy = [int(r.argmax()) for r in ref]
+    return {name: cosines(run_pipeline(folder, prompt, 17, forced=greedy).step_logits, ref)
+            for name, folder in folders.items()}
+
+
+def own_data(fp32, count: int = 24, seed: int = 999) -> list[list[int]]:
+    """Calibration prompts of a checkpoint trained on random tokens (``checkpoints``'
+    train_previous_token), as token ids: ``count`` prompts of 84 random tokens (ids 3..255 of
+    the byte-level tokenizer), each followed by the 16 tokens the fp32 build ``fp32``
+    generates from it (greedy), as a measured prompt is."""
+    from builder.testing import run_decoder
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        prompt = [int(t) for t in rng.integers(3, 256, 84)]
+        run = run_decoder(fp32, np.array([prompt]), steps=15)
+        rows.append(prompt + [int(run.prefill_logits[0, -1].argmax())]
+                    + [int(s[0].argmax()) for s in run.step_logits])
+    return rows
+
+
 def cosines(a, b):
     return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 

@@ -555,50 +555,39 @@ def test_accuracy_floor_on_reports():
         check_accuracy({"prefill": {**phase, "mean_cosine": -0.99997}, "decode": phase})
 
 
-CALIBRATION_FILES = {  # what an editor may write for "the boat sailed" prompts
-    "cp1252": ("caf\u00e9 at the harbour\nthe boat sailed\n".encode("cp1252"),
-               "not UTF-8 text (byte 0xe9 at offset 3)"),
-    "binary": (bytes(range(256)) * 4, "not UTF-8 text (byte 0x80 at offset 128)"),
-    "nul": (b"the boat\x00 sailed\n", "holds a NUL character (offset 8)"),
+UTF8 = "save the prompts as UTF-8"
+CALIBRATION_FILES = {  # what an editor may write for "the boat sailed" prompts: (the file's
+    # suffix, its bytes, what the error line says after its path, and more)
+    "cp1252": (".txt", "caf\u00e9 at the harbour\nthe boat sailed\n".encode("cp1252"),
+               "not UTF-8 text (byte 0xe9 at offset 3)", UTF8),
+    "binary": (".txt", bytes(range(256)) * 4, "not UTF-8 text (byte 0x80 at offset 128)", UTF8),
+    "nul": (".txt", b"the boat\x00 sailed\n", "holds a NUL character (offset 8)", UTF8),
+    # and a .json file of token ids
+    "not json": (".json", b"[[1, 2, 3],", "not JSON (Expecting value at line 1 column 12)"),
+    "object": (".json", b'{"input_ids": [1, 2]}',
+               "expected a list of prompts, each a list of token ids"),
+    "empty": (".json", b"[]", "expected a list of prompts, each a list of token ids ([[1, 2, 3], "
+              "[4, 5]]), got an empty list"),
+    "text": (".json", b'["the boat sailed"]', "prompt 0 is not a list of token ids"),
+    "float": (".json", b"[[1, 2], [3.0]]", "prompt 1 is not a list of token ids"),
+    "bool": (".json", b"[[true]]", "prompt 0 is not a list of token ids"),
+    "no ids": (".json", b'[{"text": "the boat"}]', "prompt 0 is not a list of token ids "
+               "(integers), nor an object whose input_ids is one"),
+    "empty prompt": (".json", b"[[1], []]", "prompt 1 is empty"),
+    "outside": (".json", b"[[1, 2], [3, 256]]",
+                "prompt 1 holds token id 256, not one of the tokenizer's 256 ids (0..255)"),
+    "negative": (".json", b"[[-1]]", "prompt 0 holds token id -1"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(CALIBRATION_FILES))
-def test_calibration_file_that_is_not_text(capsys, tmp_path, kind):
-    data, needle = CALIBRATION_FILES[kind]
-    path = tmp_path / "prompts.txt"
+def test_calibration_file_that_is_wrong(capsys, tmp_path, kind):
+    suffix, data, needle, *more = CALIBRATION_FILES[kind]
+    path = tmp_path / f"prompts{suffix}"
     path.write_bytes(data)
     refused(capsys, tmp_path, ["-m", ROOT / "examples/tiny-qwen3", "-p", "int4",
                                "--extra_options", "int4_algo_config=gptq",
-                               f"qnn_calibration={path}"], f"{path}: {needle}",
-            "save the prompts as UTF-8")
-
-
-TOKEN_ID_FILES = {  # a .json calibration file: token ids
-    "not json": ("[[1, 2, 3],", "not JSON (Expecting value at line 1 column 12)"),
-    "object": ('{"input_ids": [1, 2]}', "expected a list of prompts, each a list of token ids"),
-    "empty": ("[]", "expected a list of prompts, each a list of token ids ([[1, 2, 3], [4, 5]]), "
-                    "got an empty list"),
-    "text": ('["the boat sailed"]', "prompt 0 is not a list of token ids"),
-    "float": ("[[1, 2], [3.0]]", "prompt 1 is not a list of token ids"),
-    "bool": ("[[true]]", "prompt 0 is not a list of token ids"),
-    "no ids": ('[{"text": "the boat"}]', "prompt 0 is not a list of token ids (integers), nor an "
-               "object whose input_ids is one"),
-    "empty prompt": ("[[1], []]", "prompt 1 is empty"),
-    "outside": ("[[1, 2], [3, 256]]",
-                "prompt 1 holds token id 256, not one of the tokenizer's 256 ids (0..255)"),
-    "negative": ("[[-1]]", "prompt 0 holds token id -1"),
-}
-
-
-@pytest.mark.parametrize("kind", sorted(TOKEN_ID_FILES))
-def test_calibration_file_of_token_ids_that_is_wrong(capsys, tmp_path, kind):
-    text, needle = TOKEN_ID_FILES[kind]
-    path = tmp_path / "prompts.json"
-    path.write_text(text)
-    refused(capsys, tmp_path, ["-m", ROOT / "examples/tiny-qwen3", "-p", "int4",
-                               "--extra_options", "int4_algo_config=gptq",
-                               f"qnn_calibration={path}"], f"{path}: {needle}")
+                               f"qnn_calibration={path}"], f"{path}: {needle}", *more)
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])

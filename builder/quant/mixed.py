@@ -87,8 +87,8 @@ class OutputNoise:
         self.b, self.work, self.quantizer = builder, work, quantizer
         self.values: dict[R, tuple[str, str]] | None = None
         self.errors: dict[R, np.ndarray] = {}  # role: squared weight error per input channel
-        self.rounded: dict[str, np.ndarray] = {}  # initializer: the weight rounded,
-        # dequantized, laid out as the graph stores it
+        self.rounded: dict[R, tuple[str, np.ndarray]] = {}  # role: (its initializer, the
+        # weight rounded, dequantized, laid out as the graph stores it)
         self.sizes: dict[R, int] = {}
         self.sums: dict[R, list[float]] = {}
         self.figures: dict[tuple[int, R], tuple[float, float, int]] = {}  # at the layer output
@@ -136,7 +136,7 @@ class OutputNoise:
                 self.errors[role] = np.square((rounded - w).reshape(w.shape[0], -1)).sum(axis=0)
                 name = self.b.initializer_name(role, layer)  # (MatMul's [K, N]; Conv's
                 dims = stored[name]  # [N, K, 1, 1])
-                self.rounded[name] = np.ascontiguousarray(
+                self.rounded[role] = name, np.ascontiguousarray(
                     rounded.T if dims == rounded.T.shape else rounded.reshape(dims))
                 self.sizes[role] = w.size
         energy = {}  # per input: each channel's sum of squares over the tokens
@@ -159,8 +159,7 @@ class OutputNoise:
         """The probes (``LayerStream._probes``), a projection each: its weight rounded, the
         others as they are ({initializer: values}, every projection's named)."""
         self.probing = list(self.values)
-        names = {role: self.b.initializer_name(role, layer) for role in self.probing}
-        return [{names[role]: self.rounded[names[role]]} for role in self.probing]
+        return [dict([self.rounded[role]]) for role in self.probing]
 
     def compare(self, layer: int, variant: int, calls: list, sequences: list,
                 out: dict) -> None:

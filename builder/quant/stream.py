@@ -371,8 +371,8 @@ class LayerStream:
         runs = list(enumerate(variants)) if variants else [(None, {})]
         for (variant, fed), (step, (kind, recorded, batch)) in itertools.product(
                 runs, enumerate(plan)):  # batch: [(sequence index, call index)]
-            if variant is not None and step == 0:
-                kept = empty()  # (each variant from the sequences' start)
+            if variant and step == 0:  # (each variant from the sequences' start; the first
+                kept = empty()  # takes the buffers made above)
             members = [i for i, _ in batch]
             feeds = {first: np.concatenate([sequences[i].hidden[j] for i, j in batch]),
                      "past_seq_len": np.array([[sequences[i].calls[j].row]
