@@ -35,16 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from qnn_helpers import own_data, qnn_build  # noqa: E402
+from qnn_helpers import cosines, own_data, qnn_build  # noqa: E402
 
 from builder import BuildOptions, build  # noqa: E402
 from builder.testing import run_decoder, run_pipeline, run_pipeline_on_qnn  # noqa: E402
 
 ARCHS = "qwen3,llama,phi3,lfm2,qwen3_5,granitemoehybrid_dense"
-
-
-def cosines(a, b) -> list[float]:
-    return [float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -116,8 +112,7 @@ def main() -> None:
                 worst.append(min(c))
                 top1 += [int(x.argmax()) == g for x, g in zip(logits, greedy)]
             print(f"{' '.join([arch, precision, *args.extra, *label])}: {where}, {len(paths)} "
-                  f"prompts: "
-                  f"mean cosine {np.mean(means):.5f}, worst step {min(worst):.5f}, worst "
+                  f"prompts: mean cosine {np.mean(means):.5f}, worst step {min(worst):.5f}, worst "
                   f"prompt {min(means):.5f}, top-1 {np.mean(top1):.1%}; report KL prefill "
                   f"{report['prefill']['mean_kl']:.2e}, decode {report['decode']['mean_kl']:.2e}"
                   f", perplexity change {report['prefill']['perplexity_change']:+.2%} / "

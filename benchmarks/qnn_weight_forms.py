@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qnn_accuracy import cosines, trained  # noqa: E402
-from qnn_helpers import PROMPTS, qnn_build  # noqa: E402
+from qnn_accuracy import trained  # noqa: E402
+from qnn_helpers import PROMPTS, cosines, qnn_build  # noqa: E402
 
 from builder.testing import run_decoder, run_pipeline_on_qnn  # noqa: E402
 

@@ -199,6 +199,24 @@ def headroom_ratios(folder, graph: str, scopes, kv16: bool) -> dict[str, float]:
     return ratios
 
 
+def check_headroom_scales(wide, tight, graph: str, scopes, kv16: bool) -> dict[str, float]:
+    """Assert that each activation scale of ``wide`` (headroom 2) is ``tight``'s (headroom 1)
+    times its ``headroom_ratios`` (a KV buffer's fp16 scale at its floor may stay there);
+    returns the ratios."""
+    import pytest
+
+    got, calibrated = activation_scales(wide, graph), activation_scales(tight, graph)
+    assert got.keys() == calibrated.keys()
+    ratios = headroom_ratios(wide, graph, scopes, kv16)
+    for name, scale in got.items():
+        if calibrated[name] == np.finfo(np.float16).tiny:  # (a KV buffer's or a state's fp16
+            assert calibrated[name] <= scale <= 2 * calibrated[name]  # scale at its floor)
+            continue
+        # (rel: the KV buffers' scales are fp16, subnormal at 16 bits)
+        assert scale == pytest.approx(calibrated[name] * ratios[name], rel=3e-3), name
+    return ratios
+
+
 def along_greedy_path(fp32, prompt, folders: dict) -> dict[str, list[float]]:
     """Each folder's logit cosine per step on the CPU EP along the fp32 build's greedy path
     from ``prompt`` (its last prefill position and 16 decode calls)."""

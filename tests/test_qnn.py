@@ -19,8 +19,8 @@ from builder.testing import run_decoder, run_on_qnn, run_pipeline, run_pipeline_
 from checkpoints import make_checkpoint, plant_outlier
 from conftest import run_cli
 from qnn_helpers import (ARCHS, C, DEFAULT_P, LENGTHS, P, PROMPT, PROMPTS, activation_scales,
-                         along_greedy_path, genai, genai_sequence, graph_feeds,
-                         headroom_ratios, one_data_file_without_dead_bytes,
+                         along_greedy_path, check_headroom_scales, genai, genai_sequence,
+                         graph_feeds, one_data_file_without_dead_bytes,
                          only_graph_io_on_cpu, own_data, qnn_build, recompute_report)
 from qnn_helpers import against_cpu as _against_cpu
 from qnn_helpers import cosines as _cosines
@@ -730,19 +730,11 @@ def test_headroom_keeps_unseen_tokens_unclipped(trained, w8a16_built, tmp_path):
                       lengths="default")
     wide = w8a16_built["default", "qwen3"]
     for graph in ("context.onnx", "iterator.onnx", "lm_head_iterator.onnx"):
-        got, calibrated = activation_scales(wide, graph), activation_scales(tight, graph)
-        assert got.keys() == calibrated.keys()
-        ratios = headroom_ratios(wide, graph, ("/mlp/",), kv16=True)
+        ratios = check_headroom_scales(wide, tight, graph, ("/mlp/",), kv16=True)
         wider = {n for n, r in ratios.items() if r == 2}
         if not graph.startswith("lm_head"):  # (the MLP's values, and the KV cache's)
             assert any("/mlp/" in n for n in wider) and any("past_key_" in n for n in wider)
             assert any("/k_cache/" in n for n in wider) and any("/v_cache/" in n for n in wider)
-        for name, scale in got.items():
-            if calibrated[name] == np.finfo(np.float16).tiny:  # (a KV buffer's fp16 scale at
-                assert calibrated[name] <= scale <= 2 * calibrated[name]  # its floor)
-                continue
-            # (rel: the KV buffers' scales are fp16, subnormal at 16 bits)
-            assert scale == pytest.approx(calibrated[name] * ratios[name], rel=3e-3), name
     cos = along_greedy_path(fp32, PROMPTS["default"], {"headroom 2": wide, "headroom 1": tight})
     print("qwen3 w8a16 on the CPU EP: " + "; ".join(
         f"{name}: mean cosine {np.mean(c):.5f} (min {min(c):.5f})" for name, c in cos.items()))
