@@ -1,8 +1,10 @@
-"""Quantized accuracy of the -e qnn folder over many prompts, per architecture.
+"""Quantized accuracy of the -e qnn folder (or of -p int4 on cpu) over many prompts, per
+architecture and method.
 
     python benchmarks/qnn_accuracy.py [--work DIR] [--archs qwen3,llama,phi3,lfm2,qwen3_5,
-        granitemoehybrid_dense] [--precisions w8a16,w4a16] [--prompts 8] [--cpu-ep]
-        [--calibration text|random] [extra_option=value ...]
+        granitemoehybrid_dense] [--precisions w8a16,w4a16] [--algos default,rtn,...]
+        [--prompts 8] [--cpu-ep] [--target qnn|cpu] [--calibration text|random]
+        [extra_option=value ...]
 
 Trains the tests' tiny clear-winner checkpoints (tests/checkpoints.py) once into --work (the
 tiny Granite 4.0-H takes minutes: its torch Mamba2 is slow), builds each at each precision at
@@ -13,7 +15,14 @@ within 1e-4 of it on these checkpoints). Prints per build: the mean logit cosine
 step, the worst step's, the worst prompt's mean, top-1 agreement with the fp32 greedy token,
 and the build's own accuracy report (KL and perplexity change on the held-out English prompts,
 prefill / decode: these checkpoints are not language models, their perplexity of English is
-in the 1e5s, so only its change says anything). The checkpoints are
+in the 1e5s, so only its change says anything). Along the greedy paths it also gives the
+mean KL(fp32 || quantized) over the steps and the change of the paths' perplexity (of the
+fp32 greedy tokens, the ones these checkpoints were trained to predict). ``--algos`` builds
+each precision once per int4_algo_config (``default``: the precision's own). ``--target cpu``
+builds ``-p int4`` on cpu instead (``--precisions`` ignored), run by onnxruntime on the CPU;
+its accuracy report is there only for the data-aware methods, so every cpu build also gives
+the mean KL over 16 held-out English prompts' every position (``testing.held_out_kl``, as the
+README's tables of the defaults). The checkpoints are
 trained on random tokens and the calibration text is English: many of a random prompt's tokens
 are ones calibration never saw, which is what the worst step measures; ``--calibration random``
 calibrates each on its own data instead (README, "Calibration data"). The targets (issue 24):
@@ -38,7 +47,10 @@ from checkpoints import make_checkpoint  # noqa: E402
 from qnn_helpers import cosines, own_data, qnn_build  # noqa: E402
 
 from builder import BuildOptions, build  # noqa: E402
-from builder.testing import run_decoder, run_pipeline, run_pipeline_on_qnn  # noqa: E402
+from builder.errors import BuilderError  # noqa: E402
+from builder.options import ExtraOptions, Precision  # noqa: E402
+from builder.testing import (  # noqa: E402
+    held_out_kl, run_decoder, run_pipeline, run_pipeline_on_qnn)
 
 ARCHS = "qwen3,llama,phi3,lfm2,qwen3_5,granitemoehybrid_dense"
 
@@ -69,13 +81,43 @@ def trained(work: Path, arch: str) -> tuple[Path, Path]:
     return ck, fp32
 
 
+def path_figures(logits: list, ref: list, greedy: list[int]) -> dict:
+    """One prompt's figures along the fp32 greedy path: cosine per step, top-1 hits, KL(fp32 ||
+    quantized) per step, and the negative log-likelihoods of the greedy tokens (quantized,
+    fp32)."""
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max()
+        return x - np.log(np.exp(x).sum())
+
+    kl, nll, nll_ref = [], [], []
+    for x, r, g in zip(logits, ref, greedy):
+        lq, lr = log_softmax(x), log_softmax(r)
+        kl.append(float(np.exp(lr) @ (lr - lq)))
+        nll.append(-lq[g])
+        nll_ref.append(-lr[g])
+    return {"cosines": cosines(logits, ref), "kl": kl, "nll": nll, "nll_ref": nll_ref,
+            "top1": [int(np.argmax(x)) == g for x, g in zip(logits, greedy)]}
+
+
+def build_one(target: str, ck: Path, out: Path, precision: str, extra: list[str]) -> Path:
+    if target == "qnn":
+        return qnn_build(ck, out, precision, *extra, lengths="default")
+    return build(BuildOptions(model_name=str(ck), output=out, precision=Precision.INT4,
+                              extra=ExtraOptions.parse(extra)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("qnn_accuracy_work"))
     ap.add_argument("--archs", default=ARCHS)
     ap.add_argument("--precisions", default="w8a16,w4a16")
+    ap.add_argument("--algos", default="default",
+                    help="int4_algo_config values, one build each (default: the precision's)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--cpu-ep", action="store_true", help="run the folders on the CPU EP")
+    ap.add_argument("--target", choices=("qnn", "cpu"), default="qnn",
+                    help="cpu: -p int4 builds on cpu, run by onnxruntime")
     ap.add_argument("--calibration", choices=("text", "random"), default="text",
                     help="text: the shipped English prompts (the default); random: the "
                          "checkpoint's own data, 24 prompts of 84 random tokens (what it was "
@@ -84,8 +126,11 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="extra options for every build")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    run = run_pipeline if args.cpu_ep else run_pipeline_on_qnn
-    where = "CPU EP" if args.cpu_ep else "HTP"
+    if args.target == "cpu":
+        where, precisions = "cpu", ["int4"]
+    else:
+        where = "CPU EP" if args.cpu_ep else "HTP"
+        precisions = args.precisions.split(",")
     for arch in args.archs.split(","):
         ck, fp32 = trained(args.work, arch)
         extra, label = list(args.extra), []
@@ -97,27 +142,48 @@ def main() -> None:
             cpu = run_decoder(fp32, np.array([prompt]), steps=16)
             ref = [cpu.prefill_logits[0, -1]] + [s[0] for s in cpu.step_logits]
             paths.append((prompt, ref, [int(r.argmax()) for r in ref]))
-        for precision in args.precisions.split(","):
-            out = args.work / f"{arch}-{precision}"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            folder = qnn_build(ck, out, precision, *extra, lengths="default")
-            built = time.perf_counter() - start
-            report = json.loads((folder / "build_manifest.json").read_text())["accuracy"]
-            means, worst, top1 = [], [], []
-            for prompt, ref, greedy in paths:
-                logits = run(folder, prompt, 17, forced=greedy).step_logits
-                c = cosines(logits, ref)
-                means.append(np.mean(c))
-                worst.append(min(c))
-                top1 += [int(x.argmax()) == g for x, g in zip(logits, greedy)]
-            print(f"{' '.join([arch, precision, *args.extra, *label])}: {where}, {len(paths)} "
-                  f"prompts: mean cosine {np.mean(means):.5f}, worst step {min(worst):.5f}, worst "
-                  f"prompt {min(means):.5f}, top-1 {np.mean(top1):.1%}; report KL prefill "
-                  f"{report['prefill']['mean_kl']:.2e}, decode {report['decode']['mean_kl']:.2e}"
-                  f", perplexity change {report['prefill']['perplexity_change']:+.2%} / "
-                  f"{report['decode']['perplexity_change']:+.2%}; built in {built:.0f} s",
-                  flush=True)
+        for precision in precisions:
+            for algo in args.algos.split(","):
+                algo_extra = [] if algo == "default" else [f"int4_algo_config={algo}"]
+                out = args.work / f"{arch}-{precision}"
+                shutil.rmtree(out, ignore_errors=True)
+                start = time.perf_counter()
+                try:
+                    folder = build_one(args.target, ck, out, precision, [*extra, *algo_extra])
+                except BuilderError as e:  # (awq on a hybrid, say: refused, named)
+                    print(f"{arch} {precision} {algo}: refused: {e}", flush=True)
+                    continue
+                built = time.perf_counter() - start
+                manifest = json.loads((folder / "build_manifest.json").read_text())
+                figures = []
+                for prompt, ref, greedy in paths:
+                    if args.target == "cpu":
+                        r = run_decoder(folder, np.array([prompt]), steps=16,
+                                        forced=np.array([greedy[:16]]))
+                        logits = [r.prefill_logits[0, -1]] + [x[0] for x in r.step_logits]
+                    else:
+                        run = run_pipeline if args.cpu_ep else run_pipeline_on_qnn
+                        logits = run(folder, prompt, 17, forced=greedy).step_logits
+                    figures.append(path_figures(logits, ref, greedy))
+                means = [np.mean(f["cosines"]) for f in figures]
+                every = {k: [x for f in figures for x in f[k]]
+                         for k in ("kl", "nll", "nll_ref", "top1")}
+                path_ppl = np.exp(np.mean(every["nll"]) - np.mean(every["nll_ref"])) - 1
+                report = manifest.get("accuracy")
+                said = (f"; report KL prefill {report['prefill']['mean_kl']:.2e}, decode "
+                        f"{report['decode']['mean_kl']:.2e}, perplexity change "
+                        f"{report['prefill']['perplexity_change']:+.2%} / "
+                        f"{report['decode']['perplexity_change']:+.2%}") if report else ""
+                if args.target == "cpu":  # (every build the same English held-out KL)
+                    said += f"; held-out KL {held_out_kl(ck, fp32, folder):.2e}"
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (
+                    ".data", ".onnx", ".bin"))
+                print(f"{' '.join([arch, precision, algo, *args.extra, *label])}: {where}, "
+                      f"{len(paths)} prompts: mean cosine {np.mean(means):.5f}, worst step "
+                      f"{min(min(f['cosines']) for f in figures):.5f}, worst prompt "
+                      f"{min(means):.5f}, top-1 {np.mean(every['top1']):.1%}, path KL "
+                      f"{np.mean(every['kl']):.2e}, path perplexity {path_ppl:+.3%}{said}; "
+                      f"{size / 1e3:.0f} kB; built in {built:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
