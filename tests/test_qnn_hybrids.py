@@ -155,21 +155,38 @@ def test_htp_runs_the_graphs_whole_and_matches_the_cpu_ep(arch, precision, fp16_
             assert run.cpu_nodes == [] and set(run.placed) == {"QNNExecutionProvider"}
     else:
         only_graph_io_on_cpu(folder)
+    # the convolutions' windows the padded prompt's last chunk hands to the first decode step,
+    # selected at its last real token (a one-hot made from the chunk mask): as the CPU EP's to
+    # the HTP's arithmetic (w8a16: 0.01-0.49% of the largest; fp16 up to 0.23%), where they
+    # were 1.0-2.3% off while the one-hot came from a MatMul, which the HTP computes 1/254 off
+    # (Qwen3.5's first decode step then 0.99888 against the CPU EP, 0.99986 now; on the trained
+    # LFM2 the states 12-23% off, that step 0.99895 against the fp32 build, 0.99997 now)
+    graph, feeds = last_prefill_call(folder)
+    on_htp = run_on_qnn(folder / graph, feeds).outputs
+    for name, ref in graph_runner(folder)(graph, feeds).items():
+        if name.endswith(".conv"):
+            ref, got = np.asarray(ref, np.float32), np.asarray(on_htp[name], np.float32)
+            off = float(np.abs(got - ref).max() / np.abs(ref).max())
+            print(f"{arch} {precision} {name}: HTP off the CPU EP by {off:.2%} of its largest")
+            assert off <= 0.01, name
     on_cpu = run_pipeline(folder, PROMPT, STEPS)
     on_qnn = run_pipeline_on_qnn(folder, PROMPT, STEPS, forced=on_cpu.tokens)
     cos = cosines(on_qnn.step_logits, on_cpu.step_logits)
     print(f"{arch} HTP vs CPU EP {precision}: min cosine {min(cos):.6f}")
-    assert np.mean(cos) >= 0.9995 and min(cos) >= LEAST_COSINE.get((arch, precision), 0.999)
+    assert np.mean(cos) >= 0.9995 and min(cos) >= 0.999
 
 
-# The random Qwen3.5 at w8a16's default (GPTQ's weights): min 0.99796 at one decode step, mean
-# 0.99979 (round to nearest's weights: 0.99973, 0.99993; seeds 1 and 2: 0.9938 and 0.9984
-# against 0.9990 and 0.9991). Not one weight's doing: the HTP agrees to 0.9992-0.9995 with any
-# part of GPTQ's codes replaced by round to nearest's (the MLPs, the attention layers', the
-# linear attention's, the first two layers', the last two), the calibrated ranges within 2%
-# of each other; the trained Qwen3.5 with GPTQ's weights agrees to 0.99987 (rtn's 0.99992)
-# and is the closer of the two to fp32 on the HTP (test_accuracy_on_a_trained_checkpoint).
-LEAST_COSINE = {("qwen3_5", "w8a16"): 0.997}
+def last_prefill_call(folder):
+    """The prefill graph and its feeds at the prompt's last (padded) chunk, as the CPU EP's
+    pipeline run gives them."""
+    runner, calls = graph_runner(folder), []
+
+    def run(graph, feeds):
+        if "chunk_mask" in feeds:
+            calls.append((graph, dict(feeds)))
+        return runner(graph, feeds)
+    run_pipeline(folder, PROMPT, 1, runner=run)
+    return calls[-1]
 
 
 @pytest.mark.parametrize("mode", ["cpu", "qnn"])

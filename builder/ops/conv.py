@@ -63,8 +63,12 @@ def static_causal_conv(gb: GraphBuilder, name: str, x: str, taps: list[str], bia
             state = gb.node("Slice", [window, gb.constant([seq_len]),
                                       gb.constant([seq_len + k - 1]), gb.constant([1])],
                             "state/Slice")                              # [B, K - 1, C]
-        else:  # row j of the state: the window's row (last real token) + 1 + j
-            state = gb.node("Concat", [gb.node("MatMul", [last, rows(1 + j, f"state_{j}")],
-                                               f"state_{j}/MatMul") for j in range(k - 1)],
+        else:  # row j of the state: the window's row (last real token) + 1 + j, as the sum
+            # of the rows times the one-hot column (not last @ rows: the HTP rounds a MatMul's
+            # second 16-bit activation to 8 bits, 119 of 65536 steps off in a [64, 48] select)
+            column = gb.node("Transpose", [last], "state/last/Transpose", perm=[0, 2, 1])
+            state = gb.node("Concat", [gb.node("ReduceSum", [
+                gb.node("Mul", [rows(1 + j, f"state_{j}"), column], f"state_{j}/Mul"),
+                gb.constant([1])], f"state_{j}/ReduceSum", keepdims=1) for j in range(k - 1)],
                             "state/Concat", axis=1)
         return y, gb.node("Transpose", [state], "state/Transpose", perm=[0, 2, 1])
