@@ -293,8 +293,10 @@ def test_signal_leaves_nothing(tmp_path, llama_checkpoint, sig, times):
     the first one's cleanup runs."""
     out = tmp_path / "deep" / "out"
 
-    def as_in_a_terminal():  # a background job (CI) inherits SIGINT ignored; a terminal's not
+    def as_in_a_terminal():  # a background job (CI) inherits SIGINT ignored, a run under
+        # nohup SIGHUP (which the build then leaves ignored, as nohup asks); a terminal's not
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     proc = subprocess.Popen([sys.executable, "-m", "builder", "-m", str(llama_checkpoint),
                              "-o", str(out), "-e", "qnn", "-p", "w8a16"], cwd=ROOT,
