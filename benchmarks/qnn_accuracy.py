@@ -44,11 +44,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from checkpoints import make_checkpoint  # noqa: E402
-from qnn_helpers import cosines, own_data, qnn_build  # noqa: E402
+from qnn_helpers import own_data, qnn_build  # noqa: E402
 
 from builder import BuildOptions, build  # noqa: E402
 from builder.errors import BuilderError  # noqa: E402
 from builder.options import ExtraOptions, Precision  # noqa: E402
+from builder.quant.report import compare  # noqa: E402
 from builder.testing import (  # noqa: E402
     held_out_kl, run_decoder, run_pipeline, run_pipeline_on_qnn)
 
@@ -79,25 +80,6 @@ def trained(work: Path, arch: str) -> tuple[Path, Path]:
     if not (fp32 / "genai_config.json").exists():
         build(BuildOptions(model_name=str(ck), output=fp32))
     return ck, fp32
-
-
-def path_figures(logits: list, ref: list, greedy: list[int]) -> dict:
-    """One prompt's figures along the fp32 greedy path: cosine per step, top-1 hits, KL(fp32 ||
-    quantized) per step, and the negative log-likelihoods of the greedy tokens (quantized,
-    fp32)."""
-    def log_softmax(x):
-        x = np.asarray(x, np.float64)
-        x = x - x.max()
-        return x - np.log(np.exp(x).sum())
-
-    kl, nll, nll_ref = [], [], []
-    for x, r, g in zip(logits, ref, greedy):
-        lq, lr = log_softmax(x), log_softmax(r)
-        kl.append(float(np.exp(lr) @ (lr - lq)))
-        nll.append(-lq[g])
-        nll_ref.append(-lr[g])
-    return {"cosines": cosines(logits, ref), "kl": kl, "nll": nll, "nll_ref": nll_ref,
-            "top1": [int(np.argmax(x)) == g for x, g in zip(logits, greedy)]}
 
 
 def build_one(target: str, ck: Path, out: Path, precision: str, extra: list[str]) -> Path:
@@ -155,7 +137,7 @@ def main() -> None:
                     continue
                 built = time.perf_counter() - start
                 manifest = json.loads((folder / "build_manifest.json").read_text())
-                figures = []
+                runs = []  # per prompt: report.compare's figures of its 17 steps
                 for prompt, ref, greedy in paths:
                     if args.target == "cpu":
                         r = run_decoder(folder, np.array([prompt]), steps=16,
@@ -164,11 +146,9 @@ def main() -> None:
                     else:
                         run = run_pipeline if args.cpu_ep else run_pipeline_on_qnn
                         logits = run(folder, prompt, 17, forced=greedy).step_logits
-                    figures.append(path_figures(logits, ref, greedy))
-                means = [np.mean(f["cosines"]) for f in figures]
-                every = {k: [x for f in figures for x in f[k]]
-                         for k in ("kl", "nll", "nll_ref", "top1")}
-                path_ppl = np.exp(np.mean(every["nll"]) - np.mean(every["nll_ref"])) - 1
+                    runs.append((np.stack(ref), np.stack(logits), np.array(greedy)))
+                means = [compare(*r)["mean_cosine"] for r in runs]
+                every = compare(*(np.concatenate(x) for x in zip(*runs)))
                 report = manifest.get("accuracy")
                 said = (f"; report KL prefill {report['prefill']['mean_kl']:.2e}, decode "
                         f"{report['decode']['mean_kl']:.2e}, perplexity change "
@@ -179,10 +159,10 @@ def main() -> None:
                 size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (
                     ".data", ".onnx", ".bin"))
                 print(f"{' '.join([arch, precision, algo, *args.extra, *label])}: {where}, "
-                      f"{len(paths)} prompts: mean cosine {np.mean(means):.5f}, worst step "
-                      f"{min(min(f['cosines']) for f in figures):.5f}, worst prompt "
-                      f"{min(means):.5f}, top-1 {np.mean(every['top1']):.1%}, path KL "
-                      f"{np.mean(every['kl']):.2e}, path perplexity {path_ppl:+.3%}{said}; "
+                      f"{len(paths)} prompts: mean cosine {every['mean_cosine']:.5f}, worst "
+                      f"step {every['min_cosine']:.5f}, worst prompt {min(means):.5f}, top-1 "
+                      f"{every['top1_agreement']:.1%}, path KL {every['mean_kl']:.2e}, path "
+                      f"perplexity {every['perplexity_change']:+.3%}{said}; "
                       f"{size / 1e3:.0f} kB; built in {built:.0f} s", flush=True)
 
 
